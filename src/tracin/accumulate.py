@@ -1,0 +1,48 @@
+"""Accumulators fed by the scheduler with checkpoint-summed score tiles."""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+
+class TopKAccumulator:
+    """Running top-k proponents (largest scores) and opponents (smallest) for a block of test examples.
+
+    ``update(scores [m, n_tile], first_train_index)`` merges a tile whose scores are already summed
+    over every checkpoint, so the final lists are the exact top-k of the TracIn score.
+    """
+
+    def __init__(self, n_test: int, k: int, device: torch.device, dtype: torch.dtype):
+        self.k = k
+        self.pos_values = torch.empty(n_test, 0, device=device, dtype=dtype)
+        self.pos_indices = torch.empty(n_test, 0, device=device, dtype=torch.long)
+        self.neg_values = torch.empty(n_test, 0, device=device, dtype=dtype)  # negated scores
+        self.neg_indices = torch.empty(n_test, 0, device=device, dtype=torch.long)
+
+    @staticmethod
+    def _merge(values: torch.Tensor, indices: torch.Tensor, scores: torch.Tensor, idx: torch.Tensor, k: int):
+        cand_v = torch.cat([values, scores], dim=1)
+        cand_i = torch.cat([indices, idx], dim=1)
+        top_v, where = torch.topk(cand_v, min(k, cand_v.shape[1]), dim=1, largest=True, sorted=True)
+        return top_v, torch.gather(cand_i, 1, where)
+
+    def update(self, scores: torch.Tensor, first_train_index: int) -> None:
+        m, n = scores.shape
+        idx = torch.arange(first_train_index, first_train_index + n, device=scores.device).expand(m, n)
+        self.pos_values, self.pos_indices = self._merge(self.pos_values, self.pos_indices, scores, idx, self.k)
+        self.neg_values, self.neg_indices = self._merge(self.neg_values, self.neg_indices, -scores, idx, self.k)
+
+    def result(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(proponent values, proponent indices, opponent values, opponent indices), each [m, k]."""
+        return self.pos_values, self.pos_indices, -self.neg_values, self.neg_indices
+
+
+class MatrixAccumulator:
+    """The full score matrix [n_test, n_train] (on the CPU), filled tile by tile."""
+
+    def __init__(self, n_test: int, n_train: int, dtype: torch.dtype):
+        self.matrix = torch.zeros(n_test, n_train, dtype=dtype)
+
+    def update(self, rows: slice, scores: torch.Tensor, first_train_index: int) -> None:
+        self.matrix[rows, first_train_index:first_train_index + scores.shape[1]] = scores.cpu()

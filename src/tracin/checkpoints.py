@@ -1,0 +1,231 @@
+"""Checkpoints: model weights plus the learning rate in force when they were saved.
+
+File format (what :func:`save_checkpoint` writes and :meth:`Checkpoint.discover` reads):
+
+* ``.pt`` / ``.pth`` / ``.ckpt`` / ``.bin``: a ``torch.save``'d dict with the weights under
+  ``"model_state_dict"`` (``"state_dict"`` is accepted too) and the metadata beside them:
+  ``"learning_rate"`` (``"lr"`` is accepted), ``"epoch"``, ``"step"`` and any other plain values.
+  A bare state dict (every value a tensor) is accepted as well; it carries no learning rate.
+* ``.safetensors``: the weights as tensors, the metadata as strings in the file's header
+  (``learning_rate``, ``epoch``, ``step``).
+
+Files are loaded with ``torch.load(..., weights_only=True)``: a file that needs arbitrary
+pickled code to load is refused with a :class:`~tracin.errors.CheckpointError`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Union
+
+import torch
+
+from .errors import CheckpointError
+
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors")
+WEIGHT_KEYS = ("model_state_dict", "state_dict")
+LR_KEYS = ("learning_rate", "lr")
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def natural_key(text: str) -> list:
+    """Sort key that orders ``ckpt_2`` before ``ckpt_10``."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", text)]
+
+
+def _read_file(path: Path) -> Dict[str, Any]:
+    """Load a checkpoint file into a dict safely (no pickled code)."""
+    if not path.is_file():
+        raise CheckpointError(f"Checkpoint file {path} does not exist; check the path.")
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors import safe_open
+            from safetensors.torch import load_file
+        except ImportError as exc:  # pragma: no cover - safetensors is a dependency
+            raise CheckpointError("Reading .safetensors needs the safetensors package; pip install safetensors.") from exc
+        try:
+            tensors = load_file(str(path))
+            with safe_open(str(path), framework="pt") as handle:
+                meta = handle.metadata() or {}
+        except Exception as exc:
+            raise CheckpointError(f"Checkpoint file {path} is not a readable safetensors file ({exc}); re-save it.") from exc
+        out: Dict[str, Any] = {"model_state_dict": tensors}
+        for key, value in meta.items():
+            try:
+                out[key] = json.loads(value)
+            except (json.JSONDecodeError, TypeError):
+                out[key] = value
+        return out
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        text = str(exc)
+        if "weights_only" in text or "Unsupported global" in text or "GLOBAL" in text:
+            raise CheckpointError(
+                f"Checkpoint file {path} needs pickled Python code to load, which could run arbitrary code; "
+                "tracin only loads weights (torch.load weights_only=True): re-save it as a state dict or .safetensors."
+            ) from exc
+        raise CheckpointError(f"Checkpoint file {path} is corrupt or not a PyTorch checkpoint ({text.splitlines()[0] if text else type(exc).__name__}); re-save it.") from exc
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"Checkpoint file {path} holds a {type(obj).__name__}, not a dict of weights; save model.state_dict() instead.")
+    return dict(obj)
+
+
+def _split_payload(payload: Mapping[str, Any], origin: str) -> "tuple[Dict[str, torch.Tensor], Dict[str, Any]]":
+    """Separate the weights from the metadata in a loaded checkpoint dict."""
+    for key in WEIGHT_KEYS:
+        if key in payload and isinstance(payload[key], Mapping):
+            weights = dict(payload[key])
+            meta = {k: v for k, v in payload.items() if k != key}
+            break
+    else:
+        if payload and all(isinstance(v, torch.Tensor) for v in payload.values()):
+            weights, meta = dict(payload), {}
+        else:
+            raise CheckpointError(
+                f"Checkpoint {origin} has no weights: expected a state dict or a dict with a 'model_state_dict' entry."
+            )
+    bad = [k for k, v in weights.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"Checkpoint {origin} has non-tensor entries in its state dict: {bad[:5]}.")
+    return weights, meta
+
+
+@dataclass
+class Checkpoint:
+    """Model weights at one point of training and the learning rate in force then.
+
+    Args:
+        source: a state dict (``{name: tensor}``) or the path of a checkpoint file.
+        learning_rate: the step size used around this checkpoint; read from the file when omitted.
+        epoch, step: optional bookkeeping, read from the file when omitted.
+        name: a label used in messages and manifests (the file name by default).
+    """
+
+    source: Union[Mapping[str, torch.Tensor], PathLike]
+    learning_rate: Optional[float] = None
+    epoch: Optional[int] = None
+    step: Optional[int] = None
+    name: Optional[str] = None
+    metadata: Dict[str, Any] = field(default_factory=dict, repr=False)
+    _weights: Optional[Dict[str, torch.Tensor]] = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.source, Mapping):
+            weights, meta = _split_payload(self.source, self.name or "state dict")
+            self._weights = weights
+            self.name = self.name or "state_dict"
+        else:
+            path = Path(self.source)
+            self.source = path
+            self.name = self.name or path.name
+            payload = _read_file(path)
+            weights, meta = _split_payload(payload, str(path))
+            self._weights = weights  # kept: loaded once per run, reused for every tile
+        self.metadata = {**meta, **self.metadata}
+        if self.learning_rate is None:
+            for key in LR_KEYS:
+                if meta.get(key) is not None:
+                    self.learning_rate = float(meta[key])
+                    break
+        if self.learning_rate is None:
+            raise CheckpointError(
+                f"Checkpoint {self.name} has no learning rate: none is stored under 'learning_rate' and none was given; "
+                "pass learning_rate=... (or --learning_rate)."
+            )
+        if not (self.learning_rate == self.learning_rate) or self.learning_rate < 0:
+            raise CheckpointError(f"Checkpoint {self.name} has an invalid learning rate {self.learning_rate}; it must be a non-negative number.")
+        if self.epoch is None and meta.get("epoch") is not None:
+            self.epoch = int(meta["epoch"])
+        if self.step is None and meta.get("step") is not None:
+            self.step = int(meta["step"])
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        """The weights ``{name: tensor}`` (on the CPU unless given otherwise)."""
+        assert self._weights is not None
+        return self._weights
+
+    @classmethod
+    def discover(
+        cls,
+        directory: PathLike,
+        pattern: str = "*",
+        learning_rate: Optional[float] = None,
+    ) -> List["Checkpoint"]:
+        """All checkpoint files in ``directory`` matching ``pattern``, in natural order.
+
+        Files ending in .pt, .pth, .ckpt, .bin or .safetensors are taken. The learning rate of
+        each is read from the file unless ``learning_rate`` is given (which then applies to all).
+        """
+        folder = Path(directory)
+        if not folder.is_dir():
+            raise CheckpointError(f"Checkpoint directory {folder} does not exist; check --checkpoint_dir.")
+        files = sorted(
+            (p for p in folder.glob(pattern) if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES),
+            key=lambda p: natural_key(p.name),
+        )
+        if not files:
+            raise CheckpointError(
+                f"No checkpoint files ({', '.join(CHECKPOINT_SUFFIXES)}) matching {pattern!r} in {folder}; train first or fix the path."
+            )
+        return [cls(p, learning_rate=learning_rate) for p in files]
+
+
+def save_checkpoint(path: PathLike, state_dict: Mapping[str, torch.Tensor], learning_rate: float, **metadata: Any) -> Path:
+    """Write a checkpoint that :class:`Checkpoint` reads back with its learning rate.
+
+    The file is written to a temporary name and renamed, so a crash never leaves a half-written
+    checkpoint under the final name.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    weights = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        meta = {"learning_rate": json.dumps(float(learning_rate))}
+        meta.update({k: json.dumps(v) for k, v in metadata.items()})
+        save_file(weights, str(tmp), metadata=meta)
+    else:
+        torch.save({"model_state_dict": weights, "learning_rate": float(learning_rate), **metadata}, str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+def weights_for(model: torch.nn.Module, checkpoint: Checkpoint) -> Dict[str, torch.Tensor]:
+    """``checkpoint``'s weights checked against ``model``'s state dict (same keys and shapes),
+    with a clear error naming the differences.
+
+    A ``module.`` prefix (from DataParallel/DistributedDataParallel) is stripped when the model has none.
+    """
+    weights = checkpoint.state_dict()
+    expected = model.state_dict()
+    if weights and not any(k in expected for k in weights) and all(k.startswith("module.") for k in weights):
+        weights = {k[len("module."):]: v for k, v in weights.items()}
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    if missing or unexpected:
+        def show(keys: List[str]) -> str:
+            return ", ".join(keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "") if keys else "none"
+
+        raise CheckpointError(
+            f"Checkpoint {checkpoint.name} does not match the model: missing keys {show(missing)}; "
+            f"unexpected keys {show(unexpected)}. Use checkpoints saved from this architecture."
+        )
+    wrong = [f"{k} {tuple(v.shape)} vs model {tuple(expected[k].shape)}" for k, v in weights.items() if v.shape != expected[k].shape]
+    if wrong:
+        raise CheckpointError(
+            f"Checkpoint {checkpoint.name} does not match the model's shapes: {'; '.join(wrong[:4])}. "
+            "Use checkpoints saved from this architecture."
+        )
+    return weights
+
+
+def load_into(model: torch.nn.Module, checkpoint: Checkpoint) -> None:
+    """Copy ``checkpoint``'s weights into ``model`` after :func:`weights_for`'s checks."""
+    model.load_state_dict(weights_for(model, checkpoint), strict=True)

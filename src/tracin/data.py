@@ -1,0 +1,46 @@
+"""Iterating datasets in fixed order, in batches."""
+from __future__ import annotations
+
+from typing import Iterator, Union
+
+from torch.utils.data import DataLoader, Dataset, SequentialSampler
+
+from .errors import DataError
+
+DataSource = Union[Dataset, DataLoader]
+
+
+def make_loader(data: DataSource, batch_size: int, what: str) -> DataLoader:
+    """A DataLoader over ``data`` that yields examples in index order.
+
+    A DataLoader passed in is used as it is, but it must not shuffle: result indices are
+    positions in the order the loader yields.
+    """
+    if isinstance(data, DataLoader):
+        if not isinstance(data.sampler, SequentialSampler) and getattr(data, "batch_sampler", None) is not None:
+            sampler = data.batch_sampler.sampler if hasattr(data.batch_sampler, "sampler") else None
+            if not isinstance(sampler, SequentialSampler):
+                raise DataError(f"The {what} DataLoader shuffles or samples; pass one with shuffle=False so indices mean positions.")
+        loader = data
+    else:
+        loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=0)
+    try:
+        size = len(loader.dataset)  # type: ignore[arg-type]
+    except TypeError:
+        size = None
+    if size == 0:
+        raise DataError(f"The {what} set is empty; give it at least one example.")
+    return loader
+
+
+def dataset_size(loader: DataLoader) -> int:
+    """Number of examples behind a loader (requires a sized dataset)."""
+    try:
+        return len(loader.dataset)  # type: ignore[arg-type]
+    except TypeError as exc:
+        raise DataError("The dataset has no length; wrap it in a map-style Dataset.") from exc
+
+
+def iter_batches(loader: DataLoader) -> Iterator:
+    """Yield the loader's batches."""
+    yield from loader

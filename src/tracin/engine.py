@@ -1,0 +1,280 @@
+"""The scheduler: test factors cached per checkpoint, train examples streamed in tiles.
+
+For each block of test examples ("test chunk", sized so its factors for every checkpoint fit in
+half the memory budget) the test factors are computed once per checkpoint and kept. Training
+examples then stream past in tiles (sized from the rest of the budget). For each tile, every
+checkpoint is loaded once and applied to all of the tile's batches, and the tile's scores
+(summed over checkpoints, each weighted by its learning rate) are handed to the accumulators —
+so top-k lists are exact top-k of the checkpoint-summed TracIn score.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .capture import BatchCapture
+from .checkpoints import Checkpoint, weights_for
+from .data import dataset_size
+from .layers import Factors, LayerHandler
+from .layers.factors import DEFAULT_MAX_ELEMENTS
+from .tasks import Task
+
+FactorDict = Dict[str, Optional[Factors]]
+TileSink = Callable[[slice, torch.Tensor, int], None]  # (test rows, scores [m, n_tile], first train index)
+
+
+def _nbytes(obj) -> int:
+    """Bytes held by the tensors inside a (nested) batch."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
+def _factor_bytes(factors: FactorDict) -> int:
+    return sum(f.nbytes for f in factors.values() if f is not None)
+
+
+class Scheduler:
+    """Runs TracIn passes over a model prepared for scoring; use as a context manager.
+
+    On entry the model is moved to ``device``, put in eval mode, its out-of-scope parameters are
+    frozen (so no autograd graph is built for them) and hooks are installed; on exit all of that
+    is undone and the model's original weights are restored.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        checkpoints: Sequence[Checkpoint],
+        handlers: Sequence[LayerHandler],
+        task: Task,
+        device: torch.device,
+        memory_budget: int,
+        progress: bool = True,
+        kernel: str = "auto",
+    ):
+        self.model = model
+        self.checkpoints = list(checkpoints)
+        self.handlers = list(handlers)
+        self.task = task
+        self.device = device
+        self.budget = memory_budget
+        self.progress = progress
+        self.kernel = kernel
+        self.stats: Dict[str, object] = {"checkpoint_loads": 0, "tiles": 0, "test_chunks": 0}
+        self._max_elements = max(2**16, min(DEFAULT_MAX_ELEMENTS, memory_budget // 16))
+
+    # -- model preparation -------------------------------------------------------------------
+    def __enter__(self) -> "Scheduler":
+        model = self.model
+        self._weights = self._device_weights()  # validates every checkpoint before the model is touched
+        self._was_training = model.training
+        first = next(model.parameters(), None)
+        self._home = first.device if first is not None else torch.device("cpu")
+        self._original = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        in_scope = {id(getattr(h.module, p)) for h in self.handlers for p in h.param_names}
+        self._flags = [(p, p.requires_grad) for p in model.parameters()]
+        for p in model.parameters():
+            p.requires_grad_(id(p) in in_scope)
+        model.to(self.device).eval()
+        self.dtype = next(getattr(h.module, h.param_names[0]) for h in self.handlers).dtype
+        for handler in self.handlers:
+            handler.mode = None if self.kernel == "auto" or self.kernel not in handler.modes else self.kernel
+        self.capture = BatchCapture(self.handlers)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.capture.remove()
+        self.model.load_state_dict(self._original)
+        self.model.to(self._home)
+        for p, flag in self._flags:
+            p.requires_grad_(flag)
+        self.model.train(self._was_training)
+        self.stats["layer_modes"] = {h.name: h.mode for h in self.handlers}
+
+    def _device_weights(self) -> List[Dict[str, torch.Tensor]]:
+        """Every checkpoint's weights, checked against the model up front, kept on the device
+        when they fit in a quarter of the budget."""
+        weights = [weights_for(self.model, c) for c in self.checkpoints]
+        if self.device.type == "cpu" or sum(_nbytes(w) for w in weights) > self.budget // 4:
+            return weights
+        return [{k: v.to(self.device) for k, v in w.items()} for w in weights]
+
+    def _load(self, index: int) -> None:
+        self.model.load_state_dict(self._weights[index], strict=True)
+        self.stats["checkpoint_loads"] = int(self.stats["checkpoint_loads"]) + 1  # type: ignore[arg-type]
+
+    def _factors(self, batch, what: str, first_index: int) -> FactorDict:
+        return self.capture.factors(self.model, self.task, batch, what, first_index)
+
+    # -- kernels over blocks -----------------------------------------------------------------
+    def _pair(self, test: FactorDict, train: FactorDict) -> Optional[torch.Tensor]:
+        total = None
+        for name, t in test.items():
+            r = train.get(name)
+            if t is None or r is None:
+                continue
+            s = t.pair_scores(r, self._max_elements)  # type: ignore[arg-type]
+            total = s if total is None else total.add_(s)
+        return total
+
+    def _self(self, train: FactorDict, size: int) -> torch.Tensor:
+        total = torch.zeros(size, device=self.device, dtype=self.dtype)
+        for f in train.values():
+            if f is not None:
+                total += f.self_scores(self._max_elements)
+        return total
+
+    # -- passes --------------------------------------------------------------------------------
+    def _test_cache(self, batches: List[Tuple[int, object]]) -> List[List[Tuple[int, FactorDict]]]:
+        """For each checkpoint, the test factors of ``batches`` merged into few blocks
+        (row offset within the chunk, factors)."""
+        cache = []
+        for c in range(len(self.checkpoints)):
+            self._load(c)
+            per_batch = []
+            for first, batch in batches:
+                per_batch.append(self._factors(self.task.to_device(batch, self.device), "test", first))
+            cache.append(self._merge_blocks(per_batch))
+        return cache
+
+    def _merge_blocks(self, per_batch: List[FactorDict]) -> List[Tuple[int, FactorDict]]:
+        """Concatenate consecutive batches layer by layer when every layer's shapes agree."""
+        blocks: List[Tuple[int, FactorDict]] = []
+        run: List[FactorDict] = []
+        offset = run_start = 0
+
+        def flush() -> None:
+            if run:
+                merged = {}
+                for name, first in run[0].items():
+                    parts = [b[name] for b in run]
+                    merged[name] = first if first is None or len(parts) == 1 else type(first).cat(parts)  # type: ignore[arg-type]
+                blocks.append((run_start, merged))
+
+        def compatible(a: Optional[Factors], b: Optional[Factors]) -> bool:
+            if a is None or b is None:
+                return a is None and b is None
+            return type(a) is type(b) and a.compatible(b)  # type: ignore[arg-type]
+
+        for factors in per_batch:
+            size = next(f.batch_size for f in factors.values() if f is not None)
+            if not (run and all(compatible(run[0][n], factors[n]) for n in factors)):
+                flush()
+                run, run_start = [], offset
+            run.append(factors)
+            offset += size
+        flush()
+        return blocks
+
+    def influence(
+        self,
+        train: DataLoader,
+        test: DataLoader,
+        sink: TileSink,
+        with_self: bool = False,
+    ) -> Optional[torch.Tensor]:
+        """Stream ``train`` against ``test``; ``sink`` receives each tile's checkpoint-summed scores.
+        Returns self-influence [n_train] when ``with_self``."""
+        start = time.perf_counter()
+        n_train, n_test = dataset_size(train), dataset_size(test)
+        C = len(self.checkpoints)
+        test_batches = list(self._numbered(test))
+        # Probe one test batch to size the test chunks.
+        self._load(0)
+        probe = self._factors(self.task.to_device(test_batches[0][1], self.device), "test", 0)
+        per_test = _factor_bytes(probe) / max(1, self.task.batch_size(test_batches[0][1]))
+        chunk_examples = max(1, int(self.budget * 0.5 // max(1.0, C * per_test)))
+        chunks: List[List[Tuple[int, object]]] = [[]]
+        for first, batch in test_batches:
+            if chunks[-1] and first - chunks[-1][0][0] + self.task.batch_size(batch) > chunk_examples:
+                chunks.append([])
+            chunks[-1].append((first, batch))
+        self.stats["test_chunks"] = len(chunks)
+        self_scores = torch.zeros(n_train, device=self.device, dtype=self.dtype) if with_self else None
+        bar = tqdm(total=n_train * C * len(chunks), desc="TracIn train stream", unit="ex", disable=not self.progress, leave=False)
+        for chunk_index, chunk in enumerate(chunks):
+            rows = slice(chunk[0][0], chunk[-1][0] + self.task.batch_size(chunk[-1][1]))
+            m = rows.stop - rows.start
+            cache = self._test_cache(chunk)
+            cache_bytes = sum(_factor_bytes(f) for blocks in cache for _, f in blocks)
+            want_self = self_scores if chunk_index == 0 else None
+            for tile in self._tiles(train, m, cache_bytes):
+                tile_first = tile[0][0]
+                n_tile = tile[-1][0] + self.task.batch_size(tile[-1][1]) - tile_first
+                scores = torch.zeros(m, n_tile, device=self.device, dtype=self.dtype)
+                for c, ckpt in enumerate(self.checkpoints):
+                    self._load(c)
+                    lr = float(ckpt.learning_rate)  # type: ignore[arg-type]
+                    for first, batch in tile:
+                        factors = self._factors(batch, "training", first)
+                        b = self.task.batch_size(batch)
+                        cols = slice(first - tile_first, first - tile_first + b)
+                        for offset, block in cache[c]:
+                            s = self._pair(block, factors)
+                            if s is not None:
+                                scores[offset:offset + s.shape[0], cols].add_(s, alpha=lr)
+                        if want_self is not None:
+                            want_self[first:first + b].add_(self._self(factors, b), alpha=lr)
+                        bar.update(b)
+                sink(rows, scores, tile_first)
+                self.stats["tiles"] = int(self.stats["tiles"]) + 1  # type: ignore[arg-type]
+            del cache
+        bar.close()
+        self.stats["seconds"] = time.perf_counter() - start
+        self.stats["n_train"], self.stats["n_test"] = n_train, n_test
+        return self_scores
+
+    def self_influence(self, train: DataLoader) -> torch.Tensor:
+        """TracIn(z, z) for every training example, [n_train]; checkpoints in the outer loop."""
+        start = time.perf_counter()
+        n_train = dataset_size(train)
+        out = torch.zeros(n_train, device=self.device, dtype=self.dtype)
+        bar = tqdm(total=n_train * len(self.checkpoints), desc="TracIn self-influence", unit="ex", disable=not self.progress, leave=False)
+        for c, ckpt in enumerate(self.checkpoints):
+            self._load(c)
+            for first, batch in self._numbered(train):
+                b = self.task.batch_size(batch)
+                factors = self._factors(self.task.to_device(batch, self.device), "training", first)
+                out[first:first + b].add_(self._self(factors, b), alpha=float(ckpt.learning_rate))  # type: ignore[arg-type]
+                bar.update(b)
+        bar.close()
+        self.stats["seconds"] = time.perf_counter() - start
+        return out
+
+    # -- iteration helpers ---------------------------------------------------------------------
+    def _numbered(self, loader: DataLoader):
+        """(index of the batch's first example, batch) for each batch."""
+        first = 0
+        for batch in loader:
+            yield first, batch
+            first += self.task.batch_size(batch)
+
+    def _tiles(self, train: DataLoader, m: int, cache_bytes: int):
+        """Groups of consecutive train batches (moved to the device) sized from the budget."""
+        free = max(0, self.budget - cache_bytes)
+        tile: List[Tuple[int, object]] = []
+        count = 0
+        limit: Optional[int] = None
+        for first, batch in self._numbered(train):
+            batch = self.task.to_device(batch, self.device)
+            b = self.task.batch_size(batch)
+            if limit is None:
+                per_example = 3 * m * torch.finfo(self.dtype).bits // 8 + _nbytes(batch) / max(1, b)
+                limit = max(1, int(free // max(1.0, per_example)))
+            if tile and count + b > limit:
+                yield tile
+                tile, count = [], 0
+            tile.append((first, batch))
+            count += b
+        if tile:
+            yield tile

@@ -1,0 +1,40 @@
+"""nn.Embedding: the gradient lives on the looked-up rows; ghost products match indices."""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+from torch import nn
+
+from ..errors import UnsupportedModuleError
+from .base import Call, LayerHandler, zero_delta_like
+from .factors import IndexFactors
+
+
+class EmbeddingHandler(LayerHandler):
+    """Index factors: idx [B, T] and output gradients D [B, T, d]; padding_idx rows get no gradient."""
+
+    module_types = (nn.Embedding,)
+    modes = ("ghost",)
+
+    def check(self) -> None:
+        if self.module.scale_grad_by_freq:
+            raise UnsupportedModuleError(
+                f"Embedding {self.name!r} uses scale_grad_by_freq, which couples the examples of a batch, so per-example "
+                "gradients are not defined; build it with scale_grad_by_freq=False or exclude it from layers."
+            )
+
+    def factors(self, calls: List[Call]) -> IndexFactors:
+        idx_parts, d_parts = [], []
+        for call in calls:
+            idx = call.args[0]
+            B = idx.shape[0]
+            delta = call.delta if call.delta is not None else zero_delta_like(call, self.module.weight)
+            idx = idx.reshape(B, -1)
+            d = delta.reshape(B, idx.shape[1], -1)
+            if self.module.padding_idx is not None:
+                d = d * (idx != self.module.padding_idx).unsqueeze(-1).to(d.dtype)
+            idx_parts.append(idx)
+            d_parts.append(d)
+        self.mode = "ghost"
+        return IndexFactors(torch.cat(idx_parts, 1), torch.cat(d_parts, 1))

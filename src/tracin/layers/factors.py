@@ -1,0 +1,189 @@
+"""Per-example gradient factors of one layer for one batch, and the kernels on them.
+
+Three representations, each with the same small interface:
+
+* :class:`GhostFactors` — Linear/Conv layers. ``A`` [B, g, T, da] are the layer inputs (unfolded
+  patches for conv, with a trailing column of ones when the bias is in scope) and ``D`` [B, g, T, dd]
+  the gradients of the summed loss at the layer outputs, split into ``g`` groups. The per-example
+  weight gradient of group j is ``sum_t D[:, j, t]^T A[:, j, t]``, never formed:
+  ``<G_i, G'_k> = sum_j sum_{t,s} (A_ijt . A'_kjs)(D_ijt . D'_kjs)``.
+* :class:`IndexFactors` — Embedding layers. ``idx`` [B, T] looked-up rows and ``D`` [B, T, d]
+  output gradients: ``<G_i, G'_k> = sum_{t,s} [idx_it == idx'_ks] (D_it . D'_ks)``.
+* :class:`GradFactors` — materialised per-example gradients ``G`` [B, P].
+
+``pair_scores(test, train)`` returns the [m, n] matrix of gradient inner products;
+``self_scores()`` returns the [B] squared gradient norms. Work is chunked so that no intermediate
+exceeds ``max_elements`` elements.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence, Union
+
+import torch
+
+DEFAULT_MAX_ELEMENTS = 2**25  # 32M elements: 128 MiB in float32 per intermediate
+
+
+def _row_chunk(rows: int, per_row: int, max_elements: int) -> int:
+    """How many rows fit in one chunk when each row costs ``per_row`` elements."""
+    return max(1, min(rows, max_elements // max(per_row, 1)))
+
+
+@dataclass
+class GhostFactors:
+    """Layer inputs and output-gradients; A: [B, g, T, da], D: [B, g, T, dd]."""
+
+    A: torch.Tensor
+    D: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.A.numel() * self.A.element_size() + self.D.numel() * self.D.element_size()
+
+    def to(self, device: torch.device) -> "GhostFactors":
+        return GhostFactors(self.A.to(device), self.D.to(device))
+
+    def rows(self, start: int, stop: int) -> "GhostFactors":
+        return GhostFactors(self.A[start:stop], self.D[start:stop])
+
+    def compatible(self, other: "GhostFactors") -> bool:
+        return self.A.shape[1:] == other.A.shape[1:] and self.D.shape[1:] == other.D.shape[1:]
+
+    @staticmethod
+    def cat(items: Sequence["GhostFactors"]) -> "GhostFactors":
+        return GhostFactors(torch.cat([f.A for f in items]), torch.cat([f.D for f in items]))
+
+    def pair_scores(self, other: "GhostFactors", max_elements: int = DEFAULT_MAX_ELEMENTS) -> torch.Tensor:
+        """[m, n] gradient inner products between these (m) and ``other``'s (n) examples."""
+        A1, D1, A2, D2 = self.A, self.D, other.A, other.D
+        m, g, T, _ = A1.shape
+        n, _, S, _ = A2.shape
+        if g == 1 and T == 1 and S == 1:
+            return (A1[:, 0, 0] @ A2[:, 0, 0].T) * (D1[:, 0, 0] @ D2[:, 0, 0].T)
+        # Groups become a batch dimension of the matmuls: [g, rows*T, d].
+        A2g = A2.permute(1, 0, 2, 3).reshape(g, n * S, -1)
+        D2g = D2.permute(1, 0, 2, 3).reshape(g, n * S, -1)
+        out = A1.new_empty(m, n)
+        step = _row_chunk(m, 2 * g * T * n * S, max_elements)
+        for start in range(0, m, step):
+            a = A1[start:start + step].permute(1, 0, 2, 3).reshape(g, -1, A1.shape[-1])
+            d = D1[start:start + step].permute(1, 0, 2, 3).reshape(g, -1, D1.shape[-1])
+            prod = torch.bmm(a, A2g.transpose(1, 2)).mul_(torch.bmm(d, D2g.transpose(1, 2)))
+            rows = a.shape[1] // T
+            out[start:start + rows] = prod.view(g, rows, T, n, S).sum(dim=(0, 2, 4))
+        return out
+
+    def self_scores(self, max_elements: int = DEFAULT_MAX_ELEMENTS) -> torch.Tensor:
+        """[B] squared norms of the per-example gradients."""
+        A, D = self.A, self.D
+        B, g, T, _ = A.shape
+        if T == 1:
+            return (A.pow(2).sum(-1) * D.pow(2).sum(-1)).sum(dim=(1, 2))
+        out = A.new_empty(B)
+        step = _row_chunk(B, 2 * g * T * T, max_elements)
+        for start in range(0, B, step):
+            a = A[start:start + step].flatten(0, 1)
+            d = D[start:start + step].flatten(0, 1)
+            prod = torch.bmm(a, a.transpose(1, 2)).mul_(torch.bmm(d, d.transpose(1, 2)))
+            rows = a.shape[0] // g
+            out[start:start + rows] = prod.view(rows, g * T * T).sum(1)
+        return out
+
+
+@dataclass
+class IndexFactors:
+    """Embedding lookups and their output-gradients; idx: [B, T] (long), D: [B, T, d]."""
+
+    idx: torch.Tensor
+    D: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.idx.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.idx.numel() * self.idx.element_size() + self.D.numel() * self.D.element_size()
+
+    def to(self, device: torch.device) -> "IndexFactors":
+        return IndexFactors(self.idx.to(device), self.D.to(device))
+
+    def rows(self, start: int, stop: int) -> "IndexFactors":
+        return IndexFactors(self.idx[start:stop], self.D[start:stop])
+
+    def compatible(self, other: "IndexFactors") -> bool:
+        return self.idx.shape[1:] == other.idx.shape[1:] and self.D.shape[1:] == other.D.shape[1:]
+
+    @staticmethod
+    def cat(items: Sequence["IndexFactors"]) -> "IndexFactors":
+        return IndexFactors(torch.cat([f.idx for f in items]), torch.cat([f.D for f in items]))
+
+    def pair_scores(self, other: "IndexFactors", max_elements: int = DEFAULT_MAX_ELEMENTS) -> torch.Tensor:
+        m, T = self.idx.shape
+        n, S = other.idx.shape
+        d = self.D.shape[-1]
+        D2 = other.D.reshape(n * S, d)
+        out = self.D.new_empty(m, n)
+        step = _row_chunk(m, 2 * T * n * S, max_elements)
+        for start in range(0, m, step):
+            i1 = self.idx[start:start + step]
+            rows = i1.shape[0]
+            dots = (self.D[start:start + step].reshape(rows * T, d) @ D2.T).view(rows, T, n, S)
+            same = i1.view(rows, T, 1, 1) == other.idx.view(1, 1, n, S)
+            out[start:start + rows] = (dots * same).sum(dim=(1, 3))
+        return out
+
+    def self_scores(self, max_elements: int = DEFAULT_MAX_ELEMENTS) -> torch.Tensor:
+        B, T = self.idx.shape
+        if T == 1:
+            return self.D[:, 0].pow(2).sum(-1)
+        out = self.D.new_empty(B)
+        step = _row_chunk(B, 2 * T * T, max_elements)
+        for start in range(0, B, step):
+            d = self.D[start:start + step]
+            i = self.idx[start:start + step]
+            same = i.unsqueeze(2) == i.unsqueeze(1)
+            out[start:start + d.shape[0]] = (torch.bmm(d, d.transpose(1, 2)) * same).sum(dim=(1, 2))
+        return out
+
+
+@dataclass
+class GradFactors:
+    """Materialised per-example gradients; G: [B, P]."""
+
+    G: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.G.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.G.numel() * self.G.element_size()
+
+    def to(self, device: torch.device) -> "GradFactors":
+        return GradFactors(self.G.to(device))
+
+    def rows(self, start: int, stop: int) -> "GradFactors":
+        return GradFactors(self.G[start:stop])
+
+    def compatible(self, other: "GradFactors") -> bool:
+        return self.G.shape[1:] == other.G.shape[1:]
+
+    @staticmethod
+    def cat(items: Sequence["GradFactors"]) -> "GradFactors":
+        return GradFactors(torch.cat([f.G for f in items]))
+
+    def pair_scores(self, other: "GradFactors", max_elements: int = DEFAULT_MAX_ELEMENTS) -> torch.Tensor:
+        return self.G @ other.G.T
+
+    def self_scores(self, max_elements: int = DEFAULT_MAX_ELEMENTS) -> torch.Tensor:
+        return self.G.pow(2).sum(-1)
+
+
+Factors = Union[GhostFactors, IndexFactors, GradFactors]

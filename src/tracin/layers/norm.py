@@ -1,0 +1,52 @@
+"""Normalisation layers (and PReLU): few parameters, so per-example gradients are materialised
+exactly with torch.func (vmap of the vector-Jacobian product at the captured output gradient)."""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from ..errors import UnsupportedModuleError
+from .base import Call, LayerHandler, zero_delta_like
+from .factors import GradFactors
+
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+_OTHERS = (nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.PReLU)
+_RMS = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
+
+
+class NormHandler(LayerHandler):
+    """LayerNorm, GroupNorm, RMSNorm, InstanceNorm, PReLU, and BatchNorm with running statistics
+    (used in eval mode). Gradients: GradFactors [B, P] with P the affine parameter count."""
+
+    module_types = _BATCH_NORMS + _OTHERS + _RMS
+
+    def check(self) -> None:
+        if isinstance(self.module, _BATCH_NORMS) and not self.module.track_running_stats:
+            raise UnsupportedModuleError(
+                f"BatchNorm {self.name!r} keeps no running statistics (track_running_stats=False), so even in eval mode it "
+                "normalises over the batch and per-example gradients are not defined; train it with running statistics "
+                "or exclude it from layers."
+            )
+
+    def factors(self, calls: List[Call]) -> GradFactors:
+        module = self.module
+        names = self.param_names
+        params = {n: p.detach() for n, p in module.named_parameters(recurse=False) if n in names}
+
+        def one_example(p, x, d):
+            out = functional_call(module, p, (x.unsqueeze(0),))
+            return (out * d.unsqueeze(0)).sum()
+
+        per_example = vmap(grad(one_example), in_dims=(None, 0, 0))
+        total = None
+        for call in calls:
+            x = call.args[0].detach()
+            delta = call.delta if call.delta is not None else zero_delta_like(call, x)
+            grads = per_example(params, x, delta)
+            flat = torch.cat([grads[n].reshape(x.shape[0], -1) for n in names], dim=1)
+            total = flat if total is None else total + flat
+        self.mode = "materialize"
+        return GradFactors(total)

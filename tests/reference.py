@@ -1,0 +1,63 @@
+"""A naive, float64 per-example-gradient reference for TracIn (torch.func vmap of grad)."""
+from __future__ import annotations
+
+import copy
+from typing import Callable, List, Sequence, Tuple
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+LossOnOutput = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def cross_entropy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(out, y, reduction="none")
+
+
+def scope_names(model: nn.Module, modules: Sequence[str]) -> List[str]:
+    """Full names of the trainable parameters directly owned by ``modules``."""
+    names = []
+    for mname in modules:
+        mod = model.get_submodule(mname)
+        for pname, p in mod.named_parameters(recurse=False):
+            if p.requires_grad:
+                names.append(f"{mname}.{pname}" if mname else pname)
+    return names
+
+
+def per_example_grads(model: nn.Module, names: Sequence[str], x: torch.Tensor, y: torch.Tensor,
+                      loss: LossOnOutput = cross_entropy) -> torch.Tensor:
+    """[B, P] flattened per-example gradients of ``loss(model(x_i), y_i)`` w.r.t. ``names``."""
+    state = {k: v for k, v in model.named_parameters()}
+    state.update(dict(model.named_buffers()))
+    scoped = {n: state[n].detach() for n in names}
+
+    def f(p, xi, yi):
+        out = functional_call(model, {**state, **p}, (xi.unsqueeze(0),))
+        return loss(out, yi.unsqueeze(0)).sum()
+
+    g = vmap(grad(f), in_dims=(None, 0, 0))(scoped, x, y)
+    return torch.cat([g[n].reshape(x.shape[0], -1) for n in names], dim=1)
+
+
+def reference_matrix(model: nn.Module, checkpoints: Sequence[Tuple[dict, float]], modules: Sequence[str],
+                     train: Tuple[torch.Tensor, torch.Tensor], test: Tuple[torch.Tensor, torch.Tensor],
+                     loss: LossOnOutput = cross_entropy) -> torch.Tensor:
+    """TracInCP [n_test, n_train] in float64: sum_c lr_c <g_test, g_train>."""
+    ref = copy.deepcopy(model).double().eval()
+    names = scope_names(ref, modules)
+    total = None
+    for state, lr in checkpoints:
+        ref.load_state_dict({k: v.double() if v.is_floating_point() else v for k, v in state.items()})
+        to64 = (lambda t: t.double() if t.is_floating_point() else t)
+        g_train = per_example_grads(ref, names, to64(train[0]), train[1], loss)
+        g_test = per_example_grads(ref, names, to64(test[0]), test[1], loss)
+        m = lr * g_test @ g_train.T
+        total = m if total is None else total + m
+    return total.detach()
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want| / max |want|."""
+    return float((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30))

@@ -1,0 +1,113 @@
+"""Every numeric path against the float64 torch.func reference (relative error <= 1e-4)."""
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from models import CNN, MLP, Conv1dModel, SeqModel, perturbed_checkpoints
+from reference import reference_matrix, rel_err, scope_names
+from tracin import TracIn
+from tracin.scope import parameterised_modules
+
+TOL = 1e-4
+
+
+def make_case(kind: str, n_train: int = 23, n_test: int = 7):
+    g = torch.Generator().manual_seed(1)
+    if kind == "mlp":
+        model, shape, classes = MLP(), (12,), 5
+    elif kind == "cnn":
+        model, shape, classes = CNN(), (3, 8, 10), 4
+    elif kind == "conv1d":
+        model, shape, classes = Conv1dModel(), (4, 10), 3
+    elif kind == "seq":
+        model, classes = SeqModel(), 3
+        xs = torch.randint(0, 11, (n_train + n_test, 9), generator=g)
+        xs[:, -2:] = 0  # padding tokens
+        ys = torch.randint(0, classes, (n_train + n_test,), generator=g)
+        return model, (xs[:n_train], ys[:n_train]), (xs[n_train:], ys[n_train:])
+    else:
+        raise KeyError(kind)
+    xs = torch.randn((n_train + n_test,) + shape, generator=g)
+    ys = torch.randint(0, classes, (n_train + n_test,), generator=g)
+    return model, (xs[:n_train], ys[:n_train]), (xs[n_train:], ys[n_train:])
+
+
+def all_module_names(model):
+    return [name for name, _, _ in parameterised_modules(model)]
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "conv1d", "seq"])
+@pytest.mark.parametrize("kernel", ["auto", "ghost", "materialize"])
+def test_matrix_matches_reference(kind, kernel):
+    model, train, test = make_case(kind)
+    ckpts, raw = perturbed_checkpoints(model, [0.1, 0.05, 0.02])
+    want = reference_matrix(model, raw, all_module_names(model), train, test)
+    tr = TracIn(model, ckpts, layers="all", device="cpu", batch_size=8, progress=False, kernel=kernel)
+    got = tr.influence_matrix(TensorDataset(*train), TensorDataset(*test))
+    assert got.shape == want.shape
+    assert rel_err(got, want) <= TOL
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "seq"])
+def test_self_influence_is_reference_diagonal(kind):
+    model, train, _ = make_case(kind)
+    ckpts, raw = perturbed_checkpoints(model, [0.3, 0.1])
+    want = reference_matrix(model, raw, all_module_names(model), train, train).diagonal()
+    tr = TracIn(model, ckpts, device="cpu", batch_size=5, progress=False)
+    got = tr.self_influence(TensorDataset(*train))
+    assert rel_err(got, want) <= TOL
+
+
+@pytest.mark.parametrize("layers,modules", [("last", ["head"]), (2, ["fc2", "head"]), (["fc1"], ["fc1"]), ("fc*", ["fc1", "fc2"])])
+def test_layer_selection(layers, modules):
+    model, train, test = make_case("mlp")
+    ckpts, raw = perturbed_checkpoints(model, [0.1, 0.2])
+    want = reference_matrix(model, raw, modules, train, test)
+    tr = TracIn(model, ckpts, layers=layers, device="cpu", progress=False)
+    assert [h.name for h in tr.handlers] == modules
+    assert rel_err(tr.influence_matrix(TensorDataset(*train), TensorDataset(*test)), want) <= TOL
+
+
+def test_frozen_parameters_are_out_of_scope():
+    model, train, test = make_case("mlp")
+    model.fc1.weight.requires_grad_(False)  # fc1.bias stays in scope on its own
+    model.fc2.requires_grad_(False)
+    ckpts, raw = perturbed_checkpoints(model, [0.1])
+    want = reference_matrix(model, raw, ["fc1", "head"], train, test)
+    assert scope_names(model, ["fc1", "head"]) == ["fc1.bias", "head.weight", "head.bias"]
+    got = TracIn(model, ckpts, device="cpu", progress=False).influence_matrix(TensorDataset(*train), TensorDataset(*test))
+    assert rel_err(got, want) <= TOL
+    assert model.fc1.weight.requires_grad is False and model.fc1.bias.requires_grad is True
+
+
+def test_module_called_twice_sums_over_calls():
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.shared = torch.nn.Linear(6, 6)
+            self.head = torch.nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.head(self.shared(torch.tanh(self.shared(x))))
+
+    model = Twice()
+    g = torch.Generator().manual_seed(3)
+    train = (torch.randn(10, 6, generator=g), torch.randint(0, 3, (10,), generator=g))
+    test = (torch.randn(4, 6, generator=g), torch.randint(0, 3, (4,), generator=g))
+    ckpts, raw = perturbed_checkpoints(model, [0.1, 0.3])
+    want = reference_matrix(model, raw, ["shared", "head"], train, test)
+    for kernel in ("ghost", "materialize"):
+        got = TracIn(model, ckpts, device="cpu", progress=False, kernel=kernel).influence_matrix(
+            TensorDataset(*train), TensorDataset(*test))
+        assert rel_err(got, want) <= TOL
+
+
+def test_model_state_is_restored():
+    model, train, test = make_case("cnn")
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ckpts, _ = perturbed_checkpoints(model, [0.1])
+    TracIn(model, ckpts, device="cpu", progress=False).self_influence(TensorDataset(*train))
+    assert model.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
