@@ -3,7 +3,7 @@
 Three representations, each with the same small interface:
 
 * :class:`GhostFactors` — Linear/Conv layers. ``A`` [B, g, T, da] are the layer inputs (unfolded
-  patches for conv, with a trailing column of ones when the bias is in scope) and ``D`` [B, g, T, dd]
+  patches for conv; ``ones=True`` appends an implicit column of ones for the bias) and ``D`` [B, g, T, dd]
   the gradients of the summed loss at the layer outputs, split into ``g`` groups. The per-example
   weight gradient of group j is ``sum_t D[:, j, t]^T A[:, j, t]``, never formed:
   ``<G_i, G'_k> = sum_j sum_{t,s} (A_ijt . A'_kjs)(D_ijt . D'_kjs)``.
@@ -32,10 +32,15 @@ def _row_chunk(rows: int, per_row: int, max_elements: int) -> int:
 
 @dataclass
 class GhostFactors:
-    """Layer inputs and output-gradients; A: [B, g, T, da], D: [B, g, T, dd]."""
+    """Layer inputs and output-gradients; A: [B, g, T, da], D: [B, g, T, dd].
+
+    ``ones``: A carries an implicit trailing column of ones (the bias), so every input dot
+    product gains 1 without the column being stored.
+    """
 
     A: torch.Tensor
     D: torch.Tensor
+    ones: bool = False
 
     @property
     def batch_size(self) -> int:
@@ -46,25 +51,26 @@ class GhostFactors:
         return self.A.numel() * self.A.element_size() + self.D.numel() * self.D.element_size()
 
     def to(self, device: torch.device) -> "GhostFactors":
-        return GhostFactors(self.A.to(device), self.D.to(device))
+        return GhostFactors(self.A.to(device), self.D.to(device), self.ones)
 
     def rows(self, start: int, stop: int) -> "GhostFactors":
-        return GhostFactors(self.A[start:stop], self.D[start:stop])
+        return GhostFactors(self.A[start:stop], self.D[start:stop], self.ones)
 
     def compatible(self, other: "GhostFactors") -> bool:
-        return self.A.shape[1:] == other.A.shape[1:] and self.D.shape[1:] == other.D.shape[1:]
+        return self.ones == other.ones and self.A.shape[1:] == other.A.shape[1:] and self.D.shape[1:] == other.D.shape[1:]
 
     @staticmethod
     def cat(items: Sequence["GhostFactors"]) -> "GhostFactors":
-        return GhostFactors(torch.cat([f.A for f in items]), torch.cat([f.D for f in items]))
+        return GhostFactors(torch.cat([f.A for f in items]), torch.cat([f.D for f in items]), items[0].ones)
 
     def pair_scores(self, other: "GhostFactors", max_elements: int = DEFAULT_MAX_ELEMENTS) -> torch.Tensor:
         """[m, n] gradient inner products between these (m) and ``other``'s (n) examples."""
         A1, D1, A2, D2 = self.A, self.D, other.A, other.D
         m, g, T, _ = A1.shape
         n, _, S, _ = A2.shape
+        bias = 1.0 if self.ones else 0.0
         if g == 1 and T == 1 and S == 1:
-            return (A1[:, 0, 0] @ A2[:, 0, 0].T) * (D1[:, 0, 0] @ D2[:, 0, 0].T)
+            return (A1[:, 0, 0] @ A2[:, 0, 0].T).add_(bias) * (D1[:, 0, 0] @ D2[:, 0, 0].T)
         # Groups become a batch dimension of the matmuls: [g, rows*T, d].
         A2g = A2.permute(1, 0, 2, 3).reshape(g, n * S, -1)
         D2g = D2.permute(1, 0, 2, 3).reshape(g, n * S, -1)
@@ -73,7 +79,7 @@ class GhostFactors:
         for start in range(0, m, step):
             a = A1[start:start + step].permute(1, 0, 2, 3).reshape(g, -1, A1.shape[-1])
             d = D1[start:start + step].permute(1, 0, 2, 3).reshape(g, -1, D1.shape[-1])
-            prod = torch.bmm(a, A2g.transpose(1, 2)).mul_(torch.bmm(d, D2g.transpose(1, 2)))
+            prod = torch.bmm(a, A2g.transpose(1, 2)).add_(bias).mul_(torch.bmm(d, D2g.transpose(1, 2)))
             rows = a.shape[1] // T
             out[start:start + rows] = prod.view(g, rows, T, n, S).sum(dim=(0, 2, 4))
         return out
@@ -82,14 +88,15 @@ class GhostFactors:
         """[B] squared norms of the per-example gradients."""
         A, D = self.A, self.D
         B, g, T, _ = A.shape
+        bias = 1.0 if self.ones else 0.0
         if T == 1:
-            return (A.pow(2).sum(-1) * D.pow(2).sum(-1)).sum(dim=(1, 2))
+            return ((A.pow(2).sum(-1) + bias) * D.pow(2).sum(-1)).sum(dim=(1, 2))
         out = A.new_empty(B)
         step = _row_chunk(B, 2 * g * T * T, max_elements)
         for start in range(0, B, step):
             a = A[start:start + step].flatten(0, 1)
             d = D[start:start + step].flatten(0, 1)
-            prod = torch.bmm(a, a.transpose(1, 2)).mul_(torch.bmm(d, d.transpose(1, 2)))
+            prod = torch.bmm(a, a.transpose(1, 2)).add_(bias).mul_(torch.bmm(d, d.transpose(1, 2)))
             rows = a.shape[0] // g
             out[start:start + rows] = prod.view(rows, g * T * T).sum(1)
         return out

@@ -1,5 +1,11 @@
 """Linear and Conv1d/Conv2d: ghost dot-products over (inputs, output-gradients), or
-materialised per-example gradients when the shapes make that cheaper."""
+materialised per-example gradients when the shapes make that cheaper.
+
+Both share one shape: per call, inputs A [B, g, T, da] and output gradients D [B, g, T, dd] in
+``g`` groups over ``T`` positions; the weight gradient of group j is ``sum_t D[:, j, t]^T A[:, j, t]``
+and the bias gradient ``sum_t D[:, j, t]``. The bias is the implicit ones column of
+:class:`GhostFactors`, never concatenated onto the inputs.
+"""
 from __future__ import annotations
 
 from typing import List, Tuple
@@ -19,30 +25,51 @@ def choose_mode(T: int, da: int, dd: int) -> str:
 
 
 class _FactorLayer(LayerHandler):
-    """Shared tail of Linear and Conv: inputs A [B, g, T, din] and deltas D [B, g, T, dout]
-    become ghost factors or materialised gradients."""
+    """Shared logic of Linear and Conv; subclasses say how a call becomes (A, D) and the weight gradient."""
 
     modes = ("ghost", "materialize")
 
-    def _split(self, call: Call) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _delta(self, call: Call, like: torch.Tensor) -> torch.Tensor:
+        return call.delta if call.delta is not None else zero_delta_like(call, like)
+
+    def _shapes(self, call: Call) -> Tuple[int, int, int]:
+        """(positions T, input width da incl. bias, output width dd) of one call."""
+        raise NotImplementedError
+
+    def _ghost(self, call: Call) -> Tuple[torch.Tensor, torch.Tensor]:
+        """A [B, g, T, da] (no bias column), D [B, g, T, dd]."""
+        raise NotImplementedError
+
+    def _weight_grad(self, call: Call) -> torch.Tensor:
+        """Per-example weight gradients [B, g, dd, da]."""
+        raise NotImplementedError
+
+    def _bias_grad(self, call: Call) -> torch.Tensor:
+        """Per-example bias gradients [B, g, dd]."""
         raise NotImplementedError
 
     def factors(self, calls: List[Call]) -> Factors:
-        parts = [self._split(call) for call in calls]
-        A = torch.cat([a for a, _ in parts], dim=2) if len(parts) > 1 else parts[0][0]
-        D = torch.cat([d for _, d in parts], dim=2) if len(parts) > 1 else parts[0][1]
-        columns = []
-        if self.in_scope("weight"):
-            columns.append(A)
-        if self.in_scope("bias"):
-            columns.append(A.new_ones(A.shape[:-1] + (1,)))
-        A = torch.cat(columns, dim=-1) if len(columns) > 1 else columns[0]
+        weight, bias = self.in_scope("weight"), self.in_scope("bias")
         if self.mode is None:
-            self.mode = choose_mode(A.shape[2], A.shape[3], D.shape[3])
+            self.mode = choose_mode(*self._shapes(calls[0]))
         if self.mode == "ghost":
-            return GhostFactors(A, D)
-        G = torch.einsum("bgti,bgto->bgoi", A, D)
-        return GradFactors(G.reshape(G.shape[0], -1))
+            parts = [self._ghost(call) for call in calls]
+            A = torch.cat([a for a, _ in parts], dim=2) if len(parts) > 1 else parts[0][0]
+            D = torch.cat([d for _, d in parts], dim=2) if len(parts) > 1 else parts[0][1]
+            if not weight:
+                A = A[..., :0]
+            return GhostFactors(A, D, ones=bias)
+        total = None
+        for call in calls:
+            pieces = []
+            if weight:
+                pieces.append(self._weight_grad(call))
+            if bias:
+                pieces.append(self._bias_grad(call).unsqueeze(-1))
+            G = torch.cat(pieces, dim=-1) if len(pieces) > 1 else pieces[0]
+            G = G.reshape(G.shape[0], -1)
+            total = G if total is None else total + G
+        return GradFactors(total)
 
 
 class LinearHandler(_FactorLayer):
@@ -50,32 +77,57 @@ class LinearHandler(_FactorLayer):
 
     module_types = (nn.Linear,)
 
-    def _split(self, call: Call) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _shapes(self, call: Call) -> Tuple[int, int, int]:
         x = call.args[0]
-        B = x.shape[0]
-        a = x.reshape(B, 1, -1, x.shape[-1])
-        delta = call.delta if call.delta is not None else zero_delta_like(call, x)
-        d = delta.reshape(a.shape[0], 1, -1, delta.shape[-1])
-        return a, d
+        T = x[0].numel() // x.shape[-1]
+        return T, x.shape[-1] + int(self.in_scope("bias")), self.module.out_features
+
+    def _ghost(self, call: Call) -> Tuple[torch.Tensor, torch.Tensor]:
+        x = call.args[0]
+        a = x.reshape(x.shape[0], 1, -1, x.shape[-1])
+        delta = self._delta(call, x)
+        return a, delta.reshape(x.shape[0], 1, -1, delta.shape[-1])
+
+    def _weight_grad(self, call: Call) -> torch.Tensor:
+        a, d = self._ghost(call)
+        if a.shape[2] == 1:
+            return torch.einsum("bo,bi->boi", d[:, 0, 0], a[:, 0, 0]).unsqueeze(1)
+        return torch.bmm(d[:, 0].transpose(1, 2), a[:, 0]).unsqueeze(1)
+
+    def _bias_grad(self, call: Call) -> torch.Tensor:
+        delta = self._delta(call, call.args[0])
+        return delta.reshape(delta.shape[0], 1, -1, delta.shape[-1]).sum(2)
 
 
 class ConvHandler(_FactorLayer):
     """nn.Conv1d / nn.Conv2d with any stride, padding (including 'same' and non-zero padding
-    modes), dilation and groups: the input is unfolded into patches, one position per output pixel."""
+    modes), dilation and groups. Ghost factors unfold the input into patches (one position per
+    output pixel); materialised gradients use a grouped weight-gradient convolution."""
 
     module_types = (nn.Conv1d, nn.Conv2d)
 
-    def _split(self, call: Call) -> Tuple[torch.Tensor, torch.Tensor]:
-        conv: nn.modules.conv._ConvNd = self.module  # type: ignore[assignment]
+    def _padded(self, call: Call) -> torch.Tensor:
+        conv = self.module
         x = call.args[0]
-        one_d = isinstance(conv, nn.Conv1d)
-        if x.dim() == (2 if one_d else 3):
+        if x.dim() == (2 if isinstance(conv, nn.Conv1d) else 3):
             raise UnsupportedModuleError(f"Module {self.name!r} was called on an unbatched input; give it a batch dimension.")
         pad = conv._reversed_padding_repeated_twice
         if any(pad):
-            mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-            x = F.pad(x, pad, mode=mode)
-        if one_d:
+            x = F.pad(x, pad, mode="constant" if conv.padding_mode == "zeros" else conv.padding_mode)
+        return x
+
+    def _shapes(self, call: Call) -> Tuple[int, int, int]:
+        conv = self.module
+        out_shape = call.output_shape
+        assert out_shape is not None
+        T = int(torch.Size(out_shape[2:]).numel())
+        k = int(torch.Size(conv.kernel_size).numel())
+        return T, conv.in_channels // conv.groups * k + int(self.in_scope("bias")), conv.out_channels // conv.groups
+
+    def _ghost(self, call: Call) -> Tuple[torch.Tensor, torch.Tensor]:
+        conv = self.module
+        x = self._padded(call)
+        if isinstance(conv, nn.Conv1d):
             x = x.unsqueeze(2)
             kernel, dilation, stride = (1, conv.kernel_size[0]), (1, conv.dilation[0]), (1, conv.stride[0])
         else:
@@ -84,6 +136,25 @@ class ConvHandler(_FactorLayer):
         B, _, L = patches.shape
         g = conv.groups
         a = patches.view(B, g, -1, L).transpose(2, 3)  # [B, g, L, C/g * k]
-        delta = call.delta if call.delta is not None else zero_delta_like(call, x)
-        d = delta.reshape(B, g, conv.out_channels // g, L).transpose(2, 3)  # [B, g, L, Cout/g]
+        d = self._delta(call, x).reshape(B, g, conv.out_channels // g, L).transpose(2, 3)  # [B, g, L, Cout/g]
         return a, d
+
+    def _weight_grad(self, call: Call) -> torch.Tensor:
+        conv = self.module
+        x = self._padded(call)
+        delta = self._delta(call, x)
+        B, g = x.shape[0], conv.groups
+        # Examples become groups of one convolution: input [1, B*Cin, ...], grad [1, B*Cout, ...].
+        weight_grad = torch.nn.grad.conv1d_weight if isinstance(conv, nn.Conv1d) else torch.nn.grad.conv2d_weight
+        w = weight_grad(
+            x.reshape(1, B * x.shape[1], *x.shape[2:]),
+            (B * conv.out_channels, conv.in_channels // g, *conv.kernel_size),
+            delta.reshape(1, B * conv.out_channels, *delta.shape[2:]),
+            stride=conv.stride, padding=0, dilation=conv.dilation, groups=B * g,
+        )
+        return w.reshape(B, g, conv.out_channels // g, -1)
+
+    def _bias_grad(self, call: Call) -> torch.Tensor:
+        conv = self.module
+        delta = self._delta(call, call.args[0])
+        return delta.reshape(delta.shape[0], conv.groups, conv.out_channels // conv.groups, -1).sum(-1)

@@ -1,0 +1,166 @@
+"""tracin vs Captum's TracInCP on the same data, model and checkpoints, in one process.
+
+Workloads (defaults follow docs/benchmarks.md):
+  mlp: MLP 784-512-10, 4096 train x 32 test, 3 checkpoints, all layers
+  cnn: PyTorch's MNIST example CNN (2 conv + 2 linear, 1.2M params), 1024 train x 32 test, 3 checkpoints, all layers
+  tinycnn: a 57k-parameter CNN, same sizes as cnn: the case where an exact method can gain least
+
+Both tools score the full [n_test, n_train] TracInCP matrix (Captum: TracInCP with
+sample_wise_grads_per_batch=True, k=None). The script prints each time, the speed-up and the
+largest score difference relative to the largest score. Run:
+
+    python benchmarks/vs_captum.py --workload all
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from tracin import Checkpoint, TracIn, save_checkpoint
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 10))
+
+
+def mnist_cnn() -> nn.Module:
+    """The CNN of PyTorch's MNIST example (1.2M parameters; dropout is off in eval mode)."""
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3), nn.ReLU(), nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(9216, 128), nn.ReLU(), nn.Linear(128, 10),
+    )
+
+
+def tiny_cnn() -> nn.Module:
+    """57k parameters, most of them in convolutions over many positions: per-example gradients are
+    cheap here, so the forward/backward pass every exact method pays dominates."""
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(32 * 5 * 5, 64), nn.ReLU(), nn.Linear(64, 10),
+    )
+
+
+def make_data(n: int, seed: int):
+    """Ten Gaussian clusters in 1x28x28 space (a learnable, MNIST-shaped problem)."""
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(10, 1, 28, 28, generator=torch.Generator().manual_seed(1234))
+    y = torch.randint(0, 10, (n,), generator=g)
+    x = centers[y] + 1.5 * torch.randn(n, 1, 28, 28, generator=g)
+    return x, y
+
+
+def train_with_checkpoints(model: nn.Module, x, y, folder: Path, n_ckpt: int, device) -> list:
+    """Three short epochs of SGD with a decaying learning rate, a checkpoint after each."""
+    model.to(device).train()
+    lr = 0.05
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    paths = []
+    loader = DataLoader(TensorDataset(x, y), batch_size=128, shuffle=True, generator=torch.Generator().manual_seed(0))
+    for epoch in range(1, n_ckpt + 1):
+        for xb, yb in loader:
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(xb.to(device)), yb.to(device)).backward()
+            opt.step()
+        paths.append(save_checkpoint(folder / f"ckpt_{epoch}.pt", model.state_dict(), learning_rate=lr, epoch=epoch))
+        lr *= 0.5
+        for group in opt.param_groups:
+            group["lr"] = lr
+    return paths
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_workload(name: str, n_train: int, n_test: int, n_ckpt: int, device: torch.device, batch_size: int, skip_captum: bool) -> dict:
+    from captum.influence import TracInCP
+
+    torch.manual_seed(0)
+    model = {"mlp": mlp, "cnn": mnist_cnn, "tinycnn": tiny_cnn}[name]()
+    x, y = make_data(n_train + n_test, seed=0)
+    train = TensorDataset(x[:n_train], y[:n_train])
+    test_x, test_y = x[n_train:], y[n_train:]
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = train_with_checkpoints(model, x[:n_train], y[:n_train], Path(tmp), n_ckpt, device)
+        model.eval()
+
+        # tracin: full matrix, then exact top-10 (checkpoint discovery and loading included in the time)
+        sync(device)
+        t0 = time.perf_counter()
+        tr = TracIn(model, Checkpoint.discover(tmp), layers="all", device=device, batch_size=batch_size, progress=False)
+        ours = tr.influence_matrix(train, TensorDataset(test_x, test_y))
+        sync(device)
+        t_ours = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        tr.influence(train, TensorDataset(test_x, test_y), top_k=10)
+        sync(device)
+        t_topk = time.perf_counter() - t0
+
+        result = {"workload": name, "n_train": n_train, "n_test": n_test, "checkpoints": n_ckpt,
+                  "params": tr.num_parameters, "tracin_matrix_s": t_ours, "tracin_topk10_s": t_topk,
+                  "kernels": {r["name"]: r["kernel"] for r in tr.scope()}}
+        if skip_captum:
+            return result
+
+        def load(m: nn.Module, path: str) -> float:
+            ck = torch.load(path, map_location=device, weights_only=True)
+            m.load_state_dict(ck["model_state_dict"])
+            return float(ck["learning_rate"])
+
+        model.to(device)
+        sync(device)
+        t0 = time.perf_counter()
+        captum = TracInCP(model, train, checkpoints=[str(p) for p in paths], checkpoints_load_func=load,
+                          loss_fn=nn.CrossEntropyLoss(reduction="sum"), batch_size=batch_size,
+                          sample_wise_grads_per_batch=True)
+        theirs = captum.influence((test_x.to(device), test_y.to(device)), k=None).detach().cpu()
+        sync(device)
+        t_captum = time.perf_counter() - t0
+        diff = float((ours.double() - theirs.double()).abs().max() / theirs.double().abs().max())
+        result.update({"captum_matrix_s": t_captum, "speedup": t_captum / t_ours, "max_rel_diff": diff})
+        return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workload", choices=["mlp", "cnn", "tinycnn", "all"], default="all")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--mlp_train", type=int, default=4096)
+    parser.add_argument("--cnn_train", type=int, default=1024)
+    parser.add_argument("--n_test", type=int, default=32)
+    parser.add_argument("--checkpoints", type=int, default=3)
+    parser.add_argument("--skip_captum", action="store_true")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    from tracin.device import resolve_device
+
+    device = resolve_device(args.device)
+    names = ["mlp", "cnn", "tinycnn"] if args.workload == "all" else [args.workload]
+    print(f"# torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, {platform.processor() or platform.machine()}")
+    rows = []
+    for name in names:
+        n_train = args.mlp_train if name == "mlp" else args.cnn_train
+        row = run_workload(name, n_train, args.n_test, args.checkpoints, device, args.batch_size, args.skip_captum)
+        rows.append(row)
+        line = f"{name}: {row['n_train']} train x {row['n_test']} test x {row['checkpoints']} ckpts, {row['params']} params | " \
+               f"tracin matrix {row['tracin_matrix_s']:.3f}s, top-10 {row['tracin_topk10_s']:.3f}s"
+        if "captum_matrix_s" in row:
+            line += f" | captum {row['captum_matrix_s']:.3f}s | speed-up x{row['speedup']:.1f} | max rel diff {row['max_rel_diff']:.1e}"
+        print(line, flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
