@@ -164,7 +164,7 @@ class Scheduler:
         def compatible(a: Optional[Factors], b: Optional[Factors]) -> bool:
             if a is None or b is None:
                 return a is None and b is None
-            return type(a) is type(b) and a.compatible(b)  # type: ignore[arg-type]
+            return a.compatible(b)  # type: ignore[arg-type]
 
         for factors in per_batch:
             size = next(f.batch_size for f in factors.values() if f is not None)

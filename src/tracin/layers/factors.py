@@ -17,12 +17,45 @@ exceeds ``max_elements`` elements.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence, Union
+from dataclasses import dataclass, fields
+from typing import List, Sequence, Union
 
 import torch
 
 DEFAULT_MAX_ELEMENTS = 2**25  # 32M elements: 128 MiB in float32 per intermediate
+
+
+class _TensorFields:
+    """Batch plumbing shared by the factor types, over their tensor fields (batch dimension first)."""
+
+    def _tensors(self) -> List[torch.Tensor]:
+        return [getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)]  # type: ignore[arg-type]
+
+    @property
+    def batch_size(self) -> int:
+        return self._tensors()[0].shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._tensors())
+
+    def compatible(self, other: "_TensorFields") -> bool:
+        """Whether ``other`` can be concatenated after this along the batch dimension."""
+        if type(other) is not type(self):
+            return False
+        for f in fields(self):  # type: ignore[arg-type]
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            same = mine.shape[1:] == theirs.shape[1:] if isinstance(mine, torch.Tensor) else mine == theirs
+            if not same:
+                return False
+        return True
+
+    @classmethod
+    def cat(cls, items: Sequence["_TensorFields"]):
+        """Concatenate compatible factors along the batch dimension."""
+        first = items[0]
+        return cls(**{f.name: torch.cat([getattr(i, f.name) for i in items]) if isinstance(getattr(first, f.name), torch.Tensor)
+                      else getattr(first, f.name) for f in fields(first)})  # type: ignore[arg-type]
 
 
 def _row_chunk(rows: int, per_row: int, max_elements: int) -> int:
@@ -31,7 +64,7 @@ def _row_chunk(rows: int, per_row: int, max_elements: int) -> int:
 
 
 @dataclass
-class GhostFactors:
+class GhostFactors(_TensorFields):
     """Layer inputs and output-gradients; A: [B, g, T, da], D: [B, g, T, dd].
 
     ``ones``: A carries an implicit trailing column of ones (the bias), so every input dot
@@ -41,27 +74,6 @@ class GhostFactors:
     A: torch.Tensor
     D: torch.Tensor
     ones: bool = False
-
-    @property
-    def batch_size(self) -> int:
-        return self.A.shape[0]
-
-    @property
-    def nbytes(self) -> int:
-        return self.A.numel() * self.A.element_size() + self.D.numel() * self.D.element_size()
-
-    def to(self, device: torch.device) -> "GhostFactors":
-        return GhostFactors(self.A.to(device), self.D.to(device), self.ones)
-
-    def rows(self, start: int, stop: int) -> "GhostFactors":
-        return GhostFactors(self.A[start:stop], self.D[start:stop], self.ones)
-
-    def compatible(self, other: "GhostFactors") -> bool:
-        return self.ones == other.ones and self.A.shape[1:] == other.A.shape[1:] and self.D.shape[1:] == other.D.shape[1:]
-
-    @staticmethod
-    def cat(items: Sequence["GhostFactors"]) -> "GhostFactors":
-        return GhostFactors(torch.cat([f.A for f in items]), torch.cat([f.D for f in items]), items[0].ones)
 
     def pair_scores(self, other: "GhostFactors", max_elements: int = DEFAULT_MAX_ELEMENTS) -> torch.Tensor:
         """[m, n] gradient inner products between these (m) and ``other``'s (n) examples."""
@@ -103,32 +115,11 @@ class GhostFactors:
 
 
 @dataclass
-class IndexFactors:
+class IndexFactors(_TensorFields):
     """Embedding lookups and their output-gradients; idx: [B, T] (long), D: [B, T, d]."""
 
     idx: torch.Tensor
     D: torch.Tensor
-
-    @property
-    def batch_size(self) -> int:
-        return self.idx.shape[0]
-
-    @property
-    def nbytes(self) -> int:
-        return self.idx.numel() * self.idx.element_size() + self.D.numel() * self.D.element_size()
-
-    def to(self, device: torch.device) -> "IndexFactors":
-        return IndexFactors(self.idx.to(device), self.D.to(device))
-
-    def rows(self, start: int, stop: int) -> "IndexFactors":
-        return IndexFactors(self.idx[start:stop], self.D[start:stop])
-
-    def compatible(self, other: "IndexFactors") -> bool:
-        return self.idx.shape[1:] == other.idx.shape[1:] and self.D.shape[1:] == other.D.shape[1:]
-
-    @staticmethod
-    def cat(items: Sequence["IndexFactors"]) -> "IndexFactors":
-        return IndexFactors(torch.cat([f.idx for f in items]), torch.cat([f.D for f in items]))
 
     def pair_scores(self, other: "IndexFactors", max_elements: int = DEFAULT_MAX_ELEMENTS) -> torch.Tensor:
         m, T = self.idx.shape
@@ -160,31 +151,10 @@ class IndexFactors:
 
 
 @dataclass
-class GradFactors:
+class GradFactors(_TensorFields):
     """Materialised per-example gradients; G: [B, P]."""
 
     G: torch.Tensor
-
-    @property
-    def batch_size(self) -> int:
-        return self.G.shape[0]
-
-    @property
-    def nbytes(self) -> int:
-        return self.G.numel() * self.G.element_size()
-
-    def to(self, device: torch.device) -> "GradFactors":
-        return GradFactors(self.G.to(device))
-
-    def rows(self, start: int, stop: int) -> "GradFactors":
-        return GradFactors(self.G[start:stop])
-
-    def compatible(self, other: "GradFactors") -> bool:
-        return self.G.shape[1:] == other.G.shape[1:]
-
-    @staticmethod
-    def cat(items: Sequence["GradFactors"]) -> "GradFactors":
-        return GradFactors(torch.cat([f.G for f in items]))
 
     def pair_scores(self, other: "GradFactors", max_elements: int = DEFAULT_MAX_ELEMENTS) -> torch.Tensor:
         return self.G @ other.G.T

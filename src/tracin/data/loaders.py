@@ -1,11 +1,11 @@
 """Iterating datasets in fixed order, in batches."""
 from __future__ import annotations
 
-from typing import Iterator, Union
+from typing import Union
 
 from torch.utils.data import DataLoader, Dataset, SequentialSampler
 
-from .errors import DataError
+from ..errors import DataError
 
 DataSource = Union[Dataset, DataLoader]
 
@@ -39,8 +39,3 @@ def dataset_size(loader: DataLoader) -> int:
         return len(loader.dataset)  # type: ignore[arg-type]
     except TypeError as exc:
         raise DataError("The dataset has no length; wrap it in a map-style Dataset.") from exc
-
-
-def iter_batches(loader: DataLoader) -> Iterator:
-    """Yield the loader's batches."""
-    yield from loader

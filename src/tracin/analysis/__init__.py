@@ -1,0 +1,1 @@
+"""Analysis of influence results: health score, mispredictions, mislabels, figures, HTML report."""

@@ -1,0 +1,116 @@
+"""Numbers the report shows: health score, false predictions, misprediction cross-analysis,
+per-class helpful/harmful training images, mislabel candidates. Pure functions of :class:`Results`."""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Dict, List, Tuple
+
+import numpy as np
+
+from .load import Results
+
+BANDS = ((95.0, "EXCELLENT"), (80.0, "GOOD"), (60.0, "FAIR"), (-1.0, "NEEDS ATTENTION"))
+
+
+def health_score(pro_values: np.ndarray) -> Tuple[float, str]:
+    """The original tools' health score: the share (in %) of positive influence mass among the
+    top-k proponent scores, 100 * sum(max(v, 0)) / sum(|v|), and its band
+    (>95 EXCELLENT, 80-95 GOOD, 60-80 FAIR, <60 NEEDS ATTENTION)."""
+    pos = float(np.clip(pro_values, 0, None).sum())
+    total = float(np.abs(pro_values).sum())
+    score = 100.0 * pos / total if total > 0 else 0.0
+    band = next(name for threshold, name in BANDS if score > threshold)
+    return score, band
+
+
+def opponent_share(pro_values: np.ndarray, opp_values: np.ndarray) -> float:
+    """Share (in %) of the top-k opponents' absolute mass in the top-k proponents' + opponents' mass:
+    how strongly the most harmful training examples pull against the most helpful ones."""
+    neg = float(np.abs(np.clip(opp_values, None, 0)).sum())
+    pos = float(np.clip(pro_values, 0, None).sum())
+    return 100.0 * neg / (pos + neg) if pos + neg > 0 else 0.0
+
+
+def mean_influence_per_test(res: Results) -> np.ndarray:
+    """[n_test] mean of each test example's top-k proponent and opponent scores (net pull)."""
+    return np.concatenate([res.pro_values, res.opp_values], axis=1).mean(axis=1)
+
+
+def false_predictions(res: Results) -> List[Dict[str, Any]]:
+    """Every scored train and test image the final model gets wrong."""
+    rows = []
+    for split, table in (("train", res.train), ("test", res.test)):
+        for r in table.values():
+            if not r["correct"]:
+                rows.append({"split": split, "index": r["index"], "file": r["file"], "label": r["label"],
+                             "predicted": r["predicted"], "confidence": r["confidence"]})
+    return rows
+
+
+def cross_analysis(res: Results) -> Tuple[List[Dict[str, Any]], float]:
+    """For each mispredicted training image: in how many test top-k proponent lists it appears, and
+    for how many of those the test image is mispredicted the same way (the test's (label, predicted)
+    pair equals the training image's pair, or its reverse). The error-propagation rate is the sum of
+    the latter over the sum of the former (0 when no mispredicted training image is a proponent)."""
+    wrong_train = {i: r for i, r in res.train.items() if not r["correct"]}
+    appearances: Dict[int, int] = defaultdict(int)
+    same_way: Dict[int, int] = defaultdict(int)
+    for row, t in enumerate(res.test_indices.tolist()):
+        test = res.test[int(t)]
+        pair = (test["label"], test["predicted"])
+        for j in set(res.pro_indices[row].tolist()):
+            if j in wrong_train:
+                appearances[j] += 1
+                tr = wrong_train[j]
+                if not test["correct"] and pair in ((tr["label"], tr["predicted"]), (tr["predicted"], tr["label"])):
+                    same_way[j] += 1
+    rows = [{"train_index": i, "file": r["file"], "label": r["label"], "predicted": r["predicted"],
+             "test_topk_appearances": appearances[i], "same_way_mispredicted_tests": same_way[i]}
+            for i, r in sorted(wrong_train.items(), key=lambda kv: -appearances[kv[0]])]
+    total = sum(appearances.values())
+    return rows, (sum(same_way.values()) / total if total else 0.0)
+
+
+def class_influencers(res: Results, per_class: int = 10) -> Dict[str, Dict[str, List[Tuple[int, float]]]]:
+    """Per test class: the training images with the largest summed proponent score over that class's
+    test images ("helpful") and the most negative summed opponent score ("harmful"): (train index, score)."""
+    helpful: Dict[str, Dict[int, float]] = defaultdict(lambda: defaultdict(float))
+    harmful: Dict[str, Dict[int, float]] = defaultdict(lambda: defaultdict(float))
+    for row, t in enumerate(res.test_indices.tolist()):
+        label = res.test[int(t)]["label"]
+        for j, v in zip(res.pro_indices[row].tolist(), res.pro_values[row].tolist()):
+            helpful[label][j] += v
+        for j, v in zip(res.opp_indices[row].tolist(), res.opp_values[row].tolist()):
+            harmful[label][j] += v
+    out = {}
+    for name in res.class_names:
+        out[name] = {
+            "helpful": sorted(helpful[name].items(), key=lambda kv: -kv[1])[:per_class],
+            "harmful": sorted(harmful[name].items(), key=lambda kv: kv[1])[:per_class],
+        }
+    return out
+
+
+def class_summary(res: Results) -> List[Dict[str, Any]]:
+    """Per class: test count, test accuracy, mean net influence, share of proponents with the same label."""
+    mean_inf = mean_influence_per_test(res)
+    rows = []
+    for name in res.class_names:
+        rows_of = [row for row, t in enumerate(res.test_indices.tolist()) if res.test[int(t)]["label"] == name]
+        same = [res.train[j]["label"] == name for row in rows_of for j in res.pro_indices[row].tolist() if j in res.train]
+        rows.append({
+            "class": name, "n_test": len(rows_of),
+            "test_accuracy": float(np.mean([res.test[int(res.test_indices[r])]["correct"] for r in rows_of])) if rows_of else float("nan"),
+            "mean_influence": float(mean_inf[rows_of].mean()) if rows_of else float("nan"),
+            "proponent_label_agreement": float(np.mean(same)) if same else float("nan"),
+        })
+    return rows
+
+
+def mislabel_candidates(res: Results) -> List[Dict[str, Any]]:
+    """Training images by self-influence, highest first, with the final model's prediction."""
+    if res.self_influence is None:
+        return []
+    return [{"rank": r["rank"], "train_index": r["train_index"], "file": r["train_file"], "label": r["label"],
+             "predicted": r["predicted"], "self_influence": r["score"], "model_disagrees": r["label"] != r["predicted"]}
+            for r in sorted(res.self_influence, key=lambda r: r["rank"])]

@@ -1,0 +1,141 @@
+"""The ``tracin`` command line: train, influence, report, demo.
+
+User errors print one line, ``tracin: error: ...``, and exit with code 2 (no traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+from typing import List, Optional, Sequence, Union
+
+from .errors import TracInError
+
+
+def _add(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
+    """Add ``--some_flag`` and its dashed twin ``--some-flag``."""
+    names = [name] + ([name.replace("_", "-")] if "_" in name else [])
+    parser.add_argument(*names, **kwargs)
+
+
+def parse_layers(text: str) -> Union[str, int, List[str]]:
+    """'last' | 'all' | an int N | comma-separated module names or glob patterns."""
+    if text in ("last", "all"):
+        return text
+    if text.isdigit():
+        return int(text)
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("--layers needs last, all, a number or module names")
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tracin", description="TracIn training-data influence for PyTorch models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train an image classifier on an image folder, saving checkpoints")
+    _add(t, "--data_dir", type=Path, required=True, help="folder with train/<class>/ and test/<class>/")
+    _add(t, "--arch", choices=["resnet18", "resnet50", "smallcnn"], default="resnet18")
+    _add(t, "--epochs", type=int, default=10)
+    _add(t, "--save_every", type=int, default=1, help="save a checkpoint every K epochs (and after the last)")
+    _add(t, "--checkpoint_dir", type=Path, required=True)
+    _add(t, "--learning_rate", type=float, default=0.01)
+    _add(t, "--batch_size", type=int, default=32)
+    _add(t, "--pretrained", type=Path, help="local weights file to start from (nothing is downloaded)")
+    _add(t, "--image_size", type=int, default=224)
+    _add(t, "--seed", type=int, default=0)
+    _add(t, "--device", default="auto")
+    _add(t, "--quiet", action="store_true", help="no progress bars")
+
+    i = sub.add_parser("influence", help="top-k proponents/opponents (and self-influence) for an image folder")
+    _add(i, "--data_dir", type=Path, required=True)
+    _add(i, "--checkpoint_dir", type=Path, required=True)
+    _add(i, "--output_dir", type=Path, required=True)
+    _add(i, "--top_k", type=int, default=100)
+    _add(i, "--batch_size", type=int, default=32)
+    _add(i, "--train_subset", type=int, help="score a seeded random subset of N training images")
+    _add(i, "--test_subset", type=int, help="score a seeded random subset of M test images")
+    _add(i, "--layers", type=parse_layers, default="last", help="last | all | N | comma-separated module names")
+    _add(i, "--self_influence", action="store_true", help="also compute self-influence of every training image")
+    _add(i, "--device", default="auto")
+    _add(i, "--seed", type=int, default=0)
+    _add(i, "--memory_budget", type=float, help="working memory in GiB (default: from free memory)")
+    _add(i, "--quiet", action="store_true")
+
+    r = sub.add_parser("report", help="dashboard, class summaries, image folders, mispredictions, HTML report")
+    _add(r, "--results_dir", type=Path, required=True)
+    _add(r, "--top_n", type=int, default=10, help="helpful/harmful images per class")
+    _add(r, "--html_tests", type=int, default=100, help="test images shown with their proponents in report.html")
+
+    d = sub.add_parser("demo", help="the whole workflow on scikit-learn's digits with injected label noise")
+    _add(d, "--output_dir", type=Path, required=True)
+    _add(d, "--noise_rate", type=float, default=0.1)
+    _add(d, "--seed", type=int, default=0)
+    _add(d, "--device", default="auto")
+    _add(d, "--quiet", action="store_true")
+    return p
+
+
+def _train(a) -> None:
+    from .device import resolve_device
+    from .train import train_image_classifier
+
+    s = train_image_classifier(a.data_dir, a.arch, a.epochs, a.save_every, a.checkpoint_dir, a.learning_rate, a.batch_size,
+                               a.pretrained, a.image_size, a.seed, resolve_device(a.device), progress=not a.quiet)
+    print(f"Saved {len(s.checkpoints)} checkpoints to {a.checkpoint_dir}; best test accuracy {s.best_test_accuracy:.1%} "
+          f"({s.best_model.name}); log {s.log_csv}, curve {s.curve_png}.")
+
+
+def _influence(a) -> None:
+    from .image_influence import InfluenceJob, run_influence
+
+    budget = int(a.memory_budget * 2**30) if a.memory_budget else None
+    m = run_influence(InfluenceJob(a.data_dir, a.checkpoint_dir, a.output_dir, a.top_k, a.batch_size, a.train_subset,
+                                   a.test_subset, a.layers, a.self_influence, a.device, a.seed, budget, not a.quiet))
+    skipped = len(m["data"]["skipped_files"])
+    print(f"Scored {m['data']['n_train']} training x {m['data']['n_test']} test images over {len(m['checkpoints'])} checkpoints, "
+          f"{len(m['scope'])} layers ({m['num_parameters']:,} parameters) in {m['timings']['influence_s']:.1f}s on {m['device']}."
+          + (f" Skipped {skipped} unreadable images (listed in the manifest)." if skipped else ""))
+    print(f"Results in {a.output_dir}; next: tracin report --results_dir {a.output_dir}")
+
+
+def _report(a) -> None:
+    from .analysis.report import build_report
+
+    s = build_report(a.results_dir, a.top_n, a.html_tests)
+    print(f"Health score {s['health_score']:.1f}% ({s['band']}); error-propagation rate {s['error_propagation_rate']:.1%}.")
+    print(f"Report: {s['report']}")
+
+
+def _demo(a) -> None:
+    from .demo import run_demo
+
+    m = run_demo(a.output_dir, a.noise_rate, a.seed, a.device, progress=not a.quiet)
+    r = m["recall_at_inspected"]
+    print(f"Flipped {m['n_flipped']} of {m['n_train']} training labels; self-influence found {r['10%']:.0%} of them in its top 10% "
+          f"and {r['20%']:.0%} in its top 20% (ROC AUC {m['roc_auc']:.3f}). Test accuracy {m['best_test_accuracy']:.1%}; "
+          f"{m['seconds']:.0f}s in all.")
+    print(f"Report: {m['report']}  Metrics: {Path(a.output_dir) / 'mislabel_metrics.json'}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    previous = warnings.formatwarning
+    warnings.formatwarning = lambda msg, *rest, **kw: f"tracin: warning: {msg}\n"
+    try:
+        {"train": _train, "influence": _influence, "report": _report, "demo": _demo}[args.command](args)
+    except TracInError as exc:
+        print(f"tracin: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tracin: interrupted; results of this command are incomplete (no manifest was written).", file=sys.stderr)
+        return 130
+    finally:
+        warnings.formatwarning = previous
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""The ``tracin influence`` job for image classifiers trained by ``tracin train``."""
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from . import __version__
+from .api import TracIn
+from .checkpoints import Checkpoint
+from .data.images import ImageDataset, image_transform, scan_split
+from .errors import CheckpointError, TracInError
+from .outputs import MANIFEST, begin_results, file_sha256, write_csv, write_json, write_npy
+from .scope import LayerSpec
+from .train import CHECKPOINT_PATTERN
+from .vision import build_model, checkpoint_metadata, normalization
+
+
+@dataclass
+class InfluenceJob:
+    data_dir: Path
+    checkpoint_dir: Path
+    output_dir: Path
+    top_k: int = 100
+    batch_size: int = 32
+    train_subset: Optional[int] = None
+    test_subset: Optional[int] = None
+    layers: LayerSpec = "last"
+    self_influence: bool = False
+    device: str = "auto"
+    seed: int = 0
+    memory_budget: Optional[int] = None
+    progress: bool = True
+
+
+def _subset(n: int, size: Optional[int], seed: int, what: str) -> np.ndarray:
+    """Sorted indices of a seeded random subset of ``size`` examples (all when None)."""
+    if size is None or size >= n:
+        return np.arange(n)
+    if size < 1:
+        raise TracInError(f"--{what}_subset must be at least 1, got {size}.")
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n, size=size, replace=False))
+
+
+def _predict(model: torch.nn.Module, dataset, device: torch.device, batch_size: int):
+    model.eval().to(device)
+    preds, confs = [], []
+    with torch.no_grad():
+        for x, _ in DataLoader(dataset, batch_size=batch_size):
+            p = torch.softmax(model(x.to(device)), dim=1)
+            c, k = p.max(1)
+            preds.append(k.cpu())
+            confs.append(c.cpu())
+    return torch.cat(preds).numpy(), torch.cat(confs).numpy()
+
+
+def run_influence(job: InfluenceJob) -> Dict[str, Any]:
+    """Score top-k proponents/opponents (and optionally self-influence); write the result files
+    and, last, ``manifest.json``. Returns the manifest."""
+    t_start = time.perf_counter()
+    checkpoints = Checkpoint.discover(job.checkpoint_dir, pattern=CHECKPOINT_PATTERN + ".*")
+    arch, class_names, image_size = checkpoint_metadata(checkpoints[-1].metadata, checkpoints[-1].name or "")
+    for ck in checkpoints:
+        other = checkpoint_metadata(ck.metadata, ck.name or "")
+        if other != (arch, class_names, image_size):
+            raise CheckpointError(
+                f"Checkpoint {ck.name} was trained as {other[0]} on {len(other[1])} classes but {checkpoints[-1].name} as "
+                f"{arch} on {len(class_names)}; keep one training run per --checkpoint_dir."
+            )
+    data_dir = Path(job.data_dir)
+    train_split, _ = scan_split(data_dir, "train", class_names)
+    test_split, _ = scan_split(data_dir, "test", class_names)
+    t_scan = time.perf_counter()
+    transform = image_transform(image_size, normalization(arch))
+    train_full, test_full = ImageDataset(train_split, transform), ImageDataset(test_split, transform)
+    train_idx = _subset(len(train_full), job.train_subset, job.seed, "train")
+    test_idx = _subset(len(test_full), job.test_subset, job.seed + 1, "test")
+    train_set, test_set = Subset(train_full, train_idx.tolist()), Subset(test_full, test_idx.tolist())
+    if job.top_k > len(train_set):
+        raise TracInError(f"--top_k {job.top_k} is larger than the training set ({len(train_set)} images); use --top_k {len(train_set)} or less.")
+
+    model = build_model(arch, len(class_names))
+    tr = TracIn(model, checkpoints, layers=job.layers, device=job.device, batch_size=job.batch_size,
+                memory_budget=job.memory_budget, progress=job.progress)
+    begin_results(job.output_dir)
+    result = tr.influence(train_set, test_set, top_k=job.top_k, self_influence=job.self_influence)
+    t_influence = time.perf_counter()
+
+    # Predictions of the final model (best_model.pt when training wrote one, else the last checkpoint).
+    best = Path(job.checkpoint_dir) / "best_model.pt"
+    final = Checkpoint(best) if best.is_file() else checkpoints[-1]
+    model.load_state_dict(final.state_dict())
+    train_pred, train_conf = _predict(model, train_set, tr.device, job.batch_size)
+    test_pred, test_conf = _predict(model, test_set, tr.device, job.batch_size)
+    t_pred = time.perf_counter()
+
+    out = Path(job.output_dir)
+    to_full = lambda idx: train_idx[idx.numpy()]  # noqa: E731 - positions in the scored subset -> full train set
+    pro_i, opp_i = to_full(result.proponents.indices), to_full(result.opponents.indices)
+    pro_v, opp_v = result.proponents.values.numpy(), result.opponents.values.numpy()
+    written = [
+        write_npy(out / "top_k_influences_values.npy", pro_v),
+        write_npy(out / "top_k_influences_indices.npy", pro_i),
+        write_npy(out / "top_k_opponents_values.npy", opp_v),
+        write_npy(out / "top_k_opponents_indices.npy", opp_i),
+        write_npy(out / "test_indices.npy", test_idx),
+        write_npy(out / "train_indices.npy", train_idx),
+    ]
+    train_paths, test_paths = train_split.paths, test_split.paths
+    train_labels, test_labels = train_split.labels, test_split.labels
+    pred_of_train = dict(zip(train_idx.tolist(), train_pred.tolist()))
+
+    def rows():
+        for row, t in enumerate(test_idx.tolist()):
+            for kind, vals, idxs in (("proponent", pro_v, pro_i), ("opponent", opp_v, opp_i)):
+                for rank in range(vals.shape[1]):
+                    j = int(idxs[row, rank])
+                    yield {"test_index": t, "test_file": str(test_paths[t]), "test_label": class_names[test_labels[t]],
+                           "test_predicted": class_names[int(test_pred[row])], "kind": kind, "rank": rank + 1,
+                           "train_index": j, "train_file": str(train_paths[j]), "train_label": class_names[train_labels[j]],
+                           "train_predicted": class_names[pred_of_train[j]], "score": float(vals[row, rank])}
+
+    written.append(write_csv(out / "top_k_influences.csv", rows(),
+                             ["test_index", "test_file", "test_label", "test_predicted", "kind", "rank", "train_index",
+                              "train_file", "train_label", "train_predicted", "score"]))
+    for name, idx, paths, labels, pred, conf in (("train", train_idx, train_paths, train_labels, train_pred, train_conf),
+                                                 ("test", test_idx, test_paths, test_labels, test_pred, test_conf)):
+        written.append(write_csv(out / f"predictions_{name}.csv", (
+            {"index": int(i), "file": str(paths[i]), "label": class_names[labels[i]], "predicted": class_names[int(p)],
+             "confidence": float(c), "correct": int(labels[i] == int(p))}
+            for i, p, c in zip(idx.tolist(), pred, conf)), ["index", "file", "label", "predicted", "confidence", "correct"]))
+    if result.self_influence is not None:
+        s = result.self_influence.numpy()
+        order = np.argsort(-s, kind="stable")
+        rank_of = np.empty_like(order)
+        rank_of[order] = np.arange(1, len(order) + 1)
+        written.append(write_npy(out / "self_influence.npy", s))
+        written.append(write_csv(out / "self_influence.csv", (
+            {"train_index": int(train_idx[p]), "train_file": str(train_paths[train_idx[p]]),
+             "label": class_names[train_labels[train_idx[p]]], "predicted": class_names[int(train_pred[p])],
+             "score": float(s[p]), "rank": int(rank_of[p])} for p in order),
+            ["train_index", "train_file", "label", "predicted", "score", "rank"]))
+
+    import torchvision
+
+    manifest = {
+        "tool": "tracin", "command": "influence", "complete": True, "version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "parameters": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(job).items()},
+        "data": {"data_dir": str(data_dir.resolve()), "class_names": class_names, "arch": arch, "image_size": image_size,
+                 "n_train_total": len(train_full), "n_test_total": len(test_full), "n_train": len(train_idx),
+                 "n_test": len(test_idx), "skipped_files": [{"file": f, "reason": r} for f, r in train_split.skipped + test_split.skipped]},
+        "checkpoints": [{"file": str(ck.source), "sha256": file_sha256(Path(ck.source)), "learning_rate": ck.learning_rate,
+                         "epoch": ck.epoch} for ck in checkpoints],
+        "prediction_model": {"file": str(final.source), "sha256": file_sha256(Path(final.source))},
+        "scope": tr.scope(), "num_parameters": tr.num_parameters, "device": str(tr.device),
+        "engine": {k: v for k, v in result.stats.items() if k != "layer_modes"},
+        "timings": {"scan_s": t_scan - t_start, "influence_s": t_influence - t_scan, "predictions_s": t_pred - t_influence,
+                    "total_s": time.perf_counter() - t_start},
+        "versions": {"tracin": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+                     "numpy": np.__version__, "python": platform.python_version()},
+        "outputs": sorted(p.name for p in written),
+    }
+    write_json(out / MANIFEST, manifest)
+    return manifest
