@@ -78,7 +78,9 @@ def test_influence_and_report(trained):
     assert all(len(c["sha256"]) == 64 for c in manifest["checkpoints"])
     assert manifest["versions"]["torch"] == torch.__version__
 
-    assert main(["report", "--results_dir", str(out)]) == 0
+    assert main(["report", "--results_dir", str(out), "--gradcam", "2"]) == 0
+    cams = sorted((out / "gradcam").glob("test_*.png"))
+    assert len(cams) == 2 and all(c.stat().st_size > 1000 for c in cams)
     for name in ("analysis_dashboard.png", "cat_summary.png", "fox_summary.png", "false_predictions.csv",
                  "misprediction_cross_analysis.csv", "mislabel_candidates.csv", "report.html", "report_summary.json"):
         assert (out / name).is_file(), name
@@ -170,3 +172,22 @@ def test_checkpoint_from_another_architecture(trained, tmp_path, capsys):
 def test_module_entry_point_and_usage_error():
     proc = subprocess.run([sys.executable, "-m", "tracin", "influence"], capture_output=True, text=True)
     assert proc.returncode == 2 and "required" in proc.stderr
+
+
+def test_gradcam_without_the_package_is_a_clear_error(trained, monkeypatch, capsys):
+    import builtins
+
+    root, data, ckpt = trained
+    out = root / "out"
+    if not (out / "manifest.json").exists():
+        pytest.skip("needs test_influence_and_report's results")
+    real_import = builtins.__import__
+
+    def no_gradcam(name, *args, **kwargs):
+        if name.startswith("pytorch_grad_cam"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_gradcam)
+    code, err = _err(capsys, ["report", "--results_dir", str(out), "--gradcam", "1"])
+    assert code == 2 and "pip install 'tracin[gradcam]'" in err

@@ -42,6 +42,7 @@ class TracIn:
         progress: show tqdm progress bars.
         kernel: ``"auto"`` picks ghost or materialised per Linear/Conv layer from its shapes;
             ``"ghost"`` / ``"materialize"`` force one (both are exact).
+        num_workers: DataLoader worker processes for Dataset inputs (0: load in the main process).
     """
 
     def __init__(
@@ -55,6 +56,7 @@ class TracIn:
         memory_budget: Optional[int] = None,
         progress: bool = True,
         kernel: str = "auto",
+        num_workers: int = 0,
     ):
         if isinstance(checkpoints, (str, Path, os.PathLike)):
             checkpoints = Checkpoint.discover(checkpoints)
@@ -75,6 +77,7 @@ class TracIn:
         self.memory_budget = default_memory_budget(self.device, memory_budget)
         self.progress = progress
         self.kernel = kernel
+        self.num_workers = num_workers
         self.handlers = resolve_layers(model, layers)
         self.last_stats: Dict[str, object] = {}
 
@@ -109,8 +112,8 @@ class TracIn:
         [n_test, k] values and train indices (proponents largest first, opponents most negative
         first). With ``self_influence=True`` the same pass also fills ``result.self_influence`` [n_train].
         """
-        train = make_loader(train_dataset, self.batch_size, "training")
-        test = make_loader(test_dataset, self.batch_size, "test")
+        train = make_loader(train_dataset, self.batch_size, "training", self.num_workers)
+        test = make_loader(test_dataset, self.batch_size, "test", self.num_workers)
         n_train, n_test = dataset_size(train), dataset_size(test)
         if not isinstance(top_k, int) or top_k < 1:
             raise TracInError(f"top_k must be a positive integer, got {top_k!r}.")
@@ -139,8 +142,8 @@ class TracIn:
     def influence_matrix(self, train_dataset: DataSource, test_dataset: DataSource) -> torch.Tensor:
         """The full TracIn matrix [n_test, n_train] (on the CPU). Holds n_test * n_train numbers: use
         :meth:`influence` for top-k on large sets."""
-        train = make_loader(train_dataset, self.batch_size, "training")
-        test = make_loader(test_dataset, self.batch_size, "test")
+        train = make_loader(train_dataset, self.batch_size, "training", self.num_workers)
+        test = make_loader(test_dataset, self.batch_size, "test", self.num_workers)
         acc: Optional[MatrixAccumulator] = None
 
         def sink(rows: slice, scores: torch.Tensor, first: int) -> None:
@@ -158,7 +161,7 @@ class TracIn:
     def self_influence(self, train_dataset: DataSource) -> torch.Tensor:
         """TracIn(z, z) for every training example, [n_train] (on the CPU). High values flag
         surprising examples — mislabelled ones rank near the top."""
-        train = make_loader(train_dataset, self.batch_size, "training")
+        train = make_loader(train_dataset, self.batch_size, "training", self.num_workers)
         with self._scheduler() as run:
             out = run.self_influence(train)
         self.last_stats = dict(run.stats)

@@ -62,12 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add(i, "--device", default="auto")
     _add(i, "--seed", type=int, default=0)
     _add(i, "--memory_budget", type=float, help="working memory in GiB (default: from free memory)")
+    _add(i, "--num_workers", type=int, default=0, help="image-decoding worker processes")
     _add(i, "--quiet", action="store_true")
 
     r = sub.add_parser("report", help="dashboard, class summaries, image folders, mispredictions, HTML report")
     _add(r, "--results_dir", type=Path, required=True)
     _add(r, "--top_n", type=int, default=10, help="helpful/harmful images per class")
     _add(r, "--html_tests", type=int, default=100, help="test images shown with their proponents in report.html")
+    _add(r, "--gradcam", type=int, default=0, metavar="N", help="Grad-CAM overlays for the first N test images (pip install 'tracin[gradcam]')")
 
     d = sub.add_parser("demo", help="the whole workflow on scikit-learn's digits with injected label noise")
     _add(d, "--output_dir", type=Path, required=True)
@@ -93,7 +95,8 @@ def _influence(a) -> None:
 
     budget = int(a.memory_budget * 2**30) if a.memory_budget else None
     m = run_influence(InfluenceJob(a.data_dir, a.checkpoint_dir, a.output_dir, a.top_k, a.batch_size, a.train_subset,
-                                   a.test_subset, a.layers, a.self_influence, a.device, a.seed, budget, not a.quiet))
+                                   a.test_subset, a.layers, a.self_influence, a.device, a.seed, budget, not a.quiet,
+                                   a.num_workers))
     skipped = len(m["data"]["skipped_files"])
     print(f"Scored {m['data']['n_train']} training x {m['data']['n_test']} test images over {len(m['checkpoints'])} checkpoints, "
           f"{len(m['scope'])} layers ({m['num_parameters']:,} parameters) in {m['timings']['influence_s']:.1f}s on {m['device']}."
@@ -104,7 +107,7 @@ def _influence(a) -> None:
 def _report(a) -> None:
     from .analysis.report import build_report
 
-    s = build_report(a.results_dir, a.top_n, a.html_tests)
+    s = build_report(a.results_dir, a.top_n, a.html_tests, a.gradcam)
     print(f"Health score {s['health_score']:.1f}% ({s['band']}); error-propagation rate {s['error_propagation_rate']:.1%}.")
     print(f"Report: {s['report']}")
 

@@ -38,6 +38,7 @@ class InfluenceJob:
     seed: int = 0
     memory_budget: Optional[int] = None
     progress: bool = True
+    num_workers: int = 0
 
 
 def _subset(n: int, size: Optional[int], seed: int, what: str) -> np.ndarray:
@@ -50,11 +51,11 @@ def _subset(n: int, size: Optional[int], seed: int, what: str) -> np.ndarray:
     return np.sort(rng.choice(n, size=size, replace=False))
 
 
-def _predict(model: torch.nn.Module, dataset, device: torch.device, batch_size: int):
+def _predict(model: torch.nn.Module, dataset, device: torch.device, batch_size: int, num_workers: int = 0):
     model.eval().to(device)
     preds, confs = [], []
     with torch.no_grad():
-        for x, _ in DataLoader(dataset, batch_size=batch_size):
+        for x, _ in DataLoader(dataset, batch_size=batch_size, num_workers=num_workers):
             p = torch.softmax(model(x.to(device)), dim=1)
             c, k = p.max(1)
             preds.append(k.cpu())
@@ -89,7 +90,7 @@ def run_influence(job: InfluenceJob) -> Dict[str, Any]:
 
     model = build_model(arch, len(class_names))
     tr = TracIn(model, checkpoints, layers=job.layers, device=job.device, batch_size=job.batch_size,
-                memory_budget=job.memory_budget, progress=job.progress)
+                memory_budget=job.memory_budget, progress=job.progress, num_workers=job.num_workers)
     begin_results(job.output_dir)
     result = tr.influence(train_set, test_set, top_k=job.top_k, self_influence=job.self_influence)
     t_influence = time.perf_counter()
@@ -98,8 +99,8 @@ def run_influence(job: InfluenceJob) -> Dict[str, Any]:
     best = Path(job.checkpoint_dir) / "best_model.pt"
     final = Checkpoint(best) if best.is_file() else checkpoints[-1]
     model.load_state_dict(final.state_dict())
-    train_pred, train_conf = _predict(model, train_set, tr.device, job.batch_size)
-    test_pred, test_conf = _predict(model, test_set, tr.device, job.batch_size)
+    train_pred, train_conf = _predict(model, train_set, tr.device, job.batch_size, job.num_workers)
+    test_pred, test_conf = _predict(model, test_set, tr.device, job.batch_size, job.num_workers)
     t_pred = time.perf_counter()
 
     out = Path(job.output_dir)

@@ -71,6 +71,8 @@ def render(ctx: Dict[str, Any]) -> str:
     parts.append(f"<h2>Misprediction cross-analysis</h2><p>Error-propagation rate: {ctx['propagation']:.1%} of the test top-k "
                  "appearances of mispredicted training images land on test images mispredicted the same way.</p>")
     parts.append(table(ctx["cross_rows"], ["file", "label", "predicted", "test_topk_appearances", "same_way_mispredicted_tests"], limit=40, image_column="file"))
+    if ctx.get("gradcam"):
+        parts.append("<h2>Grad-CAM</h2>" + "".join(f"<img class='full' src='{data_uri_png(p)}' alt='Grad-CAM'>" for p in ctx["gradcam"]))
     shown = ctx["tests"]
     parts.append(f"<h2>Test images: top proponents and opponents</h2><p>Showing {len(shown)} of {ctx['n_test']} test images.</p>")
     for t in shown:

@@ -58,10 +58,16 @@ def _findings(res: Results, health: float, band: str, opp_share: float, false_ro
     return out
 
 
-def build_report(results_dir: Path, top_n: int = 10, html_tests: int = 100) -> Dict[str, Any]:
-    """Write the report files into ``results_dir`` and return a summary (also in report_summary.json)."""
+def build_report(results_dir: Path, top_n: int = 10, html_tests: int = 100, gradcam: int = 0) -> Dict[str, Any]:
+    """Write the report files into ``results_dir`` and return a summary (also in report_summary.json).
+    ``gradcam`` > 0 adds Grad-CAM overlays for that many test images (needs the grad-cam package)."""
     res = load_results(Path(results_dir))
     out = res.directory
+    cams = []
+    if gradcam > 0:
+        from .gradcam import gradcam_overlays
+
+        cams = gradcam_overlays(res, gradcam)
     health, band = health_score(res.pro_values)
     opp_share = opponent_share(res.pro_values, res.opp_values)
     path_of = {i: r["file"] for i, r in res.train.items()}
@@ -129,7 +135,7 @@ def build_report(results_dir: Path, top_n: int = 10, html_tests: int = 100) -> D
         "subtitle": f"{m['data']['arch']} on {m['data']['data_dir']} — {len(m['checkpoints'])} checkpoints, created {m['created']}",
         "health": health, "band": band, "findings": findings, "dashboard": dash, "class_rows": class_rows,
         "class_figures": class_figures, "mislabels": mislabels, "false_rows": false_rows, "propagation": propagation,
-        "cross_rows": cross_rows, "tests": tests, "n_test": len(res.test_indices),
+        "cross_rows": cross_rows, "tests": tests, "n_test": len(res.test_indices), "gradcam": cams,
     })
     tmp = out / ".report.html.tmp"
     tmp.write_text(page, encoding="utf-8")

@@ -5,7 +5,9 @@ indices always refer to the sorted list of readable images.
 """
 from __future__ import annotations
 
+import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -55,19 +57,23 @@ def scan_split(root: Path, split: str, class_names: Optional[Sequence[str]] = No
     if unknown:
         raise DataError(f"Class folder(s) {unknown} in {folder} are not among the classes {names}; rename or remove them.")
     split_data = ImageSplit([], [])
+    listed = []
     for label, name in enumerate(names):
         class_dir = folder / name
         files = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if class_dir.is_dir() else []
         if not files and split == "train":
             raise DataError(f"Class folder {class_dir} has no images; add images or remove the class.")
-        for path in files:
-            reason = _readable(path)
-            if reason is not None:
-                warnings.warn(f"Skipping unreadable image {path} ({reason}).", stacklevel=2)
-                split_data.skipped.append((str(path), reason))
-                continue
-            split_data.paths.append(path)
-            split_data.labels.append(label)
+        listed.extend((path, label) for path in files)
+    # Decoding every image once finds corrupt files up front; PIL releases the GIL, so threads help.
+    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
+        reasons = list(pool.map(_readable, [path for path, _ in listed]))
+    for (path, label), reason in zip(listed, reasons):
+        if reason is not None:
+            warnings.warn(f"Skipping unreadable image {path} ({reason}).", stacklevel=2)
+            split_data.skipped.append((str(path), reason))
+            continue
+        split_data.paths.append(path)
+        split_data.labels.append(label)
     if not split_data.paths:
         raise DataError(f"Folder {folder} has no readable images; check the files.")
     return split_data, names

@@ -10,7 +10,7 @@ from ..errors import DataError
 DataSource = Union[Dataset, DataLoader]
 
 
-def make_loader(data: DataSource, batch_size: int, what: str) -> DataLoader:
+def make_loader(data: DataSource, batch_size: int, what: str, num_workers: int = 0) -> DataLoader:
     """A DataLoader over ``data`` that yields examples in index order.
 
     A DataLoader passed in is used as it is, but it must not shuffle: result indices are
@@ -23,7 +23,8 @@ def make_loader(data: DataSource, batch_size: int, what: str) -> DataLoader:
                 raise DataError(f"The {what} DataLoader shuffles or samples; pass one with shuffle=False so indices mean positions.")
         loader = data
     else:
-        loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=0)
+        loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                            persistent_workers=num_workers > 0)
     try:
         size = len(loader.dataset)  # type: ignore[arg-type]
     except TypeError:
