@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import List
 
 import numpy as np
-import torch
 from PIL import Image
 from torch import nn
 
