@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Subset
 
 from .accumulate import MatrixAccumulator, TopKAccumulator
 from .checkpoints import Checkpoint
@@ -15,7 +17,10 @@ from .device import default_memory_budget, resolve_device
 from .engine import Scheduler
 from .errors import TracInError
 from .results import InfluenceResult, TopK
+from .projection import Projector
+from .sampling import sample_indices
 from .scope import LayerSpec, resolve_layers
+from .stored import StoreWriter, describe, open_store
 from .tasks import Task, as_task
 
 KERNELS = ("auto", "ghost", "materialize")
@@ -43,6 +48,14 @@ class TracIn:
         kernel: ``"auto"`` picks ghost or materialised per Linear/Conv layer from its shapes;
             ``"ghost"`` / ``"materialize"`` force one (both are exact).
         num_workers: DataLoader worker processes for Dataset inputs (0: load in the main process).
+        projection_dim: project per-example gradients to about this many dimensions per layer
+            (an unbiased approximation; None: exact). See :mod:`tracin.projection`.
+        projection: ``"gaussian"``, ``"rademacher"`` or ``"sparse"``.
+        seed: seed of the projection matrices and of training-set sampling.
+        sample_rate: score a seeded random fraction of the training set (None: all). Indices stay
+            positions in the full training set; left-out examples are NaN in full-length outputs.
+        stratify_by: ``"label"`` (the task's labels) or a callable ``batch -> Tensor[B]`` of keys, to
+            sample each stratum at ``sample_rate``.
     """
 
     def __init__(
@@ -57,6 +70,11 @@ class TracIn:
         progress: bool = True,
         kernel: str = "auto",
         num_workers: int = 0,
+        projection_dim: Optional[int] = None,
+        projection: str = "gaussian",
+        seed: int = 0,
+        sample_rate: Optional[float] = None,
+        stratify_by: Union[str, Callable, None] = None,
     ):
         if isinstance(checkpoints, (str, Path, os.PathLike)):
             checkpoints = Checkpoint.discover(checkpoints)
@@ -78,8 +96,17 @@ class TracIn:
         self.progress = progress
         self.kernel = kernel
         self.num_workers = num_workers
+        self.projector = Projector(projection_dim, projection, seed) if projection_dim is not None else None
+        self.seed = seed
+        if sample_rate is not None and not 0 < sample_rate <= 1:
+            raise TracInError(f"sample_rate must be in (0, 1], got {sample_rate}.")
+        if stratify_by is not None and stratify_by != "label" and not callable(stratify_by):
+            raise TracInError(f"stratify_by must be 'label' or a callable batch -> keys, got {stratify_by!r}.")
+        self.sample_rate = sample_rate
+        self.stratify_by = stratify_by
         self.handlers = resolve_layers(model, layers)
         self.last_stats: Dict[str, object] = {}
+        self._cached_test: Optional[Tuple[object, list, Dict[str, Optional[str]]]] = None
 
     # -- introspection ---------------------------------------------------------------------------
     @property
@@ -97,7 +124,23 @@ class TracIn:
     # -- scoring ---------------------------------------------------------------------------------
     def _scheduler(self) -> Scheduler:
         return Scheduler(self.model, self.checkpoints, self.handlers, self.task, self.device,
-                         self.memory_budget, progress=self.progress, kernel=self.kernel)
+                         self.memory_budget, progress=self.progress, kernel=self.kernel, projector=self.projector)
+
+    def _train_loader(self, train_dataset: DataSource) -> Tuple[DataLoader, Optional[np.ndarray], int]:
+        """The training loader (of the sample when sampling), the sampled full-set indices, the full size."""
+        loader = make_loader(train_dataset, self.batch_size, "training", self.num_workers)
+        n = dataset_size(loader)
+        if self.sample_rate is None:
+            return loader, None, n
+        strata = None
+        if self.stratify_by is not None:
+            key = self.task.labels if self.stratify_by == "label" else self.stratify_by
+            parts = [key(batch) for batch in loader]
+            if any(p is None for p in parts):
+                raise TracInError("stratify_by='label' needs a task with labels; pass a callable batch -> keys instead.")
+            strata = torch.cat([torch.as_tensor(p).reshape(-1) for p in parts])
+        chosen = sample_indices(n, self.sample_rate, self.seed, strata)
+        return make_loader(Subset(loader.dataset, chosen.tolist()), self.batch_size, "training", self.num_workers), chosen, n
 
     def influence(
         self,
@@ -112,13 +155,14 @@ class TracIn:
         [n_test, k] values and train indices (proponents largest first, opponents most negative
         first). With ``self_influence=True`` the same pass also fills ``result.self_influence`` [n_train].
         """
-        train = make_loader(train_dataset, self.batch_size, "training", self.num_workers)
+        train, sampled, n_full = self._train_loader(train_dataset)
         test = make_loader(test_dataset, self.batch_size, "test", self.num_workers)
         n_train, n_test = dataset_size(train), dataset_size(test)
         if not isinstance(top_k, int) or top_k < 1:
             raise TracInError(f"top_k must be a positive integer, got {top_k!r}.")
         if top_k > n_train:
-            raise TracInError(f"top_k={top_k} is larger than the training set ({n_train} examples); use top_k <= {n_train}.")
+            what = "the sampled training set" if sampled is not None else "the training set"
+            raise TracInError(f"top_k={top_k} is larger than {what} ({n_train} examples); use top_k <= {n_train}.")
         parts: Dict[int, TopKAccumulator] = {}
 
         def sink(rows: slice, scores: torch.Tensor, first: int) -> None:
@@ -126,23 +170,95 @@ class TracIn:
                 parts[rows.start] = TopKAccumulator(scores.shape[0], top_k, scores.device, scores.dtype)
             parts[rows.start].update(scores, first)
 
+        cached = self._cached_test[1] if self._cached_test is not None and self._cached_test[0] is test_dataset else None
         with self._scheduler() as run:
-            selfs = run.influence(train, test, sink, with_self=self_influence)
+            if cached is not None:
+                for h in self.handlers:
+                    h.mode = self._cached_test[2][h.name]  # type: ignore[index]
+            selfs = run.influence(train, test, sink, with_self=self_influence, cached=cached)
         self.last_stats = dict(run.stats)
         pieces = [parts[start].result() for start in sorted(parts)]
         pv, pi, nv, ni = (torch.cat([p[i] for p in pieces]).cpu() for i in range(4))
         assert pv.shape[0] == n_test
+        if sampled is not None:
+            full = torch.as_tensor(sampled)
+            pi, ni = full[pi], full[ni]
+            self.last_stats["sampled_indices"] = sampled
         return InfluenceResult(
             proponents=TopK(pv, pi),
             opponents=TopK(nv, ni),
-            self_influence=selfs.cpu() if selfs is not None else None,
+            self_influence=self._unsample(selfs.cpu(), sampled, n_full) if selfs is not None else None,
             stats=self.last_stats,
         )
+
+    @staticmethod
+    def _unsample(values: torch.Tensor, sampled: Optional[np.ndarray], n: int) -> torch.Tensor:
+        """Spread values over the sampled training examples ([..., n_sampled]) to full length n, NaN elsewhere."""
+        if sampled is None:
+            return values
+        out = torch.full(values.shape[:-1] + (n,), float("nan"), dtype=values.dtype)
+        out[..., torch.as_tensor(sampled)] = values
+        return out
+
+    def cache_test(self, test_dataset: DataSource) -> None:
+        """Compute the test set's factors for every checkpoint now and keep them, so later
+        :meth:`influence` calls with this same ``test_dataset`` object skip that work."""
+        test = make_loader(test_dataset, self.batch_size, "test", self.num_workers)
+        with self._scheduler() as run:
+            cache = run.cache_test(test)
+        self._cached_test = (test_dataset, cache, {h.name: h.mode for h in self.handlers})
+
+    def clear_cache(self) -> None:
+        """Free the cached test factors."""
+        self._cached_test = None
+
+    def _store_description(self) -> Dict[str, object]:
+        return describe([h.name for h in self.handlers], self.projector.describe() if self.projector else None, self.checkpoints)
+
+    def save_train_gradients(self, train_dataset: DataSource, directory: Union[str, Path]) -> Path:
+        """Compute every training example's (projected) gradient at every checkpoint and store them in
+        ``directory`` ([C, n_train, D] float32 memory map plus metadata), for :meth:`influence_from_saved`.
+        Use with ``projection_dim`` unless the layers in scope are small: D is the gradient size."""
+        train = make_loader(train_dataset, self.batch_size, "training", self.num_workers)
+        writer = StoreWriter(Path(directory), len(self.checkpoints), dataset_size(train))
+        with self._scheduler() as run:
+            run.vectors(train, "training", writer)
+        writer.finish(self._store_description())
+        return Path(directory)
+
+    def influence_from_saved(self, directory: Union[str, Path], test_dataset: DataSource, top_k: int = 100) -> InfluenceResult:
+        """Top-k proponents/opponents of ``test_dataset`` against gradients saved by
+        :meth:`save_train_gradients`, without reading the training data. The store's metadata
+        (layers, projection, checkpoint weights and learning rates) must match this scorer."""
+        store = open_store(Path(directory), self._store_description())
+        n_train = store.shape[1]
+        if not isinstance(top_k, int) or not 1 <= top_k <= n_train:
+            raise TracInError(f"top_k must be between 1 and the stored training set size {n_train}, got {top_k!r}.")
+        test = make_loader(test_dataset, self.batch_size, "test", self.num_workers)
+        n_test = dataset_size(test)
+        vectors = torch.zeros(len(self.checkpoints), n_test, store.shape[2])
+
+        def keep(c: int, first: int, vec: torch.Tensor) -> None:
+            vectors[c, first:first + vec.shape[0]] = vec.detach().float().cpu()
+
+        with self._scheduler() as run:
+            run.vectors(test, "test", keep)
+        vectors = vectors.to(self.device)
+        acc = TopKAccumulator(n_test, top_k, self.device, vectors.dtype)
+        rows = max(1, int(self.memory_budget // max(1, 4 * (3 * n_test + len(self.checkpoints) * store.shape[2]))))
+        for start in range(0, n_train, rows):
+            scores = torch.zeros(n_test, min(rows, n_train - start), device=self.device)
+            for c, ckpt in enumerate(self.checkpoints):
+                tile = torch.from_numpy(np.array(store[c, start:start + rows])).to(self.device)
+                scores.add_(vectors[c] @ tile.T, alpha=float(ckpt.learning_rate))  # type: ignore[arg-type]
+            acc.update(scores, start)
+        pv, pi, nv, ni = (t.cpu() for t in acc.result())
+        return InfluenceResult(proponents=TopK(pv, pi), opponents=TopK(nv, ni), stats={"stored_train": n_train})
 
     def influence_matrix(self, train_dataset: DataSource, test_dataset: DataSource) -> torch.Tensor:
         """The full TracIn matrix [n_test, n_train] (on the CPU). Holds n_test * n_train numbers: use
         :meth:`influence` for top-k on large sets."""
-        train = make_loader(train_dataset, self.batch_size, "training", self.num_workers)
+        train, sampled, n_full = self._train_loader(train_dataset)
         test = make_loader(test_dataset, self.batch_size, "test", self.num_workers)
         acc: Optional[MatrixAccumulator] = None
 
@@ -156,13 +272,13 @@ class TracIn:
             run.influence(train, test, sink)
         self.last_stats = dict(run.stats)
         assert acc is not None
-        return acc.matrix
+        return self._unsample(acc.matrix, sampled, n_full)
 
     def self_influence(self, train_dataset: DataSource) -> torch.Tensor:
         """TracIn(z, z) for every training example, [n_train] (on the CPU). High values flag
         surprising examples — mislabelled ones rank near the top."""
-        train = make_loader(train_dataset, self.batch_size, "training", self.num_workers)
+        train, sampled, n_full = self._train_loader(train_dataset)
         with self._scheduler() as run:
             out = run.self_influence(train)
         self.last_stats = dict(run.stats)
-        return out.cpu()
+        return self._unsample(out.cpu(), sampled, n_full)

@@ -63,6 +63,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add(i, "--seed", type=int, default=0)
     _add(i, "--memory_budget", type=float, help="working memory in GiB (default: from free memory)")
     _add(i, "--num_workers", type=int, default=0, help="image-decoding worker processes")
+    _add(i, "--use_projection", action="store_true", help="project per-example gradients (approximate, unbiased)")
+    _add(i, "--projection_dim", type=int, default=1024, help="dimensions per layer with --use_projection")
+    _add(i, "--projection_type", choices=["gaussian", "rademacher", "sparse"], default="gaussian")
+    _add(i, "--sample_rate", type=float, help="score a seeded random fraction of the training set (approximate)")
+    _add(i, "--stratify_by", choices=["label"], help="sample each class at --sample_rate")
+
+    au = sub.add_parser("audit", help="speed and agreement of fast configurations against the exact scores")
+    _add(au, "--data_dir", type=Path, required=True)
+    _add(au, "--checkpoint_dir", type=Path, required=True)
+    _add(au, "--n_test", type=int, default=20, help="test images to compare on")
+    _add(au, "--layers", type=parse_layers, default="last")
+    _add(au, "--projection_dims", type=int, nargs="*", default=[256, 1024])
+    _add(au, "--projection_type", choices=["gaussian", "rademacher", "sparse"], default="gaussian")
+    _add(au, "--sample_rates", type=float, nargs="*", default=[0.5])
+    _add(au, "--top", type=int, default=10, help="k of the top-k overlap")
+    _add(au, "--batch_size", type=int, default=32)
+    _add(au, "--device", default="auto")
+    _add(au, "--seed", type=int, default=0)
+    _add(au, "--output", type=Path, help="also write the table as JSON here")
     _add(i, "--quiet", action="store_true")
 
     r = sub.add_parser("report", help="dashboard, class summaries, image folders, mispredictions, HTML report")
@@ -96,12 +115,29 @@ def _influence(a) -> None:
     budget = int(a.memory_budget * 2**30) if a.memory_budget else None
     m = run_influence(InfluenceJob(a.data_dir, a.checkpoint_dir, a.output_dir, a.top_k, a.batch_size, a.train_subset,
                                    a.test_subset, a.layers, a.self_influence, a.device, a.seed, budget, not a.quiet,
-                                   a.num_workers))
+                                   a.num_workers, a.projection_dim if a.use_projection else None, a.projection_type,
+                                   a.sample_rate, a.stratify_by))
     skipped = len(m["data"]["skipped_files"])
     print(f"Scored {m['data']['n_train']} training x {m['data']['n_test']} test images over {len(m['checkpoints'])} checkpoints, "
           f"{len(m['scope'])} layers ({m['num_parameters']:,} parameters) in {m['timings']['influence_s']:.1f}s on {m['device']}."
           + (f" Skipped {skipped} unreadable images (listed in the manifest)." if skipped else ""))
     print(f"Results in {a.output_dir}; next: tracin report --results_dir {a.output_dir}")
+
+
+def _audit(a) -> None:
+    from .audit import audit, format_table
+    from .image_influence import image_setup
+    from .outputs import write_json
+
+    s = image_setup(a.data_dir, a.checkpoint_dir)
+    configs = {f"projection {d} {a.projection_type}": {"projection_dim": d, "projection": a.projection_type} for d in a.projection_dims}
+    configs.update({f"sample {r:g}": {"sample_rate": r} for r in a.sample_rates})
+    rows = audit(s.model, s.checkpoints, s.train, s.test, configs, n_test=a.n_test, top=a.top, seed=a.seed,
+                 layers=a.layers, device=a.device, batch_size=a.batch_size, progress=False)
+    print(f"Audit on {min(a.n_test, len(s.test))} test images x {len(s.train)} training images, layers={a.layers}:")
+    print(format_table(rows, a.top))
+    if a.output:
+        write_json(a.output, rows)
 
 
 def _report(a) -> None:
@@ -128,7 +164,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     previous = warnings.formatwarning
     warnings.formatwarning = lambda msg, *rest, **kw: f"tracin: warning: {msg}\n"
     try:
-        {"train": _train, "influence": _influence, "report": _report, "demo": _demo}[args.command](args)
+        {"train": _train, "influence": _influence, "audit": _audit, "report": _report, "demo": _demo}[args.command](args)
     except TracInError as exc:
         print(f"tracin: error: {exc}", file=sys.stderr)
         return 2

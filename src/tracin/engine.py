@@ -61,6 +61,7 @@ class Scheduler:
         memory_budget: int,
         progress: bool = True,
         kernel: str = "auto",
+        projector=None,
     ):
         self.model = model
         self.checkpoints = list(checkpoints)
@@ -70,6 +71,7 @@ class Scheduler:
         self.budget = memory_budget
         self.progress = progress
         self.kernel = kernel
+        self.projector = projector
         self.stats: Dict[str, object] = {"checkpoint_loads": 0, "tiles": 0, "test_chunks": 0}
         self._max_elements = max(2**16, min(DEFAULT_MAX_ELEMENTS, memory_budget // 16))
 
@@ -89,11 +91,14 @@ class Scheduler:
         self.dtype = next(getattr(h.module, h.param_names[0]) for h in self.handlers).dtype
         for handler in self.handlers:
             handler.mode = None if self.kernel == "auto" or self.kernel not in handler.modes else self.kernel
+            handler.projector = self.projector
         self.capture = BatchCapture(self.handlers)
         return self
 
     def __exit__(self, *exc) -> None:
         self.capture.remove()
+        for handler in self.handlers:
+            handler.projector = None
         self.model.load_state_dict(self._original)
         self.model.to(self._home)
         for p, flag in self._flags:
@@ -176,36 +181,52 @@ class Scheduler:
         flush()
         return blocks
 
-    def influence(
-        self,
-        train: DataLoader,
-        test: DataLoader,
-        sink: TileSink,
-        with_self: bool = False,
-    ) -> Optional[torch.Tensor]:
-        """Stream ``train`` against ``test``; ``sink`` receives each tile's checkpoint-summed scores.
-        Returns self-influence [n_train] when ``with_self``."""
-        start = time.perf_counter()
-        n_train, n_test = dataset_size(train), dataset_size(test)
-        C = len(self.checkpoints)
+    def plan_test(self, test: DataLoader) -> List[Tuple[slice, List[Tuple[int, object]]]]:
+        """Split the test set into chunks whose factors for every checkpoint fit in half the budget:
+        (rows, [(first index, batch), ...]) per chunk. Probes one batch at the first checkpoint."""
         test_batches = list(self._numbered(test))
-        # Probe one test batch to size the test chunks.
         self._load(0)
         probe = self._factors(self.task.to_device(test_batches[0][1], self.device), "test", 0)
         per_test = _factor_bytes(probe) / max(1, self.task.batch_size(test_batches[0][1]))
-        chunk_examples = max(1, int(self.budget * 0.5 // max(1.0, C * per_test)))
+        chunk_examples = max(1, int(self.budget * 0.5 // max(1.0, len(self.checkpoints) * per_test)))
         chunks: List[List[Tuple[int, object]]] = [[]]
         for first, batch in test_batches:
             if chunks[-1] and first - chunks[-1][0][0] + self.task.batch_size(batch) > chunk_examples:
                 chunks.append([])
             chunks[-1].append((first, batch))
-        self.stats["test_chunks"] = len(chunks)
+        return [(slice(c[0][0], c[-1][0] + self.task.batch_size(c[-1][1])), c) for c in chunks]
+
+    def cache_test(self, test: DataLoader) -> List[Tuple[slice, list]]:
+        """Every test chunk's factors for every checkpoint, computed now (for reuse across calls)."""
+        return [(rows, self._test_cache(batches)) for rows, batches in self.plan_test(test)]
+
+    def influence(
+        self,
+        train: DataLoader,
+        test: Optional[DataLoader],
+        sink: TileSink,
+        with_self: bool = False,
+        cached: Optional[List[Tuple[slice, list]]] = None,
+    ) -> Optional[torch.Tensor]:
+        """Stream ``train`` against ``test`` (or against ``cached`` test factors from :meth:`cache_test`);
+        ``sink`` receives each tile's checkpoint-summed scores. Returns self-influence [n_train] when ``with_self``."""
+        start = time.perf_counter()
+        n_train = dataset_size(train)
+        C = len(self.checkpoints)
+        if cached is not None:
+            chunks = cached
+            n_chunks = len(cached)
+        else:
+            plan = self.plan_test(test)  # type: ignore[arg-type]
+            chunks = ((rows, self._test_cache(batches)) for rows, batches in plan)
+            n_chunks = len(plan)
+        self.stats["test_chunks"] = n_chunks
         self_scores = torch.zeros(n_train, device=self.device, dtype=self.dtype) if with_self else None
-        bar = tqdm(total=n_train * C * len(chunks), desc="TracIn train stream", unit="ex", disable=not self.progress, leave=False)
-        for chunk_index, chunk in enumerate(chunks):
-            rows = slice(chunk[0][0], chunk[-1][0] + self.task.batch_size(chunk[-1][1]))
+        bar = tqdm(total=n_train * C * n_chunks, desc="TracIn train stream", unit="ex", disable=not self.progress, leave=False)
+        n_test = 0
+        for chunk_index, (rows, cache) in enumerate(chunks):
             m = rows.stop - rows.start
-            cache = self._test_cache(chunk)
+            n_test += m
             cache_bytes = sum(_factor_bytes(f) for blocks in cache for _, f in blocks)
             want_self = self_scores if chunk_index == 0 else None
             for tile in self._tiles(train, m, cache_bytes):
@@ -228,7 +249,6 @@ class Scheduler:
                         bar.update(b)
                 sink(rows, scores, tile_first)
                 self.stats["tiles"] = int(self.stats["tiles"]) + 1  # type: ignore[arg-type]
-            del cache
         bar.close()
         self.stats["seconds"] = time.perf_counter() - start
         self.stats["n_train"], self.stats["n_test"] = n_train, n_test
@@ -250,6 +270,23 @@ class Scheduler:
         bar.close()
         self.stats["seconds"] = time.perf_counter() - start
         return out
+
+    def vectors(self, loader: DataLoader, what: str, write: Callable[[int, int, torch.Tensor], None]) -> int:
+        """Per-example gradient vectors (projected when a projector is set), checkpoints in the outer loop:
+        ``write(checkpoint index, first example index, vectors [B, D])``. Returns D."""
+        dim = 0
+        bar = tqdm(total=dataset_size(loader) * len(self.checkpoints), desc=f"{what} gradients", unit="ex",
+                   disable=not self.progress, leave=False)
+        for c in range(len(self.checkpoints)):
+            self._load(c)
+            for first, batch in self._numbered(loader):
+                factors = self._factors(self.task.to_device(batch, self.device), what, first)
+                vec = torch.cat([f.to_vector() for f in factors.values() if f is not None], dim=1)
+                dim = vec.shape[1]
+                write(c, first, vec)
+                bar.update(self.task.batch_size(batch))
+        bar.close()
+        return dim
 
     # -- iteration helpers ---------------------------------------------------------------------
     def _numbered(self, loader: DataLoader):

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import platform
+import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -39,6 +40,10 @@ class InfluenceJob:
     memory_budget: Optional[int] = None
     progress: bool = True
     num_workers: int = 0
+    projection_dim: Optional[int] = None
+    projection_type: str = "gaussian"
+    sample_rate: Optional[float] = None
+    stratify_by: Optional[str] = None
 
 
 def _subset(n: int, size: Optional[int], seed: int, what: str) -> np.ndarray:
@@ -63,11 +68,24 @@ def _predict(model: torch.nn.Module, dataset, device: torch.device, batch_size: 
     return torch.cat(preds).numpy(), torch.cat(confs).numpy()
 
 
-def run_influence(job: InfluenceJob) -> Dict[str, Any]:
-    """Score top-k proponents/opponents (and optionally self-influence); write the result files
-    and, last, ``manifest.json``. Returns the manifest."""
-    t_start = time.perf_counter()
-    checkpoints = Checkpoint.discover(job.checkpoint_dir, pattern=CHECKPOINT_PATTERN + ".*")
+@dataclass
+class ImageSetup:
+    """Checkpoints of one `tracin train` run, its metadata, the scanned image folders and a fresh model."""
+
+    checkpoints: List[Checkpoint]
+    arch: str
+    class_names: List[str]
+    image_size: int
+    train_split: Any
+    test_split: Any
+    train: ImageDataset
+    test: ImageDataset
+    model: torch.nn.Module
+
+
+def image_setup(data_dir: Path, checkpoint_dir: Path) -> ImageSetup:
+    """Discover the checkpoints, check they come from one run, scan the folders with its classes."""
+    checkpoints = Checkpoint.discover(checkpoint_dir, pattern=CHECKPOINT_PATTERN + ".*")
     arch, class_names, image_size = checkpoint_metadata(checkpoints[-1].metadata, checkpoints[-1].name or "")
     for ck in checkpoints:
         other = checkpoint_metadata(ck.metadata, ck.name or "")
@@ -76,21 +94,39 @@ def run_influence(job: InfluenceJob) -> Dict[str, Any]:
                 f"Checkpoint {ck.name} was trained as {other[0]} on {len(other[1])} classes but {checkpoints[-1].name} as "
                 f"{arch} on {len(class_names)}; keep one training run per --checkpoint_dir."
             )
-    data_dir = Path(job.data_dir)
-    train_split, _ = scan_split(data_dir, "train", class_names)
-    test_split, _ = scan_split(data_dir, "test", class_names)
-    t_scan = time.perf_counter()
+    train_split, _ = scan_split(Path(data_dir), "train", class_names)
+    test_split, _ = scan_split(Path(data_dir), "test", class_names)
     transform = image_transform(image_size, normalization(arch))
-    train_full, test_full = ImageDataset(train_split, transform), ImageDataset(test_split, transform)
+    return ImageSetup(checkpoints, arch, class_names, image_size, train_split, test_split,
+                      ImageDataset(train_split, transform), ImageDataset(test_split, transform),
+                      build_model(arch, len(class_names)))
+
+
+def run_influence(job: InfluenceJob) -> Dict[str, Any]:
+    """Score top-k proponents/opponents (and optionally self-influence); write the result files
+    and, last, ``manifest.json``. Returns the manifest."""
+    t_start = time.perf_counter()
+    setup = image_setup(job.data_dir, job.checkpoint_dir)
+    checkpoints, arch, class_names, image_size = setup.checkpoints, setup.arch, setup.class_names, setup.image_size
+    train_split, test_split, train_full, test_full = setup.train_split, setup.test_split, setup.train, setup.test
+    data_dir = Path(job.data_dir)
+    t_scan = time.perf_counter()
     train_idx = _subset(len(train_full), job.train_subset, job.seed, "train")
     test_idx = _subset(len(test_full), job.test_subset, job.seed + 1, "test")
     train_set, test_set = Subset(train_full, train_idx.tolist()), Subset(test_full, test_idx.tolist())
     if job.top_k > len(train_set):
         raise TracInError(f"--top_k {job.top_k} is larger than the training set ({len(train_set)} images); use --top_k {len(train_set)} or less.")
 
-    model = build_model(arch, len(class_names))
+    model = setup.model
     tr = TracIn(model, checkpoints, layers=job.layers, device=job.device, batch_size=job.batch_size,
-                memory_budget=job.memory_budget, progress=job.progress, num_workers=job.num_workers)
+                memory_budget=job.memory_budget, progress=job.progress, num_workers=job.num_workers,
+                projection_dim=job.projection_dim, projection=job.projection_type, seed=job.seed,
+                sample_rate=job.sample_rate, stratify_by=job.stratify_by)
+    if job.progress:
+        names = ", ".join(h.name for h in tr.handlers[:6]) + (" ..." if len(tr.handlers) > 6 else "")
+        print(f"Scoring {len(tr.handlers)} layers ({names}), {tr.num_parameters:,} parameters in scope"
+              + (f", projected to ~{job.projection_dim} dims per layer ({job.projection_type})" if job.projection_dim else "")
+              + (f", {job.sample_rate:.0%} of the training set" if job.sample_rate else "") + ".", file=sys.stderr)
     begin_results(job.output_dir)
     result = tr.influence(train_set, test_set, top_k=job.top_k, self_influence=job.self_influence)
     t_influence = time.perf_counter()
@@ -140,8 +176,8 @@ def run_influence(job: InfluenceJob) -> Dict[str, Any]:
             for i, p, c in zip(idx.tolist(), pred, conf)), ["index", "file", "label", "predicted", "confidence", "correct"]))
     if result.self_influence is not None:
         s = result.self_influence.numpy()
-        order = np.argsort(-s, kind="stable")
-        rank_of = np.empty_like(order)
+        order = np.argsort(-np.nan_to_num(s, nan=-np.inf), kind="stable")[: int(np.isfinite(s).sum())]  # sampled only
+        rank_of = np.zeros(len(s), dtype=np.int64)
         rank_of[order] = np.arange(1, len(order) + 1)
         written.append(write_npy(out / "self_influence.npy", s))
         written.append(write_csv(out / "self_influence.csv", (

@@ -39,6 +39,7 @@ class LayerHandler:
         self.module = module
         self.param_names = param_names
         self.mode: Optional[str] = None
+        self.projector = None  # a tracin.projection.Projector when projecting, set per run
         self.check()
 
     def check(self) -> None:

@@ -37,4 +37,5 @@ class EmbeddingHandler(LayerHandler):
             idx_parts.append(idx)
             d_parts.append(d)
         self.mode = "ghost"
-        return IndexFactors(torch.cat(idx_parts, 1), torch.cat(d_parts, 1))
+        factors = IndexFactors(torch.cat(idx_parts, 1), torch.cat(d_parts, 1))
+        return self.projector.index(self.name, factors) if self.projector is not None else factors

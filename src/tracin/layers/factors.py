@@ -22,6 +22,8 @@ from typing import List, Sequence, Union
 
 import torch
 
+from ..errors import UnsupportedModuleError
+
 DEFAULT_MAX_ELEMENTS = 2**25  # 32M elements: 128 MiB in float32 per intermediate
 
 
@@ -96,6 +98,13 @@ class GhostFactors(_TensorFields):
             out[start:start + rows] = prod.view(g, rows, T, n, S).sum(dim=(0, 2, 4))
         return out
 
+    def to_vector(self) -> torch.Tensor:
+        """The per-example gradients themselves, [B, g * dd * (da + ones)] (materialised)."""
+        G = torch.einsum("bgti,bgto->bgoi", self.A, self.D)
+        if self.ones:
+            G = torch.cat([G, self.D.sum(2).unsqueeze(-1)], dim=-1)
+        return G.reshape(G.shape[0], -1)
+
     def self_scores(self, max_elements: int = DEFAULT_MAX_ELEMENTS) -> torch.Tensor:
         """[B] squared norms of the per-example gradients."""
         A, D = self.A, self.D
@@ -120,6 +129,12 @@ class IndexFactors(_TensorFields):
 
     idx: torch.Tensor
     D: torch.Tensor
+
+    def to_vector(self) -> torch.Tensor:
+        raise UnsupportedModuleError(
+            "Saving per-example gradients of Embedding layers is not supported (they span the whole vocabulary); "
+            "exclude embeddings from layers when saving training gradients."
+        )
 
     def pair_scores(self, other: "IndexFactors", max_elements: int = DEFAULT_MAX_ELEMENTS) -> torch.Tensor:
         m, T = self.idx.shape
@@ -155,6 +170,9 @@ class GradFactors(_TensorFields):
     """Materialised per-example gradients; G: [B, P]."""
 
     G: torch.Tensor
+
+    def to_vector(self) -> torch.Tensor:
+        return self.G
 
     def pair_scores(self, other: "GradFactors", max_elements: int = DEFAULT_MAX_ELEMENTS) -> torch.Tensor:
         return self.G @ other.G.T

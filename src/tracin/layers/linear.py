@@ -48,17 +48,24 @@ class _FactorLayer(LayerHandler):
         """Per-example bias gradients [B, g, dd]."""
         raise NotImplementedError
 
+    def _ghost_all(self, calls: List[Call]) -> Tuple[torch.Tensor, torch.Tensor, bool]:
+        """All calls' factors concatenated along positions; A without the bias column, ones = bias in scope."""
+        parts = [self._ghost(call) for call in calls]
+        A = torch.cat([a for a, _ in parts], dim=2) if len(parts) > 1 else parts[0][0]
+        D = torch.cat([d for _, d in parts], dim=2) if len(parts) > 1 else parts[0][1]
+        if not self.in_scope("weight"):
+            A = A[..., :0]
+        return A, D, self.in_scope("bias")
+
     def factors(self, calls: List[Call]) -> Factors:
+        if self.projector is not None:
+            return self._projected(calls)
         weight, bias = self.in_scope("weight"), self.in_scope("bias")
         if self.mode is None:
             self.mode = choose_mode(*self._shapes(calls[0]))
         if self.mode == "ghost":
-            parts = [self._ghost(call) for call in calls]
-            A = torch.cat([a for a, _ in parts], dim=2) if len(parts) > 1 else parts[0][0]
-            D = torch.cat([d for _, d in parts], dim=2) if len(parts) > 1 else parts[0][1]
-            if not weight:
-                A = A[..., :0]
-            return GhostFactors(A, D, ones=bias)
+            A, D, ones = self._ghost_all(calls)
+            return GhostFactors(A, D, ones=ones)
         total = None
         for call in calls:
             pieces = []
@@ -70,6 +77,14 @@ class _FactorLayer(LayerHandler):
             G = G.reshape(G.shape[0], -1)
             total = G if total is None else total + G
         return GradFactors(total)
+
+    def _projected(self, calls: List[Call]) -> Factors:
+        """Project both factors, then pick ghost or materialised on the projected shapes."""
+        A, D, ones = self.projector.ghost(self.name, *self._ghost_all(calls))
+        if self.mode is None:
+            self.mode = choose_mode(A.shape[2], A.shape[3] + int(ones), D.shape[3])
+        factors = GhostFactors(A, D, ones=ones)
+        return factors if self.mode == "ghost" else GradFactors(factors.to_vector())
 
 
 class LinearHandler(_FactorLayer):

@@ -49,4 +49,5 @@ class NormHandler(LayerHandler):
             flat = torch.cat([grads[n].reshape(x.shape[0], -1) for n in names], dim=1)
             total = flat if total is None else total + flat
         self.mode = "materialize"
-        return GradFactors(total)
+        factors = GradFactors(total)
+        return self.projector.grads(self.name, factors) if self.projector is not None else factors
