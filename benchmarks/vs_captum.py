@@ -5,6 +5,9 @@ Workloads (defaults follow docs/benchmarks.md):
   cnn: PyTorch's MNIST example CNN (2 conv + 2 linear, 1.2M params), 1024 train x 32 test, 3 checkpoints, all layers
   tinycnn: a 57k-parameter CNN, same sizes as cnn: the case where an exact method can gain least
 
+`--workload fast` runs the fast-mode comparisons of fast_modes.py (last layer vs TracInCPFast and
+TracInCPFastRandProj, projection agreement, self-influence on 50k examples, scaling plot).
+
 Both tools score the full [n_test, n_train] TracInCP matrix (Captum: TracInCP with
 sample_wise_grads_per_batch=True, k=None). The script prints each time, the speed-up and the
 largest score difference relative to the largest score. Run:
@@ -133,7 +136,9 @@ def run_workload(name: str, n_train: int, n_test: int, n_ckpt: int, device: torc
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workload", choices=["mlp", "cnn", "tinycnn", "all"], default="all")
+    parser.add_argument("--workload", choices=["mlp", "cnn", "tinycnn", "all", "lastlayer", "projection", "selfinfluence", "scaling", "fast"],
+                        default="all", help="all: the exact workloads; fast: lastlayer, projection, selfinfluence, scaling")
+    parser.add_argument("--with_slow_peer", action="store_true", help="selfinfluence: also run Captum TracInCP on all layers")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--mlp_train", type=int, default=4096)
@@ -146,8 +151,28 @@ def main() -> None:
     from tracin.device import resolve_device
 
     device = resolve_device(args.device)
-    names = ["mlp", "cnn", "tinycnn"] if args.workload == "all" else [args.workload]
     print(f"# torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, {platform.processor() or platform.machine()}")
+    fast = ["lastlayer", "projection", "selfinfluence", "scaling"]
+    if args.workload in fast + ["fast"]:
+        import fast_modes
+
+        helpers = (make_data, mlp, train_with_checkpoints)
+        results = {}
+        for name in (fast if args.workload == "fast" else [args.workload]):
+            if name == "selfinfluence":
+                rows = fast_modes.selfinfluence(device, helpers, args.batch_size, args.with_slow_peer)
+            elif name == "scaling":
+                rows = fast_modes.scaling(device, helpers, Path(__file__).resolve().parents[1] / "docs" / "scaling.png", args.batch_size)
+            else:
+                rows = getattr(fast_modes, name)(device, helpers, args.batch_size)
+            results[name] = rows
+            print(f"## {name}")
+            for row in rows:
+                print("  " + " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2))
+        return
+    names = ["mlp", "cnn", "tinycnn"] if args.workload == "all" else [args.workload]
     rows = []
     for name in names:
         n_train = args.mlp_train if name == "mlp" else args.cnn_train

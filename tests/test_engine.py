@@ -111,3 +111,13 @@ def test_conv_kernel_choice_follows_shapes():
     assert kinds["conv1"] == "materialize"  # 20 positions, 28 x 8 weights: T^2 (da + dd) > da * dd
     assert kinds["fc"] == "ghost"
     assert kinds["bn1"] == "materialize"
+
+
+def test_tensor_datasets_are_batched_by_slicing():
+    from tracin.data import make_loader
+
+    data = TensorDataset(torch.arange(10).float().unsqueeze(1), torch.arange(10))
+    batches = list(make_loader(data, 4, "training"))
+    assert [b[1].tolist() for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    sub = torch.utils.data.Subset(data, [1, 3, 5])
+    assert [b[1].tolist() for b in make_loader(sub, 2, "training")] == [[1, 3], [5]]

@@ -3,11 +3,29 @@ from __future__ import annotations
 
 from typing import Union
 
-from torch.utils.data import DataLoader, Dataset, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler, Subset, TensorDataset
 
 from ..errors import DataError
 
 DataSource = Union[Dataset, DataLoader]
+
+
+class _SliceSampler(Sampler):
+    """Yields slice(start, stop) per batch, in order: tensor datasets then return whole batches as
+    views, with no per-example indexing or collation."""
+
+    def __init__(self, n: int, batch_size: int):
+        self.n, self.batch_size = n, batch_size
+
+    def __iter__(self):
+        return (slice(i, min(i + self.batch_size, self.n)) for i in range(0, self.n, self.batch_size))
+
+    def __len__(self) -> int:
+        return -(-self.n // self.batch_size)
+
+
+def _sliceable(data: Dataset) -> bool:
+    return isinstance(data, TensorDataset) or (isinstance(data, Subset) and isinstance(data.dataset, TensorDataset))
 
 
 def make_loader(data: DataSource, batch_size: int, what: str, num_workers: int = 0) -> DataLoader:
@@ -22,6 +40,8 @@ def make_loader(data: DataSource, batch_size: int, what: str, num_workers: int =
             if not isinstance(sampler, SequentialSampler):
                 raise DataError(f"The {what} DataLoader shuffles or samples; pass one with shuffle=False so indices mean positions.")
         loader = data
+    elif _sliceable(data):
+        loader = DataLoader(data, batch_size=None, sampler=_SliceSampler(len(data), batch_size))
     else:
         loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                             persistent_workers=num_workers > 0)

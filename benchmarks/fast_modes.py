@@ -1,0 +1,162 @@
+"""Fast modes against Captum and against tracin's own exact answer (used by vs_captum.py).
+
+  lastlayer:     tracin layers="last" (exact, bias included) vs Captum TracInCPFast and
+                 TracInCPFastRandProj on the MLP workload; speed and agreement with the exact scores.
+  projection:    tracin projection to 1024 dims (three kinds) vs tracin exact, all layers, MLP workload.
+  selfinfluence: self-influence of 50,000 training examples (tracin exact all layers and last layer,
+                 Captum TracInCPFast last layer; Captum TracInCP all layers with --with_slow_peer).
+  scaling:       tracin exact time against n_train and n_test; writes docs/scaling.png.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from tracin import Checkpoint, TracIn
+from tracin.audit import compare
+
+
+def _timed(fn: Callable, device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - start
+
+
+def _setup(n_train: int, n_test: int, device, make_data, mlp, train_with_checkpoints, folder: Path):
+    torch.manual_seed(0)
+    model = mlp()
+    x, y = make_data(n_train + n_test, seed=0)
+    paths = train_with_checkpoints(model, x[:n_train], y[:n_train], folder, 3, device)
+    model.eval()
+    # warm-up (thread pools, allocator) so the first timed method is not charged for it
+    TracIn(model, Checkpoint.discover(folder), device=device, progress=False).influence_matrix(
+        TensorDataset(x[:64], y[:64]), TensorDataset(x[:2], y[:2]))
+    return model, TensorDataset(x[:n_train], y[:n_train]), (x[n_train:], y[n_train:]), paths
+
+
+def _loader(device):
+    def load(m: nn.Module, path: str) -> float:
+        ck = torch.load(path, map_location=device, weights_only=True)
+        m.load_state_dict(ck["model_state_dict"])
+        return float(ck["learning_rate"])
+    return load
+
+
+def lastlayer(device, helpers, batch_size: int = 256) -> List[Dict]:
+    from captum.influence import TracInCPFast, TracInCPFastRandProj
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        model, train, (tx, ty), paths = _setup(4096, 32, device, *helpers, Path(tmp))
+        test = TensorDataset(tx, ty)
+        exact, t_ours = _timed(lambda: TracIn(model, Checkpoint.discover(tmp), layers="last", device=device,
+                                              batch_size=batch_size, progress=False).influence_matrix(train, test), device)
+        rows.append({"method": "tracin last layer (exact, bias incl.)", "seconds": t_ours, "max_rel_diff": 0.0,
+                     **compare(exact, exact)})
+        model.to(device)
+        fc = model[3]
+        peers = {
+            "captum TracInCPFast": lambda: TracInCPFast(model, fc, train, [str(p) for p in paths], _loader(device),
+                                                        loss_fn=nn.CrossEntropyLoss(reduction="sum"), batch_size=batch_size),
+            "captum TracInCPFastRandProj (no projection)": lambda: TracInCPFastRandProj(
+                model, fc, train, [str(p) for p in paths], _loader(device), loss_fn=nn.CrossEntropyLoss(reduction="sum"),
+                batch_size=batch_size),
+            "captum TracInCPFastRandProj (dim 1024)": lambda: TracInCPFastRandProj(
+                model, fc, train, [str(p) for p in paths], _loader(device), loss_fn=nn.CrossEntropyLoss(reduction="sum"),
+                batch_size=batch_size, projection_dim=1024, seed=0),
+        }
+        for name, make in peers.items():
+            def run():
+                return make().influence((tx.to(device), ty.to(device)), k=None).detach().cpu()
+            theirs, t = _timed(run, device)
+            diff = float((theirs.double() - exact.double()).abs().max() / exact.double().abs().max())
+            rows.append({"method": name, "seconds": t, "speedup_of_tracin": t / t_ours, "max_rel_diff": diff, **compare(exact, theirs)})
+    return rows
+
+
+def projection(device, helpers, batch_size: int = 256) -> List[Dict]:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        model, train, (tx, ty), _ = _setup(4096, 1024, device, *helpers, Path(tmp))
+        ckpts = Checkpoint.discover(tmp)
+        for n_test in (32, 1024):
+            test = TensorDataset(tx[:n_test], ty[:n_test])
+            exact, t_exact = _timed(lambda: TracIn(model, ckpts, device=device, batch_size=batch_size,
+                                                   progress=False).influence_matrix(train, test), device)
+            rows.append({"method": f"exact, {n_test} test", "seconds": t_exact, **compare(exact, exact)})
+            for kind in ("gaussian", "rademacher", "sparse"):
+                approx, t = _timed(lambda: TracIn(model, ckpts, device=device, batch_size=batch_size, progress=False,
+                                                  projection_dim=1024, projection=kind, seed=0).influence_matrix(train, test), device)
+                rows.append({"method": f"projection 1024 {kind}, {n_test} test", "seconds": t, "speedup": t_exact / t,
+                             **compare(exact, approx)})
+    return rows
+
+
+def selfinfluence(device, helpers, batch_size: int = 256, with_slow_peer: bool = False) -> List[Dict]:
+    from captum.influence import TracInCP, TracInCPFast
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        model, train, _, paths = _setup(50_000, 1, device, *helpers, Path(tmp))
+        ckpts = Checkpoint.discover(tmp)
+        exact_all, t_all = _timed(lambda: TracIn(model, ckpts, device=device, batch_size=batch_size, progress=False).self_influence(train), device)
+        rows.append({"method": "tracin all layers (exact)", "seconds": t_all})
+        exact_last, t_last = _timed(lambda: TracIn(model, ckpts, layers="last", device=device, batch_size=batch_size,
+                                                   progress=False).self_influence(train), device)
+        rows.append({"method": "tracin last layer (exact)", "seconds": t_last})
+        model.to(device)
+        fast = lambda: TracInCPFast(model, model[3], train, [str(p) for p in paths], _loader(device),  # noqa: E731
+                                    loss_fn=nn.CrossEntropyLoss(reduction="sum"), batch_size=batch_size).self_influence().cpu()
+        theirs, t = _timed(fast, device)
+        rows.append({"method": "captum TracInCPFast last layer", "seconds": t, "speedup_of_tracin_last": t / t_last,
+                     "max_rel_diff_vs_exact_last": float((theirs.double() - exact_last.double()).abs().max() / exact_last.abs().max())})
+        if with_slow_peer:
+            slow = lambda: TracInCP(model, train, [str(p) for p in paths], _loader(device),  # noqa: E731
+                                    loss_fn=nn.CrossEntropyLoss(reduction="sum"), batch_size=batch_size,
+                                    sample_wise_grads_per_batch=True).self_influence().cpu()
+            theirs, t = _timed(slow, device)
+            rows.append({"method": "captum TracInCP all layers", "seconds": t, "speedup_of_tracin_all": t / t_all,
+                         "max_rel_diff_vs_exact_all": float((theirs.double() - exact_all.double()).abs().max() / exact_all.abs().max())})
+    return rows
+
+
+def scaling(device, helpers, out_png: Path, batch_size: int = 256) -> List[Dict]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        model, train, (tx, ty), _ = _setup(32_768, 1024, device, *helpers, Path(tmp))
+        ckpts = Checkpoint.discover(tmp)
+        tr = TracIn(model, ckpts, device=device, batch_size=batch_size, progress=False)
+        for n in (1024, 4096, 16_384, 32_768):
+            sub = TensorDataset(*train[:n])
+            _, t = _timed(lambda: tr.influence(sub, TensorDataset(tx[:32], ty[:32]), top_k=10), device)
+            rows.append({"axis": "n_train", "n_train": n, "n_test": 32, "seconds": t})
+        sub = TensorDataset(*train[:4096])
+        for m in (8, 32, 128, 512, 1024):
+            _, t = _timed(lambda: tr.influence(sub, TensorDataset(tx[:m], ty[:m]), top_k=10), device)
+            rows.append({"axis": "n_test", "n_train": 4096, "n_test": m, "seconds": t})
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, axis, label in ((axes[0], "n_train", "training examples (32 test)"), (axes[1], "n_test", "test examples (4096 train)")):
+        pts = [r for r in rows if r["axis"] == axis]
+        ax.loglog([r[axis] for r in pts], [r["seconds"] for r in pts], "o-")
+        ax.set(xlabel=label, ylabel="seconds (top-10, 3 checkpoints)", title=f"tracin exact, MLP 784-512-10: time vs {axis}")
+        ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return rows
