@@ -106,3 +106,22 @@ def test_model_untouched_after_a_failed_run():
         tr.self_influence(TensorDataset(torch.randn(4, 12), torch.randint(0, 5, (4,))))
     assert model.training and not model.fc1.weight.requires_grad and model.fc2.weight.requires_grad
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+class Meta:  # a custom class inside a checkpoint: loadable only with trust
+    def __init__(self):
+        self.note = "custom"
+
+
+def test_trusted_pickled_checkpoints_load(tmp_path):
+    model = MLP()
+    torch.save({"model_state_dict": model.state_dict(), "learning_rate": 0.1, "meta": Meta()}, tmp_path / "custom.pt")
+    with pytest.raises(CheckpointError, match="--trust_checkpoint"):
+        Checkpoint(tmp_path / "custom.pt")
+    with pytest.warns(UserWarning, match="runs any code"):
+        ck = Checkpoint(tmp_path / "custom.pt", trust=True)
+    assert ck.learning_rate == 0.1 and torch.equal(ck.state_dict()["fc1.weight"], model.fc1.weight)
+    torch.save(model, tmp_path / "whole.pt")  # a whole pickled model
+    with pytest.warns(UserWarning):
+        whole = Checkpoint(tmp_path / "whole.pt", learning_rate=0.2, trust=True)
+    assert set(whole.state_dict()) == set(model.state_dict())

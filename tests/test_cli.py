@@ -99,8 +99,12 @@ def test_subsets_map_indices_to_the_full_training_set(trained):
     root, data, ckpt = trained
     out = root / "subset"
     assert main(["influence", "--data_dir", str(data), "--checkpoint_dir", str(ckpt), "--output_dir", str(out),
-                 "--top_k", "3", "--train_subset", "10", "--test_subset", "4", "--quiet"]) == 0
+                 "--top_k", "3", "--train_subset", "10", "--test_subset", "4", "--full_matrix", "--quiet"]) == 0
     used = np.load(out / "train_indices.npy")
+    matrix = np.load(out / "influence_matrix.npy")
+    assert matrix.shape == (4, 10)  # columns follow train_indices.npy
+    pro = np.load(out / "top_k_influences_values.npy")
+    assert np.allclose(np.sort(matrix, axis=1)[:, ::-1][:, :3], pro, rtol=1e-4, atol=1e-6)
     assert len(used) == 10 and np.all(np.isin(np.load(out / "top_k_influences_indices.npy"), used))
     assert np.load(out / "top_k_influences_values.npy").shape == (4, 3)
 

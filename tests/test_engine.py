@@ -121,3 +121,23 @@ def test_tensor_datasets_are_batched_by_slicing():
     assert [b[1].tolist() for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
     sub = torch.utils.data.Subset(data, [1, 3, 5])
     assert [b[1].tolist() for b in make_loader(sub, 2, "training")] == [[1, 3], [5]]
+
+
+def test_full_matrix_written_to_disk_in_tiles(tmp_path):
+    import numpy as np
+
+    model, train, test = _sets("mlp", n_train=41, n_test=9)
+    ckpts, _ = perturbed_checkpoints(model, [0.1, 0.05])
+    tr = TracIn(model, ckpts, device="cpu", batch_size=4, memory_budget=3_000, progress=False)
+    res = tr.influence(train, test, top_k=3, matrix_path=tmp_path / "m.npy")
+    assert tr.last_stats["tiles"] > 1
+    on_disk = np.load(tmp_path / "m.npy", mmap_mode="r")
+    M = tr.influence_matrix(train, test)
+    assert np.allclose(on_disk, M.numpy(), rtol=1e-5, atol=1e-6)
+    assert torch.equal(res.proponents.indices, M.argsort(1, descending=True)[:, :3])
+    assert not list(tmp_path.glob(".*tmp"))
+    sampled = TracIn(model, ckpts, device="cpu", progress=False, sample_rate=0.5, seed=1)
+    sampled.influence(train, test, top_k=2, matrix_path=tmp_path / "s.npy")
+    s = np.load(tmp_path / "s.npy")
+    cols = sampled.last_stats["sampled_indices"]
+    assert np.isnan(s).sum() == 9 * (41 - len(cols)) and np.allclose(s[:, cols], M.numpy()[:, cols], rtol=1e-5, atol=1e-6)

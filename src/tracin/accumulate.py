@@ -1,8 +1,11 @@
 """Accumulators fed by the scheduler with checkpoint-summed score tiles."""
 from __future__ import annotations
 
-from typing import Tuple
+import os
+from pathlib import Path
+from typing import Optional, Tuple
 
+import numpy as np
 import torch
 
 
@@ -46,3 +49,32 @@ class MatrixAccumulator:
 
     def update(self, rows: slice, scores: torch.Tensor, first_train_index: int) -> None:
         self.matrix[rows, first_train_index:first_train_index + scores.shape[1]] = scores.cpu()
+
+
+class DiskMatrix:
+    """The full score matrix [n_test, n_train] as a float32 ``.npy`` memory map, written tile by tile
+    to a temporary name and renamed into place by :meth:`finish`. With ``sampled`` (full-set indices of
+    the scored training examples, in scoring order) the other columns are NaN."""
+
+    def __init__(self, path: Path, n_test: int, n_train: int, sampled: Optional[np.ndarray] = None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp")
+        self.array = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=np.float32, shape=(n_test, n_train))
+        self.sampled = sampled
+        if sampled is not None:
+            self.array[:] = np.nan
+
+    def update(self, rows: slice, scores: torch.Tensor, first_train_index: int) -> None:
+        block = scores.detach().float().cpu().numpy()
+        n = block.shape[1]
+        if self.sampled is None:
+            self.array[rows, first_train_index:first_train_index + n] = block
+        else:
+            self.array[rows, self.sampled[first_train_index:first_train_index + n]] = block
+
+    def finish(self) -> Path:
+        self.array.flush()
+        del self.array
+        os.replace(self.tmp, self.path)
+        return self.path

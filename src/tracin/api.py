@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from .accumulate import MatrixAccumulator, TopKAccumulator
+from .accumulate import DiskMatrix, MatrixAccumulator, TopKAccumulator
 from .checkpoints import Checkpoint
 from .data import DataSource, dataset_size, make_loader
 from .device import default_memory_budget, resolve_device
@@ -148,12 +148,16 @@ class TracIn:
         test_dataset: DataSource,
         top_k: int = 100,
         self_influence: bool = False,
+        matrix_path: Union[str, Path, None] = None,
     ) -> InfluenceResult:
         """Exact top-k proponents and opponents of every test example.
 
         Returns an :class:`InfluenceResult` whose ``proponents`` / ``opponents`` hold
         [n_test, k] values and train indices (proponents largest first, opponents most negative
         first). With ``self_influence=True`` the same pass also fills ``result.self_influence`` [n_train].
+        With ``matrix_path``, the same pass also writes the full [n_test, n_train] float32 matrix to
+        that ``.npy`` file tile by tile (memory-mapped, never whole in memory; NaN for training
+        examples left out by sampling); the file appears under its name only once complete.
         """
         train, sampled, n_full = self._train_loader(train_dataset)
         test = make_loader(test_dataset, self.batch_size, "test", self.num_workers)
@@ -164,11 +168,14 @@ class TracIn:
             what = "the sampled training set" if sampled is not None else "the training set"
             raise TracInError(f"top_k={top_k} is larger than {what} ({n_train} examples); use top_k <= {n_train}.")
         parts: Dict[int, TopKAccumulator] = {}
+        disk = DiskMatrix(Path(matrix_path), n_test, n_full, sampled) if matrix_path is not None else None
 
         def sink(rows: slice, scores: torch.Tensor, first: int) -> None:
             if rows.start not in parts:
                 parts[rows.start] = TopKAccumulator(scores.shape[0], top_k, scores.device, scores.dtype)
             parts[rows.start].update(scores, first)
+            if disk is not None:
+                disk.update(rows, scores, first)
 
         cached = self._cached_test[1] if self._cached_test is not None and self._cached_test[0] is test_dataset else None
         with self._scheduler() as run:
@@ -177,6 +184,8 @@ class TracIn:
                     h.mode = self._cached_test[2][h.name]  # type: ignore[index]
             selfs = run.influence(train, test, sink, with_self=self_influence, cached=cached)
         self.last_stats = dict(run.stats)
+        if disk is not None:
+            disk.finish()
         pieces = [parts[start].result() for start in sorted(parts)]
         pv, pi, nv, ni = (torch.cat([p[i] for p in pieces]).cpu() for i in range(4))
         assert pv.shape[0] == n_test

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Union
@@ -37,8 +38,8 @@ def natural_key(text: str) -> list:
     return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", text)]
 
 
-def _read_file(path: Path) -> Dict[str, Any]:
-    """Load a checkpoint file into a dict safely (no pickled code)."""
+def _read_file(path: Path, trust: bool = False) -> Dict[str, Any]:
+    """Load a checkpoint file into a dict: weights only, unless ``trust`` allows pickled code."""
     if not path.is_file():
         raise CheckpointError(f"Checkpoint file {path} does not exist; check the path.")
     if path.suffix == ".safetensors":
@@ -65,14 +66,35 @@ def _read_file(path: Path) -> Dict[str, Any]:
     except Exception as exc:
         text = str(exc)
         if "weights_only" in text or "Unsupported global" in text or "GLOBAL" in text:
+            if trust:
+                return _read_pickled(path)
             raise CheckpointError(
                 f"Checkpoint file {path} needs pickled Python code to load, which could run arbitrary code; "
-                "tracin only loads weights (torch.load weights_only=True): re-save it as a state dict or .safetensors."
+                "tracin only loads weights (torch.load weights_only=True): re-save it as a state dict or .safetensors, "
+                "or pass --trust_checkpoint (trust=True) if you trust its source."
             ) from exc
         raise CheckpointError(f"Checkpoint file {path} is corrupt or not a PyTorch checkpoint ({text.splitlines()[0] if text else type(exc).__name__}); re-save it.") from exc
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"Checkpoint file {path} holds a {type(obj).__name__}, not a dict of weights; save model.state_dict() instead.")
     return dict(obj)
+
+
+def _read_pickled(path: Path) -> Dict[str, Any]:
+    """Full pickle load, only for files the user said to trust (it executes code inside the file)."""
+    warnings.warn(f"Loading {path} with full pickle (--trust_checkpoint): this runs any code the file contains.", stacklevel=3)
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise CheckpointError(f"Checkpoint file {path} could not be unpickled ({exc}); re-save it as a state dict.") from exc
+    if isinstance(obj, torch.nn.Module):
+        return {"model_state_dict": obj.state_dict()}
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"Checkpoint file {path} holds a {type(obj).__name__}, not a model or a dict of weights.")
+    out = dict(obj)
+    for key in ("model", "net"):
+        if isinstance(out.get(key), torch.nn.Module):
+            out["model_state_dict"] = out.pop(key).state_dict()
+    return out
 
 
 def _split_payload(payload: Mapping[str, Any], origin: str) -> "tuple[Dict[str, torch.Tensor], Dict[str, Any]]":
@@ -104,6 +126,8 @@ class Checkpoint:
         learning_rate: the step size used around this checkpoint; read from the file when omitted.
         epoch, step: optional bookkeeping, read from the file when omitted.
         name: a label used in messages and manifests (the file name by default).
+        trust: allow a file that needs pickled code (a whole pickled model, custom classes) to load.
+            Unpickling runs code from the file: only for files from a source you trust.
     """
 
     source: Union[Mapping[str, torch.Tensor], PathLike]
@@ -112,6 +136,7 @@ class Checkpoint:
     step: Optional[int] = None
     name: Optional[str] = None
     metadata: Dict[str, Any] = field(default_factory=dict, repr=False)
+    trust: bool = field(default=False, repr=False)
     _weights: Optional[Dict[str, torch.Tensor]] = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -123,7 +148,7 @@ class Checkpoint:
             path = Path(self.source)
             self.source = path
             self.name = self.name or path.name
-            payload = _read_file(path)
+            payload = _read_file(path, self.trust)
             weights, meta = _split_payload(payload, str(path))
             self._weights = weights  # kept: loaded once per run, reused for every tile
         self.metadata = {**meta, **self.metadata}
@@ -155,6 +180,7 @@ class Checkpoint:
         directory: PathLike,
         pattern: str = "*",
         learning_rate: Optional[float] = None,
+        trust: bool = False,
     ) -> List["Checkpoint"]:
         """All checkpoint files in ``directory`` matching ``pattern``, in natural order.
 
@@ -172,7 +198,7 @@ class Checkpoint:
             raise CheckpointError(
                 f"No checkpoint files ({', '.join(CHECKPOINT_SUFFIXES)}) matching {pattern!r} in {folder}; train first or fix the path."
             )
-        return [cls(p, learning_rate=learning_rate) for p in files]
+        return [cls(p, learning_rate=learning_rate, trust=trust) for p in files]
 
 
 def save_checkpoint(path: PathLike, state_dict: Mapping[str, torch.Tensor], learning_rate: float, **metadata: Any) -> Path:

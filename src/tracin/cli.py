@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(i, "--projection_type", choices=["gaussian", "rademacher", "sparse"], default="gaussian")
     _add(i, "--sample_rate", type=float, help="score a seeded random fraction of the training set (approximate)")
     _add(i, "--stratify_by", choices=["label"], help="sample each class at --sample_rate")
+    _add(i, "--full_matrix", action="store_true", help="also write influence_matrix.npy [n_test, n_train] (disk-backed, in tiles)")
+    _add(i, "--trust_checkpoint", action="store_true", help="allow checkpoints that need pickled code (runs code from the file)")
 
     au = sub.add_parser("audit", help="speed and agreement of fast configurations against the exact scores")
     _add(au, "--data_dir", type=Path, required=True)
@@ -82,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(au, "--device", default="auto")
     _add(au, "--seed", type=int, default=0)
     _add(au, "--output", type=Path, help="also write the table as JSON here")
+    _add(au, "--trust_checkpoint", action="store_true", help="allow checkpoints that need pickled code")
     _add(i, "--quiet", action="store_true")
 
     r = sub.add_parser("report", help="dashboard, class summaries, image folders, mispredictions, HTML report")
@@ -116,7 +119,7 @@ def _influence(a) -> None:
     m = run_influence(InfluenceJob(a.data_dir, a.checkpoint_dir, a.output_dir, a.top_k, a.batch_size, a.train_subset,
                                    a.test_subset, a.layers, a.self_influence, a.device, a.seed, budget, not a.quiet,
                                    a.num_workers, a.projection_dim if a.use_projection else None, a.projection_type,
-                                   a.sample_rate, a.stratify_by))
+                                   a.sample_rate, a.stratify_by, a.trust_checkpoint, a.full_matrix))
     skipped = len(m["data"]["skipped_files"])
     print(f"Scored {m['data']['n_train']} training x {m['data']['n_test']} test images over {len(m['checkpoints'])} checkpoints, "
           f"{len(m['scope'])} layers ({m['num_parameters']:,} parameters) in {m['timings']['influence_s']:.1f}s on {m['device']}."
@@ -129,7 +132,7 @@ def _audit(a) -> None:
     from .image_influence import image_setup
     from .outputs import write_json
 
-    s = image_setup(a.data_dir, a.checkpoint_dir)
+    s = image_setup(a.data_dir, a.checkpoint_dir, a.trust_checkpoint)
     configs = {f"projection {d} {a.projection_type}": {"projection_dim": d, "projection": a.projection_type} for d in a.projection_dims}
     configs.update({f"sample {r:g}": {"sample_rate": r} for r in a.sample_rates})
     rows = audit(s.model, s.checkpoints, s.train, s.test, configs, n_test=a.n_test, top=a.top, seed=a.seed,

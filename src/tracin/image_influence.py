@@ -44,6 +44,8 @@ class InfluenceJob:
     projection_type: str = "gaussian"
     sample_rate: Optional[float] = None
     stratify_by: Optional[str] = None
+    trust_checkpoint: bool = False
+    full_matrix: bool = False
 
 
 def _subset(n: int, size: Optional[int], seed: int, what: str) -> np.ndarray:
@@ -83,9 +85,9 @@ class ImageSetup:
     model: torch.nn.Module
 
 
-def image_setup(data_dir: Path, checkpoint_dir: Path) -> ImageSetup:
+def image_setup(data_dir: Path, checkpoint_dir: Path, trust: bool = False) -> ImageSetup:
     """Discover the checkpoints, check they come from one run, scan the folders with its classes."""
-    checkpoints = Checkpoint.discover(checkpoint_dir, pattern=CHECKPOINT_PATTERN + ".*")
+    checkpoints = Checkpoint.discover(checkpoint_dir, pattern=CHECKPOINT_PATTERN + ".*", trust=trust)
     arch, class_names, image_size = checkpoint_metadata(checkpoints[-1].metadata, checkpoints[-1].name or "")
     for ck in checkpoints:
         other = checkpoint_metadata(ck.metadata, ck.name or "")
@@ -106,7 +108,7 @@ def run_influence(job: InfluenceJob) -> Dict[str, Any]:
     """Score top-k proponents/opponents (and optionally self-influence); write the result files
     and, last, ``manifest.json``. Returns the manifest."""
     t_start = time.perf_counter()
-    setup = image_setup(job.data_dir, job.checkpoint_dir)
+    setup = image_setup(job.data_dir, job.checkpoint_dir, job.trust_checkpoint)
     checkpoints, arch, class_names, image_size = setup.checkpoints, setup.arch, setup.class_names, setup.image_size
     train_split, test_split, train_full, test_full = setup.train_split, setup.test_split, setup.train, setup.test
     data_dir = Path(job.data_dir)
@@ -128,12 +130,13 @@ def run_influence(job: InfluenceJob) -> Dict[str, Any]:
               + (f", projected to ~{job.projection_dim} dims per layer ({job.projection_type})" if job.projection_dim else "")
               + (f", {job.sample_rate:.0%} of the training set" if job.sample_rate else "") + ".", file=sys.stderr)
     begin_results(job.output_dir)
-    result = tr.influence(train_set, test_set, top_k=job.top_k, self_influence=job.self_influence)
+    result = tr.influence(train_set, test_set, top_k=job.top_k, self_influence=job.self_influence,
+                          matrix_path=Path(job.output_dir) / "influence_matrix.npy" if job.full_matrix else None)
     t_influence = time.perf_counter()
 
     # Predictions of the final model (best_model.pt when training wrote one, else the last checkpoint).
     best = Path(job.checkpoint_dir) / "best_model.pt"
-    final = Checkpoint(best) if best.is_file() else checkpoints[-1]
+    final = Checkpoint(best, trust=job.trust_checkpoint) if best.is_file() else checkpoints[-1]
     model.load_state_dict(final.state_dict())
     train_pred, train_conf = _predict(model, train_set, tr.device, job.batch_size, job.num_workers)
     test_pred, test_conf = _predict(model, test_set, tr.device, job.batch_size, job.num_workers)
@@ -150,7 +153,7 @@ def run_influence(job: InfluenceJob) -> Dict[str, Any]:
         write_npy(out / "top_k_opponents_indices.npy", opp_i),
         write_npy(out / "test_indices.npy", test_idx),
         write_npy(out / "train_indices.npy", train_idx),
-    ]
+    ] + ([out / "influence_matrix.npy"] if job.full_matrix else [])
     train_paths, test_paths = train_split.paths, test_split.paths
     train_labels, test_labels = train_split.labels, test_split.labels
     pred_of_train = dict(zip(train_idx.tolist(), train_pred.tolist()))
