@@ -8,7 +8,6 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Subset
 
 from .accumulate import DiskMatrix, MatrixAccumulator, TopKAccumulator
 from .checkpoints import Checkpoint
@@ -18,7 +17,8 @@ from .engine import Scheduler
 from .errors import TracInError
 from .results import InfluenceResult, TopK
 from .projection import Projector
-from .sampling import sample_indices
+from .distributed import all_gather, merge_topk, rank_and_world
+from .sampling import TrainPlan, plan_training
 from .scope import LayerSpec, resolve_layers
 from .stored import StoreWriter, describe, open_store
 from .tasks import Task, as_task
@@ -90,6 +90,9 @@ class TracIn:
         self.model = model
         self.checkpoints: List[Checkpoint] = checkpoints
         self.task = as_task(task)
+        rank, world = rank_and_world()
+        if world > 1 and device == "auto" and torch.cuda.is_available():
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank % torch.cuda.device_count()))}"
         self.device = resolve_device(device)
         self.batch_size = batch_size
         self.memory_budget = default_memory_budget(self.device, memory_budget)
@@ -126,21 +129,9 @@ class TracIn:
         return Scheduler(self.model, self.checkpoints, self.handlers, self.task, self.device,
                          self.memory_budget, progress=self.progress, kernel=self.kernel, projector=self.projector)
 
-    def _train_loader(self, train_dataset: DataSource) -> Tuple[DataLoader, Optional[np.ndarray], int]:
-        """The training loader (of the sample when sampling), the sampled full-set indices, the full size."""
-        loader = make_loader(train_dataset, self.batch_size, "training", self.num_workers)
-        n = dataset_size(loader)
-        if self.sample_rate is None:
-            return loader, None, n
-        strata = None
-        if self.stratify_by is not None:
-            key = self.task.labels if self.stratify_by == "label" else self.stratify_by
-            parts = [key(batch) for batch in loader]
-            if any(p is None for p in parts):
-                raise TracInError("stratify_by='label' needs a task with labels; pass a callable batch -> keys instead.")
-            strata = torch.cat([torch.as_tensor(p).reshape(-1) for p in parts])
-        chosen = sample_indices(n, self.sample_rate, self.seed, strata)
-        return make_loader(Subset(loader.dataset, chosen.tolist()), self.batch_size, "training", self.num_workers), chosen, n
+    def _plan(self, train_dataset: DataSource) -> TrainPlan:
+        return plan_training(train_dataset, self.batch_size, self.num_workers, self.task.labels, self.sample_rate,
+                             self.stratify_by, self.seed)
 
     def influence(
         self,
@@ -159,21 +150,23 @@ class TracIn:
         that ``.npy`` file tile by tile (memory-mapped, never whole in memory; NaN for training
         examples left out by sampling); the file appears under its name only once complete.
         """
-        train, sampled, n_full = self._train_loader(train_dataset)
+        plan = self._plan(train_dataset)
         test = make_loader(test_dataset, self.batch_size, "test", self.num_workers)
-        n_train, n_test = dataset_size(train), dataset_size(test)
+        n_test = dataset_size(test)
         if not isinstance(top_k, int) or top_k < 1:
             raise TracInError(f"top_k must be a positive integer, got {top_k!r}.")
-        if top_k > n_train:
-            what = "the sampled training set" if sampled is not None else "the training set"
-            raise TracInError(f"top_k={top_k} is larger than {what} ({n_train} examples); use top_k <= {n_train}.")
+        if top_k > plan.n_scored:
+            what = "the sampled training set" if plan.sampled is not None else "the training set"
+            raise TracInError(f"top_k={top_k} is larger than {what} ({plan.n_scored} examples); use top_k <= {plan.n_scored}.")
+        if matrix_path is not None and rank_and_world()[1] > 1:
+            raise TracInError("matrix_path (--full_matrix) is not supported under torch.distributed yet; run it in one process.")
         parts: Dict[int, TopKAccumulator] = {}
-        disk = DiskMatrix(Path(matrix_path), n_test, n_full, sampled) if matrix_path is not None else None
+        disk = DiskMatrix(Path(matrix_path), n_test, plan.n_full, plan.sampled) if matrix_path is not None else None
 
         def sink(rows: slice, scores: torch.Tensor, first: int) -> None:
             if rows.start not in parts:
                 parts[rows.start] = TopKAccumulator(scores.shape[0], top_k, scores.device, scores.dtype)
-            parts[rows.start].update(scores, first)
+            parts[rows.start].update(scores, plan.offset + first)
             if disk is not None:
                 disk.update(rows, scores, first)
 
@@ -182,32 +175,23 @@ class TracIn:
             if cached is not None:
                 for h in self.handlers:
                     h.mode = self._cached_test[2][h.name]  # type: ignore[index]
-            selfs = run.influence(train, test, sink, with_self=self_influence, cached=cached)
+            selfs = run.influence(plan.loader, test, sink, with_self=self_influence, cached=cached)
         self.last_stats = dict(run.stats)
         if disk is not None:
             disk.finish()
         pieces = [parts[start].result() for start in sorted(parts)]
-        pv, pi, nv, ni = (torch.cat([p[i] for p in pieces]).cpu() for i in range(4))
+        local = tuple(torch.cat([p[i] for p in pieces]).cpu() for i in range(4))
+        pv, pi, nv, ni = merge_topk(all_gather(local), top_k)
         assert pv.shape[0] == n_test
-        if sampled is not None:
-            full = torch.as_tensor(sampled)
-            pi, ni = full[pi], full[ni]
-            self.last_stats["sampled_indices"] = sampled
+        if plan.sampled is not None:
+            self.last_stats["sampled_indices"] = plan.sampled
+        self_scores = torch.cat(all_gather(selfs.cpu())) if selfs is not None else None
         return InfluenceResult(
-            proponents=TopK(pv, pi),
-            opponents=TopK(nv, ni),
-            self_influence=self._unsample(selfs.cpu(), sampled, n_full) if selfs is not None else None,
+            proponents=TopK(pv, plan.to_full(pi)),
+            opponents=TopK(nv, plan.to_full(ni)),
+            self_influence=plan.spread(self_scores) if self_scores is not None else None,
             stats=self.last_stats,
         )
-
-    @staticmethod
-    def _unsample(values: torch.Tensor, sampled: Optional[np.ndarray], n: int) -> torch.Tensor:
-        """Spread values over the sampled training examples ([..., n_sampled]) to full length n, NaN elsewhere."""
-        if sampled is None:
-            return values
-        out = torch.full(values.shape[:-1] + (n,), float("nan"), dtype=values.dtype)
-        out[..., torch.as_tensor(sampled)] = values
-        return out
 
     def cache_test(self, test_dataset: DataSource) -> None:
         """Compute the test set's factors for every checkpoint now and keep them, so later
@@ -267,27 +251,27 @@ class TracIn:
     def influence_matrix(self, train_dataset: DataSource, test_dataset: DataSource) -> torch.Tensor:
         """The full TracIn matrix [n_test, n_train] (on the CPU). Holds n_test * n_train numbers: use
         :meth:`influence` for top-k on large sets."""
-        train, sampled, n_full = self._train_loader(train_dataset)
+        plan = self._plan(train_dataset)
         test = make_loader(test_dataset, self.batch_size, "test", self.num_workers)
         acc: Optional[MatrixAccumulator] = None
 
         def sink(rows: slice, scores: torch.Tensor, first: int) -> None:
             nonlocal acc
             if acc is None:
-                acc = MatrixAccumulator(dataset_size(test), dataset_size(train), scores.dtype)
+                acc = MatrixAccumulator(dataset_size(test), plan.n_local, scores.dtype)
             acc.update(rows, scores, first)
 
         with self._scheduler() as run:
-            run.influence(train, test, sink)
+            run.influence(plan.loader, test, sink)
         self.last_stats = dict(run.stats)
         assert acc is not None
-        return self._unsample(acc.matrix, sampled, n_full)
+        return plan.spread(torch.cat(all_gather(acc.matrix), dim=1))
 
     def self_influence(self, train_dataset: DataSource) -> torch.Tensor:
         """TracIn(z, z) for every training example, [n_train] (on the CPU). High values flag
         surprising examples — mislabelled ones rank near the top."""
-        train, sampled, n_full = self._train_loader(train_dataset)
+        plan = self._plan(train_dataset)
         with self._scheduler() as run:
-            out = run.self_influence(train)
+            out = run.self_influence(plan.loader)
         self.last_stats = dict(run.stats)
-        return self._unsample(out.cpu(), sampled, n_full)
+        return plan.spread(torch.cat(all_gather(out.cpu())))

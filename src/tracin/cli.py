@@ -120,6 +120,8 @@ def _influence(a) -> None:
                                    a.test_subset, a.layers, a.self_influence, a.device, a.seed, budget, not a.quiet,
                                    a.num_workers, a.projection_dim if a.use_projection else None, a.projection_type,
                                    a.sample_rate, a.stratify_by, a.trust_checkpoint, a.full_matrix))
+    if m is None:  # a torchrun rank other than 0: rank 0 reports
+        return
     skipped = len(m["data"]["skipped_files"])
     print(f"Scored {m['data']['n_train']} training x {m['data']['n_test']} test images over {len(m['checkpoints'])} checkpoints, "
           f"{len(m['scope'])} layers ({m['num_parameters']:,} parameters) in {m['timings']['influence_s']:.1f}s on {m['device']}."

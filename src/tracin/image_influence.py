@@ -17,6 +17,7 @@ from . import __version__
 from .api import TracIn
 from .checkpoints import Checkpoint
 from .data.images import ImageDataset, image_transform, scan_split
+from .distributed import init_from_env, rank_and_world
 from .errors import CheckpointError, TracInError
 from .outputs import MANIFEST, begin_results, file_sha256, write_csv, write_json, write_npy
 from .scope import LayerSpec
@@ -104,10 +105,23 @@ def image_setup(data_dir: Path, checkpoint_dir: Path, trust: bool = False) -> Im
                       build_model(arch, len(class_names)))
 
 
-def run_influence(job: InfluenceJob) -> Dict[str, Any]:
+def run_influence(job: InfluenceJob) -> Optional[Dict[str, Any]]:
     """Score top-k proponents/opponents (and optionally self-influence); write the result files
-    and, last, ``manifest.json``. Returns the manifest."""
+    and, last, ``manifest.json``. Returns the manifest (None on ranks other than 0 under torchrun,
+    where every rank scores its shard of the training set and rank 0 writes)."""
+    started = init_from_env()
+    try:
+        return _run_influence(job)
+    finally:
+        if started:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _run_influence(job: InfluenceJob) -> Optional[Dict[str, Any]]:
     t_start = time.perf_counter()
+    rank, world = rank_and_world()
     setup = image_setup(job.data_dir, job.checkpoint_dir, job.trust_checkpoint)
     checkpoints, arch, class_names, image_size = setup.checkpoints, setup.arch, setup.class_names, setup.image_size
     train_split, test_split, train_full, test_full = setup.train_split, setup.test_split, setup.train, setup.test
@@ -121,18 +135,22 @@ def run_influence(job: InfluenceJob) -> Dict[str, Any]:
 
     model = setup.model
     tr = TracIn(model, checkpoints, layers=job.layers, device=job.device, batch_size=job.batch_size,
-                memory_budget=job.memory_budget, progress=job.progress, num_workers=job.num_workers,
+                memory_budget=job.memory_budget, progress=job.progress and rank == 0, num_workers=job.num_workers,
                 projection_dim=job.projection_dim, projection=job.projection_type, seed=job.seed,
                 sample_rate=job.sample_rate, stratify_by=job.stratify_by)
-    if job.progress:
+    if job.progress and rank == 0:
         names = ", ".join(h.name for h in tr.handlers[:6]) + (" ..." if len(tr.handlers) > 6 else "")
         print(f"Scoring {len(tr.handlers)} layers ({names}), {tr.num_parameters:,} parameters in scope"
               + (f", projected to ~{job.projection_dim} dims per layer ({job.projection_type})" if job.projection_dim else "")
-              + (f", {job.sample_rate:.0%} of the training set" if job.sample_rate else "") + ".", file=sys.stderr)
-    begin_results(job.output_dir)
+              + (f", {job.sample_rate:.0%} of the training set" if job.sample_rate else "")
+              + (f", {world} processes" if world > 1 else "") + ".", file=sys.stderr)
+    if rank == 0:
+        begin_results(job.output_dir)
     result = tr.influence(train_set, test_set, top_k=job.top_k, self_influence=job.self_influence,
                           matrix_path=Path(job.output_dir) / "influence_matrix.npy" if job.full_matrix else None)
     t_influence = time.perf_counter()
+    if rank != 0:
+        return None
 
     # Predictions of the final model (best_model.pt when training wrote one, else the last checkpoint).
     best = Path(job.checkpoint_dir) / "best_model.pt"
@@ -201,7 +219,7 @@ def run_influence(job: InfluenceJob) -> Dict[str, Any]:
         "checkpoints": [{"file": str(ck.source), "sha256": file_sha256(Path(ck.source)), "learning_rate": ck.learning_rate,
                          "epoch": ck.epoch} for ck in checkpoints],
         "prediction_model": {"file": str(final.source), "sha256": file_sha256(Path(final.source))},
-        "scope": tr.scope(), "num_parameters": tr.num_parameters, "device": str(tr.device),
+        "scope": tr.scope(), "num_parameters": tr.num_parameters, "device": str(tr.device), "world_size": world,
         "engine": {k: v for k, v in result.stats.items() if k != "layer_modes"},
         "timings": {"scan_s": t_scan - t_start, "influence_s": t_influence - t_scan, "predictions_s": t_pred - t_influence,
                     "total_s": time.perf_counter() - t_start},
