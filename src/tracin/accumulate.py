@@ -56,12 +56,15 @@ class DiskMatrix:
     to a temporary name and renamed into place by :meth:`finish`. With ``sampled`` (full-set indices of
     the scored training examples, in scoring order) the other columns are NaN."""
 
-    def __init__(self, path: Path, n_test: int, n_train: int, sampled: Optional[np.ndarray] = None):
+    def __init__(self, path: Path, n_test: int, n_train: int, sampled: Optional[np.ndarray] = None, reopen: bool = False):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.path.with_name(f".{self.path.name}.tmp")
-        self.array = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=np.float32, shape=(n_test, n_train))
         self.sampled = sampled
+        if reopen and self.tmp.is_file():  # a resumed run: keep the tiles already written
+            self.array = np.load(self.tmp, mmap_mode="r+")
+            return
+        self.array = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=np.float32, shape=(n_test, n_train))
         if sampled is not None:
             self.array[:] = np.nan
 

@@ -18,6 +18,7 @@ from .errors import TracInError
 from .results import InfluenceResult, TopK
 from .projection import Projector
 from .distributed import all_gather, merge_topk, rank_and_world
+from .resume import ResumeState
 from .sampling import TrainPlan, plan_training
 from .scope import LayerSpec, resolve_layers
 from .stored import StoreWriter, describe, open_store
@@ -140,6 +141,8 @@ class TracIn:
         top_k: int = 100,
         self_influence: bool = False,
         matrix_path: Union[str, Path, None] = None,
+        resume_dir: Union[str, Path, None] = None,
+        resume_key: Optional[Dict[str, object]] = None,
     ) -> InfluenceResult:
         """Exact top-k proponents and opponents of every test example.
 
@@ -149,6 +152,10 @@ class TracIn:
         With ``matrix_path``, the same pass also writes the full [n_test, n_train] float32 matrix to
         that ``.npy`` file tile by tile (memory-mapped, never whole in memory; NaN for training
         examples left out by sampling); the file appears under its name only once complete.
+        With ``resume_dir``, progress is committed there after every train tile; calling again with the
+        same arguments (and ``resume_key``, any JSON-able description of your inputs) after an
+        interruption continues where it stopped and gives the same result; different settings are
+        refused. The directory is removed when the run completes.
         """
         plan = self._plan(train_dataset)
         test = make_loader(test_dataset, self.batch_size, "test", self.num_workers)
@@ -160,12 +167,23 @@ class TracIn:
             raise TracInError(f"top_k={top_k} is larger than {what} ({plan.n_scored} examples); use top_k <= {plan.n_scored}.")
         if matrix_path is not None and rank_and_world()[1] > 1:
             raise TracInError("matrix_path (--full_matrix) is not supported under torch.distributed yet; run it in one process.")
+        state = None
+        if resume_dir is not None:
+            rank, world = rank_and_world()
+            config = {"user": resume_key, "top_k": top_k, "self_influence": self_influence, "matrix": matrix_path is not None,
+                      "layers": [h.name for h in self.handlers], "kernel": self.kernel, "batch_size": self.batch_size,
+                      "projection": self.projector.describe() if self.projector else None, "sample_rate": self.sample_rate,
+                      "seed": self.seed, "n_train": plan.n_scored, "n_test": n_test, "world": world,
+                      "checkpoints": [[c.name, c.learning_rate] for c in self.checkpoints]}
+            state = ResumeState(Path(resume_dir) / f"rank{rank}" if world > 1 else Path(resume_dir), config)
         parts: Dict[int, TopKAccumulator] = {}
-        disk = DiskMatrix(Path(matrix_path), n_test, plan.n_full, plan.sampled) if matrix_path is not None else None
+        disk = (DiskMatrix(Path(matrix_path), n_test, plan.n_full, plan.sampled, reopen=state is not None and state.resumed)
+                if matrix_path is not None else None)
 
         def sink(rows: slice, scores: torch.Tensor, first: int) -> None:
             if rows.start not in parts:
-                parts[rows.start] = TopKAccumulator(scores.shape[0], top_k, scores.device, scores.dtype)
+                parts[rows.start] = (state.accumulator(rows, scores.shape[0], top_k, scores.device, scores.dtype) if state is not None
+                                     else TopKAccumulator(scores.shape[0], top_k, scores.device, scores.dtype))
             parts[rows.start].update(scores, plan.offset + first)
             if disk is not None:
                 disk.update(rows, scores, first)
@@ -175,11 +193,19 @@ class TracIn:
             if cached is not None:
                 for h in self.handlers:
                     h.mode = self._cached_test[2][h.name]  # type: ignore[index]
-            selfs = run.influence(plan.loader, test, sink, with_self=self_influence, cached=cached)
+            if state is not None and state.plan:
+                run.plan.update(state.plan)
+            selfs = run.influence(plan.loader, test, sink, with_self=self_influence, cached=cached, hook=state,
+                                  initial_self=state.self_scores if state is not None else None)
         self.last_stats = dict(run.stats)
         if disk is not None:
             disk.finish()
-        pieces = [parts[start].result() for start in sorted(parts)]
+        results = {start: acc.result() for start, acc in parts.items()}
+        if state is not None:
+            results.update(state.done)
+            self.last_stats["resumed_from_tile"] = state.tiles - int(run.stats["tiles"])  # type: ignore[arg-type]
+            state.finish()
+        pieces = [results[start] for start in sorted(results)]
         local = tuple(torch.cat([p[i] for p in pieces]).cpu() for i in range(4))
         pv, pi, nv, ni = merge_topk(all_gather(local), top_k)
         assert pv.shape[0] == n_test

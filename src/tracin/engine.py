@@ -73,6 +73,7 @@ class Scheduler:
         self.kernel = kernel
         self.projector = projector
         self.stats: Dict[str, object] = {"checkpoint_loads": 0, "tiles": 0, "test_chunks": 0}
+        self.plan: Dict[str, int] = {}  # chunk_examples and tile_limit in use; preset to repeat a run's tiling
         self._max_elements = max(2**16, min(DEFAULT_MAX_ELEMENTS, memory_budget // 16))
 
     # -- model preparation -------------------------------------------------------------------
@@ -185,10 +186,12 @@ class Scheduler:
         """Split the test set into chunks whose factors for every checkpoint fit in half the budget:
         (rows, [(first index, batch), ...]) per chunk. Probes one batch at the first checkpoint."""
         test_batches = list(self._numbered(test))
-        self._load(0)
-        probe = self._factors(self.task.to_device(test_batches[0][1], self.device), "test", 0)
-        per_test = _factor_bytes(probe) / max(1, self.task.batch_size(test_batches[0][1]))
-        chunk_examples = max(1, int(self.budget * 0.5 // max(1.0, len(self.checkpoints) * per_test)))
+        if "chunk_examples" not in self.plan:
+            self._load(0)
+            probe = self._factors(self.task.to_device(test_batches[0][1], self.device), "test", 0)
+            per_test = _factor_bytes(probe) / max(1, self.task.batch_size(test_batches[0][1]))
+            self.plan["chunk_examples"] = max(1, int(self.budget * 0.5 // max(1.0, len(self.checkpoints) * per_test)))
+        chunk_examples = self.plan["chunk_examples"]
         chunks: List[List[Tuple[int, object]]] = [[]]
         for first, batch in test_batches:
             if chunks[-1] and first - chunks[-1][0][0] + self.task.batch_size(batch) > chunk_examples:
@@ -207,31 +210,45 @@ class Scheduler:
         sink: TileSink,
         with_self: bool = False,
         cached: Optional[List[Tuple[slice, list]]] = None,
+        hook=None,
+        initial_self: Optional[torch.Tensor] = None,
     ) -> Optional[torch.Tensor]:
         """Stream ``train`` against ``test`` (or against ``cached`` test factors from :meth:`cache_test`);
-        ``sink`` receives each tile's checkpoint-summed scores. Returns self-influence [n_train] when ``with_self``."""
+        ``sink`` receives each tile's checkpoint-summed scores. Returns self-influence [n_train] when ``with_self``.
+
+        ``hook`` (a :class:`tracin.resume.ResumeState`) is told after every tile and chunk, and says which
+        chunks and tiles a resumed run has already finished; ``initial_self`` is the partial self-influence
+        of a resumed run."""
         start = time.perf_counter()
         n_train = dataset_size(train)
         C = len(self.checkpoints)
         if cached is not None:
-            chunks = cached
-            n_chunks = len(cached)
+            items = [(rows, None, cache) for rows, cache in cached]
         else:
-            plan = self.plan_test(test)  # type: ignore[arg-type]
-            chunks = ((rows, self._test_cache(batches)) for rows, batches in plan)
-            n_chunks = len(plan)
-        self.stats["test_chunks"] = n_chunks
-        self_scores = torch.zeros(n_train, device=self.device, dtype=self.dtype) if with_self else None
-        bar = tqdm(total=n_train * C * n_chunks, desc="TracIn train stream", unit="ex", disable=not self.progress, leave=False)
+            items = [(rows, batches, None) for rows, batches in self.plan_test(test)]  # type: ignore[arg-type]
+        self.stats["test_chunks"] = len(items)
+        self_scores = None
+        if with_self:
+            self_scores = initial_self.to(self.device) if initial_self is not None else torch.zeros(n_train, device=self.device, dtype=self.dtype)
+        bar = tqdm(total=n_train * C * len(items), desc="TracIn train stream", unit="ex", disable=not self.progress, leave=False)
         n_test = 0
-        for chunk_index, (rows, cache) in enumerate(chunks):
+        for chunk_index, (rows, batches, cache) in enumerate(items):
             m = rows.stop - rows.start
             n_test += m
+            if hook is not None and hook.chunk_finished(rows):
+                bar.update(n_train * C)
+                continue
+            if cache is None:
+                cache = self._test_cache(batches)
             cache_bytes = sum(_factor_bytes(f) for blocks in cache for _, f in blocks)
             want_self = self_scores if chunk_index == 0 else None
-            for tile in self._tiles(train, m, cache_bytes):
+            done_until = hook.next_train(rows) if hook is not None else 0
+            for tile in self._tiles(train, m, cache_bytes, skip_until=done_until):
                 tile_first = tile[0][0]
                 n_tile = tile[-1][0] + self.task.batch_size(tile[-1][1]) - tile_first
+                if tile_first + n_tile <= done_until:  # committed by the interrupted run
+                    bar.update(n_tile * C)
+                    continue
                 scores = torch.zeros(m, n_tile, device=self.device, dtype=self.dtype)
                 for c, ckpt in enumerate(self.checkpoints):
                     self._load(c)
@@ -249,6 +266,10 @@ class Scheduler:
                         bar.update(b)
                 sink(rows, scores, tile_first)
                 self.stats["tiles"] = int(self.stats["tiles"]) + 1  # type: ignore[arg-type]
+                if hook is not None:
+                    hook.tile_done(rows, tile_first + n_tile, want_self, dict(self.plan))
+            if hook is not None:
+                hook.chunk_done(rows)
         bar.close()
         self.stats["seconds"] = time.perf_counter() - start
         self.stats["n_train"], self.stats["n_test"] = n_train, n_test
@@ -296,18 +317,20 @@ class Scheduler:
             yield first, batch
             first += self.task.batch_size(batch)
 
-    def _tiles(self, train: DataLoader, m: int, cache_bytes: int):
-        """Groups of consecutive train batches (moved to the device) sized from the budget."""
+    def _tiles(self, train: DataLoader, m: int, cache_bytes: int, skip_until: int = 0):
+        """Groups of consecutive train batches (moved to the device) sized from the budget, or from
+        ``self.plan["tile_limit"]`` when preset. Batches before ``skip_until`` are not moved."""
         free = max(0, self.budget - cache_bytes)
         tile: List[Tuple[int, object]] = []
         count = 0
-        limit: Optional[int] = None
+        limit: Optional[int] = self.plan.get("tile_limit")
         for first, batch in self._numbered(train):
-            batch = self.task.to_device(batch, self.device)
             b = self.task.batch_size(batch)
+            if first + b > skip_until:
+                batch = self.task.to_device(batch, self.device)
             if limit is None:
                 per_example = 3 * m * torch.finfo(self.dtype).bits // 8 + _nbytes(batch) / max(1, b)
-                limit = max(1, int(free // max(1.0, per_example)))
+                limit = self.plan["tile_limit"] = max(1, int(free // max(1.0, per_example)))
             if tile and count + b > limit:
                 yield tile
                 tile, count = [], 0

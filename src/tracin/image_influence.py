@@ -1,6 +1,7 @@
 """The ``tracin influence`` job for image classifiers trained by ``tracin train``."""
 from __future__ import annotations
 
+import hashlib
 import platform
 import sys
 import time
@@ -19,7 +20,15 @@ from .checkpoints import Checkpoint
 from .data.images import ImageDataset, image_transform, scan_split
 from .distributed import init_from_env, rank_and_world
 from .errors import CheckpointError, TracInError
-from .outputs import MANIFEST, begin_results, file_sha256, write_csv, write_json, write_npy
+from .outputs import (
+    MANIFEST,
+    begin_results,
+    file_sha256,
+    write_csv,
+    write_json,
+    write_npy,
+)
+from .resume import reset
 from .scope import LayerSpec
 from .train import CHECKPOINT_PATTERN
 from .vision import build_model, checkpoint_metadata, normalization
@@ -47,6 +56,7 @@ class InfluenceJob:
     stratify_by: Optional[str] = None
     trust_checkpoint: bool = False
     full_matrix: bool = False
+    overwrite: bool = False
 
 
 def _subset(n: int, size: Optional[int], seed: int, what: str) -> np.ndarray:
@@ -146,8 +156,17 @@ def _run_influence(job: InfluenceJob) -> Optional[Dict[str, Any]]:
               + (f", {world} processes" if world > 1 else "") + ".", file=sys.stderr)
     if rank == 0:
         begin_results(job.output_dir)
+    progress_dir = Path(job.output_dir) / ".progress"
+    if job.overwrite:
+        reset(progress_dir / f"rank{rank}" if world > 1 else progress_dir)
+    inputs = hashlib.sha256("\n".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in train_split.paths + test_split.paths).encode())
+    key = {"parameters": {k: str(v) for k, v in vars(job).items() if k not in ("progress", "num_workers", "overwrite", "device")},
+           "checkpoints": [file_sha256(Path(c.source)) for c in checkpoints], "images": inputs.hexdigest()}
     result = tr.influence(train_set, test_set, top_k=job.top_k, self_influence=job.self_influence,
-                          matrix_path=Path(job.output_dir) / "influence_matrix.npy" if job.full_matrix else None)
+                          matrix_path=Path(job.output_dir) / "influence_matrix.npy" if job.full_matrix else None,
+                          resume_dir=progress_dir, resume_key=key)
+    if job.progress and rank == 0 and result.stats.get("resumed_from_tile"):
+        print(f"Resumed an interrupted run after {result.stats['resumed_from_tile']} committed tiles.", file=sys.stderr)
     t_influence = time.perf_counter()
     if rank != 0:
         return None

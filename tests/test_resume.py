@@ -1,0 +1,97 @@
+"""Resumable runs: kill -9 at a random tile, resume, and get the uninterrupted result."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from imagedata import make_image_folder
+from models import perturbed_checkpoints
+from test_exact import make_case
+from tracin import TracIn, TracInError
+from tracin.cli import main
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    data = make_image_folder(root / "d", n_train=12, n_test=3)
+    assert main(["train", "--data_dir", str(data), "--arch", "smallcnn", "--epochs", "2", "--checkpoint_dir", str(root / "c"),
+                 "--image_size", "16", "--quiet"]) == 0
+    return root, data
+
+
+def _influence(root, data, out, *extra, env=None):
+    args = [sys.executable, "-m", "tracin", "influence", "--data_dir", str(data), "--checkpoint_dir", str(root / "c"),
+            "--output_dir", str(out), "--top_k", "4", "--layers", "all", "--batch_size", "2", "--self_influence",
+            "--full_matrix", "--memory_budget", "0.00000001", "--quiet", *extra]
+    return subprocess.run(args, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=300)
+
+
+def test_kill_9_then_resume_gives_identical_outputs(run_dir):
+    root, data = run_dir
+    assert _influence(root, data, root / "clean").returncode == 0
+    tile = random.Random().randint(2, 15)  # 36 images in batches of 2: 18 tiles
+    killed = _influence(root, data, root / "crash", env={"TRACIN_KILL_AFTER_TILES": str(tile)})
+    assert killed.returncode == -signal.SIGKILL
+    assert not (root / "crash" / "manifest.json").exists() and (root / "crash" / ".progress" / "state.pt").exists()
+    resumed = _influence(root, data, root / "crash")
+    assert resumed.returncode == 0, resumed.stderr
+    for name in ("top_k_influences_values.npy", "top_k_influences_indices.npy", "top_k_opponents_values.npy",
+                 "top_k_opponents_indices.npy", "self_influence.npy", "influence_matrix.npy"):
+        assert np.array_equal(np.load(root / "clean" / name), np.load(root / "crash" / name)), (name, tile)
+    assert (root / "crash" / "self_influence.csv").read_text() == (root / "clean" / "self_influence.csv").read_text()
+    assert json.loads((root / "crash" / "manifest.json").read_text())["complete"]
+    assert not (root / "crash" / ".progress").exists()
+
+
+def test_changed_arguments_refuse_to_resume(run_dir):
+    root, data = run_dir
+    out = root / "changed"
+    assert _influence(root, data, out, env={"TRACIN_KILL_AFTER_TILES": "3"}).returncode == -signal.SIGKILL
+    refused = _influence(root, data, out, "--seed", "7")
+    assert refused.returncode == 2 and "started with different settings or inputs" in refused.stderr and "--overwrite" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert _influence(root, data, out, "--seed", "7", "--overwrite").returncode == 0
+
+
+def test_api_resume_after_interruption(tmp_path, monkeypatch):
+    model, train, test = make_case("mlp", 30, 5)
+    ckpts, _ = perturbed_checkpoints(model, [0.1, 0.2])
+    train, test = TensorDataset(*train), TensorDataset(*test)
+    tr = TracIn(model, ckpts, device="cpu", batch_size=3, memory_budget=500, progress=False)
+    clean = tr.influence(train, test, top_k=4, self_influence=True)
+
+    import tracin.resume as R
+
+    calls = {"n": 0}
+    original = R.ResumeState.tile_done
+
+    def interrupt(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(R.ResumeState, "tile_done", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        tr.influence(train, test, top_k=4, self_influence=True, resume_dir=tmp_path / "p")
+    monkeypatch.setattr(R.ResumeState, "tile_done", original)
+    again = tr.influence(train, test, top_k=4, self_influence=True, resume_dir=tmp_path / "p")
+    assert again.stats["resumed_from_tile"] == 4
+    assert torch.equal(again.proponents.indices, clean.proponents.indices)
+    assert torch.equal(again.proponents.values, clean.proponents.values)
+    assert torch.equal(again.self_influence, clean.self_influence)
+    with pytest.raises(KeyboardInterrupt):
+        monkeypatch.setattr(R.ResumeState, "tile_done", interrupt)
+        calls["n"] = 0
+        tr.influence(train, test, top_k=4, resume_dir=tmp_path / "q")
+    monkeypatch.setattr(R.ResumeState, "tile_done", original)
+    with pytest.raises(TracInError, match="top_k"):
+        tr.influence(train, test, top_k=5, resume_dir=tmp_path / "q")
