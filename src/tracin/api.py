@@ -25,6 +25,7 @@ from .stored import StoreWriter, describe, open_store
 from .tasks import Task, as_task
 
 KERNELS = ("auto", "ghost", "materialize")
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class TracIn:
@@ -57,6 +58,9 @@ class TracIn:
             positions in the full training set; left-out examples are NaN in full-length outputs.
         stratify_by: ``"label"`` (the task's labels) or a callable ``batch -> Tensor[B]`` of keys, to
             sample each stratum at ``sample_rate``.
+        precision: ``"fp32"`` (exact), or ``"bf16"`` / ``"fp16"``: forward and backward under autocast and
+            the kernels in that dtype, scores summed in fp32 (faster on GPUs; see docs/fast_modes.md for
+            the accuracy effect).
     """
 
     def __init__(
@@ -76,6 +80,7 @@ class TracIn:
         seed: int = 0,
         sample_rate: Optional[float] = None,
         stratify_by: Union[str, Callable, None] = None,
+        precision: str = "fp32",
     ):
         if isinstance(checkpoints, (str, Path, os.PathLike)):
             checkpoints = Checkpoint.discover(checkpoints)
@@ -106,6 +111,9 @@ class TracIn:
             raise TracInError(f"sample_rate must be in (0, 1], got {sample_rate}.")
         if stratify_by is not None and stratify_by != "label" and not callable(stratify_by):
             raise TracInError(f"stratify_by must be 'label' or a callable batch -> keys, got {stratify_by!r}.")
+        if precision not in PRECISIONS:
+            raise TracInError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}.")
+        self.precision = PRECISIONS[precision]
         self.sample_rate = sample_rate
         self.stratify_by = stratify_by
         self.handlers = resolve_layers(model, layers)
@@ -128,7 +136,8 @@ class TracIn:
     # -- scoring ---------------------------------------------------------------------------------
     def _scheduler(self) -> Scheduler:
         return Scheduler(self.model, self.checkpoints, self.handlers, self.task, self.device,
-                         self.memory_budget, progress=self.progress, kernel=self.kernel, projector=self.projector)
+                         self.memory_budget, progress=self.progress, kernel=self.kernel, projector=self.projector,
+                         precision=self.precision)
 
     def _plan(self, train_dataset: DataSource) -> TrainPlan:
         return plan_training(train_dataset, self.batch_size, self.num_workers, self.task.labels, self.sample_rate,
@@ -173,7 +182,7 @@ class TracIn:
             config = {"user": resume_key, "top_k": top_k, "self_influence": self_influence, "matrix": matrix_path is not None,
                       "layers": [h.name for h in self.handlers], "kernel": self.kernel, "batch_size": self.batch_size,
                       "projection": self.projector.describe() if self.projector else None, "sample_rate": self.sample_rate,
-                      "seed": self.seed, "n_train": plan.n_scored, "n_test": n_test, "world": world,
+                      "seed": self.seed, "precision": str(self.precision), "n_train": plan.n_scored, "n_test": n_test, "world": world,
                       "checkpoints": [[c.name, c.learning_rate] for c in self.checkpoints]}
             state = ResumeState(Path(resume_dir) / f"rank{rank}" if world > 1 else Path(resume_dir), config)
         parts: Dict[int, TopKAccumulator] = {}

@@ -19,8 +19,9 @@ from .tasks import Batch, Task
 class BatchCapture:
     """Forward hooks on the in-scope modules, installed for the lifetime of the object."""
 
-    def __init__(self, handlers: Sequence[LayerHandler]):
+    def __init__(self, handlers: Sequence[LayerHandler], precision: Optional[torch.dtype] = None):
         self.handlers = list(handlers)
+        self.precision = precision  # bf16/fp16: forward under autocast, factors in that dtype
         self.calls: Dict[str, List[Call]] = {h.name: [] for h in self.handlers}
         self.outputs: Dict[str, List[Tuple[torch.Tensor, int]]] = {h.name: [] for h in self.handlers}
         self.active = False  # recording only during the task's forward pass
@@ -67,7 +68,12 @@ class BatchCapture:
         with torch.enable_grad():
             self.active = True
             try:
-                loss = task.loss(model, batch)
+                if self.precision is not None:
+                    device = next(model.parameters()).device.type
+                    with torch.autocast(device_type=device, dtype=self.precision):
+                        loss = task.loss(model, batch).float()
+                else:
+                    loss = task.loss(model, batch)
             finally:
                 self.active = False
             size = task.batch_size(batch)
@@ -103,6 +109,12 @@ class BatchCapture:
                         f"The input of module {handler.name!r} was modified in place after the module ran, so its recorded "
                         "activations are wrong; make the op after it out-of-place (e.g. inplace=False)."
                     )
+            if self.precision is not None:
+                for call in calls:
+                    call.args = tuple(a.to(self.precision) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                                      for a in call.args)
+                    if call.delta is not None:
+                        call.delta = call.delta.to(self.precision)
             with torch.no_grad():
                 out[handler.name] = handler.factors(calls)
         self.reset()

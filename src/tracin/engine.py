@@ -10,6 +10,7 @@ so top-k lists are exact top-k of the checkpoint-summed TracIn score.
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -20,6 +21,7 @@ from tqdm.auto import tqdm
 from .capture import BatchCapture
 from .checkpoints import Checkpoint, weights_for
 from .data import dataset_size
+from .errors import TracInError
 from .layers import Factors, LayerHandler
 from .layers.factors import DEFAULT_MAX_ELEMENTS
 from .tasks import Task
@@ -62,6 +64,7 @@ class Scheduler:
         progress: bool = True,
         kernel: str = "auto",
         projector=None,
+        precision: Optional[torch.dtype] = None,
     ):
         self.model = model
         self.checkpoints = list(checkpoints)
@@ -72,6 +75,7 @@ class Scheduler:
         self.progress = progress
         self.kernel = kernel
         self.projector = projector
+        self.precision = precision
         self.stats: Dict[str, object] = {"checkpoint_loads": 0, "tiles": 0, "test_chunks": 0}
         self.plan: Dict[str, int] = {}  # chunk_examples and tile_limit in use; preset to repeat a run's tiling
         self._max_elements = max(2**16, min(DEFAULT_MAX_ELEMENTS, memory_budget // 16))
@@ -93,7 +97,7 @@ class Scheduler:
         for handler in self.handlers:
             handler.mode = None if self.kernel == "auto" or self.kernel not in handler.modes else self.kernel
             handler.projector = self.projector
-        self.capture = BatchCapture(self.handlers)
+        self.capture = BatchCapture(self.handlers, self.precision)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -249,31 +253,61 @@ class Scheduler:
                 if tile_first + n_tile <= done_until:  # committed by the interrupted run
                     bar.update(n_tile * C)
                     continue
-                scores = torch.zeros(m, n_tile, device=self.device, dtype=self.dtype)
-                for c, ckpt in enumerate(self.checkpoints):
-                    self._load(c)
-                    lr = float(ckpt.learning_rate)  # type: ignore[arg-type]
-                    for first, batch in tile:
-                        factors = self._factors(batch, "training", first)
-                        b = self.task.batch_size(batch)
-                        cols = slice(first - tile_first, first - tile_first + b)
-                        for offset, block in cache[c]:
-                            s = self._pair(block, factors)
-                            if s is not None:
-                                scores[offset:offset + s.shape[0], cols].add_(s, alpha=lr)
-                        if want_self is not None:
-                            want_self[first:first + b].add_(self._self(factors, b), alpha=lr)
-                        bar.update(b)
-                sink(rows, scores, tile_first)
-                self.stats["tiles"] = int(self.stats["tiles"]) + 1  # type: ignore[arg-type]
-                if hook is not None:
-                    hook.tile_done(rows, tile_first + n_tile, want_self, dict(self.plan))
+                for part, scores, self_part in self._scored_parts(tile, cache, m, want_self is not None):
+                    part_first = part[0][0]
+                    if want_self is not None:
+                        want_self[part_first:part_first + self_part.shape[0]] += self_part
+                    sink(rows, scores, part_first)
+                    bar.update(scores.shape[1] * C)
+                    self.stats["tiles"] = int(self.stats["tiles"]) + 1  # type: ignore[arg-type]
+                    if hook is not None:
+                        hook.tile_done(rows, part_first + scores.shape[1], want_self, dict(self.plan))
             if hook is not None:
                 hook.chunk_done(rows)
         bar.close()
         self.stats["seconds"] = time.perf_counter() - start
         self.stats["n_train"], self.stats["n_test"] = n_train, n_test
         return self_scores
+
+    def _score_tile(self, tile: List[Tuple[int, object]], cache: list, m: int, with_self: bool):
+        """Checkpoint-summed scores [m, n_tile] of one tile, and its self-influence [n_tile] (or None)."""
+        tile_first = tile[0][0]
+        n_tile = tile[-1][0] + self.task.batch_size(tile[-1][1]) - tile_first
+        scores = torch.zeros(m, n_tile, device=self.device, dtype=self.dtype)
+        selfs = torch.zeros(n_tile, device=self.device, dtype=self.dtype) if with_self else None
+        for c, ckpt in enumerate(self.checkpoints):
+            self._load(c)
+            lr = float(ckpt.learning_rate)  # type: ignore[arg-type]
+            for first, batch in tile:
+                factors = self._factors(batch, "training", first)
+                b = self.task.batch_size(batch)
+                cols = slice(first - tile_first, first - tile_first + b)
+                for offset, block in cache[c]:
+                    s = self._pair(block, factors)
+                    if s is not None:
+                        scores[offset:offset + s.shape[0], cols].add_(s, alpha=lr)
+                if selfs is not None:
+                    selfs[cols].add_(self._self(factors, b), alpha=lr)
+        return scores, selfs
+
+    def _scored_parts(self, tile: List[Tuple[int, object]], cache: list, m: int, with_self: bool):
+        """[(tile part, scores, self-influence)]: the whole tile, or, after a CUDA out-of-memory error,
+        its halves (recursively; later tiles use the smaller size too)."""
+        try:
+            return [(tile, *self._score_tile(tile, cache, m, with_self))]
+        except torch.cuda.OutOfMemoryError:
+            n = sum(self.task.batch_size(b) for _, b in tile)
+            if len(tile) == 1:
+                raise TracInError(
+                    f"The device ran out of memory on a single batch of {n} examples; lower --batch_size (batch_size=)."
+                ) from None
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            half = len(tile) // 2
+            self.plan["tile_limit"] = max(1, sum(self.task.batch_size(b) for _, b in tile[:half]))
+            warnings.warn(f"CUDA out of memory on a tile of {n} training examples; halving it to {self.plan['tile_limit']} and going on.",
+                          stacklevel=2)
+            return self._scored_parts(tile[:half], cache, m, with_self) + self._scored_parts(tile[half:], cache, m, with_self)
 
     def self_influence(self, train: DataLoader) -> torch.Tensor:
         """TracIn(z, z) for every training example, [n_train]; checkpoints in the outer loop."""
@@ -328,6 +362,9 @@ class Scheduler:
             b = self.task.batch_size(batch)
             if first + b > skip_until:
                 batch = self.task.to_device(batch, self.device)
+            if tile and first == skip_until:  # a resumed run restarts its tiles where the last one ended
+                yield tile
+                tile, count = [], 0
             if limit is None:
                 per_example = 3 * m * torch.finfo(self.dtype).bits // 8 + _nbytes(batch) / max(1, b)
                 limit = self.plan["tile_limit"] = max(1, int(free // max(1.0, per_example)))

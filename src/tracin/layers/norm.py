@@ -42,9 +42,10 @@ class NormHandler(LayerHandler):
 
         per_example = vmap(grad(one_example), in_dims=(None, 0, 0))
         total = None
+        dtype = next(iter(params.values())).dtype
         for call in calls:
-            x = call.args[0].detach()
-            delta = call.delta if call.delta is not None else zero_delta_like(call, x)
+            x = call.args[0].detach().to(dtype)
+            delta = (call.delta if call.delta is not None else zero_delta_like(call, x)).to(dtype)
             grads = per_example(params, x, delta)
             flat = torch.cat([grads[n].reshape(x.shape[0], -1) for n in names], dim=1)
             total = flat if total is None else total + flat
