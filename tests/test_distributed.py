@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 from imagedata import make_image_folder
 from tracin.cli import main
