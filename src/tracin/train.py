@@ -88,7 +88,7 @@ def train_image_classifier(
             opt.zero_grad()
             loss = nn.functional.cross_entropy(model(x), y)
             if not torch.isfinite(loss):
-                raise DataError(f"The training loss became {float(loss)} at epoch {epoch}; lower --learning_rate.")
+                raise DataError(f"The training loss became {float(loss.detach())} at epoch {epoch}; lower --learning_rate.")
             loss.backward()
             opt.step()
             step += 1
