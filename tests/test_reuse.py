@@ -33,7 +33,9 @@ def test_saved_projected_gradients_score_new_test_sets(tmp_path):
     tr = TracIn(model, ckpts, device="cpu", batch_size=16, progress=False, projection_dim=32, seed=5)
     tr.save_train_gradients(train, tmp_path / "store")
     from_store = tr.influence_from_saved(tmp_path / "store", test, top_k=4)
-    direct = tr.influence_matrix(train, test)  # same projection, computed the streaming way
+    streaming = TracIn(model, ckpts, device="cpu", batch_size=16, progress=False, projection_dim=32, seed=5)
+    streaming.projector = tr.projector.for_vectors()  # the store's sizing (k_in * k_out = dim)
+    direct = streaming.influence_matrix(train, test)  # same projection, computed the streaming way
     order = direct.argsort(1, descending=True)[:, :4]
     assert torch.equal(from_store.proponents.indices, order)
     assert torch.allclose(from_store.proponents.values, direct.gather(1, order), rtol=1e-4, atol=1e-5)

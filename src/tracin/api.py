@@ -134,9 +134,11 @@ class TracIn:
         ]
 
     # -- scoring ---------------------------------------------------------------------------------
-    def _scheduler(self) -> Scheduler:
+    def _scheduler(self, vectors: bool = False) -> Scheduler:
+        """A scheduler for this configuration; ``vectors``: per-example vectors are materialised (stores)."""
+        projector = self.projector.for_vectors() if vectors and self.projector is not None else self.projector
         return Scheduler(self.model, self.checkpoints, self.handlers, self.task, self.device,
-                         self.memory_budget, progress=self.progress, kernel=self.kernel, projector=self.projector,
+                         self.memory_budget, progress=self.progress, kernel=self.kernel, projector=projector,
                          precision=self.precision)
 
     def _plan(self, train_dataset: DataSource) -> TrainPlan:
@@ -241,7 +243,8 @@ class TracIn:
         self._cached_test = None
 
     def _store_description(self) -> Dict[str, object]:
-        return describe([h.name for h in self.handlers], self.projector.describe() if self.projector else None, self.checkpoints)
+        projection = self.projector.for_vectors().describe() if self.projector else None
+        return describe([h.name for h in self.handlers], projection, self.checkpoints)
 
     def save_train_gradients(self, train_dataset: DataSource, directory: Union[str, Path]) -> Path:
         """Compute every training example's (projected) gradient at every checkpoint and store them in
@@ -249,7 +252,7 @@ class TracIn:
         Use with ``projection_dim`` unless the layers in scope are small: D is the gradient size."""
         train = make_loader(train_dataset, self.batch_size, "training", self.num_workers)
         writer = StoreWriter(Path(directory), len(self.checkpoints), dataset_size(train))
-        with self._scheduler() as run:
+        with self._scheduler(vectors=True) as run:
             run.vectors(train, "training", writer)
         writer.finish(self._store_description())
         return Path(directory)
@@ -269,7 +272,7 @@ class TracIn:
         def keep(c: int, first: int, vec: torch.Tensor) -> None:
             vectors[c, first:first + vec.shape[0]] = vec.detach().float().cpu()
 
-        with self._scheduler() as run:
+        with self._scheduler(vectors=True) as run:
             run.vectors(test, "test", keep)
         vectors = vectors.to(self.device)
         acc = TopKAccumulator(n_test, top_k, self.device, vectors.dtype)

@@ -79,8 +79,10 @@ class _FactorLayer(LayerHandler):
         return GradFactors(total)
 
     def _projected(self, calls: List[Call]) -> Factors:
-        """Project both factors, then pick ghost or materialised on the projected shapes."""
-        A, D, ones = self.projector.ghost(self.name, *self._ghost_all(calls))
+        """Project both factors (sized for the kernel the unprojected shapes call for), then pick
+        ghost or materialised on the projected shapes."""
+        ghost_form = choose_mode(*self._shapes(calls[0])) == "ghost"
+        A, D, ones = self.projector.ghost(self.name, *self._ghost_all(calls), ghost_form=ghost_form)
         if self.mode is None:
             self.mode = choose_mode(A.shape[2], A.shape[3] + int(ones), D.shape[3])
         factors = GhostFactors(A, D, ones=ones)
