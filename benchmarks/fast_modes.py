@@ -102,6 +102,36 @@ def projection(device, helpers, batch_size: int = 256) -> List[Dict]:
     return rows
 
 
+def wide_conv() -> nn.Module:
+    """A CNN whose 128->256 and 256->256 3x3 convolutions (295k and 590k weights over 16x16 / 8x8
+    positions) are materialised by the exact kernel."""
+    return nn.Sequential(
+        nn.Conv2d(1, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),        # 14x14
+        nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(128, 256, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),     # 7x7
+        nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(), nn.Linear(256, 10),
+    )
+
+
+def projection_conv(device, helpers, batch_size: int = 64) -> List[Dict]:
+    """Exact vs projection on large convolutions (all layers), 512 train x 128 test, 3 checkpoints."""
+    make_data, _, train_with_checkpoints = helpers
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        model, train, (tx, ty), _ = _setup(512, 128, device, make_data, wide_conv, train_with_checkpoints, Path(tmp))
+        ckpts = Checkpoint.discover(tmp)
+        test = TensorDataset(tx, ty)
+        exact, t_exact = _timed(lambda: TracIn(model, ckpts, device=device, batch_size=batch_size,
+                                               progress=False).influence_matrix(train, test), device)
+        rows.append({"method": "exact (conv layers materialised)", "seconds": t_exact, **compare(exact, exact)})
+        for dim in (1024, 4096):
+            approx, t = _timed(lambda: TracIn(model, ckpts, device=device, batch_size=batch_size, progress=False,
+                                              projection_dim=dim, seed=0).influence_matrix(train, test), device)
+            rows.append({"method": f"projection {dim} gaussian", "seconds": t, "speedup": t_exact / t, **compare(exact, approx)})
+    return rows
+
+
 def selfinfluence(device, helpers, batch_size: int = 256, with_slow_peer: bool = False) -> List[Dict]:
     from captum.influence import TracInCP, TracInCPFast
 
