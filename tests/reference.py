@@ -43,8 +43,9 @@ def per_example_grads(model: nn.Module, names: Sequence[str], x: torch.Tensor, y
 
 def reference_matrix(model: nn.Module, checkpoints: Sequence[Tuple[dict, float]], modules: Sequence[str],
                      train: Tuple[torch.Tensor, torch.Tensor], test: Tuple[torch.Tensor, torch.Tensor],
-                     loss: LossOnOutput = cross_entropy) -> torch.Tensor:
-    """TracInCP [n_test, n_train] in float64: sum_c lr_c <g_test, g_train>."""
+                     loss: LossOnOutput = cross_entropy, normalize: str = "none") -> torch.Tensor:
+    """TracInCP [n_test, n_train] in float64: sum_c lr_c <g_test, g_train>. ``normalize``: "train"
+    scales training gradients to unit length per checkpoint, "cosine" test gradients too."""
     ref = copy.deepcopy(model).double().eval()
     names = scope_names(ref, modules)
     total = None
@@ -53,6 +54,10 @@ def reference_matrix(model: nn.Module, checkpoints: Sequence[Tuple[dict, float]]
         to64 = (lambda t: t.double() if t.is_floating_point() else t)
         g_train = per_example_grads(ref, names, to64(train[0]), train[1], loss)
         g_test = per_example_grads(ref, names, to64(test[0]), test[1], loss)
+        if normalize != "none":
+            g_train = g_train / g_train.norm(dim=1, keepdim=True)
+        if normalize == "cosine":
+            g_test = g_test / g_test.norm(dim=1, keepdim=True)
         m = lr * g_test @ g_train.T
         total = m if total is None else total + m
     return total.detach()
@@ -61,3 +66,4 @@ def reference_matrix(model: nn.Module, checkpoints: Sequence[Tuple[dict, float]]
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     """max |got - want| / max |want|."""
     return float((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30))
+

@@ -25,6 +25,7 @@ from .stored import StoreWriter, describe, open_store
 from .tasks import Task, as_task
 
 KERNELS = ("auto", "ghost", "materialize")
+NORMALIZE = ("none", "cosine", "train")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -58,6 +59,10 @@ class TracIn:
             positions in the full training set; left-out examples are NaN in full-length outputs.
         stratify_by: ``"label"`` (the task's labels) or a callable ``batch -> Tensor[B]`` of keys, to
             sample each stratum at ``sample_rate``.
+        normalize: ``"none"`` (TracIn), ``"cosine"`` (each gradient scaled to unit length per checkpoint)
+            or ``"train"`` (the training gradient scaled to unit length): variants that stop large-gradient
+            training examples from dominating every list; exact under every kernel (norms come from the
+            same factors). Self-influence is never normalised.
         precision: ``"fp32"`` (exact), or ``"bf16"`` / ``"fp16"``: forward and backward under autocast and
             the kernels in that dtype, scores summed in fp32 (faster on GPUs; see docs/fast_modes.md for
             the accuracy effect).
@@ -81,6 +86,7 @@ class TracIn:
         sample_rate: Optional[float] = None,
         stratify_by: Union[str, Callable, None] = None,
         precision: str = "fp32",
+        normalize: str = "none",
     ):
         if isinstance(checkpoints, (str, Path, os.PathLike)):
             checkpoints = Checkpoint.discover(checkpoints)
@@ -114,6 +120,9 @@ class TracIn:
         if precision not in PRECISIONS:
             raise TracInError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}.")
         self.precision = PRECISIONS[precision]
+        if normalize not in NORMALIZE:
+            raise TracInError(f"normalize={normalize!r} is not one of {', '.join(NORMALIZE)}.")
+        self.normalize = normalize
         self.sample_rate = sample_rate
         self.stratify_by = stratify_by
         self.handlers = resolve_layers(model, layers)
@@ -139,7 +148,7 @@ class TracIn:
         projector = self.projector.for_vectors() if vectors and self.projector is not None else self.projector
         return Scheduler(self.model, self.checkpoints, self.handlers, self.task, self.device,
                          self.memory_budget, progress=self.progress, kernel=self.kernel, projector=projector,
-                         precision=self.precision)
+                         precision=self.precision, normalize=self.normalize)
 
     def _plan(self, train_dataset: DataSource) -> TrainPlan:
         return plan_training(train_dataset, self.batch_size, self.num_workers, self.task.labels, self.sample_rate,
@@ -184,7 +193,8 @@ class TracIn:
             config = {"user": resume_key, "top_k": top_k, "self_influence": self_influence, "matrix": matrix_path is not None,
                       "layers": [h.name for h in self.handlers], "kernel": self.kernel, "batch_size": self.batch_size,
                       "projection": self.projector.describe() if self.projector else None, "sample_rate": self.sample_rate,
-                      "seed": self.seed, "precision": str(self.precision), "n_train": plan.n_scored, "n_test": n_test, "world": world,
+                      "seed": self.seed, "precision": str(self.precision), "normalize": self.normalize,
+                      "n_train": plan.n_scored, "n_test": n_test, "world": world,
                       "checkpoints": [[c.name, c.learning_rate] for c in self.checkpoints]}
             state = ResumeState(Path(resume_dir) / f"rank{rank}" if world > 1 else Path(resume_dir), config)
         parts: Dict[int, TopKAccumulator] = {}
@@ -275,12 +285,17 @@ class TracIn:
         with self._scheduler(vectors=True) as run:
             run.vectors(test, "test", keep)
         vectors = vectors.to(self.device)
+        tiny = torch.finfo(vectors.dtype).tiny
+        if self.normalize == "cosine":
+            vectors = vectors / vectors.norm(dim=2, keepdim=True).clamp_min(tiny)
         acc = TopKAccumulator(n_test, top_k, self.device, vectors.dtype)
         rows = max(1, int(self.memory_budget // max(1, 4 * (3 * n_test + len(self.checkpoints) * store.shape[2]))))
         for start in range(0, n_train, rows):
             scores = torch.zeros(n_test, min(rows, n_train - start), device=self.device)
             for c, ckpt in enumerate(self.checkpoints):
                 tile = torch.from_numpy(np.array(store[c, start:start + rows])).to(self.device)
+                if self.normalize != "none":
+                    tile = tile / tile.norm(dim=1, keepdim=True).clamp_min(tiny)
                 scores.add_(vectors[c] @ tile.T, alpha=float(ckpt.learning_rate))  # type: ignore[arg-type]
             acc.update(scores, start)
         pv, pi, nv, ni = (t.cpu() for t in acc.result())

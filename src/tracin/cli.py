@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(i, "--trust_checkpoint", action="store_true", help="allow checkpoints that need pickled code (runs code from the file)")
     _add(i, "--overwrite", action="store_true", help="discard an interrupted run's progress instead of resuming it")
     _add(i, "--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="bf16/fp16: autocast (approximate, faster on GPUs)")
+    _add(i, "--normalize", choices=["none", "cosine", "train"], default="none",
+         help="cosine: unit-length gradients per checkpoint; train: unit-length training gradients")
 
     au = sub.add_parser("audit", help="speed and agreement of fast configurations against the exact scores")
     _add(au, "--data_dir", type=Path, required=True)
@@ -122,7 +124,7 @@ def _influence(a) -> None:
                                    a.test_subset, a.layers, a.self_influence, a.device, a.seed, budget, not a.quiet,
                                    a.num_workers, a.projection_dim if a.use_projection else None, a.projection_type,
                                    a.sample_rate, a.stratify_by, a.trust_checkpoint, a.full_matrix, a.overwrite,
-                                   a.precision))
+                                   a.precision, a.normalize))
     if m is None:  # a torchrun rank other than 0: rank 0 reports
         return
     skipped = len(m["data"]["skipped_files"])

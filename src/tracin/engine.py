@@ -65,6 +65,7 @@ class Scheduler:
         kernel: str = "auto",
         projector=None,
         precision: Optional[torch.dtype] = None,
+        normalize: str = "none",
     ):
         self.model = model
         self.checkpoints = list(checkpoints)
@@ -76,6 +77,7 @@ class Scheduler:
         self.kernel = kernel
         self.projector = projector
         self.precision = precision
+        self.normalize = normalize  # "none" | "cosine" (both gradients unit length) | "train" (train gradient unit length)
         self.stats: Dict[str, object] = {"checkpoint_loads": 0, "tiles": 0, "test_chunks": 0}
         self.plan: Dict[str, int] = {}  # chunk_examples and tile_limit in use; preset to repeat a run's tiling
         self._max_elements = max(2**16, min(DEFAULT_MAX_ELEMENTS, memory_budget // 16))
@@ -145,16 +147,20 @@ class Scheduler:
         return total
 
     # -- passes --------------------------------------------------------------------------------
-    def _test_cache(self, batches: List[Tuple[int, object]]) -> List[List[Tuple[int, FactorDict]]]:
-        """For each checkpoint, the test factors of ``batches`` merged into few blocks
-        (row offset within the chunk, factors)."""
+    def _test_cache(self, batches: List[Tuple[int, object]]) -> list:
+        """For each checkpoint: the test factors of ``batches`` merged into few blocks (row offset
+        within the chunk, factors), and the test gradients' norms [m] when scores are normalised."""
         cache = []
         for c in range(len(self.checkpoints)):
             self._load(c)
             per_batch = []
             for first, batch in batches:
                 per_batch.append(self._factors(self.task.to_device(batch, self.device), "test", first))
-            cache.append(self._merge_blocks(per_batch))
+            norms = None
+            if self.normalize == "cosine":
+                norms = torch.cat([self._self(f, next(x.batch_size for x in f.values() if x is not None)) for f in per_batch])
+                norms = norms.clamp_min(torch.finfo(self.dtype).tiny).sqrt()
+            cache.append((self._merge_blocks(per_batch), norms))
         return cache
 
     def _merge_blocks(self, per_batch: List[FactorDict]) -> List[Tuple[int, FactorDict]]:
@@ -244,7 +250,7 @@ class Scheduler:
                 continue
             if cache is None:
                 cache = self._test_cache(batches)
-            cache_bytes = sum(_factor_bytes(f) for blocks in cache for _, f in blocks)
+            cache_bytes = sum(_factor_bytes(f) for blocks, _ in cache for _, f in blocks)
             want_self = self_scores if chunk_index == 0 else None
             done_until = hook.next_train(rows) if hook is not None else 0
             for tile in self._tiles(train, m, cache_bytes, skip_until=done_until):
@@ -278,16 +284,23 @@ class Scheduler:
         for c, ckpt in enumerate(self.checkpoints):
             self._load(c)
             lr = float(ckpt.learning_rate)  # type: ignore[arg-type]
+            blocks, test_norms = cache[c]
             for first, batch in tile:
                 factors = self._factors(batch, "training", first)
                 b = self.task.batch_size(batch)
                 cols = slice(first - tile_first, first - tile_first + b)
-                for offset, block in cache[c]:
+                sq = self._self(factors, b) if selfs is not None or self.normalize != "none" else None
+                train_norms = sq.clamp_min(torch.finfo(self.dtype).tiny).sqrt() if self.normalize != "none" else None
+                for offset, block in blocks:
                     s = self._pair(block, factors)
                     if s is not None:
+                        if train_norms is not None:
+                            s = s / train_norms
+                        if test_norms is not None:
+                            s = s / test_norms[offset:offset + s.shape[0], None]
                         scores[offset:offset + s.shape[0], cols].add_(s, alpha=lr)
                 if selfs is not None:
-                    selfs[cols].add_(self._self(factors, b), alpha=lr)
+                    selfs[cols].add_(sq, alpha=lr)
         return scores, selfs
 
     def _scored_parts(self, tile: List[Tuple[int, object]], cache: list, m: int, with_self: bool):

@@ -58,6 +58,7 @@ class InfluenceJob:
     full_matrix: bool = False
     overwrite: bool = False
     precision: str = "fp32"
+    normalize: str = "none"
 
 
 def _subset(n: int, size: Optional[int], seed: int, what: str) -> np.ndarray:
@@ -148,7 +149,7 @@ def _run_influence(job: InfluenceJob) -> Optional[Dict[str, Any]]:
     tr = TracIn(model, checkpoints, layers=job.layers, device=job.device, batch_size=job.batch_size,
                 memory_budget=job.memory_budget, progress=job.progress and rank == 0, num_workers=job.num_workers,
                 projection_dim=job.projection_dim, projection=job.projection_type, seed=job.seed,
-                sample_rate=job.sample_rate, stratify_by=job.stratify_by, precision=job.precision)
+                sample_rate=job.sample_rate, stratify_by=job.stratify_by, precision=job.precision, normalize=job.normalize)
     if job.progress and rank == 0:
         names = ", ".join(h.name for h in tr.handlers[:6]) + (" ..." if len(tr.handlers) > 6 else "")
         print(f"Scoring {len(tr.handlers)} layers ({names}), {tr.num_parameters:,} parameters in scope"
