@@ -57,3 +57,32 @@ def test_unknown_precision_is_refused():
     ckpts, _ = perturbed_checkpoints(model, [0.1])
     with pytest.raises(TracInError, match="precision='int8'"):
         TracIn(model, ckpts, device="cpu", precision="int8")
+
+
+def test_tiles_after_an_out_of_memory_split_use_the_smaller_size(monkeypatch):
+    import warnings
+
+    import tracin.engine as E
+
+    model, train, test = make_case("mlp", 40, 6)
+    ckpts, _ = perturbed_checkpoints(model, [0.1, 0.2])
+    train, test = TensorDataset(*train), TensorDataset(*test)
+    tr = TracIn(model, ckpts, device="cpu", batch_size=4, memory_budget=4000, progress=False)  # tiles of 12
+    want = tr.influence(train, test, top_k=3)
+    original = E.Scheduler._score_tile
+    sizes = []
+
+    def small_memory(self, tile, cache, m, with_self):
+        sizes.append(self._span(tile)[1])
+        if sizes[-1] > 8:
+            raise torch.cuda.OutOfMemoryError("simulated")
+        return original(self, tile, cache, m, with_self)
+
+    monkeypatch.setattr(E.Scheduler, "_score_tile", small_memory)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = tr.influence(train, test, top_k=3)
+    assert sizes[0] == 12
+    assert len([w for w in caught if "out of memory" in str(w.message)]) == 1  # only the first tile is split
+    assert max(sizes[1:]) <= 8
+    assert torch.equal(got.proponents.indices, want.proponents.indices)

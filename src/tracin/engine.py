@@ -41,6 +41,11 @@ def _nbytes(obj) -> int:
     return 0
 
 
+def _rows(factors: FactorDict) -> int:
+    """Number of examples the per-layer factors describe."""
+    return next(f.batch_size for f in factors.values() if f is not None)
+
+
 def _factor_bytes(factors: FactorDict) -> int:
     return sum(f.nbytes for f in factors.values() if f is not None)
 
@@ -146,6 +151,10 @@ class Scheduler:
                 total += f.self_scores(self._max_elements)
         return total
 
+    def _norms(self, squared: torch.Tensor) -> torch.Tensor:
+        """Gradient norms from squared norms, kept away from zero."""
+        return squared.clamp_min(torch.finfo(self.dtype).tiny).sqrt()
+
     # -- passes --------------------------------------------------------------------------------
     def _test_cache(self, batches: List[Tuple[int, object]]) -> list:
         """For each checkpoint: the test factors of ``batches`` merged into few blocks (row offset
@@ -158,8 +167,7 @@ class Scheduler:
                 per_batch.append(self._factors(self.task.to_device(batch, self.device), "test", first))
             norms = None
             if self.normalize == "cosine":
-                norms = torch.cat([self._self(f, next(x.batch_size for x in f.values() if x is not None)) for f in per_batch])
-                norms = norms.clamp_min(torch.finfo(self.dtype).tiny).sqrt()
+                norms = self._norms(torch.cat([self._self(f, _rows(f)) for f in per_batch]))
             cache.append((self._merge_blocks(per_batch), norms))
         return cache
 
@@ -183,7 +191,7 @@ class Scheduler:
             return a.compatible(b)  # type: ignore[arg-type]
 
         for factors in per_batch:
-            size = next(f.batch_size for f in factors.values() if f is not None)
+            size = _rows(factors)
             if not (run and all(compatible(run[0][n], factors[n]) for n in factors)):
                 flush()
                 run, run_start = [], offset
@@ -254,8 +262,7 @@ class Scheduler:
             want_self = self_scores if chunk_index == 0 else None
             done_until = hook.next_train(rows) if hook is not None else 0
             for tile in self._tiles(train, m, cache_bytes, skip_until=done_until):
-                tile_first = tile[0][0]
-                n_tile = tile[-1][0] + self.task.batch_size(tile[-1][1]) - tile_first
+                tile_first, n_tile = self._span(tile)
                 if tile_first + n_tile <= done_until:  # committed by the interrupted run
                     bar.update(n_tile * C)
                     continue
@@ -277,8 +284,7 @@ class Scheduler:
 
     def _score_tile(self, tile: List[Tuple[int, object]], cache: list, m: int, with_self: bool):
         """Checkpoint-summed scores [m, n_tile] of one tile, and its self-influence [n_tile] (or None)."""
-        tile_first = tile[0][0]
-        n_tile = tile[-1][0] + self.task.batch_size(tile[-1][1]) - tile_first
+        tile_first, n_tile = self._span(tile)
         scores = torch.zeros(m, n_tile, device=self.device, dtype=self.dtype)
         selfs = torch.zeros(n_tile, device=self.device, dtype=self.dtype) if with_self else None
         for c, ckpt in enumerate(self.checkpoints):
@@ -290,7 +296,7 @@ class Scheduler:
                 b = self.task.batch_size(batch)
                 cols = slice(first - tile_first, first - tile_first + b)
                 sq = self._self(factors, b) if selfs is not None or self.normalize != "none" else None
-                train_norms = sq.clamp_min(torch.finfo(self.dtype).tiny).sqrt() if self.normalize != "none" else None
+                train_norms = self._norms(sq) if self.normalize != "none" else None
                 for offset, block in blocks:
                     s = self._pair(block, factors)
                     if s is not None:
@@ -309,7 +315,7 @@ class Scheduler:
         try:
             return [(tile, *self._score_tile(tile, cache, m, with_self))]
         except torch.cuda.OutOfMemoryError:
-            n = sum(self.task.batch_size(b) for _, b in tile)
+            n = self._span(tile)[1]
             if len(tile) == 1:
                 raise TracInError(
                     f"The device ran out of memory on a single batch of {n} examples; lower --batch_size (batch_size=)."
@@ -317,7 +323,7 @@ class Scheduler:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             half = len(tile) // 2
-            self.plan["tile_limit"] = max(1, sum(self.task.batch_size(b) for _, b in tile[:half]))
+            self.plan["tile_limit"] = self._span(tile[:half])[1]
             warnings.warn(f"CUDA out of memory on a tile of {n} training examples; halving it to {self.plan['tile_limit']} and going on.",
                           stacklevel=2)
             return self._scored_parts(tile[:half], cache, m, with_self) + self._scored_parts(tile[half:], cache, m, with_self)
@@ -357,6 +363,10 @@ class Scheduler:
         return dim
 
     # -- iteration helpers ---------------------------------------------------------------------
+    def _span(self, tile: List[Tuple[int, object]]) -> Tuple[int, int]:
+        """(index of the tile's first training example, number of examples in the tile)."""
+        return tile[0][0], tile[-1][0] + self.task.batch_size(tile[-1][1]) - tile[0][0]
+
     def _numbered(self, loader: DataLoader):
         """(index of the batch's first example, batch) for each batch."""
         first = 0
@@ -370,7 +380,6 @@ class Scheduler:
         free = max(0, self.budget - cache_bytes)
         tile: List[Tuple[int, object]] = []
         count = 0
-        limit: Optional[int] = self.plan.get("tile_limit")
         for first, batch in self._numbered(train):
             b = self.task.batch_size(batch)
             if first + b > skip_until:
@@ -378,10 +387,11 @@ class Scheduler:
             if tile and first == skip_until:  # a resumed run restarts its tiles where the last one ended
                 yield tile
                 tile, count = [], 0
-            if limit is None:
+            if "tile_limit" not in self.plan:
                 per_example = 3 * m * torch.finfo(self.dtype).bits // 8 + _nbytes(batch) / max(1, b)
-                limit = self.plan["tile_limit"] = max(1, int(free // max(1.0, per_example)))
-            if tile and count + b > limit:
+                self.plan["tile_limit"] = max(1, int(free // max(1.0, per_example)))
+            # read every time: an out-of-memory split lowers it for the tiles that follow
+            if tile and count + b > self.plan["tile_limit"]:
                 yield tile
                 tile, count = [], 0
             tile.append((first, batch))
