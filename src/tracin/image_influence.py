@@ -161,9 +161,10 @@ def _run_influence(job: InfluenceJob) -> Optional[Dict[str, Any]]:
     progress_dir = Path(job.output_dir) / ".progress"
     if job.overwrite:
         reset(progress_dir / f"rank{rank}" if world > 1 else progress_dir)
+    checkpoint_hashes = [file_sha256(Path(c.source)) for c in checkpoints]  # read once: resume key and manifest
     inputs = hashlib.sha256("\n".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in train_split.paths + test_split.paths).encode())
     key = {"parameters": {k: str(v) for k, v in vars(job).items() if k not in ("progress", "num_workers", "overwrite", "device")},
-           "checkpoints": [file_sha256(Path(c.source)) for c in checkpoints], "images": inputs.hexdigest()}
+           "checkpoints": checkpoint_hashes, "images": inputs.hexdigest()}
     result = tr.influence(train_set, test_set, top_k=job.top_k, self_influence=job.self_influence,
                           matrix_path=Path(job.output_dir) / "influence_matrix.npy" if job.full_matrix else None,
                           resume_dir=progress_dir, resume_key=key)
@@ -237,9 +238,10 @@ def _run_influence(job: InfluenceJob) -> Optional[Dict[str, Any]]:
         "data": {"data_dir": str(data_dir.resolve()), "class_names": class_names, "arch": arch, "image_size": image_size,
                  "n_train_total": len(train_full), "n_test_total": len(test_full), "n_train": len(train_idx),
                  "n_test": len(test_idx), "skipped_files": [{"file": f, "reason": r} for f, r in train_split.skipped + test_split.skipped]},
-        "checkpoints": [{"file": str(ck.source), "sha256": file_sha256(Path(ck.source)), "learning_rate": ck.learning_rate,
-                         "epoch": ck.epoch} for ck in checkpoints],
-        "prediction_model": {"file": str(final.source), "sha256": file_sha256(Path(final.source))},
+        "checkpoints": [{"file": str(ck.source), "sha256": digest, "learning_rate": ck.learning_rate,
+                         "epoch": ck.epoch} for ck, digest in zip(checkpoints, checkpoint_hashes)],
+        "prediction_model": {"file": str(final.source), "sha256": checkpoint_hashes[-1] if final is checkpoints[-1]
+                             else file_sha256(Path(final.source))},
         "scope": tr.scope(), "num_parameters": tr.num_parameters, "device": str(tr.device), "world_size": world,
         "engine": {k: v for k, v in result.stats.items() if k != "layer_modes"},
         "timings": {"scan_s": t_scan - t_start, "influence_s": t_influence - t_scan, "predictions_s": t_pred - t_influence,
