@@ -72,6 +72,16 @@ class Conv1dModel(nn.Module):
         return self.fc(self.conv2(self.act(self.bn(self.conv(x)))).flatten(1))
 
 
+def random_sets(n_train: int, n_test: int, d: int, classes: int, seed: int):
+    """Gaussian inputs [n, d] with random labels as (train, test) TensorDatasets."""
+    from torch.utils.data import TensorDataset
+
+    g = torch.Generator().manual_seed(seed)
+    train = TensorDataset(torch.randn(n_train, d, generator=g), torch.randint(0, classes, (n_train,), generator=g))
+    test = TensorDataset(torch.randn(n_test, d, generator=g), torch.randint(0, classes, (n_test,), generator=g))
+    return train, test
+
+
 def perturbed_checkpoints(model: nn.Module, lrs: List[float], seed: int = 0, scale: float = 0.3) -> Tuple[List[Checkpoint], List[Tuple[dict, float]]]:
     """Checkpoints at random perturbations of the model's weights (running stats included)."""
     gen = torch.Generator().manual_seed(seed)

@@ -3,10 +3,9 @@ import json
 
 import numpy as np
 import torch
-from torch.utils.data import TensorDataset
 
 from imagedata import make_image_folder
-from models import MLP, perturbed_checkpoints
+from models import MLP, perturbed_checkpoints, random_sets
 from tracin.audit import audit, compare
 from tracin.cli import main
 
@@ -25,9 +24,7 @@ def test_compare_metrics_on_known_cases():
 def test_audit_api_rows():
     torch.manual_seed(0)
     model = MLP(d_in=30, hidden=40, classes=6)
-    g = torch.Generator().manual_seed(0)
-    train = TensorDataset(torch.randn(120, 30, generator=g), torch.randint(0, 6, (120,), generator=g))
-    test = TensorDataset(torch.randn(30, 30, generator=g), torch.randint(0, 6, (30,), generator=g))
+    train, test = random_sets(120, 30, 30, 6, seed=0)
     ckpts, _ = perturbed_checkpoints(model, [0.1, 0.1])
     rows = audit(model, ckpts, train, test, {"big": {"projection_dim": 10**6}, "tiny": {"projection_dim": 4}, "half": {"sample_rate": 0.5}},
                  n_test=8, top=5, device="cpu", progress=False)

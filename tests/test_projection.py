@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from models import MLP, perturbed_checkpoints
+from models import MLP, perturbed_checkpoints, random_sets
 from test_exact import make_case
 from tracin import TracIn, TracInError
 from tracin.projection import Projector
@@ -49,9 +49,7 @@ def test_projection_is_deterministic_given_a_seed_and_differs_across_seeds():
 def test_agreement_improves_with_dimension():
     torch.manual_seed(0)
     model = MLP(d_in=40, hidden=64, classes=8)
-    g = torch.Generator().manual_seed(1)
-    train = TensorDataset(torch.randn(200, 40, generator=g), torch.randint(0, 8, (200,), generator=g))
-    test = TensorDataset(torch.randn(10, 40, generator=g), torch.randint(0, 8, (10,), generator=g))
+    train, test = random_sets(200, 10, 40, 8, seed=1)
     ckpts, _ = perturbed_checkpoints(model, [0.1, 0.1])
     exact = TracIn(model, ckpts, device="cpu", progress=False).influence_matrix(train, test)
     errors = []
