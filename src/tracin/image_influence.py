@@ -122,12 +122,17 @@ def run_influence(job: InfluenceJob) -> Optional[Dict[str, Any]]:
     and, last, ``manifest.json``. Returns the manifest (None on ranks other than 0 under torchrun,
     where every rank scores its shard of the training set and rank 0 writes)."""
     started = init_from_env()
+    finished = False
     try:
-        return _run_influence(job)
+        manifest = _run_influence(job)
+        finished = True
+        return manifest
     finally:
         if started:
             import torch.distributed as dist
 
+            if finished:  # no rank tears its connections down while rank 0 still writes
+                dist.barrier()
             dist.destroy_process_group()
 
 
