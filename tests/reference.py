@@ -67,3 +67,47 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     """max |got - want| / max |want|."""
     return float((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30))
 
+
+
+def task_per_example_grads(model: nn.Module, names: Sequence[str], task, items: Sequence) -> torch.Tensor:
+    """[n, P] per-example gradients of ``task.loss`` on one-example batches (a naive loop of
+    torch.func.grad over functional_call; works for any task, e.g. ranking pairs or triples)."""
+    from torch.utils.data import default_collate
+
+    class Bound(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, batch):
+            return task.loss(self.model, batch).sum()
+
+    bound = Bound()
+    state = {f"model.{k}": v for k, v in model.named_parameters()}
+    state.update({f"model.{k}": v for k, v in model.named_buffers()})
+    scoped = {f"model.{n}": state[f"model.{n}"].detach() for n in names}
+    rows = []
+    for item in items:
+        batch = default_collate([item])
+        g = grad(lambda p: functional_call(bound, {**state, **p}, (batch,)))(scoped)
+        rows.append(torch.cat([g[f"model.{n}"].reshape(-1) for n in names]))
+    return torch.stack(rows)
+
+
+def task_reference_matrix(model: nn.Module, checkpoints: Sequence[Tuple[dict, float]], modules: Sequence[str], task,
+                          train: Sequence, test: Sequence) -> torch.Tensor:
+    """TracInCP [n_test, n_train] in float64 for any task (items: what the datasets yield, float
+    tensors cast to float64). Calls ``task.on_checkpoint`` after loading each checkpoint."""
+    ref = copy.deepcopy(model).double().eval()
+    names = scope_names(ref, modules)
+    to64 = (lambda item: tuple(t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in item))
+    train64, test64 = [to64(i) for i in train], [to64(i) for i in test]
+    total = None
+    for index, (state, lr) in enumerate(checkpoints):
+        ref.load_state_dict({k: v.double() if v.is_floating_point() else v for k, v in state.items()})
+        if hasattr(task, "on_checkpoint"):
+            with torch.no_grad():
+                task.on_checkpoint(ref, index)
+        m = lr * task_per_example_grads(ref, names, task, test64) @ task_per_example_grads(ref, names, task, train64).T
+        total = m if total is None else total + m
+    return total.detach()

@@ -90,7 +90,7 @@ def test_labels_needed_for_stratification_and_audit_size():
     model = MLP()
     tr = TracIn(model, _ck(model), task=lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1], reduction="none"),
                 device="cpu", sample_rate=0.5, stratify_by="label", progress=False)
-    with pytest.raises(TracInError, match="stratify_by='label' needs a task with labels"):
+    with pytest.raises(TracInError, match="stratify_by='label' is not a key this task provides"):
         tr.self_influence(_data())
     with pytest.raises(TracInError, match="n_test must be at least 1"):
         audit(model, _ck(model), _data(), _data(2), {}, n_test=0, device="cpu")

@@ -57,7 +57,8 @@ class TracIn:
         seed: seed of the projection matrices and of training-set sampling.
         sample_rate: score a seeded random fraction of the training set (None: all). Indices stay
             positions in the full training set; left-out examples are NaN in full-length outputs.
-        stratify_by: ``"label"`` (the task's labels) or a callable ``batch -> Tensor[B]`` of keys, to
+        stratify_by: a key the task provides (``"label"``; ``"relation"``/``"head"``/``"tail"`` for
+            knowledge graphs; see ``Task.strata``) or a callable ``batch -> Tensor[B]`` of keys, to
             sample each stratum at ``sample_rate``.
         normalize: ``"none"`` (TracIn), ``"cosine"`` (each gradient scaled to unit length per checkpoint)
             or ``"train"`` (the training gradient scaled to unit length): variants that stop large-gradient
@@ -151,7 +152,7 @@ class TracIn:
                          precision=self.precision, normalize=self.normalize)
 
     def _plan(self, train_dataset: DataSource) -> TrainPlan:
-        return plan_training(train_dataset, self.batch_size, self.num_workers, self.task.labels, self.sample_rate,
+        return plan_training(train_dataset, self.batch_size, self.num_workers, self.task, self.sample_rate,
                              self.stratify_by, self.seed)
 
     def influence(

@@ -1,4 +1,4 @@
-"""The ``tracin`` command line: train, influence, report, demo.
+"""The ``tracin`` command line: train, influence, audit, report, demo, ranking, kge.
 
 User errors print one line, ``tracin: error: ...``, and exit with code 2 (no traceback).
 """
@@ -97,6 +97,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add(r, "--html_tests", type=int, default=100, help="test images shown with their proponents in report.html")
     _add(r, "--gradcam", type=int, default=0, metavar="N", help="Grad-CAM overlays for the first N test images (pip install 'tracin[gradcam]')")
 
+    rk = sub.add_parser("ranking", help="self-influence and influence for a pairwise ranking model")
+    _add(rk, "--pairs_train", type=Path, required=True, help="training pairs (.csv or .npz; see the README)")
+    _add(rk, "--pairs_test", type=Path, help="test pairs (needed with --compute_influence)")
+    _add(rk, "--checkpoint_dir", type=Path, required=True)
+    _add(rk, "--checkpoint_prefix", default="model_epoch_", help="checkpoint file names start with this")
+    _add(rk, "--output_dir", type=Path, required=True)
+    _add(rk, "--compute_self_influence", action="store_true")
+    _add(rk, "--compute_influence", action="store_true")
+    _add(rk, "--num_test_samples", type=int, default=5, help="seeded sample of test pairs to explain")
+    _add(rk, "--loss_type", choices=["standard", "ghm"], default="standard", help="standard: MarginRankingLoss; ghm: GHM ranking loss")
+    _add(rk, "--margin", type=float, default=0.0)
+    _add(rk, "--ghm_bins", type=int, default=10)
+    _add(rk, "--ghm_alpha", type=float, default=1.0, help="GHM weight exponent (1: GHM-C, 0: plain logistic loss)")
+    _add(rk, "--layers", type=parse_layers, default="all")
+    _add(rk, "--batch_size", type=int, default=256)
+    _add(rk, "--device", default="auto")
+    _add(rk, "--seed", type=int, default=42)
+    _add(rk, "--trust_checkpoint", action="store_true", help="allow checkpoints that need pickled code")
+    _add(rk, "--quiet", action="store_true")
+
     d = sub.add_parser("demo", help="the whole workflow on scikit-learn's digits with injected label noise")
     _add(d, "--output_dir", type=Path, required=True)
     _add(d, "--noise_rate", type=float, default=0.1)
@@ -158,6 +178,18 @@ def _report(a) -> None:
     print(f"Report: {s['report']}")
 
 
+def _ranking(a) -> None:
+    from .ranking_job import RankingJob, run_ranking
+
+    if a.compute_influence and a.pairs_test is None:
+        raise TracInError("--compute_influence needs --pairs_test, the pairs to explain.")
+    m = run_ranking(RankingJob(a.pairs_train, a.pairs_test, a.checkpoint_dir, a.output_dir, a.checkpoint_prefix,
+                               a.compute_self_influence, a.compute_influence, a.num_test_samples, a.loss_type, a.margin,
+                               a.ghm_bins, a.ghm_alpha, a.layers, a.batch_size, a.device, a.seed, a.trust_checkpoint, not a.quiet))
+    print(f"Scored {m['data']['n_train']} training pairs over {len(m['checkpoints'])} checkpoints in "
+          f"{m['timings']['total_s']:.1f}s; wrote {', '.join(m['outputs'])} to {a.output_dir}.")
+
+
 def _demo(a) -> None:
     from .demo import run_demo
 
@@ -174,7 +206,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     previous = warnings.formatwarning
     warnings.formatwarning = lambda msg, *rest, **kw: f"tracin: warning: {msg}\n"
     try:
-        {"train": _train, "influence": _influence, "audit": _audit, "report": _report, "demo": _demo}[args.command](args)
+        {"train": _train, "influence": _influence, "audit": _audit, "report": _report, "demo": _demo,
+         "ranking": _ranking}[args.command](args)
     except TracInError as exc:
         print(f"tracin: error: {exc}", file=sys.stderr)
         return 2

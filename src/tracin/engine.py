@@ -128,6 +128,10 @@ class Scheduler:
 
     def _load(self, index: int) -> None:
         self.model.load_state_dict(self._weights[index], strict=True)
+        notify = getattr(self.task, "on_checkpoint", None)
+        if notify is not None:
+            with torch.no_grad():
+                notify(self.model, index)
         self.stats["checkpoint_loads"] = int(self.stats["checkpoint_loads"]) + 1  # type: ignore[arg-type]
 
     def _factors(self, batch, what: str, first_index: int) -> FactorDict:

@@ -60,19 +60,24 @@ class TrainPlan:
         return out
 
 
-def plan_training(data: DataSource, batch_size: int, num_workers: int, labels: Callable, sample_rate: Optional[float],
+def plan_training(data: DataSource, batch_size: int, num_workers: int, task, sample_rate: Optional[float],
                   stratify_by: Union[str, Callable, None], seed: int) -> TrainPlan:
-    """Sample (when ``sample_rate``) and shard (under torch.distributed) the training set."""
+    """Sample (when ``sample_rate``) and shard (under torch.distributed) the training set.
+    ``stratify_by``: a key the task knows (``task.strata(batch, key)``) or a callable batch -> keys [B]."""
     loader = make_loader(data, batch_size, "training", num_workers)
     n_full = dataset_size(loader)
     sampled = None
     if sample_rate is not None:
         strata = None
         if stratify_by is not None:
-            key = labels if stratify_by == "label" else stratify_by
-            parts = [key(batch) for batch in loader]
+            if isinstance(stratify_by, str):
+                strata_of = getattr(task, "strata", None) or (lambda batch, key: task.labels(batch) if key == "label" else None)
+                parts = [strata_of(batch, stratify_by) for batch in loader]
+            else:
+                parts = [stratify_by(batch) for batch in loader]
             if any(p is None for p in parts):
-                raise TracInError("stratify_by='label' needs a task with labels; pass a callable batch -> keys instead.")
+                raise TracInError(f"stratify_by={stratify_by!r} is not a key this task provides; use 'label' with a "
+                                  "task that has labels, a key the task documents, or a callable batch -> keys.")
             strata = torch.cat([torch.as_tensor(p).reshape(-1) for p in parts])
         sampled = sample_indices(n_full, sample_rate, seed, strata)
         loader = make_loader(Subset(loader.dataset, sampled.tolist()), batch_size, "training", num_workers)

@@ -1,15 +1,17 @@
 """Tasks: how a batch becomes a per-example loss.
 
 A task is anything with a ``loss(model, batch) -> Tensor[B]`` method (one loss value per example,
-not reduced); :class:`Task` supplies the rest (moving a batch to a device, counting its examples,
-reading labels). A plain callable ``(model, batch) -> Tensor[B]`` is accepted wherever a task is.
+not reduced); :class:`Task` supplies the rest with defaults a subclass may override: moving a batch
+to a device, counting its examples, labels, example ids, stratification keys, and a notice each
+time a checkpoint's weights are loaded. A plain callable ``(model, batch) -> Tensor[B]`` is
+accepted wherever a task is. docs/tasks.md is the guide to writing one.
 
 The per-example loss must depend on that example alone (it does with the model in eval mode):
 TracIn's gradients are those of ``loss[i]`` with respect to the parameters in scope.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +66,19 @@ class Task:
     def labels(self, batch: Batch) -> Optional[torch.Tensor]:
         """Per-example labels [B] if the task has them (used for summaries and stratification)."""
         return None
+
+    def ids(self, batch: Batch) -> Optional[Sequence[str]]:
+        """Per-example ids (B strings) used to key outputs, or None for positions in the data set."""
+        return None
+
+    def strata(self, batch: Batch, key: str) -> Optional[torch.Tensor]:
+        """Per-example stratification keys [B] for ``sample_rate`` with ``stratify_by=key``;
+        the default knows ``"label"`` (:meth:`labels`). None means the task has no such key."""
+        return self.labels(batch) if key == "label" else None
+
+    def on_checkpoint(self, model: torch.nn.Module, index: int) -> None:
+        """Called each time checkpoint ``index``'s weights are loaded into ``model`` (eval mode), before
+        any loss at those weights; a task whose loss depends on checkpoint-level statistics sets them here."""
 
 
 class ClassificationTask(Task):

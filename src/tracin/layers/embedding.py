@@ -1,4 +1,9 @@
-"""nn.Embedding: the gradient lives on the looked-up rows; ghost products match indices."""
+"""nn.Embedding: the gradient lives on the looked-up rows; ghost products match indices.
+
+When an example looks up at least as many rows as the table has (a knowledge-graph model scoring
+every entity as a candidate tail), the per-example gradient [V, d] is no larger than the index
+factors and far cheaper to multiply: the handler then materialises it by a scatter-add.
+"""
 from __future__ import annotations
 
 from typing import List
@@ -8,14 +13,14 @@ from torch import nn
 
 from ..errors import UnsupportedModuleError
 from .base import Call, LayerHandler, zero_delta_like
-from .factors import IndexFactors
+from .factors import GradFactors, IndexFactors
 
 
 class EmbeddingHandler(LayerHandler):
     """Index factors: idx [B, T] and output gradients D [B, T, d]; padding_idx rows get no gradient."""
 
     module_types = (nn.Embedding,)
-    modes = ("ghost",)
+    modes = ("ghost", "materialize")
 
     def check(self) -> None:
         if self.module.scale_grad_by_freq:
@@ -36,6 +41,13 @@ class EmbeddingHandler(LayerHandler):
                 d = d * (idx != self.module.padding_idx).unsqueeze(-1).to(d.dtype)
             idx_parts.append(idx)
             d_parts.append(d)
-        self.mode = "ghost"
-        factors = IndexFactors(torch.cat(idx_parts, 1), torch.cat(d_parts, 1))
+        idx, D = torch.cat(idx_parts, 1), torch.cat(d_parts, 1)
+        if self.mode is None:  # dense only where it is no larger than the index factors
+            self.mode = "materialize" if self.module.num_embeddings <= idx.shape[1] else "ghost"
+        if self.mode == "materialize":
+            B, V, d = idx.shape[0], self.module.num_embeddings, D.shape[-1]
+            G = D.new_zeros(B, V, d).scatter_add_(1, idx.unsqueeze(-1).expand(-1, -1, d), D)
+            dense = GradFactors(G.reshape(B, V * d))
+            return self.projector.grads(self.name, dense) if self.projector is not None else dense
+        factors = IndexFactors(idx, D)
         return self.projector.index(self.name, factors) if self.projector is not None else factors
