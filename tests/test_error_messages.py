@@ -29,7 +29,7 @@ def _err(capsys, argv):
 @pytest.mark.parametrize("kwargs,message", [
     ({"checkpoints": ["not a checkpoint"]}, "checkpoints must be Checkpoint objects"),
     ({"batch_size": 0}, "batch_size must be at least 1"),
-    ({"stratify_by": 3}, "stratify_by must be 'label' or a callable"),
+    ({"stratify_by": 3}, "stratify_by must be a key the task provides"),
     ({"sample_rate": 1.5}, r"sample_rate must be in \(0, 1\]"),
     ({"projection_dim": 0}, "projection_dim must be a positive integer"),
     ({"projection_dim": 8, "projection": "fourier"}, "projection='fourier' is not one of"),
@@ -279,3 +279,19 @@ def test_demo_arguments(tmp_path, capsys):
     (tmp_path / "busy" / "data" / "x").write_text("x")
     code, err = _err(capsys, ["demo", "--output_dir", str(tmp_path / "busy")])
     assert code == 2 and "is not empty; give --output_dir a new or empty folder" in err
+
+
+def test_module_whose_rows_are_not_the_examples_is_named():
+    class Folded(nn.Module):
+        """Runs its Linear on two half-rows per example: rows are not examples."""
+
+        def __init__(self):
+            super().__init__()
+            self.halves = nn.Linear(6, 5)
+
+        def forward(self, x):
+            return self.halves(x.reshape(-1, 6)).reshape(x.shape[0], 2, 5).sum(1)
+
+    model = Folded()
+    with pytest.raises(TracInError, match="Module .halves. ran on 12 rows for a batch of 6 examples"):
+        TracIn(model, _ck(model), device="cpu", progress=False).self_influence(_data())

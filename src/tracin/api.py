@@ -116,8 +116,8 @@ class TracIn:
         self.seed = seed
         if sample_rate is not None and not 0 < sample_rate <= 1:
             raise TracInError(f"sample_rate must be in (0, 1], got {sample_rate}.")
-        if stratify_by is not None and stratify_by != "label" and not callable(stratify_by):
-            raise TracInError(f"stratify_by must be 'label' or a callable batch -> keys, got {stratify_by!r}.")
+        if stratify_by is not None and not isinstance(stratify_by, str) and not callable(stratify_by):
+            raise TracInError(f"stratify_by must be a key the task provides (e.g. 'label') or a callable batch -> keys, got {stratify_by!r}.")
         if precision not in PRECISIONS:
             raise TracInError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}.")
         self.precision = PRECISIONS[precision]

@@ -115,8 +115,20 @@ class BatchCapture:
                                       for a in call.args)
                     if call.delta is not None:
                         call.delta = call.delta.to(self.precision)
-            with torch.no_grad():
-                out[handler.name] = handler.factors(calls)
+            rows = [c.output_shape[0] for c in calls if c.output_shape is not None and len(c.output_shape)]
+            mismatch = next((r for r in rows if r != size), None)
+            try:
+                with torch.no_grad():
+                    out[handler.name] = handler.factors(calls)  # its own, more specific checks come first
+            except RuntimeError:
+                if mismatch is None:
+                    raise
+            if mismatch is not None:
+                raise TracInError(
+                    f"Module {handler.name!r} ran on {mismatch} rows for a batch of {size} examples, so its rows are not the "
+                    "examples and per-example gradients cannot be read from it; keep the batch as each scored module's "
+                    "first dimension, or leave the module out of layers."
+                )
         self.reset()
         return out
 

@@ -117,6 +117,32 @@ def build_parser() -> argparse.ArgumentParser:
     _add(rk, "--trust_checkpoint", action="store_true", help="allow checkpoints that need pickled code")
     _add(rk, "--quiet", action="store_true")
 
+    kg = sub.add_parser("kge", help="influence of training triples on a PyKEEN knowledge-graph model's test triples")
+    _add(kg, "--model_path", type=Path, required=True, help="a checkpoint file, a folder of them, or a pickled PyKEEN model")
+    _add(kg, "--train", type=Path, required=True, help="training triples, head<TAB>relation<TAB>tail labels (.tsv/.txt, .gz ok)")
+    _add(kg, "--test", type=Path, required=True, help="test triples, same format")
+    _add(kg, "--entity_to_id", type=Path, required=True, help="PyKEEN's entity_to_id.tsv(.gz)")
+    _add(kg, "--relation_to_id", type=Path, required=True, help="PyKEEN's relation_to_id.tsv(.gz)")
+    _add(kg, "--output", type=Path, required=True, help="output folder")
+    _add(kg, "--mode", choices=["single", "batch"], default="batch", help="single: one test triple per pass (least memory)")
+    _add(kg, "--test_indices", type=int, nargs="+", help="test triples to explain (default: all)")
+    _add(kg, "--top_k", type=int, default=10)
+    _add(kg, "--self_influence", action="store_true", help="also rank every training triple by self-influence")
+    _add(kg, "--sample_rate", type=float, help="score a seeded random fraction of the training triples (approximate)")
+    _add(kg, "--stratify_by", choices=["relation", "head", "tail"], help="sample each relation/head/tail at --sample_rate")
+    _add(kg, "--use_projection", action="store_true", help="project per-example gradients (approximate, unbiased)")
+    _add(kg, "--projection_dim", type=int, default=256)
+    _add(kg, "--projection_type", choices=["gaussian", "rademacher", "sparse"], default="gaussian")
+    _add(kg, "--direction", choices=["tail", "both"], default="tail", help="both: add the head side (models with inverse triples)")
+    _add(kg, "--label_smoothing", type=float, default=0.0, help="as the model was trained")
+    _add(kg, "--learning_rate", type=float, help="learning rate of checkpoints that store none")
+    _add(kg, "--layers", type=parse_layers, default="all")
+    _add(kg, "--batch_size", type=int, default=64)
+    _add(kg, "--device", default="auto")
+    _add(kg, "--seed", type=int, default=0)
+    _add(kg, "--trust_checkpoint", action="store_true", help="allow a whole pickled model (runs code from the file)")
+    _add(kg, "--quiet", action="store_true")
+
     d = sub.add_parser("demo", help="the whole workflow on scikit-learn's digits with injected label noise")
     _add(d, "--output_dir", type=Path, required=True)
     _add(d, "--noise_rate", type=float, default=0.1)
@@ -190,6 +216,19 @@ def _ranking(a) -> None:
           f"{m['timings']['total_s']:.1f}s; wrote {', '.join(m['outputs'])} to {a.output_dir}.")
 
 
+def _kge(a) -> None:
+    from .kge_job import KGEJob, run_kge
+
+    m = run_kge(KGEJob(a.model_path, a.train, a.test, a.entity_to_id, a.relation_to_id, a.output, a.mode, a.test_indices,
+                       a.top_k, a.sample_rate, a.stratify_by, a.projection_dim if a.use_projection else None, a.projection_type,
+                       a.self_influence, a.direction, a.label_smoothing, a.learning_rate, a.layers, a.batch_size, a.device,
+                       a.seed, a.trust_checkpoint, not a.quiet))
+    d = m["data"]
+    print(f"Explained {len(d['test_indices'])} test triples with the top {a.top_k} of {d['n_train']} training triples over "
+          f"{len(m['checkpoints'])} checkpoints ({d['model_class']}, {m['num_parameters']:,} parameters) in "
+          f"{m['timings']['total_s']:.1f}s; results in {a.output} (kge_influence.json).")
+
+
 def _demo(a) -> None:
     from .demo import run_demo
 
@@ -207,7 +246,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     warnings.formatwarning = lambda msg, *rest, **kw: f"tracin: warning: {msg}\n"
     try:
         {"train": _train, "influence": _influence, "audit": _audit, "report": _report, "demo": _demo,
-         "ranking": _ranking}[args.command](args)
+         "ranking": _ranking, "kge": _kge}[args.command](args)
     except TracInError as exc:
         print(f"tracin: error: {exc}", file=sys.stderr)
         return 2
