@@ -149,3 +149,19 @@ def test_kge_cli_bad_input(trained, capsys):
     assert "--test_indices 9" in capsys.readouterr().err
     assert _cli(files, root / "missing", root / "b3") == 2
     assert "missing" in capsys.readouterr().err
+
+
+def test_nations_example_runs(tmp_path):
+    """examples/kge_nations.py, as the README runs it: ConvE on PyKEEN's Nations, one triple explained."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "kge_nations.py"
+    done = subprocess.run([sys.executable, str(example), "--workdir", str(tmp_path), "--epochs", "10"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    explained = json.loads((tmp_path / "influence" / "kge_influence.json").read_text())
+    (entry,) = explained.values()
+    assert len(entry["proponents"]) == 5 and entry["proponents"][0]["score"] >= entry["proponents"][-1]["score"]
+    assert "Test triple:" in done.stdout

@@ -28,3 +28,17 @@ def test_quickstart_finds_flipped_labels(tmp_path):
     metrics = json.loads((tmp_path / "quickstart_metrics.json").read_text())
     assert metrics["recall_top20pct"] >= 0.9
     assert len(list((tmp_path / "checkpoints").glob("*.pt"))) == 5
+
+
+def test_task_guide_example_runs():
+    """docs/tasks.md: the custom task written from the guide works (influence and stratified sampling)."""
+    text = (ROOT / "docs" / "tasks.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    scope = {"__name__": "__guide__"}
+    exec(compile(blocks[0], "docs/tasks.md", "exec"), scope)
+    import torch
+
+    scored = torch.isfinite(scope["half"].self_influence(scope["train"]))
+    positive = scope["y"][:100] > 0
+    for group in (positive, ~positive):  # stratified by the task's own "sign" key
+        assert abs(int(scored[group].sum()) - round(0.5 * int(group.sum()))) <= 1
