@@ -31,6 +31,16 @@ def parse_layers(text: str) -> Union[str, int, List[str]]:
     return names
 
 
+def _add_run_flags(parser: argparse.ArgumentParser, batch_size: int, seed: int, trust: str) -> None:
+    """The flags every scoring command shares: layers, batch size, device, seed, trust, quiet."""
+    _add(parser, "--layers", type=parse_layers, default="all", help="last | all | N | comma-separated module names")
+    _add(parser, "--batch_size", type=int, default=batch_size)
+    _add(parser, "--device", default="auto")
+    _add(parser, "--seed", type=int, default=seed)
+    _add(parser, "--trust_checkpoint", action="store_true", help=trust)
+    _add(parser, "--quiet", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tracin", description="TracIn training-data influence for PyTorch models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -110,12 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(rk, "--margin", type=float, default=0.0)
     _add(rk, "--ghm_bins", type=int, default=10)
     _add(rk, "--ghm_alpha", type=float, default=1.0, help="GHM weight exponent (1: GHM-C, 0: plain logistic loss)")
-    _add(rk, "--layers", type=parse_layers, default="all")
-    _add(rk, "--batch_size", type=int, default=256)
-    _add(rk, "--device", default="auto")
-    _add(rk, "--seed", type=int, default=42)
-    _add(rk, "--trust_checkpoint", action="store_true", help="allow checkpoints that need pickled code")
-    _add(rk, "--quiet", action="store_true")
+    _add_run_flags(rk, batch_size=256, seed=42, trust="allow checkpoints that need pickled code")
 
     kg = sub.add_parser("kge", help="influence of training triples on a PyKEEN knowledge-graph model's test triples")
     _add(kg, "--model_path", type=Path, required=True, help="a checkpoint file, a folder of them, or a pickled PyKEEN model")
@@ -136,12 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(kg, "--direction", choices=["tail", "both"], default="tail", help="both: add the head side (models with inverse triples)")
     _add(kg, "--label_smoothing", type=float, default=0.0, help="as the model was trained")
     _add(kg, "--learning_rate", type=float, help="learning rate of checkpoints that store none")
-    _add(kg, "--layers", type=parse_layers, default="all")
-    _add(kg, "--batch_size", type=int, default=64)
-    _add(kg, "--device", default="auto")
-    _add(kg, "--seed", type=int, default=0)
-    _add(kg, "--trust_checkpoint", action="store_true", help="allow a whole pickled model (runs code from the file)")
-    _add(kg, "--quiet", action="store_true")
+    _add_run_flags(kg, batch_size=64, seed=0, trust="allow a whole pickled model (runs code from the file)")
 
     d = sub.add_parser("demo", help="the whole workflow on scikit-learn's digits with injected label noise")
     _add(d, "--output_dir", type=Path, required=True)
