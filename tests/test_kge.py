@@ -165,3 +165,27 @@ def test_nations_example_runs(tmp_path):
     (entry,) = explained.values()
     assert len(entry["proponents"]) == 5 and entry["proponents"][0]["score"] >= entry["proponents"][-1]["score"]
     assert "Test triple:" in done.stdout
+
+
+@pytest.mark.parametrize("name,kwargs", [("DistMult", {"embedding_dim": 6}), ("TransE", {"embedding_dim": 6}),
+                                         ("ComplEx", {"embedding_dim": 4}), ("RotatE", {"embedding_dim": 4})])
+def test_other_pykeen_models_match_reference(name, kwargs):
+    torch.manual_seed(0)
+    model = build_pykeen_model(name, 7, 4, kwargs)
+    triples = random_triples(20, seed=4)
+    train, test = TripleData(triples[:15]), TripleData(triples[15:])
+    ckpts, raw = perturbed_checkpoints(model, [0.1, 0.03], scale=0.3)
+    task = KGETask(7)
+    got = TracIn(model, ckpts, layers="all", task=task, batch_size=6, progress=False).influence_matrix(train, test)
+    names = [n for n, _, _ in parameterised_modules(model)]
+    want = task_reference_matrix(model, raw, names, task, [(train[i],) for i in range(15)], [(test[i],) for i in range(5)])
+    assert rel_err(got, want) <= 1e-4
+
+
+def test_pykeen_model_with_unsupported_parameters_is_named():
+    from tracin.errors import UnsupportedModuleError
+
+    model = build_pykeen_model("TuckER", 7, 4, {"embedding_dim": 4, "relation_dim": 3})
+    ckpts, _ = perturbed_checkpoints(model, [0.1])
+    with pytest.raises(UnsupportedModuleError, match="TuckERInteraction"):
+        TracIn(model, ckpts, task=KGETask(7), progress=False)
