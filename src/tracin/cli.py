@@ -143,6 +143,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add(kg, "--learning_rate", type=float, help="learning rate of checkpoints that store none")
     _add_run_flags(kg, batch_size=64, seed=0, trust="allow a whole pickled model (runs code from the file)")
 
+    ev = sub.add_parser("evaluate", help="measure attribution quality: mislabel detection, data cleaning")
+    evs = ev.add_subparsers(dest="evaluation", required=True)
+    em = evs.add_parser("mislabel", help="recall and ROC AUC of flipped-label detection against loss and cleanlab baselines")
+    ec = evs.add_parser("cleaning", help="remove or relabel the top suspects, retrain, compare test accuracy")
+    for e in (em, ec):
+        _add(e, "--data", default="digits", help="digits (embedded), shapes (generated) or an image folder with train/ and test/")
+        _add(e, "--output_dir", type=Path, required=True)
+        _add(e, "--noise_rate", type=float, default=0.1)
+        _add(e, "--noise", choices=["uniform", "asymmetric"], default="uniform")
+        _add(e, "--flip", help="asymmetric map source:target,... by class name (default: digits 2:7,3:8,5:6,6:5,7:1; else pair flips)")
+        _add(e, "--seeds", type=int, nargs="+", default=[0])
+        _add(e, "--arch", choices=["resnet18", "resnet50", "smallcnn"], default="smallcnn")
+        _add(e, "--epochs", type=int, default=12)
+        _add(e, "--save_every", type=int, default=2)
+        _add(e, "--learning_rate", type=float, default=0.02)
+        _add(e, "--batch_size", type=int, default=32)
+        _add(e, "--image_size", type=int, default=16)
+        _add(e, "--layers", type=parse_layers, default="all")
+        _add(e, "--device", default="auto")
+        _add(e, "--quiet", action="store_true")
+    _add(em, "--cv_folds", type=int, default=5, help="folds of the cross-validated cleanlab baseline")
+    _add(em, "--no_cleanlab", action="store_true", help="skip the cleanlab baseline (K more trainings per seed)")
+    _add(ec, "--fraction", type=float, default=0.1, help="share of the training set to remove or relabel")
+    _add(ec, "--action", choices=["remove", "relabel"], default="remove")
+
     d = sub.add_parser("demo", help="the whole workflow on scikit-learn's digits with injected label noise")
     _add(d, "--output_dir", type=Path, required=True)
     _add(d, "--noise_rate", type=float, default=0.1)
@@ -229,6 +254,28 @@ def _kge(a) -> None:
           f"{m['timings']['total_s']:.1f}s; results in {a.output} (kge_influence.json).")
 
 
+def _evaluate(a) -> None:
+    from .data.noise import parse_flip_map
+    from .evaluation.common import Training
+
+    training = Training(a.arch, a.epochs, a.save_every, a.learning_rate, a.batch_size, a.image_size, a.device, a.layers)
+    flips = parse_flip_map(a.flip) if a.flip else None
+    if a.evaluation == "mislabel":
+        from .evaluation.mislabel import format_summary, run_mislabel
+
+        r = run_mislabel(a.data, a.output_dir, a.noise_rate, a.seeds, a.noise, flips, training, a.cv_folds, not a.no_cleanlab,
+                         progress=not a.quiet)
+        print(format_summary(r))
+        print(f"Per seed, checkpoint study and {r['plot']} in {a.output_dir}.")
+    else:
+        from .evaluation.cleaning import format_cleaning, run_cleaning
+
+        r = run_cleaning(a.data, a.output_dir, a.noise_rate, a.seeds, a.noise, flips, training, a.fraction, a.action,
+                         progress=not a.quiet)
+        print(format_cleaning(r))
+        print(f"Details in {a.output_dir / 'cleaning_evaluation.json'}.")
+
+
 def _demo(a) -> None:
     from .demo import run_demo
 
@@ -246,7 +293,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     warnings.formatwarning = lambda msg, *rest, **kw: f"tracin: warning: {msg}\n"
     try:
         {"train": _train, "influence": _influence, "audit": _audit, "report": _report, "demo": _demo,
-         "ranking": _ranking, "kge": _kge}[args.command](args)
+         "ranking": _ranking, "kge": _kge, "evaluate": _evaluate}[args.command](args)
     except TracInError as exc:
         print(f"tracin: error: {exc}", file=sys.stderr)
         return 2

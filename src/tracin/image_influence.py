@@ -71,16 +71,17 @@ def _subset(n: int, size: Optional[int], seed: int, what: str) -> np.ndarray:
     return np.sort(rng.choice(n, size=size, replace=False))
 
 
-def _predict(model: torch.nn.Module, dataset, device: torch.device, batch_size: int, num_workers: int = 0):
+def predict_proba(model: torch.nn.Module, dataset, device: torch.device, batch_size: int, num_workers: int = 0) -> torch.Tensor:
+    """Softmax class probabilities [N, classes] of ``model`` (eval mode) on an (image, label) dataset."""
     model.eval().to(device)
-    preds, confs = [], []
     with torch.no_grad():
-        for x, _ in DataLoader(dataset, batch_size=batch_size, num_workers=num_workers):
-            p = torch.softmax(model(x.to(device)), dim=1)
-            c, k = p.max(1)
-            preds.append(k.cpu())
-            confs.append(c.cpu())
-    return torch.cat(preds).numpy(), torch.cat(confs).numpy()
+        return torch.cat([torch.softmax(model(x.to(device)), dim=1).cpu()
+                          for x, _ in DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)])
+
+
+def _predict(model: torch.nn.Module, dataset, device: torch.device, batch_size: int, num_workers: int = 0):
+    conf, pred = predict_proba(model, dataset, device, batch_size, num_workers).max(1)
+    return pred.numpy(), conf.numpy()
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Measuring attribution quality: mislabel detection and data cleaning against baselines."""

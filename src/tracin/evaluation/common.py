@@ -1,0 +1,176 @@
+"""What the evaluations share: data with known label noise, training runs, per-checkpoint scores
+of every training image, cross-validated probabilities, and the detection metrics."""
+from __future__ import annotations
+
+import csv
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..api import TracIn
+from ..data.digits import write_digits_folder
+from ..data.noise import inject_label_noise, place
+from ..data.shapes import write_shapes_folder
+from ..device import resolve_device
+from ..errors import DataError
+from ..image_influence import image_setup, predict_proba
+from ..train import train_image_classifier
+
+FRACTIONS = (0.05, 0.10, 0.15, 0.20, 0.30)
+
+
+@dataclass
+class Training:
+    """How every model of an evaluation is trained (the demo's settings by default)."""
+
+    arch: str = "smallcnn"
+    epochs: int = 12
+    save_every: int = 2
+    learning_rate: float = 0.02
+    batch_size: int = 32
+    image_size: int = 16
+    device: str = "auto"
+    layers: object = "all"
+
+    def fit(self, data_dir: Path, checkpoint_dir: Path, seed: int, save_every: Optional[int] = None):
+        args = {k: v for k, v in asdict(self).items() if k not in ("device", "layers")}
+        if save_every is not None:
+            args["save_every"] = save_every
+        return train_image_classifier(data_dir, checkpoint_dir=checkpoint_dir, seed=seed, device=resolve_device(self.device),
+                                      progress=False, **args)
+
+
+def clean_source(data: str, workdir: Path) -> Path:
+    """The clean image folder to inject noise into: ``"digits"`` writes scikit-learn's digits,
+    ``"shapes"`` a generated folder of five shapes (tracin.data.shapes); anything else is a folder."""
+    if data in ("digits", "shapes"):
+        folder = workdir / f"{data}_clean"
+        if not (folder / "train").is_dir():
+            if data == "digits":
+                write_digits_folder(folder, noise_rate=0.0, seed=0)
+            else:
+                write_shapes_folder(folder)
+        return folder
+    folder = Path(data)
+    if not (folder / "train").is_dir() or not (folder / "test").is_dir():
+        raise DataError(f"--data {data} is neither 'digits', 'shapes' nor a folder with train/<class>/ and test/<class>/.")
+    return folder
+
+
+def noisy_copy(source: Path, target: Path, noise_rate: float, seed: int, kind: str, flip_map) -> np.ndarray:
+    """Inject noise into a copy; returns the flipped mask [n_train] in the copy's scan order."""
+    if target.exists():
+        shutil.rmtree(target)
+    records = inject_label_noise(source, target, noise_rate, seed, kind, flip_map)
+    from ..data.images import scan_split
+
+    split, _ = scan_split(target, "train")
+    flipped = {str(target / r["file"]) for r in records}
+    return np.array([str(p) in flipped for p in split.paths])
+
+
+def final_test_accuracy(log_csv: Path) -> float:
+    """Test accuracy after the last epoch (the best epoch would peek at the test set)."""
+    with open(log_csv, newline="") as f:
+        return float(list(csv.DictReader(f))[-1]["test_accuracy"])
+
+
+def per_checkpoint_scores(data_dir: Path, checkpoint_dir: Path, training: Training) -> Dict[str, np.ndarray]:
+    """For every checkpoint c: ``self_influence`` [C, n] (lr_c * |g_c|^2, exact, all layers in
+    ``training.layers``) and ``loss`` [C, n] (cross-entropy with the given label). Sums over any
+    subset of rows are the scores of that subset of checkpoints; ``lr`` [C] and ``epoch`` [C]."""
+    setup = image_setup(data_dir, checkpoint_dir)
+    device = resolve_device(training.device)
+    self_inf, losses = [], []
+    for ck in setup.checkpoints:
+        tr = TracIn(setup.model, [ck], layers=training.layers, device=device, batch_size=256, progress=False)
+        self_inf.append(tr.self_influence(setup.train).numpy())
+        setup.model.load_state_dict(ck.state_dict())
+        probs = predict_proba(setup.model, setup.train, device, 256)
+        labels = torch.tensor(setup.train_split.labels)
+        losses.append(F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="none").numpy())
+    return {"self_influence": np.stack(self_inf), "loss": np.stack(losses),
+            "lr": np.array([ck.learning_rate for ck in setup.checkpoints]),
+            "epoch": np.array([ck.epoch or 0 for ck in setup.checkpoints]),
+            "predicted": probs.argmax(1).numpy(), "labels": labels.numpy()}
+
+
+def cross_validated_probabilities(data_dir: Path, workdir: Path, training: Training, folds: int, seed: int) -> np.ndarray:
+    """Out-of-fold class probabilities [n_train, classes]: the same architecture trained the same way
+    on ``folds - 1`` folds predicts the held-out fold (stratified by the given label)."""
+    from ..data.images import ImageDataset, image_transform, scan_split
+    from ..vision import normalization
+
+    split, classes = scan_split(data_dir, "train")
+    labels = np.array(split.labels)
+    rng = np.random.default_rng(seed)
+    fold_of = np.empty(len(labels), dtype=int)
+    for c in range(len(classes)):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        fold_of[members] = np.arange(len(members)) % folds
+    probs = np.zeros((len(labels), len(classes)))
+    for k in range(folds):
+        fold_dir = workdir / f"fold{k}"
+        if fold_dir.exists():
+            shutil.rmtree(fold_dir)
+        for i, path in enumerate(split.paths):
+            place(Path(path), fold_dir / ("test" if fold_of[i] == k else "train") / classes[labels[i]] / Path(path).name)
+        for part in ("train", "test"):
+            for c in classes:
+                (fold_dir / part / c).mkdir(parents=True, exist_ok=True)
+        summary = training.fit(fold_dir, fold_dir / "checkpoints", seed, save_every=training.epochs)
+        setup = image_setup(fold_dir, fold_dir / "checkpoints")
+        setup.model.load_state_dict(setup.checkpoints[-1].state_dict())
+        held = np.flatnonzero(fold_of == k)
+        dataset = ImageDataset(type(split)([split.paths[i] for i in held], [split.labels[i] for i in held]),
+                               image_transform(training.image_size, normalization(training.arch)))
+        probs[held] = predict_proba(setup.model, dataset, resolve_device(training.device), 256).numpy()
+        del summary
+        shutil.rmtree(fold_dir)
+    return probs
+
+
+def cleanlab_scores(labels: np.ndarray, pred_probs: np.ndarray) -> np.ndarray:
+    """1 - cleanlab's label-quality score (self-confidence by default): higher = more suspect."""
+    try:
+        from cleanlab.rank import get_label_quality_scores
+    except ImportError as exc:
+        raise DataError("The cleanlab baseline needs cleanlab: pip install cleanlab (or pass --no_cleanlab).") from exc
+    return 1.0 - get_label_quality_scores(labels, pred_probs)
+
+
+def recall_at(scores: np.ndarray, positive: np.ndarray, fractions: Sequence[float] = FRACTIONS) -> Dict[str, float]:
+    """Share of the positives among the ``fraction`` highest scores, for each fraction."""
+    order = np.argsort(-scores, kind="stable")
+    found = np.cumsum(positive[order])
+    total = max(1, int(positive.sum()))
+    return {f"{int(round(f * 100))}%": float(found[max(0, int(round(f * len(scores))) - 1)] / total) if round(f * len(scores)) else 0.0
+            for f in fractions}
+
+
+def recall_curve(scores: np.ndarray, positive: np.ndarray, points: int = 101) -> np.ndarray:
+    """Recall after inspecting 0..100% of the data, at ``points`` evenly spaced fractions."""
+    found = np.concatenate([[0], np.cumsum(positive[np.argsort(-scores, kind="stable")])])
+    return found[np.round(np.linspace(0, 1, points) * len(scores)).astype(int)] / max(1, int(positive.sum()))
+
+
+def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve of ``scores`` separating ``positive`` (Mann-Whitney U, ties averaged)."""
+    pos, neg = int(positive.sum()), int((~positive).sum())
+    if pos == 0 or neg == 0:
+        return float("nan")
+    from scipy.stats import rankdata
+
+    ranks = rankdata(scores)
+    return float((ranks[positive].sum() - pos * (pos + 1) / 2) / (pos * neg))
+
+
+def summarise(values: List[float]) -> Dict[str, float]:
+    """Mean, standard deviation, min and max over seeds."""
+    a = np.asarray(values, dtype=float)
+    return {"mean": float(a.mean()), "std": float(a.std()), "min": float(a.min()), "max": float(a.max())}

@@ -1,0 +1,93 @@
+"""Label-noise injection, detection metrics, and the evaluate commands end to end on tiny data."""
+import json
+
+import numpy as np
+import pytest
+
+from imagedata import make_image_folder
+from tracin.cli import main
+from tracin.data.images import scan_split
+from tracin.data.noise import inject_label_noise, parse_flip_map
+from tracin.errors import DataError
+from tracin.evaluation.common import recall_at, recall_curve, roc_auc
+from tracin.evaluation.mislabel import checkpoint_subsets
+
+
+def _true_class(path):
+    return path.name.split("_")[1]  # files are named <index>_<true class>_<n>.png by make_image_folder
+
+
+def test_uniform_noise_flips_the_stated_share(tmp_path):
+    src = make_image_folder(tmp_path / "src", classes=("a", "b", "c", "d"), n_train=10)
+    records = inject_label_noise(src, tmp_path / "noisy", 0.25, seed=3)
+    assert len(records) == 10
+    split, classes = scan_split(tmp_path / "noisy", "train")
+    assert len(split.paths) == 40 and len({p.name for p in split.paths}) == 40
+    wrong = [p for p, label in zip(split.paths, split.labels) if _true_class(p) != classes[label]]
+    assert sorted(str(p.relative_to(tmp_path / "noisy")) for p in wrong) == sorted(r["file"] for r in records)
+    test, _ = scan_split(tmp_path / "noisy", "test", classes)
+    assert all(_true_class(p) == classes[label] for p, label in zip(test.paths, test.labels))
+
+
+def test_asymmetric_noise_follows_the_map(tmp_path):
+    src = make_image_folder(tmp_path / "src", classes=("a", "b", "c"), n_train=40)
+    records = inject_label_noise(src, tmp_path / "noisy", 0.3, seed=0, kind="asymmetric", flip_map=parse_flip_map("a:b"))
+    assert records and all(r["true_label"] == "a" and r["given_label"] == "b" for r in records)
+    assert 4 <= len(records) <= 20  # about 30% of the 40 'a' images
+    pair = inject_label_noise(src, tmp_path / "pair", 0.5, seed=0, kind="asymmetric")  # default: pair flips a->b->c->a
+    assert {(r["true_label"], r["given_label"]) for r in pair} <= {("a", "b"), ("b", "c"), ("c", "a")}
+    with pytest.raises(DataError, match="--flip names class 'z'"):
+        inject_label_noise(src, tmp_path / "bad", 0.3, seed=0, kind="asymmetric", flip_map={"a": "z"})
+    with pytest.raises(DataError, match="source:target"):
+        parse_flip_map("a-b")
+
+
+def test_detection_metrics():
+    positive = np.array([True, True, False, False, False, False, False, False, False, False])
+    perfect = np.arange(10, 0, -1).astype(float)
+    assert roc_auc(perfect, positive) == 1.0 and roc_auc(-perfect, positive) == 0.0
+    assert recall_at(perfect, positive, (0.1, 0.2, 0.3)) == {"10%": 0.5, "20%": 1.0, "30%": 1.0}
+    curve = recall_curve(perfect, positive, points=11)
+    assert curve[0] == 0 and curve[1] == 0.5 and curve[2] == 1.0 and curve[-1] == 1.0
+    assert roc_auc(np.ones(10), positive) == 0.5  # ties count half
+
+
+def test_checkpoint_subsets():
+    s = checkpoint_subsets(6)
+    assert s["all"] == [0, 1, 2, 3, 4, 5] and s["last"] == [5] and s["early half"] == [0, 1, 2]
+    assert s["late half"] == [3, 4, 5] and s["every other"] == [1, 3, 5]
+    assert checkpoint_subsets(1)["early half"] == [0]
+
+
+TINY = ["--epochs", "2", "--save_every", "1", "--batch_size", "8", "--image_size", "12", "--device", "cpu", "--quiet"]
+
+
+def test_evaluate_mislabel_end_to_end(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "d", classes=("a", "b", "c"), n_train=12, n_test=3)
+    out = tmp_path / "eval"
+    assert main(["evaluate", "mislabel", "--data", str(data), "--noise_rate", "0.2", "--seeds", "0", "1",
+                 "--cv_folds", "2", "--output_dir", str(out)] + TINY) == 0
+    printed = capsys.readouterr().out
+    assert "| tracin self-influence |" in printed and "cleanlab" in printed
+    r = json.loads((out / "mislabel_evaluation.json").read_text())
+    assert set(r["summary"]) == {"tracin self-influence", "loss (final model)", "loss (summed over checkpoints)",
+                                 "cleanlab (cross-validated)"}
+    assert len(r["per_seed"]) == 8 and all(row["n_flipped"] == 7 for row in r["per_seed"])  # round(0.2 * 36)
+    assert all(0 <= row["roc_auc"] <= 1 for row in r["per_seed"])
+    assert set(r["checkpoint_study"]) >= {"all", "last", "first"}
+    assert (out / "recall_vs_inspected.png").stat().st_size > 1000
+    assert (out / "manifest.json").exists() is False  # not an influence results folder
+
+
+def test_evaluate_cleaning_end_to_end(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "d", classes=("a", "b"), n_train=12, n_test=3)
+    out = tmp_path / "clean"
+    assert main(["evaluate", "cleaning", "--data", str(data), "--noise_rate", "0.25", "--fraction", "0.25",
+                 "--output_dir", str(out)] + TINY) == 0
+    r = json.loads((out / "cleaning_evaluation.json").read_text())
+    rows = {row["method"]: row for row in r["per_seed"]}
+    assert set(rows) == {"none (noisy labels)", "tracin self-influence", "loss (final model)", "random", "oracle (the flipped images)"}
+    assert rows["oracle (the flipped images)"]["flipped_among_changed"] == 6 == rows["tracin self-influence"]["changed"]
+    assert all(0 <= row["test_accuracy"] <= 1 for row in rows.values())
+    assert main(["evaluate", "cleaning", "--data", str(tmp_path / "nowhere"), "--output_dir", str(out)] + TINY) == 2
+    assert "neither 'digits', 'shapes' nor a folder" in capsys.readouterr().err
