@@ -68,11 +68,11 @@ def test_evaluate_mislabel_end_to_end(tmp_path, capsys):
     assert main(["evaluate", "mislabel", "--data", str(data), "--noise_rate", "0.2", "--seeds", "0", "1",
                  "--cv_folds", "2", "--output_dir", str(out)] + TINY) == 0
     printed = capsys.readouterr().out
-    assert "| tracin self-influence |" in printed and "cleanlab" in printed
+    assert "| tracin self-influence (last layer) |" in printed and "cleanlab" in printed
     r = json.loads((out / "mislabel_evaluation.json").read_text())
-    assert set(r["summary"]) == {"tracin self-influence", "loss (final model)", "loss (summed over checkpoints)",
-                                 "cleanlab (cross-validated)"}
-    assert len(r["per_seed"]) == 8 and all(row["n_flipped"] == 7 for row in r["per_seed"])  # round(0.2 * 36)
+    assert set(r["summary"]) == {"tracin self-influence (last layer)", "tracin self-influence (all layers)", "loss (final model)",
+                                 "loss (summed over checkpoints)", "cleanlab (cross-validated)"}
+    assert len(r["per_seed"]) == 10 and all(row["n_flipped"] == 7 for row in r["per_seed"])  # round(0.2 * 36)
     assert all(0 <= row["roc_auc"] <= 1 for row in r["per_seed"])
     assert set(r["checkpoint_study"]) >= {"all", "last", "first"}
     assert (out / "recall_vs_inspected.png").stat().st_size > 1000

@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add(e, "--learning_rate", type=float, default=0.02)
         _add(e, "--batch_size", type=int, default=32)
         _add(e, "--image_size", type=int, default=16)
-        _add(e, "--layers", type=parse_layers, default="all")
+        _add(e, "--layers", type=parse_layers, default="last", help="layers of the self-influence ranking (all layers is also reported by mislabel)")
         _add(e, "--device", default="auto")
         _add(e, "--quiet", action="store_true")
     _add(em, "--cv_folds", type=int, default=5, help="folds of the cross-validated cleanlab baseline")

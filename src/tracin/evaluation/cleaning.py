@@ -20,7 +20,7 @@ from ..errors import DataError
 from ..outputs import begin_results, write_csv, write_json
 from .common import Training, clean_source, final_test_accuracy, noisy_copy, per_checkpoint_scores, summarise
 
-METHODS = ("tracin self-influence", "loss (final model)", "random", "oracle (the flipped images)")
+METHODS = ("tracin self-influence", "loss (final model)", "random", "oracle (the flipped images)")  # self-influence over --layers
 
 
 def _cleaned_copy(noisy: Path, target: Path, chosen: np.ndarray, action: str, predicted: np.ndarray) -> None:

@@ -35,7 +35,7 @@ class Training:
     batch_size: int = 32
     image_size: int = 16
     device: str = "auto"
-    layers: object = "all"
+    layers: object = "last"
 
     def fit(self, data_dir: Path, checkpoint_dir: Path, seed: int, save_every: Optional[int] = None):
         args = {k: v for k, v in asdict(self).items() if k not in ("device", "layers")}
@@ -80,21 +80,27 @@ def final_test_accuracy(log_csv: Path) -> float:
         return float(list(csv.DictReader(f))[-1]["test_accuracy"])
 
 
-def per_checkpoint_scores(data_dir: Path, checkpoint_dir: Path, training: Training) -> Dict[str, np.ndarray]:
-    """For every checkpoint c: ``self_influence`` [C, n] (lr_c * |g_c|^2, exact, all layers in
-    ``training.layers``) and ``loss`` [C, n] (cross-entropy with the given label). Sums over any
-    subset of rows are the scores of that subset of checkpoints; ``lr`` [C] and ``epoch`` [C]."""
+def per_checkpoint_scores(data_dir: Path, checkpoint_dir: Path, training: Training,
+                          also_layers: Sequence[object] = ()) -> Dict[str, np.ndarray]:
+    """For every checkpoint c: ``self_influence`` [C, n] (lr_c * |g_c|^2, exact, over
+    ``training.layers``; ``self_influence:<layers>`` for each of ``also_layers``) and ``loss`` [C, n]
+    (cross-entropy with the given label). Sums over any subset of rows are the scores of that subset
+    of checkpoints; ``lr`` [C] and ``epoch`` [C]; ``predicted`` [n] by the last checkpoint."""
     setup = image_setup(data_dir, checkpoint_dir)
     device = resolve_device(training.device)
-    self_inf, losses = [], []
+    layer_sets = [training.layers] + [x for x in also_layers if x != training.layers]
+    self_inf: Dict[str, List[np.ndarray]] = {str(x): [] for x in layer_sets}
+    losses = []
     for ck in setup.checkpoints:
-        tr = TracIn(setup.model, [ck], layers=training.layers, device=device, batch_size=256, progress=False)
-        self_inf.append(tr.self_influence(setup.train).numpy())
+        for layers in layer_sets:
+            tr = TracIn(setup.model, [ck], layers=layers, device=device, batch_size=256, progress=False)
+            self_inf[str(layers)].append(tr.self_influence(setup.train).numpy())
         setup.model.load_state_dict(ck.state_dict())
         probs = predict_proba(setup.model, setup.train, device, 256)
         labels = torch.tensor(setup.train_split.labels)
         losses.append(F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="none").numpy())
-    return {"self_influence": np.stack(self_inf), "loss": np.stack(losses),
+    extra = {f"self_influence:{x}": np.stack(self_inf[str(x)]) for x in layer_sets[1:]}
+    return {"self_influence": np.stack(self_inf[str(training.layers)]), **extra, "loss": np.stack(losses),
             "lr": np.array([ck.learning_rate for ck in setup.checkpoints]),
             "epoch": np.array([ck.epoch or 0 for ck in setup.checkpoints]),
             "predicted": probs.argmax(1).numpy(), "labels": labels.numpy()}

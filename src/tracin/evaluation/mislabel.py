@@ -1,14 +1,15 @@
 """``tracin evaluate mislabel``: does self-influence find flipped labels, and better than the baselines?
 
 Per seed: flip labels (uniform or asymmetric), train with checkpoints, and rank the training images by
-  tracin self-influence    sum over checkpoints of lr_c |g_c|^2 (exact, all layers);
+  tracin self-influence    sum over checkpoints of lr_c |g_c|^2 (exact), over the chosen layers (the
+                           last layer by default, as in `tracin influence`) and over all layers;
   loss (final model)       cross-entropy of the given label under the last checkpoint;
   loss (summed)            the same summed over the checkpoints;
   cleanlab                 1 - cleanlab's label-quality score from out-of-fold probabilities of the same
                            architecture trained the same way (K-fold cross-validation);
 then report, for each, recall of the flipped labels after inspecting 5/10/15/20/30% and ROC AUC, with
 mean and spread over seeds, a recall-vs-fraction-inspected plot, and the checkpoint-choice study
-(which checkpoints' self-influence detects best).
+(which checkpoints' self-influence, over the chosen layers, detects best).
 """
 from __future__ import annotations
 
@@ -32,10 +33,16 @@ def checkpoint_subsets(count: int) -> Dict[str, List[int]]:
     return {name: idx for name, idx in subsets.items() if idx}
 
 
-def method_scores(scores: Dict[str, np.ndarray], pred_probs: Optional[np.ndarray]) -> Dict[str, np.ndarray]:
+def _layers_name(layers: object) -> str:
+    return {"last": "last layer", "all": "all layers"}.get(str(layers), f"layers {layers}")
+
+
+def method_scores(scores: Dict[str, np.ndarray], pred_probs: Optional[np.ndarray], layers: object) -> Dict[str, np.ndarray]:
     """Suspicion scores [n] per method (higher = more likely mislabelled)."""
-    out = {"tracin self-influence": scores["self_influence"].sum(0), "loss (final model)": scores["loss"][-1],
-           "loss (summed over checkpoints)": scores["loss"].sum(0)}
+    out = {f"tracin self-influence ({_layers_name(layers)})": scores["self_influence"].sum(0)}
+    out.update({f"tracin self-influence ({_layers_name(key.split(':', 1)[1])})": v.sum(0)
+                for key, v in scores.items() if key.startswith("self_influence:")})
+    out.update({"loss (final model)": scores["loss"][-1], "loss (summed over checkpoints)": scores["loss"].sum(0)})
     if pred_probs is not None:
         out["cleanlab (cross-validated)"] = cleanlab_scores(scores["labels"], pred_probs)
     return out
@@ -57,9 +64,9 @@ def run_mislabel(data: str, output_dir: Path, noise_rate: float = 0.1, seeds: Se
         noisy = work / f"noisy_seed{seed}"
         flipped = noisy_copy(source, noisy, noise_rate, seed, noise, flip_map)
         summary = training.fit(noisy, noisy / "checkpoints", seed)
-        scores = per_checkpoint_scores(noisy, noisy / "checkpoints", training)
+        scores = per_checkpoint_scores(noisy, noisy / "checkpoints", training, also_layers=["all"])
         probs = cross_validated_probabilities(noisy, work / f"cv_seed{seed}", training, cv_folds, seed) if use_cleanlab else None
-        for method, s in method_scores(scores, probs).items():
+        for method, s in method_scores(scores, probs, training.layers).items():
             per_seed.append({"seed": seed, "method": method, "n_train": len(s), "n_flipped": int(flipped.sum()),
                              "roc_auc": roc_auc(s, flipped), **{f"recall@{k}": v for k, v in recall_at(s, flipped).items()}})
             curves.setdefault(method, []).append(recall_curve(s, flipped))
