@@ -189,3 +189,16 @@ def test_pykeen_model_with_unsupported_parameters_is_named():
     ckpts, _ = perturbed_checkpoints(model, [0.1])
     with pytest.raises(UnsupportedModuleError, match="TuckERInteraction"):
         TracIn(model, ckpts, task=KGETask(7), progress=False)
+
+
+def test_kge_cli_sampling_and_projection(trained):
+    root, files, _ = trained
+    out = root / "approx"
+    assert _cli(files, root / "ck", out, "--test_indices", "1", "--top_k", "3", "--sample_rate", "0.5",
+                "--stratify_by", "relation", "--use_projection", "--projection_dim", "16", "--self_influence") == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["parameters"]["projection_dim"] == 16 and manifest["parameters"]["stratify_by"] == "relation"
+    scores = np.load(out / "self_influence.npy")
+    assert scores.shape == (60,) and 25 <= int(np.isfinite(scores).sum()) <= 35  # half of each relation scored
+    picked = np.load(out / "top_k_influences_indices.npy")
+    assert picked.shape == (1, 3) and np.isfinite(scores[picked[0]]).all()  # indices into the full training set
