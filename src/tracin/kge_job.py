@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -42,7 +42,6 @@ class KGEJob:
     seed: int = 0
     trust_checkpoint: bool = False
     progress: bool = True
-    extra: Dict[str, Any] = field(default_factory=dict)
 
 
 def run_kge(job: KGEJob) -> Dict[str, Any]:
@@ -104,5 +103,5 @@ def run_kge(job: KGEJob) -> Dict[str, Any]:
         written += write_self_influence(out, [key(t) for t in train_labels], tr.self_influence(train_set).numpy())
     data = {"n_train": len(train), "n_test": len(test), "test_indices": chosen, "num_entities": n_ent,
             "num_relations": model.num_relations, "model_class": type(model).__name__}
-    return write_manifest(out, "kge", {k: v for k, v in vars(job).items() if k != "extra"}, checkpoints, tr.scope(),
+    return write_manifest(out, "kge", vars(job), checkpoints, tr.scope(),
                           tr.num_parameters, tr.device, tr.last_stats, written, data, time.perf_counter() - start)
