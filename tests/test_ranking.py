@@ -61,8 +61,20 @@ def test_ghm_loss_of_a_pair_does_not_depend_on_its_batch():
         whole = task.loss(model, (train.x1, train.x2, train.target, train.pair_ids))
         parts = torch.cat([task.loss(model, (train.x1[i:i + 7], train.x2[i:i + 7], train.target[i:i + 7], None)) for i in range(0, 30, 7)])
     assert torch.allclose(whole, parts)
-    w = task.bin_weights[0]
+    (w,) = task.bin_weights.values()
     assert w.shape == (4,) and (w >= 0).all()
+
+
+def test_ghm_task_reused_with_other_checkpoints_recomputes_its_histograms():
+    model = ranking_mlp(6, (8,))
+    train, test = make_pairs(24, 0), make_pairs(5, 1)
+    first, _ = perturbed_checkpoints(model, [0.1, 0.05], seed=1, scale=0.5)
+    second, _ = perturbed_checkpoints(model, [0.1, 0.05], seed=2, scale=0.5)
+    shared = RankingTask("ghm", ghm_bins=4, train=train)
+    TracIn(model, first, task=shared, progress=False).influence_matrix(train, test)
+    reused = TracIn(model, second, task=shared, progress=False).influence_matrix(train, test)
+    fresh = TracIn(model, second, task=RankingTask("ghm", ghm_bins=4, train=train), progress=False).influence_matrix(train, test)
+    assert torch.allclose(reused, fresh)
 
 
 def test_pair_files_round_trip(tmp_path):

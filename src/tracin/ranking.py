@@ -175,8 +175,8 @@ class RankingTask(Task):
             raise DataError("The GHM loss needs the training pairs (train=...) and ghm_bins >= 1 for its histogram.")
         self.loss_type, self.margin, self.bins, self.alpha = loss_type, margin, ghm_bins, ghm_alpha
         self.train, self.stats_batch_size = train, batch_size
-        self.bin_weights: Dict[int, torch.Tensor] = {}  # checkpoint index -> [bins] weights
-        self._current: Optional[int] = None
+        self.bin_weights: Dict[Tuple[int, float], torch.Tensor] = {}  # (checkpoint index, weight fingerprint) -> [bins]
+        self._current: Optional[Tuple[int, float]] = None
 
     def scores(self, model: nn.Module, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
         return _side_scores(model, batch[0]), _side_scores(model, batch[1])
@@ -188,8 +188,10 @@ class RankingTask(Task):
         return (torch.sigmoid(s1 - s2) - (target + 1) / 2).abs()
 
     def on_checkpoint(self, model: nn.Module, index: int) -> None:
-        self._current = index
-        if self.loss_type != "ghm" or index in self.bin_weights:
+        # keyed by the weights too, so a task reused with other checkpoints never sees stale statistics
+        key = (index, float(sum(p.detach().double().sum() for p in model.parameters())))
+        self._current = key
+        if self.loss_type != "ghm" or key in self.bin_weights:
             return
         device = next(model.parameters()).device
         counts = torch.zeros(self.bins, dtype=torch.float64)
@@ -199,7 +201,7 @@ class RankingTask(Task):
             counts += torch.bincount(self._bin(g).cpu(), minlength=self.bins).double()
         total, filled = counts.sum(), (counts > 0).sum()
         weights = torch.where(counts > 0, total / (counts.clamp_min(1) * filled), torch.zeros_like(counts))
-        self.bin_weights[index] = weights.pow(self.alpha)
+        self.bin_weights[key] = weights.pow(self.alpha)
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         s1, s2 = self.scores(model, batch)

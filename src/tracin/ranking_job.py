@@ -38,8 +38,7 @@ def train_ranking(train: PairData, checkpoint_dir: Path, epochs: int = 5, learni
     for epoch in range(1, epochs + 1):
         model.eval()
         with torch.no_grad():
-            task.bin_weights.pop(0, None)
-            task.on_checkpoint(model, 0)
+            task.on_checkpoint(model, 0)  # the histogram at the epoch's starting weights
         model.train()
         for batch in DataLoader(train, batch_size=batch_size, shuffle=True, generator=gen):
             opt.zero_grad()
