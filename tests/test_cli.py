@@ -195,3 +195,32 @@ def test_gradcam_without_the_package_is_a_clear_error(trained, monkeypatch, caps
     monkeypatch.setattr(builtins, "__import__", no_gradcam)
     code, err = _err(capsys, ["report", "--results_dir", str(out), "--gradcam", "1"])
     assert code == 2 and "pip install 'tracin[gradcam]'" in err
+
+
+def test_summed_loss_beside_self_influence(trained):
+    """--summed_loss: each training image's cross-entropy summed over the checkpoints, in
+    self_influence.csv, summed_loss.npy and the report's mislabel_candidates.csv."""
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader
+
+    root, data, ckpt = trained
+    out = root / "with_loss"
+    assert main(["influence", "--data_dir", str(data), "--checkpoint_dir", str(ckpt), "--output_dir", str(out), "--top_k", "3",
+                 "--self_influence", "--summed_loss", "--quiet"]) == 0
+    classes = ["cat", "dog", "fox"]
+    split = scan_split(data, "train", classes)[0]
+    train = ImageDataset(split, image_transform(16, normalization("smallcnn")))
+    model = build_model("smallcnn", 3).eval()
+    want = 0
+    for ck in Checkpoint.discover(ckpt, "checkpoint_epoch_*"):
+        model.load_state_dict(ck.state_dict())
+        with torch.no_grad():
+            want = want + torch.cat([F.cross_entropy(model(x), y, reduction="none") for x, y in DataLoader(train, batch_size=7)])
+    got = np.load(out / "summed_loss.npy")
+    assert np.allclose(got, want.double().numpy(), rtol=1e-5)
+    rows = {int(r["train_index"]): r for r in csv.DictReader(open(out / "self_influence.csv"))}
+    assert all(abs(float(rows[i]["summed_loss"]) - got[i]) <= 1e-6 * abs(got[i]) + 1e-9 for i in rows)
+    assert sorted(int(r["summed_loss_rank"]) for r in rows.values()) == list(range(1, len(rows) + 1))
+    assert main(["report", "--results_dir", str(out)]) == 0
+    candidates = list(csv.DictReader(open(out / "mislabel_candidates.csv")))
+    assert "summed_loss_rank" in candidates[0]

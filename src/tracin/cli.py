@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(i, "--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="bf16/fp16: autocast (approximate, faster on GPUs)")
     _add(i, "--normalize", choices=["none", "cosine", "train"], default="none",
          help="cosine: unit-length gradients per checkpoint; train: unit-length training gradients")
+    _add(i, "--summed_loss", action="store_true",
+         help="with --self_influence: also rank training images by their loss summed over the checkpoints")
 
     au = sub.add_parser("audit", help="speed and agreement of fast configurations against the exact scores")
     _add(au, "--data_dir", type=Path, required=True)
@@ -195,7 +197,7 @@ def _influence(a) -> None:
                                    a.test_subset, a.layers, a.self_influence, a.device, a.seed, budget, not a.quiet,
                                    a.num_workers, a.projection_dim if a.use_projection else None, a.projection_type,
                                    a.sample_rate, a.stratify_by, a.trust_checkpoint, a.full_matrix, a.overwrite,
-                                   a.precision, a.normalize))
+                                   a.precision, a.normalize, a.summed_loss))
     if m is None:  # a torchrun rank other than 0: rank 0 reports
         return
     skipped = len(m["data"]["skipped_files"])

@@ -59,6 +59,7 @@ class InfluenceJob:
     overwrite: bool = False
     precision: str = "fp32"
     normalize: str = "none"
+    summed_loss: bool = False
 
 
 def _subset(n: int, size: Optional[int], seed: int, what: str) -> np.ndarray:
@@ -82,6 +83,19 @@ def predict_proba(model: torch.nn.Module, dataset, device: torch.device, batch_s
 def _predict(model: torch.nn.Module, dataset, device: torch.device, batch_size: int, num_workers: int = 0):
     conf, pred = predict_proba(model, dataset, device, batch_size, num_workers).max(1)
     return pred.numpy(), conf.numpy()
+
+
+def _summed_loss(model: torch.nn.Module, checkpoints: List[Checkpoint], dataset, labels: List[int], device: torch.device,
+                 job: InfluenceJob) -> np.ndarray:
+    """Each training image's cross-entropy with its given label, summed over the checkpoints [n]
+    (one forward pass per checkpoint): a strong mislabel score beside self-influence (docs/quality.md)."""
+    target = torch.tensor(labels)
+    total = torch.zeros(len(labels), dtype=torch.float64)
+    for ck in checkpoints:
+        model.load_state_dict(ck.state_dict())
+        probs = predict_proba(model, dataset, device, job.batch_size, job.num_workers)
+        total += torch.nn.functional.nll_loss(probs.double().clamp_min(1e-300).log(), target, reduction="none")
+    return total.numpy()
 
 
 @dataclass
@@ -223,17 +237,26 @@ def _run_influence(job: InfluenceJob) -> Optional[Dict[str, Any]]:
             {"index": int(i), "file": str(paths[i]), "label": class_names[labels[i]], "predicted": class_names[int(p)],
              "confidence": float(c), "correct": int(labels[i] == int(p))}
             for i, p, c in zip(idx.tolist(), pred, conf)), ["index", "file", "label", "predicted", "confidence", "correct"]))
+    loss_total = _summed_loss(model, checkpoints, train_set, [train_labels[i] for i in train_idx], tr.device, job) \
+        if result.self_influence is not None and job.summed_loss else None
     if result.self_influence is not None:
         s = result.self_influence.numpy()
         order = np.argsort(-np.nan_to_num(s, nan=-np.inf), kind="stable")[: int(np.isfinite(s).sum())]  # sampled only
         rank_of = np.zeros(len(s), dtype=np.int64)
         rank_of[order] = np.arange(1, len(order) + 1)
         written.append(write_npy(out / "self_influence.npy", s))
+        loss_rank = np.empty(len(s), dtype=np.int64)
+        if loss_total is not None:
+            loss_rank[np.argsort(-loss_total, kind="stable")] = np.arange(1, len(s) + 1)
+            written.append(write_npy(out / "summed_loss.npy", loss_total))
+        extra = (lambda p: {"summed_loss": float(loss_total[p]), "summed_loss_rank": int(loss_rank[p])}) if loss_total is not None \
+            else (lambda p: {})  # noqa: E731
         written.append(write_csv(out / "self_influence.csv", (
             {"train_index": int(train_idx[p]), "train_file": str(train_paths[train_idx[p]]),
              "label": class_names[train_labels[train_idx[p]]], "predicted": class_names[int(train_pred[p])],
-             "score": float(s[p]), "rank": int(rank_of[p])} for p in order),
-            ["train_index", "train_file", "label", "predicted", "score", "rank"]))
+             "score": float(s[p]), "rank": int(rank_of[p]), **extra(p)} for p in order),
+            ["train_index", "train_file", "label", "predicted", "score", "rank"]
+            + (["summed_loss", "summed_loss_rank"] if loss_total is not None else [])))
 
     import torchvision
 

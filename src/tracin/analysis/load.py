@@ -51,7 +51,9 @@ def load_results(directory: Path) -> Results:
         raise DataError(f"{directory} lacks {needed}; re-run 'tracin influence' into it.")
     self_rows = None
     if (directory / "self_influence.csv").is_file():
-        self_rows = [{**r, "train_index": int(r["train_index"]), "score": float(r["score"]), "rank": int(r["rank"])}
+        self_rows = [{**r, "train_index": int(r["train_index"]), "score": float(r["score"]), "rank": int(r["rank"]),
+                      **({"summed_loss": float(r["summed_loss"]), "summed_loss_rank": int(r["summed_loss_rank"])}
+                         if r.get("summed_loss") not in (None, "") else {})}
                      for r in read_csv(directory / "self_influence.csv")]
     return Results(
         directory=directory, manifest=manifest, class_names=list(manifest["data"]["class_names"]),

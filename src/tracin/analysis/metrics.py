@@ -112,5 +112,6 @@ def mislabel_candidates(res: Results) -> List[Dict[str, Any]]:
     if res.self_influence is None:
         return []
     return [{"rank": r["rank"], "train_index": r["train_index"], "file": r["train_file"], "label": r["label"],
-             "predicted": r["predicted"], "self_influence": r["score"], "model_disagrees": r["label"] != r["predicted"]}
+             "predicted": r["predicted"], "self_influence": r["score"], "model_disagrees": r["label"] != r["predicted"],
+             **{k: r[k] for k in ("summed_loss", "summed_loss_rank") if k in r}}
             for r in sorted(res.self_influence, key=lambda r: r["rank"])]

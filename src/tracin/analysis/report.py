@@ -83,7 +83,8 @@ def build_report(results_dir: Path, top_n: int = 10, html_tests: int = 100, grad
     mislabels = mislabel_candidates(res)
     if mislabels:
         write_csv(out / "mislabel_candidates.csv", mislabels,
-                  ["rank", "train_index", "file", "label", "predicted", "self_influence", "model_disagrees"])
+                  ["rank", "train_index", "file", "label", "predicted", "self_influence", "model_disagrees"]
+                  + [k for k in ("summed_loss", "summed_loss_rank") if k in mislabels[0]])
 
     influencers = class_influencers(res, top_n)
     class_rows = class_summary(res)
