@@ -46,7 +46,8 @@ def test_torchrun_two_processes_match_one(tmp_path):
     assert one.returncode == 0, one.stderr[-2000:]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            "-m", "tracin"] + args + ["--output_dir", str(tmp_path / "two"), "--device", "cpu"],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "GLOO_SOCKET_IFNAME": "lo"})  # one host: gloo on loopback, whatever the hostname resolves to
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-8000:]
     for name in ("top_k_influences_indices.npy", "top_k_opponents_indices.npy"):
         assert np.array_equal(np.load(tmp_path / "one" / name), np.load(tmp_path / "two" / name)), name
