@@ -17,8 +17,8 @@ import numpy as np
 from ..data.images import scan_split
 from ..data.noise import place
 from ..errors import DataError
-from ..outputs import begin_results, write_csv, write_json
-from .common import Training, clean_source, final_test_accuracy, noisy_copy, per_checkpoint_scores, summarise
+from ..outputs import write_csv, write_json
+from .common import Training, final_test_accuracy, noisy_runs, summarise
 
 METHODS = ("tracin self-influence", "loss (final model)", "random", "oracle (the flipped images)")  # self-influence over --layers
 
@@ -49,15 +49,9 @@ def run_cleaning(data: str, output_dir: Path, noise_rate: float = 0.1, seeds: Se
         raise DataError(f"--fraction must be in (0, 1), got {fraction}.")
     training = training or Training()
     out = Path(output_dir)
-    begin_results(out)
-    work = out / "work"
-    source = clean_source(data, work)
     rows: List[Dict[str, Any]] = []
-    for seed in seeds:
-        noisy = work / f"noisy_seed{seed}"
-        flipped = noisy_copy(source, noisy, noise_rate, seed, noise, flip_map)
-        base = training.fit(noisy, noisy / "checkpoints", seed)
-        scores = per_checkpoint_scores(noisy, noisy / "checkpoints", training)
+    for run in noisy_runs(data, out, noise_rate, seeds, noise, flip_map, training):
+        seed, noisy, flipped, base, scores, work = run.seed, run.noisy, run.flipped, run.summary, run.scores, run.work
         n = len(flipped)
         k = max(1, int(round(fraction * n)))
         rng = np.random.default_rng(seed)

@@ -6,7 +6,7 @@ import csv
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ from ..data.shapes import write_shapes_folder
 from ..device import resolve_device
 from ..errors import DataError
 from ..image_influence import image_setup, predict_proba
+from ..outputs import begin_results
 from ..train import train_image_classifier
 
 FRACTIONS = (0.05, 0.10, 0.15, 0.20, 0.30)
@@ -104,6 +105,35 @@ def per_checkpoint_scores(data_dir: Path, checkpoint_dir: Path, training: Traini
             "lr": np.array([ck.learning_rate for ck in setup.checkpoints]),
             "epoch": np.array([ck.epoch or 0 for ck in setup.checkpoints]),
             "predicted": probs.argmax(1).numpy(), "labels": labels.numpy()}
+
+
+@dataclass
+class NoisyRun:
+    """One seed of an evaluation: the noisy copy, which labels were flipped [n], the training run's
+    summary and the per-checkpoint scores of :func:`per_checkpoint_scores`."""
+
+    seed: int
+    work: Path
+    noisy: Path
+    flipped: np.ndarray
+    summary: object
+    scores: Dict[str, np.ndarray]
+
+
+def noisy_runs(data: str, output_dir: Path, noise_rate: float, seeds: Sequence[int], noise: str, flip_map,
+               training: Training, also_layers: Sequence[object] = ()) -> Iterator[NoisyRun]:
+    """For each seed: flip labels in a copy of the data, train with checkpoints, score every training
+    image per checkpoint. ``output_dir`` is marked incomplete first; the copies go to ``output_dir/work``."""
+    out = Path(output_dir)
+    begin_results(out)
+    work = out / "work"
+    source = clean_source(data, work)
+    for seed in seeds:
+        noisy = work / f"noisy_seed{seed}"
+        flipped = noisy_copy(source, noisy, noise_rate, seed, noise, flip_map)
+        summary = training.fit(noisy, noisy / "checkpoints", seed)
+        yield NoisyRun(seed, work, noisy, flipped, summary,
+                       per_checkpoint_scores(noisy, noisy / "checkpoints", training, also_layers))
 
 
 def cross_validated_probabilities(data_dir: Path, workdir: Path, training: Training, folds: int, seed: int) -> np.ndarray:

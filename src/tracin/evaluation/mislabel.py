@@ -19,9 +19,9 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ..outputs import begin_results, write_csv, write_json
-from .common import (FRACTIONS, Training, clean_source, cleanlab_scores, cross_validated_probabilities, noisy_copy,
-                     per_checkpoint_scores, recall_at, recall_curve, roc_auc, summarise)
+from ..outputs import write_csv, write_json
+from .common import (FRACTIONS, Training, cleanlab_scores, cross_validated_probabilities, noisy_runs, recall_at,
+                     recall_curve, roc_auc, summarise)
 
 
 def checkpoint_subsets(count: int) -> Dict[str, List[int]]:
@@ -53,19 +53,13 @@ def run_mislabel(data: str, output_dir: Path, noise_rate: float = 0.1, seeds: Se
                  use_cleanlab: bool = True, progress: bool = True) -> Dict[str, Any]:
     training = training or Training()
     out = Path(output_dir)
-    begin_results(out)
-    work = out / "work"
-    source = clean_source(data, work)
     per_seed: List[Dict[str, Any]] = []
     curves: Dict[str, List[np.ndarray]] = {}
     study: List[Dict[str, Any]] = []
-    for seed in seeds:
-        start = time.perf_counter()
-        noisy = work / f"noisy_seed{seed}"
-        flipped = noisy_copy(source, noisy, noise_rate, seed, noise, flip_map)
-        summary = training.fit(noisy, noisy / "checkpoints", seed)
-        scores = per_checkpoint_scores(noisy, noisy / "checkpoints", training, also_layers=["all"])
-        probs = cross_validated_probabilities(noisy, work / f"cv_seed{seed}", training, cv_folds, seed) if use_cleanlab else None
+    start = time.perf_counter()
+    for run in noisy_runs(data, out, noise_rate, seeds, noise, flip_map, training, also_layers=["all"]):
+        seed, flipped, summary, scores = run.seed, run.flipped, run.summary, run.scores
+        probs = cross_validated_probabilities(run.noisy, run.work / f"cv_seed{seed}", training, cv_folds, seed) if use_cleanlab else None
         for method, s in method_scores(scores, probs, training.layers).items():
             per_seed.append({"seed": seed, "method": method, "n_train": len(s), "n_flipped": int(flipped.sum()),
                              "roc_auc": roc_auc(s, flipped), **{f"recall@{k}": v for k, v in recall_at(s, flipped).items()}})
@@ -79,6 +73,7 @@ def run_mislabel(data: str, output_dir: Path, noise_rate: float = 0.1, seeds: Se
             print(f"seed {seed}: {int(flipped.sum())} flipped of {len(flipped)}, test accuracy {summary.best_test_accuracy:.1%}; "
                   + "; ".join(f"{m} AUC {r['roc_auc']:.3f}, recall@15% {r['recall@15%']:.2f}" for m, r in best.items())
                   + f" ({time.perf_counter() - start:.0f}s)", flush=True)
+        start = time.perf_counter()
     metrics = ["roc_auc"] + [f"recall@{int(round(f * 100))}%" for f in FRACTIONS]
     summary_rows = {m: {k: summarise([r[k] for r in per_seed if r["method"] == m]) for k in metrics} for m in curves}
     study_rows = {name: {k: summarise([r[k] for r in study if r["checkpoints"] == name]) for k in ("roc_auc", "recall@15%")}
