@@ -8,10 +8,11 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
 from . import __version__
@@ -20,6 +21,7 @@ from .checkpoints import Checkpoint
 from .data.images import ImageDataset, image_transform, scan_split
 from .distributed import init_from_env, rank_and_world
 from .errors import CheckpointError, TracInError
+from .jobs import descending_ranks
 from .outputs import (
     MANIFEST,
     begin_results,
@@ -85,17 +87,18 @@ def _predict(model: torch.nn.Module, dataset, device: torch.device, batch_size: 
     return pred.numpy(), conf.numpy()
 
 
-def _summed_loss(model: torch.nn.Module, checkpoints: List[Checkpoint], dataset, labels: List[int], device: torch.device,
-                 job: InfluenceJob) -> np.ndarray:
-    """Each training image's cross-entropy with its given label, summed over the checkpoints [n]
-    (one forward pass per checkpoint): a strong mislabel score beside self-influence (docs/quality.md)."""
-    target = torch.tensor(labels)
-    total = torch.zeros(len(labels), dtype=torch.float64)
+def checkpoint_probabilities(model: torch.nn.Module, checkpoints: List[Checkpoint], dataset, device: torch.device,
+                             batch_size: int, num_workers: int = 0) -> Iterator[torch.Tensor]:
+    """Class probabilities [n, classes] under each checkpoint in turn (the model keeps the last one's weights)."""
     for ck in checkpoints:
         model.load_state_dict(ck.state_dict())
-        probs = predict_proba(model, dataset, device, job.batch_size, job.num_workers)
-        total += torch.nn.functional.nll_loss(probs.double().clamp_min(1e-300).log(), target, reduction="none")
-    return total.numpy()
+        yield predict_proba(model, dataset, device, batch_size, num_workers)
+
+
+def label_losses(probs: torch.Tensor, labels: List[int]) -> np.ndarray:
+    """Cross-entropy of each example's given label, [n] in float64. Summed over checkpoints it is a
+    strong mislabel score (docs/quality.md)."""
+    return F.nll_loss(probs.double().clamp_min(1e-300).log(), torch.tensor(labels), reduction="none").numpy()
 
 
 @dataclass
@@ -237,26 +240,22 @@ def _run_influence(job: InfluenceJob) -> Optional[Dict[str, Any]]:
             {"index": int(i), "file": str(paths[i]), "label": class_names[labels[i]], "predicted": class_names[int(p)],
              "confidence": float(c), "correct": int(labels[i] == int(p))}
             for i, p, c in zip(idx.tolist(), pred, conf)), ["index", "file", "label", "predicted", "confidence", "correct"]))
-    loss_total = _summed_loss(model, checkpoints, train_set, [train_labels[i] for i in train_idx], tr.device, job) \
-        if result.self_influence is not None and job.summed_loss else None
     if result.self_influence is not None:
         s = result.self_influence.numpy()
-        order = np.argsort(-np.nan_to_num(s, nan=-np.inf), kind="stable")[: int(np.isfinite(s).sum())]  # sampled only
-        rank_of = np.zeros(len(s), dtype=np.int64)
-        rank_of[order] = np.arange(1, len(order) + 1)
+        order, rank_of = descending_ranks(s)  # sampled examples only
         written.append(write_npy(out / "self_influence.npy", s))
-        loss_rank = np.empty(len(s), dtype=np.int64)
-        if loss_total is not None:
-            loss_rank[np.argsort(-loss_total, kind="stable")] = np.arange(1, len(s) + 1)
+        extra: Dict[str, np.ndarray] = {}
+        if job.summed_loss:
+            labels = [train_labels[i] for i in train_idx]
+            loss_total = sum(label_losses(p, labels) for p in checkpoint_probabilities(
+                model, checkpoints, train_set, tr.device, job.batch_size, job.num_workers))
             written.append(write_npy(out / "summed_loss.npy", loss_total))
-        extra = (lambda p: {"summed_loss": float(loss_total[p]), "summed_loss_rank": int(loss_rank[p])}) if loss_total is not None \
-            else (lambda p: {})  # noqa: E731
+            extra = {"summed_loss": loss_total, "summed_loss_rank": descending_ranks(loss_total)[1]}
         written.append(write_csv(out / "self_influence.csv", (
             {"train_index": int(train_idx[p]), "train_file": str(train_paths[train_idx[p]]),
              "label": class_names[train_labels[train_idx[p]]], "predicted": class_names[int(train_pred[p])],
-             "score": float(s[p]), "rank": int(rank_of[p]), **extra(p)} for p in order),
-            ["train_index", "train_file", "label", "predicted", "score", "rank"]
-            + (["summed_loss", "summed_loss_rank"] if loss_total is not None else [])))
+             "score": float(s[p]), "rank": int(rank_of[p]), **{k: v[p].item() for k, v in extra.items()}} for p in order),
+            ["train_index", "train_file", "label", "predicted", "score", "rank"] + list(extra)))
 
     import torchvision
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import platform
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -15,13 +15,22 @@ from .checkpoints import Checkpoint
 from .outputs import MANIFEST, file_sha256, write_csv, write_json, write_npy
 
 
+def descending_ranks(values: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """(positions of the finite values, highest first [m]; rank of each position [n], 1 = highest,
+    0 where the value is NaN — an example left out by sampling)."""
+    order = np.argsort(-np.nan_to_num(values, nan=-np.inf), kind="stable")[: int(np.isfinite(values).sum())]
+    rank_of = np.zeros(len(values), dtype=np.int64)
+    rank_of[order] = np.arange(1, len(order) + 1)
+    return order, rank_of
+
+
 def write_self_influence(out: Path, ids: Sequence[str], scores: np.ndarray) -> List[Path]:
     """``self_influence.{npy,csv,json}``; JSON: ``{id: {"tracin_self_influence": score}}``, CSV ranked."""
-    order = np.argsort(-np.nan_to_num(scores, nan=-np.inf), kind="stable")
+    order, _ = descending_ranks(scores)
     return [
         write_npy(out / "self_influence.npy", scores),
         write_csv(out / "self_influence.csv", ({"id": ids[i], "score": float(scores[i]), "rank": r + 1}
-                                              for r, i in enumerate(order) if np.isfinite(scores[i])), ["id", "score", "rank"]),
+                                              for r, i in enumerate(order)), ["id", "score", "rank"]),
         write_json(out / "self_influence.json", {ids[i]: {"tracin_self_influence": float(scores[i])}
                                                  for i in range(len(ids)) if np.isfinite(scores[i])}),
     ]

@@ -85,6 +85,8 @@ def run_ranking(job: RankingJob) -> Dict[str, Any]:
     seeded sample of test pairs; writes npy/CSV/JSON and, last, ``manifest.json``."""
     if not (job.compute_self_influence or job.compute_influence):
         raise TracInError("Nothing to compute: pass --compute_self_influence, --compute_influence or both.")
+    if job.compute_influence and job.num_test_samples < 1:
+        raise TracInError(f"--num_test_samples must be at least 1, got {job.num_test_samples}.")
     start = time.perf_counter()
     train = read_pairs(job.pairs_train)
     test = read_pairs(job.pairs_test) if job.compute_influence else None
@@ -105,8 +107,6 @@ def run_ranking(job: RankingJob) -> Dict[str, Any]:
     if job.compute_self_influence:
         written += write_self_influence(out, train.pair_ids, tr.self_influence(train).numpy())
     if test is not None:
-        if job.num_test_samples < 1:
-            raise TracInError(f"--num_test_samples must be at least 1, got {job.num_test_samples}.")
         rng = np.random.default_rng(job.seed)
         chosen = np.sort(rng.choice(len(test), size=min(job.num_test_samples, len(test)), replace=False))
         matrix = tr.influence_matrix(train, Subset(test, chosen.tolist())).numpy()

@@ -5,6 +5,7 @@ full-length outputs (self-influence, the influence matrix)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Optional, Union
 
 import numpy as np
@@ -14,6 +15,7 @@ from torch.utils.data import DataLoader, Subset
 from .data import DataSource, dataset_size, make_loader
 from .distributed import rank_and_world, shard_range
 from .errors import TracInError
+from .tasks import Task
 
 
 def sample_indices(n: int, rate: float, seed: int = 0, strata: Optional[torch.Tensor] = None) -> np.ndarray:
@@ -71,7 +73,7 @@ def plan_training(data: DataSource, batch_size: int, num_workers: int, task, sam
         strata = None
         if stratify_by is not None:
             if isinstance(stratify_by, str):
-                strata_of = getattr(task, "strata", None) or (lambda batch, key: task.labels(batch) if key == "label" else None)
+                strata_of = getattr(task, "strata", None) or partial(Task.strata, task)  # duck-typed tasks: the default
                 parts = [strata_of(batch, stratify_by) for batch in loader]
             else:
                 parts = [stratify_by(batch) for batch in loader]

@@ -9,8 +9,6 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from ..api import TracIn
 from ..data.digits import write_digits_folder
@@ -18,7 +16,7 @@ from ..data.noise import inject_label_noise, place
 from ..data.shapes import write_shapes_folder
 from ..device import resolve_device
 from ..errors import DataError
-from ..image_influence import image_setup, predict_proba
+from ..image_influence import checkpoint_probabilities, image_setup, label_losses, predict_proba
 from ..outputs import begin_results
 from ..train import train_image_classifier
 
@@ -91,20 +89,20 @@ def per_checkpoint_scores(data_dir: Path, checkpoint_dir: Path, training: Traini
     device = resolve_device(training.device)
     layer_sets = [training.layers] + [x for x in also_layers if x != training.layers]
     self_inf: Dict[str, List[np.ndarray]] = {str(x): [] for x in layer_sets}
-    losses = []
     for ck in setup.checkpoints:
         for layers in layer_sets:
             tr = TracIn(setup.model, [ck], layers=layers, device=device, batch_size=256, progress=False)
             self_inf[str(layers)].append(tr.self_influence(setup.train).numpy())
-        setup.model.load_state_dict(ck.state_dict())
-        probs = predict_proba(setup.model, setup.train, device, 256)
-        labels = torch.tensor(setup.train_split.labels)
-        losses.append(F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="none").numpy())
+    labels = setup.train_split.labels
+    losses = []
+    for probs in checkpoint_probabilities(setup.model, setup.checkpoints, setup.train, device, 256):
+        losses.append(label_losses(probs, labels))
+    predicted = probs.argmax(1).numpy()  # by the last checkpoint
     extra = {f"self_influence:{x}": np.stack(self_inf[str(x)]) for x in layer_sets[1:]}
     return {"self_influence": np.stack(self_inf[str(training.layers)]), **extra, "loss": np.stack(losses),
             "lr": np.array([ck.learning_rate for ck in setup.checkpoints]),
             "epoch": np.array([ck.epoch or 0 for ck in setup.checkpoints]),
-            "predicted": probs.argmax(1).numpy(), "labels": labels.numpy()}
+            "predicted": predicted, "labels": np.array(labels)}
 
 
 @dataclass
