@@ -224,3 +224,15 @@ def test_summed_loss_beside_self_influence(trained):
     assert main(["report", "--results_dir", str(out)]) == 0
     candidates = list(csv.DictReader(open(out / "mislabel_candidates.csv")))
     assert "summed_loss_rank" in candidates[0]
+
+
+def test_summed_loss_rank_counts_only_the_sampled_images(trained):
+    root, data, ckpt = trained
+    out = root / "sampled_loss"
+    assert main(["influence", "--data_dir", str(data), "--checkpoint_dir", str(ckpt), "--output_dir", str(out), "--top_k", "3",
+                 "--self_influence", "--summed_loss", "--sample_rate", "0.5", "--quiet"]) == 0
+    rows = list(csv.DictReader(open(out / "self_influence.csv")))
+    assert len(rows) == 12  # half of the 24 training images
+    assert sorted(int(r["summed_loss_rank"]) for r in rows) == list(range(1, 13))
+    by_loss = sorted(rows, key=lambda r: -float(r["summed_loss"]))
+    assert [int(r["summed_loss_rank"]) for r in by_loss] == list(range(1, 13))

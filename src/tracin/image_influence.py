@@ -250,7 +250,7 @@ def _run_influence(job: InfluenceJob) -> Optional[Dict[str, Any]]:
             loss_total = sum(label_losses(p, labels) for p in checkpoint_probabilities(
                 model, checkpoints, train_set, tr.device, job.batch_size, job.num_workers))
             written.append(write_npy(out / "summed_loss.npy", loss_total))
-            extra = {"summed_loss": loss_total, "summed_loss_rank": descending_ranks(loss_total)[1]}
+            extra = {"summed_loss": loss_total, "summed_loss_rank": descending_ranks(np.where(np.isfinite(s), loss_total, np.nan))[1]}  # among the scored rows
         written.append(write_csv(out / "self_influence.csv", (
             {"train_index": int(train_idx[p]), "train_file": str(train_paths[train_idx[p]]),
              "label": class_names[train_labels[train_idx[p]]], "predicted": class_names[int(train_pred[p])],
