@@ -95,6 +95,11 @@ class TripleData(Dataset):
         return self.triples[i]
 
 
+def _triples(batch: Batch) -> torch.Tensor:
+    """The [B, 3] ids of a batch from TripleData (a tensor) or a TensorDataset (a 1-tuple)."""
+    return batch[0] if isinstance(batch, (list, tuple)) else batch
+
+
 class KGETask(Task):
     """Per-triple 1-N BCE loss of a PyKEEN model (see the module docstring); batches are [B, 3] ids.
 
@@ -112,7 +117,7 @@ class KGETask(Task):
         return F.binary_cross_entropy_with_logits(scores, target, reduction="none").mean(dim=1)
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        triples = batch[0] if isinstance(batch, (list, tuple)) else batch
+        triples = _triples(batch)
         B = triples.shape[0]
         every = torch.arange(self.num_entities, device=triples.device).expand(B, -1)
         # clones: with inverse triples PyKEEN rewrites relation ids of the batch it is given in place
@@ -129,9 +134,8 @@ class KGETask(Task):
         return self.strata(batch, "relation")
 
     def strata(self, batch: Batch, key: str) -> Optional[torch.Tensor]:
-        triples = batch[0] if isinstance(batch, (list, tuple)) else batch
         column = COLUMNS.get("relation" if key == "label" else key)
-        return None if column is None else triples[:, column]
+        return None if column is None else _triples(batch)[:, column]
 
 
 def build_pykeen_model(model_class: str, num_entities: int, num_relations: int, model_kwargs: Dict,
