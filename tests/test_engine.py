@@ -87,6 +87,42 @@ def test_checkpoints_are_loaded_once_per_tile_not_per_batch():
     assert tr.last_stats["checkpoint_loads"] == C
 
 
+def test_raw_test_batches_are_released_once_staged(monkeypatch):
+    """With the staging bound at one byte, each raw test batch is dropped once its factors for
+    every checkpoint exist: while the loader builds batch k, at most the batch before it is alive.
+    Scores and top-k are those of the all-at-once run."""
+    import gc
+    import weakref
+
+    from tracin import engine
+
+    model, train, test = _sets("mlp", n_train=30, n_test=21)
+    ckpts, _ = perturbed_checkpoints(model, [0.1, 0.2])
+    ref = TracIn(model, ckpts, device="cpu", batch_size=4, progress=False)
+    M, res_ref = ref.influence_matrix(train, test), ref.influence(train, test, top_k=3)
+    alive_at_collate = []
+    batches = []
+
+    def collate(items):
+        gc.collect()
+        alive_at_collate.append(sum(r() is not None for r in batches))
+        x = torch.stack([i[0] for i in items])
+        batches.append(weakref.ref(x))
+        return x, torch.stack([i[1] for i in items])
+
+    monkeypatch.setattr(engine, "STAGING_BYTES", 1)
+    tr = TracIn(model, ckpts, device="cpu", batch_size=4, progress=False)
+    res = tr.influence(train, DataLoader(test, batch_size=4, collate_fn=collate), top_k=3)
+    assert max(alive_at_collate) <= 1
+    n_batches = len(batches)
+    assert n_batches == 6
+    # one probe load, every checkpoint once per staged batch, then once per checkpoint per tile
+    assert tr.last_stats["checkpoint_loads"] == 1 + 2 * n_batches + 2 * tr.last_stats["tiles"]
+    assert torch.equal(res.proponents.indices, res_ref.proponents.indices)
+    assert torch.allclose(res.proponents.values, res_ref.proponents.values, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(tr.influence_matrix(train, DataLoader(test, batch_size=4)), M, rtol=1e-5, atol=1e-6)
+
+
 def test_dataloader_input_and_kernel_choice():
     model = MLP()
     g = torch.Generator().manual_seed(0)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -27,6 +27,7 @@ from .layers.factors import DEFAULT_MAX_ELEMENTS
 from .tasks import Task
 
 FactorDict = Dict[str, Optional[Factors]]
+STAGING_BYTES = 1 << 30  # raw test batches held in host memory before their factors are computed
 TileSink = Callable[[slice, torch.Tensor, int], None]  # (test rows, scores [m, n_tile], first train index)
 
 
@@ -160,15 +161,22 @@ class Scheduler:
         return squared.clamp_min(torch.finfo(self.dtype).tiny).sqrt()
 
     # -- passes --------------------------------------------------------------------------------
-    def _test_cache(self, batches: List[Tuple[int, object]]) -> list:
-        """For each checkpoint: the test factors of ``batches`` merged into few blocks (row offset
-        within the chunk, factors), and the test gradients' norms [m] when scores are normalised."""
-        cache = []
-        for c in range(len(self.checkpoints)):
+    def _stage(self, staged: List[Tuple[int, object]], per_checkpoint: List[List[FactorDict]]) -> None:
+        """Test factors of the ``staged`` raw batches at every checkpoint (each loaded once), appended
+        to ``per_checkpoint``; the raw batches are released."""
+        if not staged:
+            return
+        for c, factors in enumerate(per_checkpoint):
             self._load(c)
-            per_batch = []
-            for first, batch in batches:
-                per_batch.append(self._factors(self.task.to_device(batch, self.device), "test", first))
+            for first, batch in staged:
+                factors.append(self._factors(self.task.to_device(batch, self.device), "test", first))
+        staged.clear()
+
+    def _chunk_cache(self, per_checkpoint: List[List[FactorDict]]) -> list:
+        """For each checkpoint: the chunk's test factors merged into few blocks (row offset within the
+        chunk, factors), and the test gradients' norms [m] when scores are cosine-normalised."""
+        cache = []
+        for per_batch in per_checkpoint:
             norms = None
             if self.normalize == "cosine":
                 norms = self._norms(torch.cat([self._self(f, _rows(f)) for f in per_batch]))
@@ -204,26 +212,54 @@ class Scheduler:
         flush()
         return blocks
 
-    def plan_test(self, test: DataLoader) -> List[Tuple[slice, List[Tuple[int, object]]]]:
-        """Split the test set into chunks whose factors for every checkpoint fit in half the budget:
-        (rows, [(first index, batch), ...]) per chunk. Probes one batch at the first checkpoint."""
-        test_batches = list(self._numbered(test))
+    def _chunk_examples(self, first_batch) -> int:
+        """Test examples per chunk, so that a chunk's factors for every checkpoint fit in half the
+        budget. Probes one batch at the first checkpoint (once; a preset plan is kept)."""
         if "chunk_examples" not in self.plan:
             self._load(0)
-            probe = self._factors(self.task.to_device(test_batches[0][1], self.device), "test", 0)
-            per_test = _factor_bytes(probe) / max(1, self.task.batch_size(test_batches[0][1]))
+            probe = self._factors(self.task.to_device(first_batch, self.device), "test", 0)
+            per_test = _factor_bytes(probe) / max(1, self.task.batch_size(first_batch))
             self.plan["chunk_examples"] = max(1, int(self.budget * 0.5 // max(1.0, len(self.checkpoints) * per_test)))
-        chunk_examples = self.plan["chunk_examples"]
-        chunks: List[List[Tuple[int, object]]] = [[]]
-        for first, batch in test_batches:
-            if chunks[-1] and first - chunks[-1][0][0] + self.task.batch_size(batch) > chunk_examples:
-                chunks.append([])
-            chunks[-1].append((first, batch))
-        return [(slice(c[0][0], c[-1][0] + self.task.batch_size(c[-1][1])), c) for c in chunks]
+        return self.plan["chunk_examples"]
+
+    def test_chunks(self, test: DataLoader, skip: Optional[Callable[[int], bool]] = None) -> Iterator[Tuple[slice, Optional[list]]]:
+        """(rows, cache) for each chunk of the test set, reading ``test`` once; ``cache`` is
+        :meth:`_chunk_cache`'s per-checkpoint factors, or None for a chunk whose first row ``skip``
+        names (finished by an interrupted run: its factors are not computed).
+
+        Raw test batches wait in host memory only until at most ``STAGING_BYTES`` of them are
+        staged; then every checkpoint is loaded once and their factors are computed, so a test set
+        of any size needs memory for its factors, not for its decoded inputs."""
+        chunk_examples = 0
+        start = 0
+        staged: List[Tuple[int, object]] = []
+        per_checkpoint: List[List[FactorDict]] = [[] for _ in self.checkpoints]
+        staged_bytes = 0
+        end = 0
+        for first, batch in self._numbered(test):
+            b = self.task.batch_size(batch)
+            if not chunk_examples:
+                chunk_examples = self._chunk_examples(batch)
+            if first > start and first + b - start > chunk_examples:
+                self._stage(staged, per_checkpoint)
+                yield slice(start, first), (None if skip is not None and skip(start) else self._chunk_cache(per_checkpoint))
+                per_checkpoint = [[] for _ in self.checkpoints]
+                start, staged_bytes = first, 0
+            end = first + b
+            if skip is not None and skip(start):
+                continue
+            staged.append((first, batch))
+            staged_bytes += _nbytes(batch)
+            if staged_bytes > STAGING_BYTES:
+                self._stage(staged, per_checkpoint)
+                staged_bytes = 0
+        if end > start:
+            self._stage(staged, per_checkpoint)
+            yield slice(start, end), (None if skip is not None and skip(start) else self._chunk_cache(per_checkpoint))
 
     def cache_test(self, test: DataLoader) -> List[Tuple[slice, list]]:
         """Every test chunk's factors for every checkpoint, computed now (for reuse across calls)."""
-        return [(rows, self._test_cache(batches)) for rows, batches in self.plan_test(test)]
+        return [(rows, cache) for rows, cache in self.test_chunks(test)]  # type: ignore[misc]
 
     def influence(
         self,
@@ -244,38 +280,37 @@ class Scheduler:
         start = time.perf_counter()
         n_train = dataset_size(train)
         C = len(self.checkpoints)
-        if cached is not None:
-            items = [(rows, None, cache) for rows, cache in cached]
-        else:
-            items = [(rows, batches, None) for rows, batches in self.plan_test(test)]  # type: ignore[arg-type]
-        self.stats["test_chunks"] = len(items)
+        skip = hook.chunk_finished if hook is not None else None
+        chunks = iter(cached) if cached is not None else self.test_chunks(test, skip)  # type: ignore[arg-type]
         self_scores = None
         if with_self:
             self_scores = initial_self.to(self.device) if initial_self is not None else torch.zeros(n_train, device=self.device, dtype=self.dtype)
-        bar = tqdm(total=n_train * C * len(items), desc="TracIn train stream", unit="ex", disable=not self.progress, leave=False)
+        n_test_total = sum(rows.stop - rows.start for rows, _ in cached) if cached is not None else dataset_size(test)  # type: ignore[arg-type]
+        bar = tqdm(total=n_train * C * n_test_total, desc="TracIn train stream", unit="pair", unit_scale=True,
+                   disable=not self.progress, leave=False)
         n_test = 0
-        for chunk_index, (rows, batches, cache) in enumerate(items):
+        self.stats["test_chunks"] = 0
+        for chunk_index, (rows, cache) in enumerate(chunks):
             m = rows.stop - rows.start
             n_test += m
-            if hook is not None and hook.chunk_finished(rows):
-                bar.update(n_train * C)
+            self.stats["test_chunks"] = chunk_index + 1
+            if cache is None or (hook is not None and hook.chunk_finished(rows.start)):
+                bar.update(n_train * C * m)
                 continue
-            if cache is None:
-                cache = self._test_cache(batches)
             cache_bytes = sum(_factor_bytes(f) for blocks, _ in cache for _, f in blocks)
             want_self = self_scores if chunk_index == 0 else None
             done_until = hook.next_train(rows) if hook is not None else 0
             for tile in self._tiles(train, m, cache_bytes, skip_until=done_until):
                 tile_first, n_tile = self._span(tile)
                 if tile_first + n_tile <= done_until:  # committed by the interrupted run
-                    bar.update(n_tile * C)
+                    bar.update(n_tile * C * m)
                     continue
                 for part, scores, self_part in self._scored_parts(tile, cache, m, want_self is not None):
                     part_first = part[0][0]
                     if want_self is not None:
                         want_self[part_first:part_first + self_part.shape[0]] += self_part
                     sink(rows, scores, part_first)
-                    bar.update(scores.shape[1] * C)
+                    bar.update(scores.shape[1] * C * m)
                     self.stats["tiles"] = int(self.stats["tiles"]) + 1  # type: ignore[arg-type]
                     if hook is not None:
                         hook.tile_done(rows, part_first + scores.shape[1], want_self, dict(self.plan))

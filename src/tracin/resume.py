@@ -69,8 +69,9 @@ class ResumeState:
         return self.accumulators[rows.start]
 
     # -- the scheduler's progress hook -------------------------------------------------------------
-    def chunk_finished(self, rows: slice) -> bool:
-        return rows.start in self.done
+    def chunk_finished(self, first_row: int) -> bool:
+        """Whether the test chunk starting at ``first_row`` was finished by the interrupted run."""
+        return first_row in self.done
 
     def next_train(self, rows: slice) -> int:
         return self.current["next"] if self.current is not None and self.current["rows"] == rows.start else 0
