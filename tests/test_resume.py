@@ -61,37 +61,74 @@ def test_changed_arguments_refuse_to_resume(run_dir):
     assert _influence(root, data, out, "--seed", "7", "--overwrite").returncode == 0
 
 
-def test_api_resume_after_interruption(tmp_path, monkeypatch):
-    model, train, test = make_case("mlp", 30, 5)
-    ckpts, _ = perturbed_checkpoints(model, [0.1, 0.2])
-    train, test = TensorDataset(*train), TensorDataset(*test)
-    tr = TracIn(model, ckpts, device="cpu", batch_size=3, memory_budget=500, progress=False)
-    clean = tr.influence(train, test, top_k=4, self_influence=True)
-
+def _interrupted(monkeypatch, run, after_tiles: int) -> None:
+    """Call ``run()`` with a KeyboardInterrupt raised right after tile ``after_tiles`` is committed."""
     import tracin.resume as R
 
-    calls = {"n": 0}
-    original = R.ResumeState.tile_done
+    original, calls = R.ResumeState.tile_done, {"n": 0}
 
     def interrupt(self, *args, **kwargs):
         original(self, *args, **kwargs)
         calls["n"] += 1
-        if calls["n"] == 4:
+        if calls["n"] == after_tiles:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(R.ResumeState, "tile_done", interrupt)
     with pytest.raises(KeyboardInterrupt):
-        tr.influence(train, test, top_k=4, self_influence=True, resume_dir=tmp_path / "p")
+        run()
     monkeypatch.setattr(R.ResumeState, "tile_done", original)
+
+
+class _CountingSet(torch.utils.data.Dataset):
+    """A map-style dataset (batched by a DataLoader, not by slicing) that counts the examples read."""
+
+    def __init__(self, x, y):
+        self.x, self.y, self.reads = x, y, 0
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return self.x[i], self.y[i]
+
+
+@pytest.mark.parametrize("kind, budget, after", [("tensors", 500, 4), ("map-style", 4_000, 1)])
+def test_api_resume_after_interruption(tmp_path, monkeypatch, kind, budget, after):
+    """Same results after an interruption; a map-style training set is not read again up to where
+    the interrupted run stopped (interrupted after one tile, inside the first test chunk)."""
+    model, train, test = make_case("mlp", 30, 5)
+    ckpts, _ = perturbed_checkpoints(model, [0.1, 0.2])
+    train, test = (TensorDataset if kind == "tensors" else _CountingSet)(*train), TensorDataset(*test)
+    tr = TracIn(model, ckpts, device="cpu", batch_size=3, memory_budget=budget, progress=False)
+    clean = tr.influence(train, test, top_k=4, self_influence=True)
+    reads_clean = getattr(train, "reads", 0)
+    _interrupted(monkeypatch, lambda: tr.influence(train, test, top_k=4, self_influence=True, resume_dir=tmp_path / "p"), after)
+    if kind == "map-style":
+        train.reads = 0
     again = tr.influence(train, test, top_k=4, self_influence=True, resume_dir=tmp_path / "p")
-    assert again.stats["resumed_from_tile"] == 4
+    assert again.stats["resumed_from_tile"] == after
     assert torch.equal(again.proponents.indices, clean.proponents.indices)
     assert torch.equal(again.proponents.values, clean.proponents.values)
+    assert torch.equal(again.opponents.values, clean.opponents.values)
     assert torch.equal(again.self_influence, clean.self_influence)
-    with pytest.raises(KeyboardInterrupt):
-        monkeypatch.setattr(R.ResumeState, "tile_done", interrupt)
-        calls["n"] = 0
-        tr.influence(train, test, top_k=4, resume_dir=tmp_path / "q")
-    monkeypatch.setattr(R.ResumeState, "tile_done", original)
+    if kind == "map-style":
+        assert clean.stats["tiles"] >= 2 * clean.stats["test_chunks"]
+        start = again.stats["resumed_from"]
+        assert 0 < start < 30 and train.reads == reads_clean - start
+    _interrupted(monkeypatch, lambda: tr.influence(train, test, top_k=4, resume_dir=tmp_path / "q"), after)
     with pytest.raises(TracInError, match="top_k"):
         tr.influence(train, test, top_k=5, resume_dir=tmp_path / "q")
+
+
+def test_loader_from_yields_the_tail_of_the_batches():
+    from tracin.data import loader_from, make_loader
+
+    _, train, _ = make_case("mlp", 30, 5)
+    # the tail of the original batches; an unaligned start is declined; tensor datasets keep their slicing
+    full = make_loader(_CountingSet(*train), 3, "training")
+    tail = loader_from(full, 9)
+    assert [b[1].tolist() for b in tail] == [b[1].tolist() for b in full][3:]
+    assert loader_from(full, 10) is None
+    sliced = make_loader(TensorDataset(*train), 4, "training")
+    assert [b[1].tolist() for b in loader_from(sliced, 8)] == [b[1].tolist() for b in sliced][2:]

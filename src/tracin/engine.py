@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .capture import BatchCapture
 from .checkpoints import Checkpoint, weights_for
-from .data import dataset_size
+from .data import dataset_size, loader_from
 from .errors import TracInError
 from .layers import Factors, LayerHandler
 from .layers.factors import DEFAULT_MAX_ELEMENTS
@@ -406,20 +406,26 @@ class Scheduler:
         """(index of the tile's first training example, number of examples in the tile)."""
         return tile[0][0], tile[-1][0] + self.task.batch_size(tile[-1][1]) - tile[0][0]
 
-    def _numbered(self, loader: DataLoader):
-        """(index of the batch's first example, batch) for each batch."""
-        first = 0
+    def _numbered(self, loader: DataLoader, first: int = 0):
+        """(index of the batch's first example, batch) for each batch; ``first``: the index of the
+        loader's first example."""
         for batch in loader:
             yield first, batch
             first += self.task.batch_size(batch)
 
     def _tiles(self, train: DataLoader, m: int, cache_bytes: int, skip_until: int = 0):
         """Groups of consecutive train batches (moved to the device) sized from the budget, or from
-        ``self.plan["tile_limit"]`` when preset. Batches before ``skip_until`` are not moved."""
+        ``self.plan["tile_limit"]`` when preset. Batches before ``skip_until`` (scored by an interrupted
+        run) are not read when the loader can start there (:func:`tracin.data.loader_from`), else
+        read but not moved."""
         free = max(0, self.budget - cache_bytes)
         tile: List[Tuple[int, object]] = []
         count = 0
-        for first, batch in self._numbered(train):
+        resumed = loader_from(train, skip_until)
+        source, offset = (resumed, skip_until) if resumed is not None else (train, 0)
+        if skip_until and resumed is not None:
+            self.stats["resumed_from"] = skip_until
+        for first, batch in self._numbered(source, offset):
             b = self.task.batch_size(batch)
             if first + b > skip_until:
                 batch = self.task.to_device(batch, self.device)

@@ -1,9 +1,9 @@
 """Iterating datasets in fixed order, in batches."""
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
-from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, SequentialSampler, Subset, TensorDataset
 
 from ..errors import DataError
 
@@ -14,14 +14,14 @@ class _SliceSampler(Sampler):
     """Yields slice(start, stop) per batch, in order: tensor datasets then return whole batches as
     views, with no per-example indexing or collation."""
 
-    def __init__(self, n: int, batch_size: int):
-        self.n, self.batch_size = n, batch_size
+    def __init__(self, n: int, batch_size: int, start: int = 0):
+        self.n, self.batch_size, self.start = n, batch_size, start
 
     def __iter__(self):
-        return (slice(i, min(i + self.batch_size, self.n)) for i in range(0, self.n, self.batch_size))
+        return (slice(i, min(i + self.batch_size, self.n)) for i in range(self.start, self.n, self.batch_size))
 
     def __len__(self) -> int:
-        return -(-self.n // self.batch_size)
+        return -(-(self.n - self.start) // self.batch_size)
 
 
 def _sliceable(data: Dataset) -> bool:
@@ -52,6 +52,29 @@ def make_loader(data: DataSource, batch_size: int, what: str, num_workers: int =
     if size == 0:
         raise DataError(f"The {what} set is empty; give it at least one example.")
     return loader
+
+
+def loader_from(loader: DataLoader, start: int) -> Optional[DataLoader]:
+    """A loader yielding the batches ``loader`` yields from example ``start`` on, without reading the
+    examples before it (a resumed run need not decode what it already scored); None when that cannot
+    be done safely: an iterable dataset, a custom sampler, or ``start`` not on a batch boundary."""
+    if start == 0:
+        return loader
+    dataset = loader.dataset
+    if isinstance(dataset, IterableDataset):
+        return None
+    if isinstance(loader.sampler, _SliceSampler):
+        sampler = loader.sampler
+        if start % sampler.batch_size or sampler.start:
+            return None
+        return DataLoader(dataset, batch_size=None, sampler=_SliceSampler(sampler.n, sampler.batch_size, start))
+    size = loader.batch_size
+    if not isinstance(loader.sampler, SequentialSampler) or not size or start % size or loader.drop_last:
+        return None
+    workers = loader.num_workers
+    return DataLoader(Subset(dataset, range(start, len(dataset))), batch_size=size, shuffle=False,  # type: ignore[arg-type]
+                      num_workers=workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
+                      persistent_workers=workers > 0 and loader.persistent_workers)
 
 
 def dataset_size(loader: DataLoader) -> int:
