@@ -2,6 +2,8 @@
 
   lastlayer:     tracin layers="last" (exact, bias included) vs Captum TracInCPFast and
                  TracInCPFastRandProj on the MLP workload; speed and agreement with the exact scores.
+  lastlayer_sweep: tracin layers="last" vs TracInCPFast alone at 32, 1024 and 4096 test examples,
+                 medians of alternating repeats, beside the forward pass both must run.
   projection:    tracin projection to 1024 dims (three kinds) vs tracin exact, all layers, MLP workload.
   selfinfluence: self-influence of 50,000 training examples (tracin exact all layers and last layer,
                  Captum TracInCPFast last layer; Captum TracInCP all layers with --with_slow_peer).
@@ -87,6 +89,48 @@ def lastlayer(device, helpers, batch_size: int = 256, test_sizes=(32, 1024)) -> 
                 diff = float((theirs.double() - exact.double()).abs().max() / exact.double().abs().max())
                 rows.append({"method": f"{name}, {n_test} test", "seconds": t, "speedup_of_tracin": t / t_ours,
                              "max_rel_diff": diff, **compare(exact, theirs)})
+    return rows
+
+
+def lastlayer_sweep(device, helpers, batch_size: int = 256, test_sizes=(32, 1024, 4096), repeats: int = 5) -> List[Dict]:
+    """tracin layers="last" against Captum TracInCPFast alone, alternating the two ``repeats`` times
+    per test-set size and reporting the medians (this shared machine's timings spread by +-15%), plus
+    the time of the model's forward pass over the training set at every checkpoint, which both must pay."""
+    import statistics
+
+    from captum.influence import TracInCPFast
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        model, train, (tx_all, ty_all), paths = _setup(4096, max(test_sizes), device, *helpers, Path(tmp))
+        x_train = train.tensors[0].to(device)
+        load = _loader(device)
+
+        def forward_only():
+            with torch.no_grad():
+                for path in paths:
+                    load(model, str(path))
+                    for start in range(0, len(x_train), batch_size):
+                        model(x_train[start:start + batch_size])
+
+        model.to(device)
+        t_forward = statistics.median(_timed(forward_only, device)[1] for _ in range(repeats))
+        for n_test in test_sizes:
+            test = TensorDataset(tx_all[:n_test], ty_all[:n_test])
+            ours, theirs = [], []
+            for _ in range(repeats):
+                exact, t = _timed(lambda: TracIn(model, Checkpoint.discover(tmp), layers="last", device=device,
+                                                 batch_size=batch_size, progress=False).influence_matrix(train, test), device)
+                ours.append(t)
+                model.to(device)
+                peer, t = _timed(lambda: TracInCPFast(model, model[3], train, [str(p) for p in paths], load,
+                                                      loss_fn=nn.CrossEntropyLoss(reduction="sum"), batch_size=batch_size)
+                                 .influence((tx_all[:n_test].to(device), ty_all[:n_test].to(device)), k=None).detach().cpu(), device)
+                theirs.append(t)
+            rows.append({"n_test": n_test, "tracin_s": statistics.median(ours), "captum_fast_s": statistics.median(theirs),
+                         "speedup_of_tracin": statistics.median(theirs) / statistics.median(ours),
+                         "forward_pass_s": t_forward, "max_rel_diff": float((peer.double() - exact.double()).abs().max()
+                                                                          / exact.double().abs().max())})
     return rows
 
 

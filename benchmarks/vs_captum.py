@@ -136,7 +136,7 @@ def run_workload(name: str, n_train: int, n_test: int, n_ckpt: int, device: torc
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workload", choices=["mlp", "cnn", "tinycnn", "all", "lastlayer", "projection", "projection_conv", "selfinfluence", "scaling", "fast"],
+    parser.add_argument("--workload", choices=["mlp", "cnn", "tinycnn", "all", "lastlayer", "lastlayer_sweep", "projection", "projection_conv", "selfinfluence", "scaling", "fast"],
                         default="all", help="all: the exact workloads; fast: lastlayer, projection, selfinfluence, scaling")
     parser.add_argument("--with_slow_peer", action="store_true", help="selfinfluence: also run Captum TracInCP on all layers")
     parser.add_argument("--device", default="auto")
@@ -153,7 +153,7 @@ def main() -> None:
     device = resolve_device(args.device)
     print(f"# torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, {platform.processor() or platform.machine()}")
     fast = ["lastlayer", "projection", "projection_conv", "selfinfluence", "scaling"]
-    if args.workload in fast + ["fast"]:
+    if args.workload in fast + ["fast", "lastlayer_sweep"]:
         import fast_modes
 
         helpers = (make_data, mlp, train_with_checkpoints)
