@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add(e, "--seeds", type=int, nargs="+", default=[0])
         _add(e, "--arch", choices=["resnet18", "resnet50", "smallcnn"], default="smallcnn")
         _add(e, "--epochs", type=int, default=12)
-        _add(e, "--save_every", type=int, default=2)
+        _add(e, "--save_every", type=int, default=1, help="a checkpoint every K epochs (every epoch detects best: docs/quality.md)")
         _add(e, "--learning_rate", type=float, default=0.02)
         _add(e, "--batch_size", type=int, default=32)
         _add(e, "--image_size", type=int, default=16)

@@ -25,11 +25,11 @@ FRACTIONS = (0.05, 0.10, 0.15, 0.20, 0.30)
 
 @dataclass
 class Training:
-    """How every model of an evaluation is trained (the demo's settings by default)."""
+    """How every model of an evaluation is trained (the demo's settings, but a checkpoint every epoch)."""
 
     arch: str = "smallcnn"
     epochs: int = 12
-    save_every: int = 2
+    save_every: int = 1
     learning_rate: float = 0.02
     batch_size: int = 32
     image_size: int = 16
