@@ -17,7 +17,7 @@ from .image_influence import InfluenceJob, run_influence
 from .outputs import write_json
 from .train import train_image_classifier
 
-DEMO_TRAINING = {"arch": "smallcnn", "epochs": 12, "save_every": 2, "learning_rate": 0.02, "batch_size": 32, "image_size": 16}
+DEMO_TRAINING = {"arch": "smallcnn", "epochs": 12, "save_every": 1, "learning_rate": 0.02, "batch_size": 32, "image_size": 16}
 
 
 def run_demo(output_dir: Path, noise_rate: float = 0.1, seed: int = 0, device: str = "auto", progress: bool = True,
