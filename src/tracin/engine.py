@@ -22,33 +22,13 @@ from .capture import BatchCapture
 from .checkpoints import Checkpoint, weights_for
 from .data import dataset_size, loader_from
 from .errors import TracInError
-from .layers import Factors, LayerHandler
+from .factor_blocks import FactorDict, batch_bytes, factor_bytes, factor_rows, merge_blocks
+from .layers import LayerHandler
 from .layers.factors import DEFAULT_MAX_ELEMENTS
 from .tasks import Task
 
-FactorDict = Dict[str, Optional[Factors]]
 STAGING_BYTES = 1 << 30  # raw test batches held in host memory before their factors are computed
 TileSink = Callable[[slice, torch.Tensor, int], None]  # (test rows, scores [m, n_tile], first train index)
-
-
-def _nbytes(obj) -> int:
-    """Bytes held by the tensors inside a (nested) batch."""
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(_nbytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_nbytes(v) for v in obj)
-    return 0
-
-
-def _rows(factors: FactorDict) -> int:
-    """Number of examples the per-layer factors describe."""
-    return next(f.batch_size for f in factors.values() if f is not None)
-
-
-def _factor_bytes(factors: FactorDict) -> int:
-    return sum(f.nbytes for f in factors.values() if f is not None)
 
 
 class Scheduler:
@@ -123,7 +103,7 @@ class Scheduler:
         """Every checkpoint's weights, checked against the model up front, kept on the device
         when they fit in a quarter of the budget."""
         weights = [weights_for(self.model, c) for c in self.checkpoints]
-        if self.device.type == "cpu" or sum(_nbytes(w) for w in weights) > self.budget // 4:
+        if self.device.type == "cpu" or sum(batch_bytes(w) for w in weights) > self.budget // 4:
             return weights
         return [{k: v.to(self.device) for k, v in w.items()} for w in weights]
 
@@ -179,38 +159,9 @@ class Scheduler:
         for per_batch in per_checkpoint:
             norms = None
             if self.normalize == "cosine":
-                norms = self._norms(torch.cat([self._self(f, _rows(f)) for f in per_batch]))
-            cache.append((self._merge_blocks(per_batch), norms))
+                norms = self._norms(torch.cat([self._self(f, factor_rows(f)) for f in per_batch]))
+            cache.append((merge_blocks(per_batch), norms))
         return cache
-
-    def _merge_blocks(self, per_batch: List[FactorDict]) -> List[Tuple[int, FactorDict]]:
-        """Concatenate consecutive batches layer by layer when every layer's shapes agree."""
-        blocks: List[Tuple[int, FactorDict]] = []
-        run: List[FactorDict] = []
-        offset = run_start = 0
-
-        def flush() -> None:
-            if run:
-                merged = {}
-                for name, first in run[0].items():
-                    parts = [b[name] for b in run]
-                    merged[name] = first if first is None or len(parts) == 1 else type(first).cat(parts)  # type: ignore[arg-type]
-                blocks.append((run_start, merged))
-
-        def compatible(a: Optional[Factors], b: Optional[Factors]) -> bool:
-            if a is None or b is None:
-                return a is None and b is None
-            return a.compatible(b)  # type: ignore[arg-type]
-
-        for factors in per_batch:
-            size = _rows(factors)
-            if not (run and all(compatible(run[0][n], factors[n]) for n in factors)):
-                flush()
-                run, run_start = [], offset
-            run.append(factors)
-            offset += size
-        flush()
-        return blocks
 
     def _chunk_examples(self, first_batch) -> int:
         """Test examples per chunk, so that a chunk's factors for every checkpoint fit in half the
@@ -218,7 +169,7 @@ class Scheduler:
         if "chunk_examples" not in self.plan:
             self._load(0)
             probe = self._factors(self.task.to_device(first_batch, self.device), "test", 0)
-            per_test = _factor_bytes(probe) / max(1, self.task.batch_size(first_batch))
+            per_test = factor_bytes(probe) / max(1, self.task.batch_size(first_batch))
             self.plan["chunk_examples"] = max(1, int(self.budget * 0.5 // max(1.0, len(self.checkpoints) * per_test)))
         return self.plan["chunk_examples"]
 
@@ -249,7 +200,7 @@ class Scheduler:
             if skip is not None and skip(start):
                 continue
             staged.append((first, batch))
-            staged_bytes += _nbytes(batch)
+            staged_bytes += batch_bytes(batch)
             if staged_bytes > STAGING_BYTES:
                 self._stage(staged, per_checkpoint)
                 staged_bytes = 0
@@ -297,7 +248,7 @@ class Scheduler:
             if cache is None or (hook is not None and hook.chunk_finished(rows.start)):
                 bar.update(n_train * C * m)
                 continue
-            cache_bytes = sum(_factor_bytes(f) for blocks, _ in cache for _, f in blocks)
+            cache_bytes = sum(factor_bytes(f) for blocks, _ in cache for _, f in blocks)
             want_self = self_scores if chunk_index == 0 else None
             done_until = hook.next_train(rows) if hook is not None else 0
             for tile in self._tiles(train, m, cache_bytes, skip_until=done_until):
@@ -433,7 +384,7 @@ class Scheduler:
                 yield tile
                 tile, count = [], 0
             if "tile_limit" not in self.plan:
-                per_example = 3 * m * torch.finfo(self.dtype).bits // 8 + _nbytes(batch) / max(1, b)
+                per_example = 3 * m * torch.finfo(self.dtype).bits // 8 + batch_bytes(batch) / max(1, b)
                 self.plan["tile_limit"] = max(1, int(free // max(1.0, per_example)))
             # read every time: an out-of-memory split lowers it for the tiles that follow
             if tile and count + b > self.plan["tile_limit"]:
