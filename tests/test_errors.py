@@ -83,6 +83,11 @@ def test_unknown_layer_name_lists_choices():
         TracIn(model, _ck(model), layers=["fc9"], device="cpu")
     with pytest.raises(TracInError, match="last 4"):
         TracIn(model, _ck(model), layers=4, device="cpu")
+    with pytest.raises(TracInError, match=r"'fc1\.gamma' matches no module or parameter.*such as its \.bias"):
+        TracIn(model, _ck(model), layers=["fc1.gamma"], device="cpu")
+    no_bias = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2, bias=False))
+    with pytest.raises(TracInError, match="output_bias' needs a trainable bias on the last parameterised module, and 2 has none"):
+        TracIn(no_bias, _ck(no_bias), layers="output_bias", device="cpu")
 
 
 def test_nan_loss_names_the_examples():

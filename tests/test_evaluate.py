@@ -70,9 +70,10 @@ def test_evaluate_mislabel_end_to_end(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| tracin self-influence (last layer) |" in printed and "cleanlab" in printed
     r = json.loads((out / "mislabel_evaluation.json").read_text())
-    assert set(r["summary"]) == {"tracin self-influence (last layer)", "tracin self-influence (all layers)", "loss (final model)",
+    assert set(r["summary"]) == {"tracin self-influence (last layer)", "tracin self-influence (all layers)",
+                                 "tracin self-influence (output-layer bias)", "loss (final model)",
                                  "loss (summed over checkpoints)", "cleanlab (cross-validated)"}
-    assert len(r["per_seed"]) == 10 and all(row["n_flipped"] == 7 for row in r["per_seed"])  # round(0.2 * 36)
+    assert len(r["per_seed"]) == 12 and all(row["n_flipped"] == 7 for row in r["per_seed"])  # round(0.2 * 36)
     assert all(0 <= row["roc_auc"] <= 1 for row in r["per_seed"])
     assert set(r["checkpoint_study"]) >= {"all", "last", "first"}
     assert (out / "recall_vs_inspected.png").stat().st_size > 1000
@@ -91,3 +92,25 @@ def test_evaluate_cleaning_end_to_end(tmp_path, capsys):
     assert all(0 <= row["test_accuracy"] <= 1 for row in rows.values())
     assert main(["evaluate", "cleaning", "--data", str(tmp_path / "nowhere"), "--output_dir", str(out)] + TINY) == 2
     assert "neither 'digits', 'shapes' nor a folder" in capsys.readouterr().err
+
+
+def test_output_bias_self_influence_is_the_error_at_the_logits(tmp_path):
+    """The small CNN's last layer produces the logits, so its bias's per-example gradient is
+    softmax - onehot: output-bias self-influence per checkpoint is lr_c |p_c - y|^2 (checked against
+    the class probabilities of each checkpoint)."""
+    import numpy as np
+    import torch
+
+    from tracin.device import resolve_device
+    from tracin.evaluation.common import Training, per_checkpoint_scores
+    from tracin.image_influence import checkpoint_probabilities, image_setup
+
+    data = make_image_folder(tmp_path / "d", classes=("a", "b", "c"), n_train=8, n_test=2)
+    training = Training(epochs=2, save_every=1, batch_size=8, image_size=12, device="cpu")
+    training.fit(data, data / "checkpoints", seed=0)
+    scores = per_checkpoint_scores(data, data / "checkpoints", training, also_layers=["output_bias"])
+    setup = image_setup(data, data / "checkpoints")
+    onehot = torch.nn.functional.one_hot(torch.tensor(setup.train_split.labels), 3).double()
+    probs = checkpoint_probabilities(setup.model, setup.checkpoints, setup.train, resolve_device("cpu"), 8)
+    want = np.stack([ck.learning_rate * (p.double() - onehot).pow(2).sum(1).numpy() for ck, p in zip(setup.checkpoints, probs)])
+    assert np.allclose(scores["self_influence:output_bias"], want, rtol=1e-4, atol=1e-7)

@@ -80,6 +80,29 @@ def test_frozen_parameters_are_out_of_scope():
     assert model.fc1.weight.requires_grad is False and model.fc1.bias.requires_grad is True
 
 
+@pytest.mark.parametrize("layers,scope", [(["head.bias"], ["head.bias"]), ("*.bias", ["fc1.bias", "fc2.bias", "head.bias"]),
+                                          (["head", "fc1.bias"], ["fc1.bias", "head.weight", "head.bias"])])
+def test_parameter_selection(layers, scope):
+    """A name that matches a parameter rather than a module scores that parameter alone, exactly
+    (the reference differentiates only those parameters); the model's flags are left as they were."""
+    import copy
+
+    model, train, test = make_case("mlp")
+    ckpts, raw = perturbed_checkpoints(model, [0.1, 0.2])
+    ref = copy.deepcopy(model)
+    for name, param in ref.named_parameters():
+        param.requires_grad_(name in scope)
+    modules = sorted({n.rsplit(".", 1)[0] for n in scope}, key=["fc1", "fc2", "head"].index)
+    assert scope_names(ref, modules) == scope
+    want = reference_matrix(ref, raw, modules, train, test)
+    tr = TracIn(model, ckpts, layers=layers, device="cpu", progress=False)
+    assert rel_err(tr.influence_matrix(TensorDataset(*train), TensorDataset(*test)), want) <= TOL
+    assert tr.num_parameters == sum(p.numel() for n, p in model.named_parameters() if n in scope)
+    assert all(p.requires_grad for p in model.parameters())
+    if layers == ["head.bias"]:
+        assert [(h.name, h.param_names) for h in TracIn(model, ckpts, layers="output_bias", progress=False).handlers] == [("head", ["bias"])]
+
+
 def test_module_called_twice_sums_over_calls():
     class Twice(torch.nn.Module):
         def __init__(self):

@@ -40,7 +40,8 @@ class TracIn:
         model: the network; its weights are replaced by each checkpoint's while scoring and restored afterwards.
             It is scored in eval mode (dropout off, batch norm on its running statistics).
         checkpoints: :class:`Checkpoint` objects, or a directory to :meth:`Checkpoint.discover`.
-        layers: ``"all"``, ``"last"``, an int N (the last N parameterised modules) or module names / glob patterns.
+        layers: ``"all"``, ``"last"``, ``"output_bias"`` (the last module's bias alone), an int N (the last
+            N parameterised modules), or module or parameter names / glob patterns (``"fc"``, ``"fc.bias"``).
         task: a :class:`Task` or a callable ``(model, batch) -> Tensor[B]`` of per-example losses;
             None means classification with cross-entropy on ``(inputs, labels)`` batches.
         device: ``"auto"`` (cuda, then mps, then cpu), or any torch device.

@@ -20,20 +20,20 @@ def _add(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
 
 
 def parse_layers(text: str) -> Union[str, int, List[str]]:
-    """'last' | 'all' | an int N | comma-separated module names or glob patterns."""
-    if text in ("last", "all"):
+    """'last' | 'all' | 'output_bias' | an int N | comma-separated module or parameter names or glob patterns."""
+    if text in ("last", "all", "output_bias"):
         return text
     if text.isdigit():
         return int(text)
     names = [t.strip() for t in text.split(",") if t.strip()]
     if not names:
-        raise argparse.ArgumentTypeError("--layers needs last, all, a number or module names")
+        raise argparse.ArgumentTypeError("--layers needs last, all, output_bias, a number or module names")
     return names
 
 
 def _add_run_flags(parser: argparse.ArgumentParser, batch_size: int, seed: int, trust: str) -> None:
     """The flags every scoring command shares: layers, batch size, device, seed, trust, quiet."""
-    _add(parser, "--layers", type=parse_layers, default="all", help="last | all | N | comma-separated module names")
+    _add(parser, "--layers", type=parse_layers, default="all", help="last | all | output_bias | N | comma-separated module or parameter names")
     _add(parser, "--batch_size", type=int, default=batch_size)
     _add(parser, "--device", default="auto")
     _add(parser, "--seed", type=int, default=seed)
@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(i, "--batch_size", type=int, default=32)
     _add(i, "--train_subset", type=int, help="score a seeded random subset of N training images")
     _add(i, "--test_subset", type=int, help="score a seeded random subset of M test images")
-    _add(i, "--layers", type=parse_layers, default="last", help="last | all | N | comma-separated module names")
+    _add(i, "--layers", type=parse_layers, default="last", help="last | all | output_bias | N | comma-separated module or parameter names")
     _add(i, "--self_influence", action="store_true", help="also compute self-influence of every training image")
     _add(i, "--device", default="auto")
     _add(i, "--seed", type=int, default=0)
@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add(e, "--learning_rate", type=float, default=0.02)
         _add(e, "--batch_size", type=int, default=32)
         _add(e, "--image_size", type=int, default=16)
-        _add(e, "--layers", type=parse_layers, default="last", help="layers of the self-influence ranking (all layers is also reported by mislabel)")
+        _add(e, "--layers", type=parse_layers, default="last", help="layers of the self-influence ranking (mislabel also reports all layers and output_bias)")
         _add(e, "--device", default="auto")
         _add(e, "--quiet", action="store_true")
     _add(em, "--cv_folds", type=int, default=5, help="folds of the cross-validated cleanlab baseline")

@@ -34,28 +34,48 @@ def _select(found: List[Tuple[str, nn.Module, List[str]]], layers: LayerSpec) ->
         return found
     if layers == "last":
         return found[-1:]
+    if layers == "output_bias":
+        name, module, names = found[-1]
+        if "bias" not in names:
+            raise TracInError(f"layers='output_bias' needs a trainable bias on the last parameterised module, and {name or 'the model'} "
+                              "has none; choose layers by module or parameter name instead.")
+        return [(name, module, ["bias"])]
     patterns = [layers] if isinstance(layers, str) else list(layers)
     if not patterns:
         raise TracInError("layers is an empty list; name at least one module (or use 'all' / 'last').")
-    chosen: Dict[str, Tuple[str, nn.Module, List[str]]] = {}
+    chosen: Dict[str, List[str]] = {}  # module name -> its parameters in scope
     for pattern in patterns:
         hits = [
-            entry for entry in found
-            if entry[0] == pattern or fnmatchcase(entry[0], pattern) or entry[0].startswith(pattern + ".")
+            (name, names) for name, _, names in found
+            if name == pattern or fnmatchcase(name, pattern) or name.startswith(pattern + ".")
         ]
+        if not hits:  # a parameter's own name (e.g. "fc.bias"): that parameter alone
+            hits = [(name, [p for p in names if _matches_parameter(name, p, pattern)]) for name, _, names in found]
+            hits = [(name, names) for name, names in hits if names]
         if not hits:
             names = ", ".join(n for n, _, _ in found[:12]) + (" ..." if len(found) > 12 else "")
-            raise TracInError(f"Layer {pattern!r} matches no module with trainable parameters; choose from: {names}.")
-        for entry in hits:
-            chosen[entry[0]] = entry
-    return [entry for entry in found if entry[0] in chosen]
+            raise TracInError(f"Layer {pattern!r} matches no module or parameter that requires grad; choose from: {names} "
+                              "(or a parameter of one, such as its .bias).")
+        for name, names in hits:
+            chosen.setdefault(name, [])
+            chosen[name] += [p for p in names if p not in chosen[name]]
+    return [(name, module, [p for p in names if p in chosen[name]]) for name, module, names in found if name in chosen]
+
+
+def _matches_parameter(module_name: str, param: str, pattern: str) -> bool:
+    full = f"{module_name}.{param}" if module_name else param
+    return full == pattern or fnmatchcase(full, pattern)
 
 
 def resolve_layers(model: nn.Module, layers: LayerSpec = "all") -> List[LayerHandler]:
     """Handlers for the modules selected by ``layers``.
 
     ``layers`` is ``"all"``, ``"last"`` (the last parameterised module in registration order),
-    an int N (the last N), or module names / glob patterns (a name also selects the modules inside it).
+    ``"output_bias"`` (that module's bias alone: when it produces the model's outputs, its per-example
+    gradient is the loss gradient at the outputs), an int N (the last N), or module names / glob
+    patterns (a name also selects the modules inside it).
+    A name or pattern that matches no module is matched against parameter names (``"fc.bias"``,
+    ``"*.bias"``): only those parameters of their modules are then in scope.
     Raises :class:`UnsupportedModuleError` for a selected module without an exact kernel, and for
     parameters shared between modules (tied weights), whose cross terms no per-module kernel sees.
     """

@@ -34,7 +34,7 @@ def checkpoint_subsets(count: int) -> Dict[str, List[int]]:
 
 
 def _layers_name(layers: object) -> str:
-    return {"last": "last layer", "all": "all layers"}.get(str(layers), f"layers {layers}")
+    return {"last": "last layer", "all": "all layers", "output_bias": "output-layer bias"}.get(str(layers), f"layers {layers}")
 
 
 def method_scores(scores: Dict[str, np.ndarray], pred_probs: Optional[np.ndarray], layers: object) -> Dict[str, np.ndarray]:
@@ -57,7 +57,7 @@ def run_mislabel(data: str, output_dir: Path, noise_rate: float = 0.1, seeds: Se
     curves: Dict[str, List[np.ndarray]] = {}
     study: List[Dict[str, Any]] = []
     start = time.perf_counter()
-    for run in noisy_runs(data, out, noise_rate, seeds, noise, flip_map, training, also_layers=["all"]):
+    for run in noisy_runs(data, out, noise_rate, seeds, noise, flip_map, training, also_layers=["all", "output_bias"]):
         seed, flipped, summary, scores = run.seed, run.flipped, run.summary, run.scores
         probs = cross_validated_probabilities(run.noisy, run.work / f"cv_seed{seed}", training, cv_folds, seed) if use_cleanlab else None
         for method, s in method_scores(scores, probs, training.layers).items():
