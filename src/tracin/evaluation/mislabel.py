@@ -2,7 +2,8 @@
 
 Per seed: flip labels (uniform or asymmetric), train with checkpoints, and rank the training images by
   tracin self-influence    sum over checkpoints of lr_c |g_c|^2 (exact), over the chosen layers (the
-                           last layer by default, as in `tracin influence`) and over all layers;
+                           last layer by default, as in `tracin influence`), over all layers and over
+                           the output layer's bias alone (layers="output_bias");
   loss (final model)       cross-entropy of the given label under the last checkpoint;
   loss (summed)            the same summed over the checkpoints;
   cleanlab                 1 - cleanlab's label-quality score from out-of-fold probabilities of the same
