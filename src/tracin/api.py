@@ -138,9 +138,12 @@ class TracIn:
         return sum(h.num_params for h in self.handlers)
 
     def scope(self) -> List[Dict[str, object]]:
-        """One row per module in scope: name, type, parameter count, kernel used by the last run."""
+        """One row per module in scope: name, type, parameter count, kernel used by the last run, the
+        parameters in scope, and whether they are all of the module's trainable ones."""
         return [
-            {"name": h.name, "type": type(h.module).__name__, "params": h.num_params, "kernel": h.mode}
+            {"name": h.name, "type": type(h.module).__name__, "params": h.num_params, "kernel": h.mode,
+             "parameters": list(h.param_names),
+             "whole": set(h.param_names) == {n for n, p in h.module.named_parameters(recurse=False) if p.requires_grad}}
             for h in self.handlers
         ]
 

@@ -174,8 +174,9 @@ def _run_influence(job: InfluenceJob) -> Optional[Dict[str, Any]]:
                 projection_dim=job.projection_dim, projection=job.projection_type, seed=job.seed,
                 sample_rate=job.sample_rate, stratify_by=job.stratify_by, precision=job.precision, normalize=job.normalize)
     if job.progress and rank == 0:
-        names = ", ".join(h.name for h in tr.handlers[:6]) + (" ..." if len(tr.handlers) > 6 else "")
-        print(f"Scoring {len(tr.handlers)} layers ({names}), {tr.num_parameters:,} parameters in scope"
+        names = ", ".join(r["name"] + ("" if r["whole"] else f" ({', '.join(r['parameters'])} only)") for r in tr.scope()[:6]) \
+            + (" ..." if len(tr.handlers) > 6 else "")
+        print(f"Scoring {len(tr.handlers)} layer{'s' if len(tr.handlers) > 1 else ''} ({names}), {tr.num_parameters:,} parameters in scope"
               + (f", projected to ~{job.projection_dim} dims per layer ({job.projection_type})" if job.projection_dim else "")
               + (f", {job.sample_rate:.0%} of the training set" if job.sample_rate else "")
               + (f", {world} processes" if world > 1 else "") + ".", file=sys.stderr)
