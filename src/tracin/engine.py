@@ -181,23 +181,27 @@ class Scheduler:
         Raw test batches wait in host memory only until at most ``STAGING_BYTES`` of them are
         staged; then every checkpoint is loaded once and their factors are computed, so a test set
         of any size needs memory for its factors, not for its decoded inputs."""
-        chunk_examples = 0
-        start = 0
+        chunk_examples = start = end = staged_bytes = 0
+        finished = False  # the current chunk was finished by an interrupted run
         staged: List[Tuple[int, object]] = []
         per_checkpoint: List[List[FactorDict]] = [[] for _ in self.checkpoints]
-        staged_bytes = 0
-        end = 0
+
+        def close() -> Tuple[slice, Optional[list]]:
+            self._stage(staged, per_checkpoint)
+            return slice(start, end), (None if finished else self._chunk_cache(per_checkpoint))
+
         for first, batch in self._numbered(test):
             b = self.task.batch_size(batch)
             if not chunk_examples:
                 chunk_examples = self._chunk_examples(batch)
+                finished = skip is not None and skip(start)
             if first > start and first + b - start > chunk_examples:
-                self._stage(staged, per_checkpoint)
-                yield slice(start, first), (None if skip is not None and skip(start) else self._chunk_cache(per_checkpoint))
+                yield close()
                 per_checkpoint = [[] for _ in self.checkpoints]
                 start, staged_bytes = first, 0
+                finished = skip is not None and skip(start)
             end = first + b
-            if skip is not None and skip(start):
+            if finished:
                 continue
             staged.append((first, batch))
             staged_bytes += batch_bytes(batch)
@@ -205,8 +209,7 @@ class Scheduler:
                 self._stage(staged, per_checkpoint)
                 staged_bytes = 0
         if end > start:
-            self._stage(staged, per_checkpoint)
-            yield slice(start, end), (None if skip is not None and skip(start) else self._chunk_cache(per_checkpoint))
+            yield close()
 
     def cache_test(self, test: DataLoader) -> List[Tuple[slice, list]]:
         """Every test chunk's factors for every checkpoint, computed now (for reuse across calls)."""
