@@ -22,9 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tracin.device import resolve_device
 from tracin.evaluation.common import roc_auc
-from tracin.image_influence import checkpoint_probabilities, image_setup, label_losses
+from tracin.image_influence import image_setup, label_losses
 
 
 def factors(run: Path):
@@ -32,22 +31,18 @@ def factors(run: Path):
     setup = image_setup(run, run / "checkpoints")
     flipped = {Path(r["file"]).name for r in csv.DictReader(open(run / "injected_noise.csv"))}
     is_flipped = np.array([p.name in flipped for p in setup.train_split.paths])
-    head = [m for m in setup.model.modules() if isinstance(m, torch.nn.Linear)][-1]
-    captured = {}
-    head.register_forward_hook(lambda module, inputs, output: captured.__setitem__("a", inputs[0].detach().double()))
+    model = setup.model.eval()
+    head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    captured = []
+    head.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0].detach().double()))
     labels = torch.tensor(setup.train_split.labels)
     error = feature = whole = loss = 0.0
-    features = []
-    probs_all = checkpoint_probabilities(setup.model, setup.checkpoints, setup.train, resolve_device("cpu"), 256)
-    for ck, probs in zip(setup.checkpoints, probs_all):
-        # predict_proba ran the model batch by batch: rerun to collect the head's inputs in order
-        features.clear()
-        setup.model.eval()
+    for ck in setup.checkpoints:  # one pass per checkpoint gives the head's inputs and the probabilities
+        model.load_state_dict(ck.state_dict())
+        captured.clear()
         with torch.no_grad():
-            for x, _ in torch.utils.data.DataLoader(setup.train, batch_size=256):
-                setup.model(x)
-                features.append(captured["a"])
-        a = torch.cat(features)
+            probs = torch.cat([model(x).softmax(-1) for x, _ in torch.utils.data.DataLoader(setup.train, batch_size=256)])
+        a = torch.cat(captured)
         e = (probs.double() - torch.nn.functional.one_hot(labels, probs.shape[1]).double()).pow(2).sum(1)
         f = a.pow(2).sum(1) + 1
         lr = float(ck.learning_rate)
