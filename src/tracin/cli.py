@@ -31,6 +31,10 @@ def parse_layers(text: str) -> Union[str, int, List[str]]:
     return names
 
 
+AUGMENT_HELP = ("none | crop | flip | crop_flip: random shifts and/or mirrors of the training images while training "
+                "(influence always reads the plain images)")
+
+
 def _add_run_flags(parser: argparse.ArgumentParser, batch_size: int, seed: int, trust: str) -> None:
     """The flags every scoring command shares: layers, batch size, device, seed, trust, quiet."""
     _add(parser, "--layers", type=parse_layers, default="all", help="last | all | output_bias | N | comma-separated module or parameter names")
@@ -55,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(t, "--batch_size", type=int, default=32)
     _add(t, "--pretrained", type=Path, help="local weights file to start from (nothing is downloaded)")
     _add(t, "--image_size", type=int, default=224)
+    _add(t, "--augment", default="none", help=AUGMENT_HELP)
+    _add(t, "--lr_schedule", default="constant", help="constant | cosine (per epoch, from --learning_rate towards 0)")
     _add(t, "--seed", type=int, default=0)
     _add(t, "--device", default="auto")
     _add(t, "--quiet", action="store_true", help="no progress bars")
@@ -162,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
         _add(e, "--learning_rate", type=float, default=0.02)
         _add(e, "--batch_size", type=int, default=32)
         _add(e, "--image_size", type=int, default=16)
+        _add(e, "--augment", default="none", help=AUGMENT_HELP)
+        _add(e, "--lr_schedule", default="constant", help="constant | cosine (per epoch, from --learning_rate towards 0)")
         _add(e, "--layers", type=parse_layers, default="last", help="layers of the self-influence ranking (mislabel also reports all layers and output_bias)")
         _add(e, "--device", default="auto")
         _add(e, "--quiet", action="store_true")
@@ -184,7 +192,8 @@ def _train(a) -> None:
     from .train import train_image_classifier
 
     s = train_image_classifier(a.data_dir, a.arch, a.epochs, a.save_every, a.checkpoint_dir, a.learning_rate, a.batch_size,
-                               a.pretrained, a.image_size, a.seed, resolve_device(a.device), progress=not a.quiet)
+                               a.pretrained, a.image_size, a.seed, resolve_device(a.device), progress=not a.quiet,
+                               augment=a.augment, lr_schedule=a.lr_schedule)
     print(f"Saved {len(s.checkpoints)} checkpoints to {a.checkpoint_dir}; best test accuracy {s.best_test_accuracy:.1%} "
           f"({s.best_model.name}); log {s.log_csv}, curve {s.curve_png}.")
 
@@ -260,7 +269,8 @@ def _evaluate(a) -> None:
     from .data.noise import parse_flip_map
     from .evaluation.common import Training
 
-    training = Training(a.arch, a.epochs, a.save_every, a.learning_rate, a.batch_size, a.image_size, a.device, a.layers)
+    training = Training(a.arch, a.epochs, a.save_every, a.learning_rate, a.batch_size, a.image_size, a.device, a.layers,
+                        a.augment, a.lr_schedule)
     flips = parse_flip_map(a.flip) if a.flip else None
     if a.evaluation == "mislabel":
         from .evaluation.mislabel import format_summary, run_mislabel

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .checkpoints import save_checkpoint
-from .data.images import ImageDataset, image_transform, scan_split
+from .data.images import ImageDataset, image_transform, scan_split, training_transform
 from .errors import DataError, TracInError
 from .vision import build_model, load_pretrained, normalization
 
@@ -37,6 +38,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def epoch_learning_rates(base: float, epochs: int, schedule: str) -> List[float]:
+    """The learning rate of each epoch 1..``epochs``: ``base`` throughout (``constant``), or
+    ``base * (1 + cos(pi * (e - 1) / epochs)) / 2`` for epoch e (``cosine``: ``base`` in the first
+    epoch, decaying towards 0)."""
+    if schedule not in LR_SCHEDULES:
+        raise TracInError(f"--lr_schedule {schedule} is not one of {', '.join(LR_SCHEDULES)}; pick one of them.")
+    if schedule == "constant":
+        return [base] * epochs
+    return [base * (1 + math.cos(math.pi * (e - 1) / epochs)) / 2 for e in range(1, epochs + 1)]
+
+
 def _evaluate(model: nn.Module, loader: DataLoader, device: torch.device):
     model.eval()
     total, correct, loss_sum = 0, 0, 0.0
@@ -54,18 +69,24 @@ def train_image_classifier(
     data_dir: Path, arch: str, epochs: int, save_every: int, checkpoint_dir: Path, learning_rate: float,
     batch_size: int, pretrained: Optional[Path] = None, image_size: int = 224, seed: int = 0,
     device: torch.device = torch.device("cpu"), progress: bool = True, momentum: float = 0.9, weight_decay: float = 5e-4,
+    augment: str = "none", lr_schedule: str = "constant",
 ) -> TrainSummary:
-    """SGD with momentum at a constant learning rate; a checkpoint every ``save_every`` epochs and
-    after the last one, each with weights, learning rate, epoch, step, class names, architecture and
-    image size. Writes ``best_model.pt`` (best test accuracy), ``training_log.csv`` and ``training_curve.png``."""
+    """SGD with momentum at a constant learning rate, or one that follows
+    :func:`epoch_learning_rates` (``lr_schedule="cosine"``); a checkpoint every ``save_every`` epochs
+    and after the last one, each with weights, epoch, step, class names, architecture, image size and
+    the learning rate TracIn weights it by: the mean rate of the epochs since the previous checkpoint. ``augment`` (none | crop | flip | crop_flip, :func:`~tracin.data.images.training_transform`)
+    applies to the optimisation steps only; accuracies are measured on the plain images. Writes
+    ``best_model.pt`` (best test accuracy), ``training_log.csv`` and ``training_curve.png``."""
     if epochs < 1 or save_every < 1 or batch_size < 1 or image_size < 8:
         raise TracInError("--epochs, --save_every and --batch_size must be at least 1 and --image_size at least 8.")
     if not learning_rate > 0:
         raise TracInError(f"--learning_rate must be positive, got {learning_rate}.")
+    rates = epoch_learning_rates(learning_rate, epochs, lr_schedule)
     seed_everything(seed)
     train_split, class_names = scan_split(Path(data_dir), "train")
     test_split, _ = scan_split(Path(data_dir), "test", class_names)
     transform = image_transform(image_size, normalization(arch))
+    augmented = ImageDataset(train_split, training_transform(image_size, augment, normalization(arch)))
     train_set, test_set = ImageDataset(train_split, transform), ImageDataset(test_split, transform)
     model = build_model(arch, len(class_names))
     if pretrained is not None:
@@ -73,15 +94,18 @@ def train_image_classifier(
     model.to(device)
     opt = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)
-    train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=generator)
+    train_loader = DataLoader(augmented, batch_size=batch_size, shuffle=True, generator=generator)
     eval_train = DataLoader(train_set, batch_size=max(batch_size, 64))
     eval_test = DataLoader(test_set, batch_size=max(batch_size, 64))
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"class_names": class_names, "arch": arch, "image_size": image_size, "seed": seed}
-    rows, saved, best_acc, step = [], [], -1.0, 0
+    meta = {"class_names": class_names, "arch": arch, "image_size": image_size, "seed": seed, "augment": augment,
+            "lr_schedule": lr_schedule}
+    rows, saved, best_acc, step, last_saved = [], [], -1.0, 0, 0
     for epoch in tqdm(range(1, epochs + 1), desc="training", unit="epoch", disable=not progress):
         start = time.perf_counter()
+        for group in opt.param_groups:
+            group["lr"] = rates[epoch - 1]
         model.train()
         for x, y in train_loader:
             x, y = x.to(device), y.to(device)
@@ -95,13 +119,16 @@ def train_image_classifier(
         train_loss, train_acc = _evaluate(model, eval_train, device)
         test_loss, test_acc = _evaluate(model, eval_test, device)
         rows.append({"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc, "test_loss": test_loss,
-                     "test_accuracy": test_acc, "learning_rate": learning_rate, "seconds": time.perf_counter() - start})
+                     "test_accuracy": test_acc, "learning_rate": rates[epoch - 1], "seconds": time.perf_counter() - start})
+        span = rates[last_saved:epoch]  # the step sizes of the epochs this checkpoint stands for
+        interval_rate = span[0] if len(set(span)) == 1 else float(np.mean(span))
         if epoch % save_every == 0 or epoch == epochs:
             saved.append(save_checkpoint(checkpoint_dir / f"checkpoint_epoch_{epoch}.pt", model.state_dict(),
-                                         learning_rate=learning_rate, epoch=epoch, step=step, **meta))
+                                         learning_rate=interval_rate, epoch=epoch, step=step, **meta))
+            last_saved = epoch
         if test_acc > best_acc:
             best_acc = test_acc
-            save_checkpoint(checkpoint_dir / "best_model.pt", model.state_dict(), learning_rate=learning_rate,
+            save_checkpoint(checkpoint_dir / "best_model.pt", model.state_dict(), learning_rate=rates[epoch - 1],
                             epoch=epoch, step=step, **meta)
     log_csv = checkpoint_dir / "training_log.csv"
     with open(log_csv, "w", newline="") as f:

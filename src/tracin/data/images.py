@@ -16,7 +16,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from ..errors import DataError
+from ..errors import DataError, TracInError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -79,16 +79,45 @@ def scan_split(root: Path, split: str, class_names: Optional[Sequence[str]] = No
     return split_data, names
 
 
-def image_transform(image_size: int, normalize: Tuple[Sequence[float], Sequence[float]] = (IMAGENET_MEAN, IMAGENET_STD)) -> Callable:
-    """Resize to a square, 3 channels, tensor in [0, 1], normalised: [3, S, S]."""
+def image_transform(image_size: int, normalize: Tuple[Sequence[float], Sequence[float]] = (IMAGENET_MEAN, IMAGENET_STD),
+                    random_steps: Sequence[Callable] = ()) -> Callable:
+    """Resize to a square, 3 channels, (``random_steps`` on the resized image,) tensor in [0, 1],
+    normalised: [3, S, S]."""
     from torchvision import transforms
 
     return transforms.Compose([
         transforms.Lambda(lambda img: img.convert("RGB")),
         transforms.Resize((image_size, image_size)),
+        *random_steps,
         transforms.ToTensor(),
         transforms.Normalize(*normalize),
     ])
+
+
+AUGMENTATIONS = ("none", "crop", "flip", "crop_flip")
+
+
+def check_augment(augment: str) -> None:
+    """Refuse an ``augment`` that is not one of :data:`AUGMENTATIONS`."""
+    if augment not in AUGMENTATIONS:
+        raise TracInError(f"--augment {augment} is not one of {', '.join(AUGMENTATIONS)}; pick one of them.")
+
+
+def training_transform(image_size: int, augment: str,
+                       normalize: Tuple[Sequence[float], Sequence[float]] = (IMAGENET_MEAN, IMAGENET_STD)) -> Callable:
+    """The transform training reads images with: :func:`image_transform`, after a random shift
+    (``crop``: pad by a reflected eighth of the side and crop back, as for CIFAR) and/or a random
+    horizontal mirror (``flip``; not for classes a mirror changes, such as some digits). Influence,
+    self-influence and evaluation always read the plain, unaugmented image: [3, S, S]."""
+    check_augment(augment)
+    from torchvision import transforms
+
+    random_steps = []
+    if "crop" in augment:
+        random_steps.append(transforms.RandomCrop(image_size, padding=max(1, image_size // 8), padding_mode="reflect"))
+    if "flip" in augment:
+        random_steps.append(transforms.RandomHorizontalFlip())
+    return image_transform(image_size, normalize, random_steps)
 
 
 class ImageDataset(Dataset):

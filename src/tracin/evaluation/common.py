@@ -12,13 +12,14 @@ import numpy as np
 
 from ..api import TracIn
 from ..data.digits import write_digits_folder
+from ..data.images import check_augment
 from ..data.noise import inject_label_noise, place
 from ..data.shapes import write_shapes_folder
 from ..device import resolve_device
 from ..errors import DataError
 from ..image_influence import checkpoint_probabilities, image_setup, label_losses, predict_proba
 from ..outputs import begin_results
-from ..train import train_image_classifier
+from ..train import epoch_learning_rates, train_image_classifier
 
 FRACTIONS = (0.05, 0.10, 0.15, 0.20, 0.30)
 
@@ -35,6 +36,12 @@ class Training:
     image_size: int = 16
     device: str = "auto"
     layers: object = "last"
+    augment: str = "none"
+    lr_schedule: str = "constant"
+
+    def __post_init__(self) -> None:
+        check_augment(self.augment)
+        epoch_learning_rates(self.learning_rate, self.epochs, self.lr_schedule)  # refuses an unknown schedule
 
     def fit(self, data_dir: Path, checkpoint_dir: Path, seed: int, save_every: Optional[int] = None):
         args = {k: v for k, v in asdict(self).items() if k not in ("device", "layers")}
