@@ -74,7 +74,8 @@ def train_image_classifier(
     """SGD with momentum at a constant learning rate, or one that follows
     :func:`epoch_learning_rates` (``lr_schedule="cosine"``); a checkpoint every ``save_every`` epochs
     and after the last one, each with weights, epoch, step, class names, architecture, image size and
-    the learning rate TracIn weights it by: the mean rate of the epochs since the previous checkpoint. ``augment`` (none | crop | flip | crop_flip, :func:`~tracin.data.images.training_transform`)
+    the learning rate TracIn weights it by: the mean rate of the epochs since the previous checkpoint.
+    ``augment`` (none | crop | flip | crop_flip, :func:`~tracin.data.images.training_transform`)
     applies to the optimisation steps only; accuracies are measured on the plain images. Writes
     ``best_model.pt`` (best test accuracy), ``training_log.csv`` and ``training_curve.png``."""
     if epochs < 1 or save_every < 1 or batch_size < 1 or image_size < 8:
