@@ -80,6 +80,22 @@ def test_evaluate_mislabel_end_to_end(tmp_path, capsys):
     assert (out / "manifest.json").exists() is False  # not an influence results folder
 
 
+@pytest.mark.parametrize("folds,message", [
+    ("1", "--cv_folds must be at least 2, got 1."),
+    ("5", "Class 'a' has 3 training images in"),
+])
+def test_too_few_images_for_the_folds_is_refused_before_training(tmp_path, capsys, folds, message):
+    data = make_image_folder(tmp_path / "d", classes=("a", "b"), n_train=3, n_test=2)
+    out = tmp_path / "eval"
+    assert main(["evaluate", "mislabel", "--data", str(data), "--cv_folds", folds, "--output_dir", str(out)] + TINY) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (out / "work" / "noisy_seed0").exists() and not (out / "mislabel_evaluation.json").exists()
+    if folds == "5":
+        assert "fewer than --cv_folds 5; lower --cv_folds, add images or pass --no_cleanlab." in err
+        assert main(["evaluate", "mislabel", "--data", str(data), "--no_cleanlab", "--output_dir", str(out)] + TINY) == 0
+
+
 def test_evaluate_cleaning_end_to_end(tmp_path, capsys):
     data = make_image_folder(tmp_path / "d", classes=("a", "b"), n_train=12, n_test=3)
     out = tmp_path / "clean"
@@ -92,6 +108,16 @@ def test_evaluate_cleaning_end_to_end(tmp_path, capsys):
     assert all(0 <= row["test_accuracy"] <= 1 for row in rows.values())
     assert main(["evaluate", "cleaning", "--data", str(tmp_path / "nowhere"), "--output_dir", str(out)] + TINY) == 2
     assert "neither 'digits', 'shapes' nor a folder" in capsys.readouterr().err
+
+
+def test_cleaning_that_would_empty_a_class_is_refused(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "d", classes=("a", "b"), n_train=3, n_test=2)
+    out = tmp_path / "clean"
+    assert main(["evaluate", "cleaning", "--data", str(data), "--noise_rate", "0.2", "--fraction", "0.6",
+                 "--output_dir", str(out)] + TINY) == 2
+    err = capsys.readouterr().err
+    assert "without training images; lower --fraction." in err and "Traceback" not in err
+    assert not (out / "cleaning_evaluation.json").exists()
 
 
 def test_output_bias_self_influence_is_the_error_at_the_logits(tmp_path):

@@ -23,12 +23,19 @@ from .common import Training, final_test_accuracy, noisy_runs, summarise
 METHODS = ("tracin self-influence", "loss (final model)", "random", "oracle (the flipped images)")  # self-influence over --layers
 
 
-def _cleaned_copy(noisy: Path, target: Path, chosen: np.ndarray, action: str, predicted: np.ndarray) -> None:
+def _cleaned_copy(noisy: Path, target: Path, chosen: np.ndarray, action: str, predicted: np.ndarray, method: str) -> None:
     """``noisy`` with the ``chosen`` training images removed, or moved to their predicted class."""
     if target.exists():
         shutil.rmtree(target)
     split, classes = scan_split(noisy, "train")
     pick = set(chosen.tolist())
+    kept = np.array([int(predicted[i]) if i in pick else label for i, label in enumerate(split.labels)
+                     if not (i in pick and action == "remove")])
+    empty = [c for k, c in enumerate(classes) if not (kept == k).any()]
+    if empty:
+        doing = {"remove": "Removing", "relabel": "Relabelling"}[action]
+        raise DataError(f"{doing} the top {len(pick)} by {method} would leave class '{empty[0]}' without training images; "
+                        "lower --fraction.")
     for i, (path, label) in enumerate(zip(split.paths, split.labels)):
         if i in pick and action == "remove":
             continue
@@ -63,7 +70,7 @@ def run_cleaning(data: str, output_dir: Path, noise_rate: float = 0.1, seeds: Se
         for method, order in rankings.items():
             chosen = order[:k]
             cleaned = work / f"cleaned_seed{seed}"
-            _cleaned_copy(noisy, cleaned, chosen, action, scores["predicted"])
+            _cleaned_copy(noisy, cleaned, chosen, action, scores["predicted"], method)
             after = training.fit(cleaned, cleaned / "checkpoints", seed, save_every=training.epochs)
             rows.append({"seed": seed, "method": method, "changed": int(len(chosen)),
                          "flipped_among_changed": int(flipped[chosen].sum()), "test_accuracy": final_test_accuracy(after.log_csv)})

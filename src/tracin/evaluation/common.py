@@ -16,7 +16,7 @@ from ..data.images import check_augment
 from ..data.noise import inject_label_noise, place
 from ..data.shapes import write_shapes_folder
 from ..device import resolve_device
-from ..errors import DataError
+from ..errors import DataError, TracInError
 from ..image_influence import checkpoint_probabilities, image_setup, label_losses, predict_proba
 from ..outputs import begin_results
 from ..train import epoch_learning_rates, train_image_classifier
@@ -125,17 +125,37 @@ class NoisyRun:
     scores: Dict[str, np.ndarray]
 
 
+def check_folds(source: Path, folds: int) -> None:
+    """Refuse a cross-validation with fewer than 2 folds, or with a class of fewer training images
+    in ``source`` than folds (some fold would hold none of it out, or train without it)."""
+    from ..data.images import scan_split
+
+    if folds < 2:
+        raise TracInError(f"--cv_folds must be at least 2, got {folds}.")
+    split, classes = scan_split(source, "train")
+    counts = np.bincount(np.array(split.labels), minlength=len(classes))
+    if counts.min() < folds:
+        c = int(counts.argmin())
+        raise DataError(f"Class '{classes[c]}' has {counts[c]} training images in {source}, fewer than --cv_folds {folds}; "
+                        "lower --cv_folds, add images or pass --no_cleanlab.")
+
+
 def noisy_runs(data: str, output_dir: Path, noise_rate: float, seeds: Sequence[int], noise: str, flip_map,
-               training: Training, also_layers: Sequence[object] = ()) -> Iterator[NoisyRun]:
+               training: Training, also_layers: Sequence[object] = (), cv_folds: Optional[int] = None) -> Iterator[NoisyRun]:
     """For each seed: flip labels in a copy of the data, train with checkpoints, score every training
-    image per checkpoint. ``output_dir`` is marked incomplete first; the copies go to ``output_dir/work``."""
+    image per checkpoint. ``output_dir`` is marked incomplete first; the copies go to ``output_dir/work``.
+    With ``cv_folds``, the clean data (and each noisy copy) must allow that many folds (:func:`check_folds`)."""
     out = Path(output_dir)
     begin_results(out)
     work = out / "work"
     source = clean_source(data, work)
+    if cv_folds is not None:
+        check_folds(source, cv_folds)
     for seed in seeds:
         noisy = work / f"noisy_seed{seed}"
         flipped = noisy_copy(source, noisy, noise_rate, seed, noise, flip_map)
+        if cv_folds is not None:
+            check_folds(noisy, cv_folds)  # the noise moved images between classes
         summary = training.fit(noisy, noisy / "checkpoints", seed)
         yield NoisyRun(seed, work, noisy, flipped, summary,
                        per_checkpoint_scores(noisy, noisy / "checkpoints", training, also_layers))

@@ -58,7 +58,8 @@ def run_mislabel(data: str, output_dir: Path, noise_rate: float = 0.1, seeds: Se
     curves: Dict[str, List[np.ndarray]] = {}
     study: List[Dict[str, Any]] = []
     start = time.perf_counter()
-    for run in noisy_runs(data, out, noise_rate, seeds, noise, flip_map, training, also_layers=["all", "output_bias"]):
+    for run in noisy_runs(data, out, noise_rate, seeds, noise, flip_map, training, also_layers=["all", "output_bias"],
+                          cv_folds=cv_folds if use_cleanlab else None):
         seed, flipped, summary, scores = run.seed, run.flipped, run.summary, run.scores
         probs = cross_validated_probabilities(run.noisy, run.work / f"cv_seed{seed}", training, cv_folds, seed) if use_cleanlab else None
         for method, s in method_scores(scores, probs, training.layers).items():
