@@ -96,6 +96,16 @@ def test_too_few_images_for_the_folds_is_refused_before_training(tmp_path, capsy
         assert main(["evaluate", "mislabel", "--data", str(data), "--no_cleanlab", "--output_dir", str(out)] + TINY) == 0
 
 
+def test_mislabel_evaluation_without_flipped_labels_is_refused(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "d", classes=("a", "b"), n_train=3, n_test=2)
+    out = tmp_path / "eval"
+    assert main(["evaluate", "mislabel", "--data", str(data), "--noise_rate", "0", "--no_cleanlab", "--output_dir", str(out)] + TINY) == 2
+    err = capsys.readouterr().err
+    assert "Uniform noise at rate 0.0 flipped no label of the 6 training images (seed 0), so there is nothing to detect; " \
+           "raise --noise_rate." in err
+    assert not (out / "work" / "noisy_seed0" / "checkpoints").exists() and not (out / "mislabel_evaluation.json").exists()
+
+
 def test_evaluate_cleaning_end_to_end(tmp_path, capsys):
     data = make_image_folder(tmp_path / "d", classes=("a", "b"), n_train=12, n_test=3)
     out = tmp_path / "clean"

@@ -141,10 +141,12 @@ def check_folds(source: Path, folds: int) -> None:
 
 
 def noisy_runs(data: str, output_dir: Path, noise_rate: float, seeds: Sequence[int], noise: str, flip_map,
-               training: Training, also_layers: Sequence[object] = (), cv_folds: Optional[int] = None) -> Iterator[NoisyRun]:
+               training: Training, also_layers: Sequence[object] = (), cv_folds: Optional[int] = None,
+               require_flips: bool = False) -> Iterator[NoisyRun]:
     """For each seed: flip labels in a copy of the data, train with checkpoints, score every training
     image per checkpoint. ``output_dir`` is marked incomplete first; the copies go to ``output_dir/work``.
-    With ``cv_folds``, the clean data (and each noisy copy) must allow that many folds (:func:`check_folds`)."""
+    With ``cv_folds``, the clean data (and each noisy copy) must allow that many folds (:func:`check_folds`);
+    with ``require_flips``, every seed must flip at least one label (else there is nothing to detect)."""
     out = Path(output_dir)
     begin_results(out)
     work = out / "work"
@@ -154,6 +156,9 @@ def noisy_runs(data: str, output_dir: Path, noise_rate: float, seeds: Sequence[i
     for seed in seeds:
         noisy = work / f"noisy_seed{seed}"
         flipped = noisy_copy(source, noisy, noise_rate, seed, noise, flip_map)
+        if require_flips and not flipped.any():
+            raise DataError(f"{noise.capitalize()} noise at rate {noise_rate} flipped no label of the {len(flipped)} training "
+                            f"images (seed {seed}), so there is nothing to detect; raise --noise_rate.")
         if cv_folds is not None:
             check_folds(noisy, cv_folds)  # the noise moved images between classes
         summary = training.fit(noisy, noisy / "checkpoints", seed)

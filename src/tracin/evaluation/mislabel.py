@@ -59,7 +59,7 @@ def run_mislabel(data: str, output_dir: Path, noise_rate: float = 0.1, seeds: Se
     study: List[Dict[str, Any]] = []
     start = time.perf_counter()
     for run in noisy_runs(data, out, noise_rate, seeds, noise, flip_map, training, also_layers=["all", "output_bias"],
-                          cv_folds=cv_folds if use_cleanlab else None):
+                          cv_folds=cv_folds if use_cleanlab else None, require_flips=True):
         seed, flipped, summary, scores = run.seed, run.flipped, run.summary, run.scores
         probs = cross_validated_probabilities(run.noisy, run.work / f"cv_seed{seed}", training, cv_folds, seed) if use_cleanlab else None
         for method, s in method_scores(scores, probs, training.layers).items():
