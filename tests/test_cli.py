@@ -126,6 +126,14 @@ def test_bad_input_messages(trained, tmp_path, capsys):
     code, err = _err(capsys, ["influence", "--data_dir", str(data), "--checkpoint_dir", str(ckpt), "--output_dir", str(tmp_path / "o"), "--top_k", "500", "--quiet"])
     assert code == 2 and "--top_k 500 is larger than the training set (24 images)" in err
     assert not (tmp_path / "o" / "manifest.json").exists()
+    # worker count and memory budget out of range
+    base = ["influence", "--data_dir", str(data), "--checkpoint_dir", str(ckpt), "--output_dir", str(tmp_path / "o"), "--quiet",
+            "--top_k", "3"]
+    code, err = _err(capsys, base + ["--num_workers", "-1"])
+    assert code == 2 and "num_workers must be 0 (load in this process) or more, got -1." in err and "Traceback" not in err
+    for budget in ("0", "-1"):
+        code, err = _err(capsys, base + ["--memory_budget", budget])
+        assert code == 2 and f"--memory_budget must be a positive number of GiB, got {float(budget)}." in err
     # report on a directory with no results
     code, err = _err(capsys, ["report", "--results_dir", str(tmp_path)])
     assert code == 2 and "no manifest.json" in err

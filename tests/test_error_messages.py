@@ -29,6 +29,7 @@ def _err(capsys, argv):
 @pytest.mark.parametrize("kwargs,message", [
     ({"checkpoints": ["not a checkpoint"]}, "checkpoints must be Checkpoint objects"),
     ({"batch_size": 0}, "batch_size must be at least 1"),
+    ({"num_workers": -1}, r"num_workers must be 0 \(load in this process\) or more, got -1"),
     ({"stratify_by": 3}, "stratify_by must be a key the task provides"),
     ({"sample_rate": 1.5}, r"sample_rate must be in \(0, 1\]"),
     ({"projection_dim": 0}, "projection_dim must be a positive integer"),

@@ -99,6 +99,8 @@ class TracIn:
             raise TracInError("checkpoints must be Checkpoint objects (or a directory of checkpoint files).")
         if batch_size < 1:
             raise TracInError(f"batch_size must be at least 1, got {batch_size}.")
+        if num_workers < 0:
+            raise TracInError(f"num_workers must be 0 (load in this process) or more, got {num_workers}.")
         if kernel not in KERNELS:
             raise TracInError(f"kernel={kernel!r} is not one of {', '.join(KERNELS)}.")
         self.model = model

@@ -201,6 +201,8 @@ def _train(a) -> None:
 def _influence(a) -> None:
     from .image_influence import InfluenceJob, run_influence
 
+    if a.memory_budget is not None and not a.memory_budget > 0:
+        raise TracInError(f"--memory_budget must be a positive number of GiB, got {a.memory_budget}.")
     budget = int(a.memory_budget * 2**30) if a.memory_budget else None
     m = run_influence(InfluenceJob(a.data_dir, a.checkpoint_dir, a.output_dir, a.top_k, a.batch_size, a.train_subset,
                                    a.test_subset, a.layers, a.self_influence, a.device, a.seed, budget, not a.quiet,
