@@ -134,6 +134,10 @@ def test_bad_input_messages(trained, tmp_path, capsys):
     for budget in ("0", "-1"):
         code, err = _err(capsys, base + ["--memory_budget", budget])
         assert code == 2 and f"--memory_budget must be a positive number of GiB, got {float(budget)}." in err
+    # report counts out of range
+    for flag in (["--top_n", "0"], ["--html_tests", "-1"], ["--gradcam", "-1"]):
+        code, err = _err(capsys, ["report", "--results_dir", str(tmp_path)] + flag)
+        assert code == 2 and "--top_n must be at least 1 and --html_tests and --gradcam 0 or more" in err
     # report on a directory with no results
     code, err = _err(capsys, ["report", "--results_dir", str(tmp_path)])
     assert code == 2 and "no manifest.json" in err

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 
+from ..errors import TracInError
 from ..outputs import write_csv, write_json
 from . import figures, html
 from .load import Results, load_results
@@ -61,6 +62,9 @@ def _findings(res: Results, health: float, band: str, opp_share: float, false_ro
 def build_report(results_dir: Path, top_n: int = 10, html_tests: int = 100, gradcam: int = 0) -> Dict[str, Any]:
     """Write the report files into ``results_dir`` and return a summary (also in report_summary.json).
     ``gradcam`` > 0 adds Grad-CAM overlays for that many test images (needs the grad-cam package)."""
+    if top_n < 1 or html_tests < 0 or gradcam < 0:
+        raise TracInError(f"--top_n must be at least 1 and --html_tests and --gradcam 0 or more, got {top_n}, {html_tests} "
+                          f"and {gradcam}.")
     res = load_results(Path(results_dir))
     out = res.directory
     cams = []
