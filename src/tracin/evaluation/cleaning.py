@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ..data.images import scan_split
+from ..data.images import ImageSplit, scan_split
 from ..data.noise import place
 from ..errors import DataError
 from ..outputs import write_csv, write_json
@@ -23,27 +23,23 @@ from .common import Training, final_test_accuracy, noisy_runs, summarise
 METHODS = ("tracin self-influence", "loss (final model)", "random", "oracle (the flipped images)")  # self-influence over --layers
 
 
-def _cleaned_copy(noisy: Path, target: Path, chosen: np.ndarray, action: str, predicted: np.ndarray, method: str) -> None:
-    """``noisy`` with the ``chosen`` training images removed, or moved to their predicted class."""
+def _cleaned_copy(train: ImageSplit, test: ImageSplit, classes: List[str], target: Path, chosen: np.ndarray, action: str,
+                  predicted: np.ndarray, method: str) -> None:
+    """The noisy copy's ``train`` / ``test`` images in ``target``, with the ``chosen`` training images
+    removed, or moved to their predicted class."""
     if target.exists():
         shutil.rmtree(target)
-    split, classes = scan_split(noisy, "train")
     pick = set(chosen.tolist())
-    kept = np.array([int(predicted[i]) if i in pick else label for i, label in enumerate(split.labels)
-                     if not (i in pick and action == "remove")])
-    empty = [c for k, c in enumerate(classes) if not (kept == k).any()]
+    kept = [(path, int(predicted[i]) if i in pick else label) for i, (path, label) in enumerate(zip(train.paths, train.labels))
+            if not (i in pick and action == "remove")]
+    empty = sorted(set(range(len(classes))) - {label for _, label in kept})
     if empty:
         doing = {"remove": "Removing", "relabel": "Relabelling"}[action]
-        raise DataError(f"{doing} the top {len(pick)} by {method} would leave class '{empty[0]}' without training images; "
-                        "lower --fraction.")
-    for i, (path, label) in enumerate(zip(split.paths, split.labels)):
-        if i in pick and action == "remove":
-            continue
-        cls = classes[int(predicted[i])] if i in pick else classes[label]
-        place(Path(path), target / "train" / cls / Path(path).name)
-    test, _ = scan_split(noisy, "test", classes)
-    for path, label in zip(test.paths, test.labels):
-        place(Path(path), target / "test" / classes[label] / Path(path).name)
+        raise DataError(f"{doing} the top {len(pick)} by {method} would leave class '{classes[empty[0]]}' without training "
+                        "images; lower --fraction.")
+    for part, images in (("train", kept), ("test", zip(test.paths, test.labels))):
+        for path, label in images:
+            place(Path(path), target / part / classes[label] / Path(path).name)
     for part in ("train", "test"):
         for c in classes:
             (target / part / c).mkdir(parents=True, exist_ok=True)
@@ -67,10 +63,12 @@ def run_cleaning(data: str, output_dir: Path, noise_rate: float = 0.1, seeds: Se
                     METHODS[2]: rng.permutation(n), METHODS[3]: np.flatnonzero(flipped)}
         rows.append({"seed": seed, "method": "none (noisy labels)", "changed": 0, "flipped_among_changed": 0,
                      "test_accuracy": final_test_accuracy(base.log_csv)})
+        train, classes = scan_split(noisy, "train")  # once per seed, for every method's copy
+        test, _ = scan_split(noisy, "test", classes)
         for method, order in rankings.items():
             chosen = order[:k]
             cleaned = work / f"cleaned_seed{seed}"
-            _cleaned_copy(noisy, cleaned, chosen, action, scores["predicted"], method)
+            _cleaned_copy(train, test, classes, cleaned, chosen, action, scores["predicted"], method)
             after = training.fit(cleaned, cleaned / "checkpoints", seed, save_every=training.epochs)
             rows.append({"seed": seed, "method": method, "changed": int(len(chosen)),
                          "flipped_among_changed": int(flipped[chosen].sum()), "test_accuracy": final_test_accuracy(after.log_csv)})

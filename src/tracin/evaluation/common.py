@@ -12,7 +12,7 @@ import numpy as np
 
 from ..api import TracIn
 from ..data.digits import write_digits_folder
-from ..data.images import check_augment
+from ..data.images import ImageDataset, check_augment, image_transform, scan_split
 from ..data.noise import inject_label_noise, place
 from ..data.shapes import write_shapes_folder
 from ..device import resolve_device
@@ -68,16 +68,15 @@ def clean_source(data: str, workdir: Path) -> Path:
     return folder
 
 
-def noisy_copy(source: Path, target: Path, noise_rate: float, seed: int, kind: str, flip_map) -> np.ndarray:
-    """Inject noise into a copy; returns the flipped mask [n_train] in the copy's scan order."""
+def noisy_copy(source: Path, target: Path, noise_rate: float, seed: int, kind: str, flip_map):
+    """Inject noise into a copy; returns the flipped mask [n_train] in the copy's scan order, and the
+    copy's (given) training labels [n_train] and class names."""
     if target.exists():
         shutil.rmtree(target)
     records = inject_label_noise(source, target, noise_rate, seed, kind, flip_map)
-    from ..data.images import scan_split
-
-    split, _ = scan_split(target, "train")
+    split, classes = scan_split(target, "train")
     flipped = {str(target / r["file"]) for r in records}
-    return np.array([str(p) in flipped for p in split.paths])
+    return np.array([str(p) in flipped for p in split.paths]), split.labels, classes
 
 
 def final_test_accuracy(log_csv: Path) -> float:
@@ -125,18 +124,16 @@ class NoisyRun:
     scores: Dict[str, np.ndarray]
 
 
-def check_folds(source: Path, folds: int) -> None:
+def check_folds(labels: Sequence[int], classes: Sequence[str], folds: int, where: Path) -> None:
     """Refuse a cross-validation with fewer than 2 folds, or with a class of fewer training images
-    in ``source`` than folds (some fold would hold none of it out, or train without it)."""
-    from ..data.images import scan_split
-
+    (``labels`` [n] of the folder ``where``) than folds: some fold would hold none of it out, or
+    train without it."""
     if folds < 2:
         raise TracInError(f"--cv_folds must be at least 2, got {folds}.")
-    split, classes = scan_split(source, "train")
-    counts = np.bincount(np.array(split.labels), minlength=len(classes))
+    counts = np.bincount(np.array(labels, dtype=np.int64), minlength=len(classes))
     if counts.min() < folds:
         c = int(counts.argmin())
-        raise DataError(f"Class '{classes[c]}' has {counts[c]} training images in {source}, fewer than --cv_folds {folds}; "
+        raise DataError(f"Class '{classes[c]}' has {counts[c]} training images in {where}, fewer than --cv_folds {folds}; "
                         "lower --cv_folds, add images or pass --no_cleanlab.")
 
 
@@ -152,15 +149,16 @@ def noisy_runs(data: str, output_dir: Path, noise_rate: float, seeds: Sequence[i
     work = out / "work"
     source = clean_source(data, work)
     if cv_folds is not None:
-        check_folds(source, cv_folds)
+        split, classes = scan_split(source, "train")
+        check_folds(split.labels, classes, cv_folds, source)
     for seed in seeds:
         noisy = work / f"noisy_seed{seed}"
-        flipped = noisy_copy(source, noisy, noise_rate, seed, noise, flip_map)
+        flipped, labels, classes = noisy_copy(source, noisy, noise_rate, seed, noise, flip_map)
         if require_flips and not flipped.any():
             raise DataError(f"{noise.capitalize()} noise at rate {noise_rate} flipped no label of the {len(flipped)} training "
                             f"images (seed {seed}), so there is nothing to detect; raise --noise_rate.")
         if cv_folds is not None:
-            check_folds(noisy, cv_folds)  # the noise moved images between classes
+            check_folds(labels, classes, cv_folds, noisy)  # the noise moved images between classes
         summary = training.fit(noisy, noisy / "checkpoints", seed)
         yield NoisyRun(seed, work, noisy, flipped, summary,
                        per_checkpoint_scores(noisy, noisy / "checkpoints", training, also_layers))
@@ -169,7 +167,6 @@ def noisy_runs(data: str, output_dir: Path, noise_rate: float, seeds: Sequence[i
 def cross_validated_probabilities(data_dir: Path, workdir: Path, training: Training, folds: int, seed: int) -> np.ndarray:
     """Out-of-fold class probabilities [n_train, classes]: the same architecture trained the same way
     on ``folds - 1`` folds predicts the held-out fold (stratified by the given label)."""
-    from ..data.images import ImageDataset, image_transform, scan_split
     from ..vision import normalization
 
     split, classes = scan_split(data_dir, "train")
