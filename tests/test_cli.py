@@ -248,3 +248,27 @@ def test_summed_loss_rank_counts_only_the_sampled_images(trained):
     assert sorted(int(r["summed_loss_rank"]) for r in rows) == list(range(1, 13))
     by_loss = sorted(rows, key=lambda r: -float(r["summed_loss"]))
     assert [int(r["summed_loss_rank"]) for r in by_loss] == list(range(1, 13))
+
+
+def test_kfac_preconditioned_influence(trained, tmp_path, capsys):
+    """--precondition kfac: self-influence equals the API's, the manifest records the preconditioner,
+    and scopes it does not cover or a bad damping are refused before anything is written."""
+    root, data, ckpt = trained
+    out = root / "kfac"
+    assert main(["influence", "--data_dir", str(data), "--checkpoint_dir", str(ckpt), "--output_dir", str(out), "--top_k", "3",
+                 "--self_influence", "--precondition", "kfac", "--damping", "0.2", "--quiet"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["precondition"] == {"precondition": "kfac", "damping": 0.2, "fisher": "empirical", "fit_examples": 24}
+    split = scan_split(data, "train", ["cat", "dog", "fox"])[0]
+    train = ImageDataset(split, image_transform(16, normalization("smallcnn")))
+    want = TracIn(build_model("smallcnn", 3), Checkpoint.discover(ckpt, "checkpoint_epoch_*"), layers="last", device="cpu",
+                  progress=False, precondition="kfac", damping=0.2).self_influence(train)
+    assert np.allclose(np.load(out / "self_influence.npy"), want.numpy(), rtol=1e-5)
+    base = ["influence", "--data_dir", str(data), "--checkpoint_dir", str(ckpt), "--output_dir", str(tmp_path / "o"), "--quiet",
+            "--top_k", "3", "--precondition", "kfac"]
+    code, err = _err(capsys, base + ["--layers", "all"])
+    assert code == 2 and "precondition='kfac' covers Linear and Conv layers only, but features.1 (BatchNorm2d)" in err
+    assert "Traceback" not in err and err.count("\n") == 1
+    code, err = _err(capsys, base + ["--damping", "0"])
+    assert code == 2 and "damping must be a positive number" in err
+    assert not (tmp_path / "o").exists()

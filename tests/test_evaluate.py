@@ -71,9 +71,9 @@ def test_evaluate_mislabel_end_to_end(tmp_path, capsys):
     assert "| tracin self-influence (last layer) |" in printed and "cleanlab" in printed
     r = json.loads((out / "mislabel_evaluation.json").read_text())
     assert set(r["summary"]) == {"tracin self-influence (last layer)", "tracin self-influence (all layers)",
-                                 "tracin self-influence (output-layer bias)", "loss (final model)",
-                                 "loss (summed over checkpoints)", "cleanlab (cross-validated)"}
-    assert len(r["per_seed"]) == 12 and all(row["n_flipped"] == 7 for row in r["per_seed"])  # round(0.2 * 36)
+                                 "tracin self-influence (output-layer bias)", "tracin self-influence (last layer, K-FAC)",
+                                 "loss (final model)", "loss (summed over checkpoints)", "cleanlab (cross-validated)"}
+    assert len(r["per_seed"]) == 14 and all(row["n_flipped"] == 7 for row in r["per_seed"])  # round(0.2 * 36)
     assert all(0 <= row["roc_auc"] <= 1 for row in r["per_seed"])
     assert set(r["checkpoint_study"]) >= {"all", "last", "first"}
     assert (out / "recall_vs_inspected.png").stat().st_size > 1000
@@ -144,7 +144,7 @@ def test_output_bias_self_influence_is_the_error_at_the_logits(tmp_path):
     data = make_image_folder(tmp_path / "d", classes=("a", "b", "c"), n_train=8, n_test=2)
     training = Training(epochs=2, save_every=1, batch_size=8, image_size=12, device="cpu")
     training.fit(data, data / "checkpoints", seed=0)
-    scores = per_checkpoint_scores(data, data / "checkpoints", training, also_layers=["output_bias"])
+    scores = per_checkpoint_scores(data, data / "checkpoints", training, also=[("output_bias", "none")])
     setup = image_setup(data, data / "checkpoints")
     onehot = torch.nn.functional.one_hot(torch.tensor(setup.train_split.labels), 3).double()
     probs = checkpoint_probabilities(setup.model, setup.checkpoints, setup.train, resolve_device("cpu"), 8)

@@ -16,6 +16,7 @@ from .device import default_memory_budget, resolve_device
 from .engine import Scheduler
 from .errors import TracInError
 from .results import InfluenceResult, TopK
+from .precondition import KFAC, PRECONDITIONERS
 from .projection import Projector
 from .distributed import all_gather, merge_topk, rank_and_world
 from .resume import ResumeState
@@ -68,6 +69,11 @@ class TracIn:
         precision: ``"fp32"`` (exact), or ``"bf16"`` / ``"fp16"``: forward and backward under autocast and
             the kernels in that dtype, scores summed in fp32 (faster on GPUs; see docs/fast_modes.md for
             the accuracy effect).
+        precondition: ``"none"`` (TracIn's plain inner product) or ``"kfac"``: g^T P g' with P a Kronecker-factored
+            inverse of each layer's empirical Fisher, fitted on the training data at every checkpoint (one extra
+            pass each; :meth:`fit_preconditioner`); exact for that P under every kernel. Linear and Conv layers only.
+            It keeps self-influence from growing with the size of a layer's inputs (docs/quality.md).
+        damping: K-FAC damping, a fraction of each factor's mean eigenvalue (Kronfluence's heuristic is 0.1).
     """
 
     def __init__(
@@ -89,6 +95,8 @@ class TracIn:
         stratify_by: Union[str, Callable, None] = None,
         precision: str = "fp32",
         normalize: str = "none",
+        precondition: str = "none",
+        damping: float = 0.1,
     ):
         if isinstance(checkpoints, (str, Path, os.PathLike)):
             checkpoints = Checkpoint.discover(checkpoints)
@@ -130,6 +138,16 @@ class TracIn:
         self.sample_rate = sample_rate
         self.stratify_by = stratify_by
         self.handlers = resolve_layers(model, layers)
+        if precondition not in PRECONDITIONERS:
+            raise TracInError(f"precondition={precondition!r} is not one of {', '.join(PRECONDITIONERS)}.")
+        self.preconditioner = KFAC(damping) if precondition == "kfac" else None
+        if self.preconditioner is not None:
+            other = [f"{h.name} ({type(h.module).__name__})" for h in self.handlers if not hasattr(h, "ghost_factors")]
+            if other:
+                raise TracInError(
+                    f"precondition='kfac' covers Linear and Conv layers only, but {', '.join(other[:3])}"
+                    f"{' and more' if len(other) > 3 else ''} {'is' if len(other) == 1 else 'are'} in scope; choose layers "
+                    "without them (e.g. layers='last' / --layers last) or precondition='none'.")
         self.last_stats: Dict[str, object] = {}
         self._cached_test: Optional[Tuple[object, list, Dict[str, Optional[str]]]] = None
 
@@ -155,7 +173,26 @@ class TracIn:
         projector = self.projector.for_vectors() if vectors and self.projector is not None else self.projector
         return Scheduler(self.model, self.checkpoints, self.handlers, self.task, self.device,
                          self.memory_budget, progress=self.progress, kernel=self.kernel, projector=projector,
-                         precision=self.precision, normalize=self.normalize)
+                         precision=self.precision, normalize=self.normalize, preconditioner=self.preconditioner)
+
+    def _fitted(self, run: Scheduler, train_loader=None) -> None:
+        """Fit the preconditioner on ``train_loader`` unless it is fitted (or none is used)."""
+        if self.preconditioner is None or self.preconditioner.fitted:
+            return
+        if train_loader is None:
+            raise TracInError("precondition='kfac' needs its preconditioner fitted on training data first; call "
+                              "fit_preconditioner(train_dataset) (or score a training set with this object) before this.")
+        run.fit_preconditioner(train_loader)
+
+    def fit_preconditioner(self, train_dataset: DataSource) -> None:
+        """Fit (or refit) the K-FAC preconditioner on ``train_dataset`` at every checkpoint. Scoring methods
+        that receive a training set fit it on that set when it is not fitted yet; fit explicitly to use
+        other data, or before :meth:`cache_test` / :meth:`influence_from_saved`."""
+        if self.preconditioner is None:
+            raise TracInError("fit_preconditioner needs precondition='kfac'.")
+        self.preconditioner.per_checkpoint = None
+        with self._scheduler() as run:
+            self._fitted(run, self._plan(train_dataset).loader)
 
     def _plan(self, train_dataset: DataSource) -> TrainPlan:
         return plan_training(train_dataset, self.batch_size, self.num_workers, self.task, self.sample_rate,
@@ -201,6 +238,7 @@ class TracIn:
                       "layers": [h.name for h in self.handlers], "kernel": self.kernel, "batch_size": self.batch_size,
                       "projection": self.projector.describe() if self.projector else None, "sample_rate": self.sample_rate,
                       "seed": self.seed, "precision": str(self.precision), "normalize": self.normalize,
+                      "precondition": self.preconditioner.damping if self.preconditioner is not None else None,
                       "n_train": plan.n_scored, "n_test": n_test, "world": world,
                       "checkpoints": [[c.name, c.learning_rate] for c in self.checkpoints]}
             state = ResumeState(Path(resume_dir) / f"rank{rank}" if world > 1 else Path(resume_dir), config)
@@ -218,6 +256,7 @@ class TracIn:
 
         cached = self._cached_test[1] if self._cached_test is not None and self._cached_test[0] is test_dataset else None
         with self._scheduler() as run:
+            self._fitted(run, plan.loader)
             if cached is not None:
                 for h in self.handlers:
                     h.mode = self._cached_test[2][h.name]  # type: ignore[index]
@@ -252,6 +291,7 @@ class TracIn:
         :meth:`influence` calls with this same ``test_dataset`` object skip that work."""
         test = make_loader(test_dataset, self.batch_size, "test", self.num_workers)
         with self._scheduler() as run:
+            self._fitted(run)
             cache = run.cache_test(test)
         self._cached_test = (test_dataset, cache, {h.name: h.mode for h in self.handlers})
 
@@ -261,7 +301,13 @@ class TracIn:
 
     def _store_description(self) -> Dict[str, object]:
         projection = self.projector.for_vectors().describe() if self.projector else None
-        return describe([h.name for h in self.handlers], projection, self.checkpoints)
+        precondition = None
+        if self.preconditioner is not None:
+            if not self.preconditioner.fitted:
+                raise TracInError("precondition='kfac' needs its preconditioner fitted on the training data the store was "
+                                  "made from; call fit_preconditioner(train_dataset) first.")
+            precondition = self.preconditioner.describe()
+        return describe([h.name for h in self.handlers], projection, self.checkpoints, precondition)
 
     def save_train_gradients(self, train_dataset: DataSource, directory: Union[str, Path]) -> Path:
         """Compute every training example's (projected) gradient at every checkpoint and store them in
@@ -270,6 +316,7 @@ class TracIn:
         train = make_loader(train_dataset, self.batch_size, "training", self.num_workers)
         writer = StoreWriter(Path(directory), len(self.checkpoints), dataset_size(train))
         with self._scheduler(vectors=True) as run:
+            self._fitted(run, train)
             run.vectors(train, "training", writer)
         writer.finish(self._store_description())
         return Path(directory)
@@ -290,6 +337,7 @@ class TracIn:
             vectors[c, first:first + vec.shape[0]] = vec.detach().float().cpu()
 
         with self._scheduler(vectors=True) as run:
+            self._fitted(run)
             run.vectors(test, "test", keep)
         vectors = vectors.to(self.device)
         tiny = torch.finfo(vectors.dtype).tiny
@@ -322,6 +370,7 @@ class TracIn:
             acc.update(rows, scores, first)
 
         with self._scheduler() as run:
+            self._fitted(run, plan.loader)
             run.influence(plan.loader, test, sink)
         self.last_stats = dict(run.stats)
         assert acc is not None
@@ -332,6 +381,7 @@ class TracIn:
         surprising examples — mislabelled ones rank near the top."""
         plan = self._plan(train_dataset)
         with self._scheduler() as run:
+            self._fitted(run, plan.loader)
             out = run.self_influence(plan.loader)
         self.last_stats = dict(run.stats)
         return plan.spread(torch.cat(all_gather(out.cpu())))

@@ -62,8 +62,10 @@ class BatchCapture:
             self.calls[name] = []
             self.outputs[name] = []
 
-    def factors(self, model: nn.Module, task: Task, batch: Batch, what: str, first_index: int) -> Dict[str, Optional[Factors]]:
-        """Per-layer factors for ``batch`` (``None`` for a layer the forward pass never reached)."""
+    def factors(self, model: nn.Module, task: Task, batch: Batch, what: str, first_index: int,
+                raw: bool = False) -> Dict[str, Optional[Factors]]:
+        """Per-layer factors for ``batch`` (``None`` for a layer the forward pass never reached);
+        ``raw``: each layer's untransformed (A, D, bias in scope) instead, for fitting a preconditioner."""
         self.reset()
         with torch.enable_grad():
             self.active = True
@@ -119,7 +121,7 @@ class BatchCapture:
             mismatch = next((r for r in rows if r != size), None)
             try:
                 with torch.no_grad():
-                    out[handler.name] = handler.factors(calls)  # its own, more specific checks come first
+                    out[handler.name] = handler.ghost_factors(calls) if raw else handler.factors(calls)  # its own, more specific checks come first
             except RuntimeError:
                 if mismatch is None:
                     raise

@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add(i, "--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="bf16/fp16: autocast (approximate, faster on GPUs)")
     _add(i, "--normalize", choices=["none", "cosine", "train"], default="none",
          help="cosine: unit-length gradients per checkpoint; train: unit-length training gradients")
+    _add(i, "--precondition", choices=["none", "kfac"], default="none",
+         help="kfac: precondition gradients with a K-FAC inverse Fisher fitted per checkpoint (Linear/Conv layers; exact)")
+    _add(i, "--damping", type=float, default=0.1, help="K-FAC damping, a fraction of each factor's mean eigenvalue")
     _add(i, "--summed_loss", action="store_true",
          help="with --self_influence: also rank training images by their loss summed over the checkpoints")
 
@@ -170,7 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
         _add(e, "--image_size", type=int, default=16)
         _add(e, "--augment", default="none", help=AUGMENT_HELP)
         _add(e, "--lr_schedule", default="constant", help="constant | cosine (per epoch, from --learning_rate towards 0)")
-        _add(e, "--layers", type=parse_layers, default="last", help="layers of the self-influence ranking (mislabel also reports all layers and output_bias)")
+        _add(e, "--layers", type=parse_layers, default="last",
+             help="layers of the self-influence ranking (mislabel also reports all layers, output_bias and last with K-FAC)")
+        _add(e, "--precondition", choices=["none", "kfac"], default="none", help="preconditioning of that self-influence ranking")
         _add(e, "--device", default="auto")
         _add(e, "--quiet", action="store_true")
     _add(em, "--cv_folds", type=int, default=5, help="folds of the cross-validated cleanlab baseline")
@@ -208,7 +213,7 @@ def _influence(a) -> None:
                                    a.test_subset, a.layers, a.self_influence, a.device, a.seed, budget, not a.quiet,
                                    a.num_workers, a.projection_dim if a.use_projection else None, a.projection_type,
                                    a.sample_rate, a.stratify_by, a.trust_checkpoint, a.full_matrix, a.overwrite,
-                                   a.precision, a.normalize, a.summed_loss))
+                                   a.precision, a.normalize, a.summed_loss, a.precondition, a.damping))
     if m is None:  # a torchrun rank other than 0: rank 0 reports
         return
     skipped = len(m["data"]["skipped_files"])
@@ -272,7 +277,7 @@ def _evaluate(a) -> None:
     from .evaluation.common import Training
 
     training = Training(a.arch, a.epochs, a.save_every, a.learning_rate, a.batch_size, a.image_size, a.device, a.layers,
-                        a.augment, a.lr_schedule)
+                        a.augment, a.lr_schedule, a.precondition)
     flips = parse_flip_map(a.flip) if a.flip else None
     if a.evaluation == "mislabel":
         from .evaluation.mislabel import format_summary, run_mislabel

@@ -52,6 +52,7 @@ class Scheduler:
         projector=None,
         precision: Optional[torch.dtype] = None,
         normalize: str = "none",
+        preconditioner=None,
     ):
         self.model = model
         self.checkpoints = list(checkpoints)
@@ -63,6 +64,7 @@ class Scheduler:
         self.kernel = kernel
         self.projector = projector
         self.precision = precision
+        self.preconditioner = preconditioner  # a tracin.precondition.KFAC, fitted by fit_preconditioner
         self.normalize = normalize  # "none" | "cosine" (both gradients unit length) | "train" (train gradient unit length)
         self.stats: Dict[str, object] = {"checkpoint_loads": 0, "tiles": 0, "test_chunks": 0}
         self.plan: Dict[str, int] = {}  # chunk_examples and tile_limit in use; preset to repeat a run's tiling
@@ -85,6 +87,7 @@ class Scheduler:
         for handler in self.handlers:
             handler.mode = None if self.kernel == "auto" or self.kernel not in handler.modes else self.kernel
             handler.projector = self.projector
+            handler.preconditioner = self.preconditioner
         self.capture = BatchCapture(self.handlers, self.precision)
         return self
 
@@ -92,6 +95,7 @@ class Scheduler:
         self.capture.remove()
         for handler in self.handlers:
             handler.projector = None
+            handler.preconditioner = None
         self.model.load_state_dict(self._original)
         self.model.to(self._home)
         for p, flag in self._flags:
@@ -109,6 +113,8 @@ class Scheduler:
 
     def _load(self, index: int) -> None:
         self.model.load_state_dict(self._weights[index], strict=True)
+        if self.preconditioner is not None:
+            self.preconditioner.select(index)
         notify = getattr(self.task, "on_checkpoint", None)
         if notify is not None:
             with torch.no_grad():
@@ -117,6 +123,16 @@ class Scheduler:
 
     def _factors(self, batch, what: str, first_index: int) -> FactorDict:
         return self.capture.factors(self.model, self.task, batch, what, first_index)
+
+    def fit_preconditioner(self, train: DataLoader) -> None:
+        """Fit the K-FAC preconditioner on ``train`` at every checkpoint (one forward and backward pass each)."""
+        def raw_batches() -> Iterator[Tuple[int, FactorDict]]:
+            for first, batch in self._numbered(train):
+                yield self.task.batch_size(batch), self.capture.factors(
+                    self.model, self.task, self.task.to_device(batch, self.device), "training", first, raw=True)
+
+        self.preconditioner.fit(len(self.checkpoints), self._load, raw_batches, self.device, self.dtype,
+                                total=dataset_size(train), progress=self.progress)
 
     # -- kernels over blocks -----------------------------------------------------------------
     def _pair(self, test: FactorDict, train: FactorDict) -> Optional[torch.Tensor]:

@@ -62,6 +62,8 @@ class InfluenceJob:
     precision: str = "fp32"
     normalize: str = "none"
     summed_loss: bool = False
+    precondition: str = "none"
+    damping: float = 0.1
 
 
 def _subset(n: int, size: Optional[int], seed: int, what: str) -> np.ndarray:
@@ -172,12 +174,14 @@ def _run_influence(job: InfluenceJob) -> Optional[Dict[str, Any]]:
     tr = TracIn(model, checkpoints, layers=job.layers, device=job.device, batch_size=job.batch_size,
                 memory_budget=job.memory_budget, progress=job.progress and rank == 0, num_workers=job.num_workers,
                 projection_dim=job.projection_dim, projection=job.projection_type, seed=job.seed,
-                sample_rate=job.sample_rate, stratify_by=job.stratify_by, precision=job.precision, normalize=job.normalize)
+                sample_rate=job.sample_rate, stratify_by=job.stratify_by, precision=job.precision, normalize=job.normalize,
+                precondition=job.precondition, damping=job.damping)
     if job.progress and rank == 0:
         names = ", ".join(r["name"] + ("" if r["whole"] else f" ({', '.join(r['parameters'])} only)") for r in tr.scope()[:6]) \
             + (" ..." if len(tr.handlers) > 6 else "")
         print(f"Scoring {len(tr.handlers)} layer{'s' if len(tr.handlers) > 1 else ''} ({names}), {tr.num_parameters:,} parameters in scope"
               + (f", projected to ~{job.projection_dim} dims per layer ({job.projection_type})" if job.projection_dim else "")
+              + (f", K-FAC preconditioned (damping {job.damping:g})" if job.precondition == "kfac" else "")
               + (f", {job.sample_rate:.0%} of the training set" if job.sample_rate else "")
               + (f", {world} processes" if world > 1 else "") + ".", file=sys.stderr)
     if rank == 0:
@@ -271,7 +275,8 @@ def _run_influence(job: InfluenceJob) -> Optional[Dict[str, Any]]:
                          "epoch": ck.epoch} for ck, digest in zip(checkpoints, checkpoint_hashes)],
         "prediction_model": {"file": str(final.source), "sha256": checkpoint_hashes[-1] if final is checkpoints[-1]
                              else file_sha256(Path(final.source))},
-        "scope": tr.scope(), "num_parameters": tr.num_parameters, "device": str(tr.device), "world_size": world,
+        "scope": tr.scope(), "num_parameters": tr.num_parameters,
+        "precondition": tr.preconditioner.describe() if tr.preconditioner is not None else None, "device": str(tr.device), "world_size": world,
         "engine": {k: v for k, v in result.stats.items() if k != "layer_modes"},
         "timings": {"scan_s": t_scan - t_start, "influence_s": t_influence - t_scan, "predictions_s": t_pred - t_influence,
                     "total_s": time.perf_counter() - t_start},

@@ -32,11 +32,13 @@ def weights_sha256(checkpoint: Checkpoint) -> str:
     return digest.hexdigest()
 
 
-def describe(layers: List[str], projection: Optional[Dict[str, Any]], checkpoints: List[Checkpoint]) -> Dict[str, Any]:
+def describe(layers: List[str], projection: Optional[Dict[str, Any]], checkpoints: List[Checkpoint],
+             precondition: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """What a store depends on (compared on load)."""
     return {
         "layers": layers,
         "projection": projection,
+        "precondition": precondition,
         "checkpoints": [{"name": c.name, "learning_rate": c.learning_rate, "sha256": weights_sha256(c)} for c in checkpoints],
     }
 
@@ -69,7 +71,7 @@ def open_store(directory: Path, expected: Dict[str, Any]) -> np.memmap:
     if not (directory / META).is_file() or not (directory / GRADIENTS).is_file():
         raise TracInError(f"{directory} holds no complete gradient store; create it with save_train_gradients first.")
     meta = json.loads((directory / META).read_text())
-    for key in ("layers", "projection", "checkpoints"):
+    for key in ("layers", "projection", "precondition", "checkpoints"):
         if meta.get(key) != json.loads(json.dumps(expected[key])):
             raise TracInError(f"The gradient store in {directory} was made with different {key}; recreate it with this configuration.")
     return np.load(directory / GRADIENTS, mmap_mode="r")

@@ -6,7 +6,7 @@ import csv
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -38,13 +38,14 @@ class Training:
     layers: object = "last"
     augment: str = "none"
     lr_schedule: str = "constant"
+    precondition: str = "none"
 
     def __post_init__(self) -> None:
         check_augment(self.augment)
         epoch_learning_rates(self.learning_rate, self.epochs, self.lr_schedule)  # refuses an unknown schedule
 
     def fit(self, data_dir: Path, checkpoint_dir: Path, seed: int, save_every: Optional[int] = None):
-        args = {k: v for k, v in asdict(self).items() if k not in ("device", "layers")}
+        args = {k: v for k, v in asdict(self).items() if k not in ("device", "layers", "precondition")}
         if save_every is not None:
             args["save_every"] = save_every
         return train_image_classifier(data_dir, checkpoint_dir=checkpoint_dir, seed=seed, device=resolve_device(self.device),
@@ -85,27 +86,38 @@ def final_test_accuracy(log_csv: Path) -> float:
         return float(list(csv.DictReader(f))[-1]["test_accuracy"])
 
 
+Variant = Tuple[object, str]  # (layers, precondition) of a self-influence score
+
+
+def variant_key(variant: Variant) -> str:
+    """``"last"``, ``"all"``, ... with ``"+kfac"`` appended for a K-FAC-preconditioned score."""
+    layers, precondition = variant
+    return str(layers) + ("+kfac" if precondition == "kfac" else "")
+
+
 def per_checkpoint_scores(data_dir: Path, checkpoint_dir: Path, training: Training,
-                          also_layers: Sequence[object] = ()) -> Dict[str, np.ndarray]:
-    """For every checkpoint c: ``self_influence`` [C, n] (lr_c * |g_c|^2, exact, over
-    ``training.layers``; ``self_influence:<layers>`` for each of ``also_layers``) and ``loss`` [C, n]
+                          also: Sequence[Variant] = ()) -> Dict[str, np.ndarray]:
+    """For every checkpoint c: ``self_influence`` [C, n] (lr_c * g_c^T P g_c, exact, over
+    ``training.layers`` with P the identity or, with ``training.precondition="kfac"``, K-FAC fitted on
+    the training images at c; ``self_influence:<variant_key>`` for each of ``also``) and ``loss`` [C, n]
     (cross-entropy with the given label). Sums over any subset of rows are the scores of that subset
     of checkpoints; ``lr`` [C] and ``epoch`` [C]; ``predicted`` [n] by the last checkpoint."""
     setup = image_setup(data_dir, checkpoint_dir)
     device = resolve_device(training.device)
-    layer_sets = [training.layers] + [x for x in also_layers if x != training.layers]
-    self_inf: Dict[str, List[np.ndarray]] = {str(x): [] for x in layer_sets}
+    main = (training.layers, training.precondition)
+    variants = [main] + [v for v in also if variant_key(v) != variant_key(main)]
+    self_inf: Dict[str, List[np.ndarray]] = {variant_key(v): [] for v in variants}
     for ck in setup.checkpoints:
-        for layers in layer_sets:
-            tr = TracIn(setup.model, [ck], layers=layers, device=device, batch_size=256, progress=False)
-            self_inf[str(layers)].append(tr.self_influence(setup.train).numpy())
+        for layers, precondition in variants:
+            tr = TracIn(setup.model, [ck], layers=layers, device=device, batch_size=256, progress=False, precondition=precondition)
+            self_inf[variant_key((layers, precondition))].append(tr.self_influence(setup.train).numpy())
     labels = setup.train_split.labels
     losses = []
     for probs in checkpoint_probabilities(setup.model, setup.checkpoints, setup.train, device, 256):
         losses.append(label_losses(probs, labels))
     predicted = probs.argmax(1).numpy()  # by the last checkpoint
-    extra = {f"self_influence:{x}": np.stack(self_inf[str(x)]) for x in layer_sets[1:]}
-    return {"self_influence": np.stack(self_inf[str(training.layers)]), **extra, "loss": np.stack(losses),
+    extra = {f"self_influence:{variant_key(v)}": np.stack(self_inf[variant_key(v)]) for v in variants[1:]}
+    return {"self_influence": np.stack(self_inf[variant_key(main)]), **extra, "loss": np.stack(losses),
             "lr": np.array([ck.learning_rate for ck in setup.checkpoints]),
             "epoch": np.array([ck.epoch or 0 for ck in setup.checkpoints]),
             "predicted": predicted, "labels": np.array(labels)}
@@ -138,7 +150,7 @@ def check_folds(labels: Sequence[int], classes: Sequence[str], folds: int, where
 
 
 def noisy_runs(data: str, output_dir: Path, noise_rate: float, seeds: Sequence[int], noise: str, flip_map,
-               training: Training, also_layers: Sequence[object] = (), cv_folds: Optional[int] = None,
+               training: Training, also: Sequence[Variant] = (), cv_folds: Optional[int] = None,
                require_flips: bool = False) -> Iterator[NoisyRun]:
     """For each seed: flip labels in a copy of the data, train with checkpoints, score every training
     image per checkpoint. ``output_dir`` is marked incomplete first; the copies go to ``output_dir/work``.
@@ -161,7 +173,7 @@ def noisy_runs(data: str, output_dir: Path, noise_rate: float, seeds: Sequence[i
             check_folds(labels, classes, cv_folds, noisy)  # the noise moved images between classes
         summary = training.fit(noisy, noisy / "checkpoints", seed)
         yield NoisyRun(seed, work, noisy, flipped, summary,
-                       per_checkpoint_scores(noisy, noisy / "checkpoints", training, also_layers))
+                       per_checkpoint_scores(noisy, noisy / "checkpoints", training, also))
 
 
 def cross_validated_probabilities(data_dir: Path, workdir: Path, training: Training, folds: int, seed: int) -> np.ndarray:

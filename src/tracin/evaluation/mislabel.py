@@ -2,8 +2,9 @@
 
 Per seed: flip labels (uniform or asymmetric), train with checkpoints, and rank the training images by
   tracin self-influence    sum over checkpoints of lr_c |g_c|^2 (exact), over the chosen layers (the
-                           last layer by default, as in `tracin influence`), over all layers and over
-                           the output layer's bias alone (layers="output_bias");
+                           last layer by default, as in `tracin influence`), over all layers, over
+                           the output layer's bias alone (layers="output_bias"), and lr_c g_c^T P_c g_c
+                           over the last layer with P_c its K-FAC inverse Fisher (precondition="kfac");
   loss (final model)       cross-entropy of the given label under the last checkpoint;
   loss (summed)            the same summed over the checkpoints;
   cleanlab                 1 - cleanlab's label-quality score from out-of-fold probabilities of the same
@@ -22,7 +23,11 @@ import numpy as np
 
 from ..outputs import write_csv, write_json
 from .common import (FRACTIONS, Training, cleanlab_scores, cross_validated_probabilities, noisy_runs, recall_at,
-                     recall_curve, roc_auc, summarise)
+                     recall_curve, roc_auc, summarise, variant_key)
+
+# Self-influence scores reported beside the chosen one: all layers, the output layer's bias (the error
+# term alone), and the last layer with K-FAC preconditioning (docs/quality.md).
+EXTRA_VARIANTS = [("all", "none"), ("output_bias", "none"), ("last", "kfac")]
 
 
 def checkpoint_subsets(count: int) -> Dict[str, List[int]]:
@@ -34,14 +39,18 @@ def checkpoint_subsets(count: int) -> Dict[str, List[int]]:
     return {name: idx for name, idx in subsets.items() if idx}
 
 
-def _layers_name(layers: object) -> str:
-    return {"last": "last layer", "all": "all layers", "output_bias": "output-layer bias"}.get(str(layers), f"layers {layers}")
+def _variant_name(key: str) -> str:
+    """"last layer", "last layer, K-FAC", ... for a :func:`variant_key`."""
+    layers, _, precondition = key.partition("+")
+    name = {"last": "last layer", "all": "all layers", "output_bias": "output-layer bias"}.get(layers, f"layers {layers}")
+    return name + (", K-FAC" if precondition == "kfac" else "")
 
 
-def method_scores(scores: Dict[str, np.ndarray], pred_probs: Optional[np.ndarray], layers: object) -> Dict[str, np.ndarray]:
+def method_scores(scores: Dict[str, np.ndarray], pred_probs: Optional[np.ndarray], training: Training) -> Dict[str, np.ndarray]:
     """Suspicion scores [n] per method (higher = more likely mislabelled)."""
-    out = {f"tracin self-influence ({_layers_name(layers)})": scores["self_influence"].sum(0)}
-    out.update({f"tracin self-influence ({_layers_name(key.split(':', 1)[1])})": v.sum(0)
+    main = variant_key((training.layers, training.precondition))
+    out = {f"tracin self-influence ({_variant_name(main)})": scores["self_influence"].sum(0)}
+    out.update({f"tracin self-influence ({_variant_name(key.split(':', 1)[1])})": v.sum(0)
                 for key, v in scores.items() if key.startswith("self_influence:")})
     out.update({"loss (final model)": scores["loss"][-1], "loss (summed over checkpoints)": scores["loss"].sum(0)})
     if pred_probs is not None:
@@ -58,11 +67,11 @@ def run_mislabel(data: str, output_dir: Path, noise_rate: float = 0.1, seeds: Se
     curves: Dict[str, List[np.ndarray]] = {}
     study: List[Dict[str, Any]] = []
     start = time.perf_counter()
-    for run in noisy_runs(data, out, noise_rate, seeds, noise, flip_map, training, also_layers=["all", "output_bias"],
+    for run in noisy_runs(data, out, noise_rate, seeds, noise, flip_map, training, also=EXTRA_VARIANTS,
                           cv_folds=cv_folds if use_cleanlab else None, require_flips=True):
         seed, flipped, summary, scores = run.seed, run.flipped, run.summary, run.scores
         probs = cross_validated_probabilities(run.noisy, run.work / f"cv_seed{seed}", training, cv_folds, seed) if use_cleanlab else None
-        for method, s in method_scores(scores, probs, training.layers).items():
+        for method, s in method_scores(scores, probs, training).items():
             per_seed.append({"seed": seed, "method": method, "n_train": len(s), "n_flipped": int(flipped.sum()),
                              "roc_auc": roc_auc(s, flipped), **{f"recall@{k}": v for k, v in recall_at(s, flipped).items()}})
             curves.setdefault(method, []).append(recall_curve(s, flipped))

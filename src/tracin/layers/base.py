@@ -40,6 +40,7 @@ class LayerHandler:
         self.param_names = param_names
         self.mode: Optional[str] = None
         self.projector = None  # a tracin.projection.Projector when projecting, set per run
+        self.preconditioner = None  # a tracin.precondition.KFAC when preconditioning, set per run
         self.check()
 
     def check(self) -> None:

@@ -57,9 +57,13 @@ class _FactorLayer(LayerHandler):
             A = A[..., :0]
         return A, D, self.in_scope("bias")
 
+    def ghost_factors(self, calls: List[Call]) -> Tuple[torch.Tensor, torch.Tensor, bool]:
+        """The raw factors (A, D, bias in scope) the K-FAC preconditioner is fitted on."""
+        return self._ghost_all(calls)
+
     def factors(self, calls: List[Call]) -> Factors:
-        if self.projector is not None:
-            return self._projected(calls)
+        if self.projector is not None or self.preconditioner is not None:
+            return self._transformed(calls)
         weight, bias = self.in_scope("weight"), self.in_scope("bias")
         if self.mode is None:
             self.mode = choose_mode(*self._shapes(calls[0]))
@@ -78,11 +82,15 @@ class _FactorLayer(LayerHandler):
             total = G if total is None else total + G
         return GradFactors(total)
 
-    def _projected(self, calls: List[Call]) -> Factors:
-        """Project both factors (sized for the kernel the unprojected shapes call for), then pick
-        ghost or materialised on the projected shapes."""
+    def _transformed(self, calls: List[Call]) -> Factors:
+        """Precondition and/or project both factors (projections sized for the kernel the raw shapes
+        call for), then pick ghost or materialised on the resulting shapes."""
         ghost_form = choose_mode(*self._shapes(calls[0])) == "ghost"
-        A, D, ones = self.projector.ghost(self.name, *self._ghost_all(calls), ghost_form=ghost_form)
+        A, D, ones = self._ghost_all(calls)
+        if self.preconditioner is not None:
+            A, D, ones = self.preconditioner.apply(self.name, A, D, ones)
+        if self.projector is not None:
+            A, D, ones = self.projector.ghost(self.name, A, D, ones, ghost_form=ghost_form)
         if self.mode is None:
             self.mode = choose_mode(A.shape[2], A.shape[3] + int(ones), D.shape[3])
         factors = GhostFactors(A, D, ones=ones)

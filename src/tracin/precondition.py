@@ -1,0 +1,140 @@
+"""K-FAC preconditioning: TracIn scores g_i^T P g_j with P a Kronecker-factored inverse curvature,
+kept exact under the ghost dot-product.
+
+For a Linear or Conv layer with inputs a (bias as a trailing 1 when the bias is in scope) and
+output-gradients d at positions t, the per-example gradient is sum_t d_t a_t^T. Per checkpoint the
+preconditioner is fitted on training data:
+
+    S_in  = (1/N) sum_i sum_t a_it a_it^T      [g, da, da]   (g = conv groups)
+    S_out = (1/N) sum_i sum_t d_it d_it^T      [g, dd, dd]   (d from the given labels: empirical Fisher)
+
+and P = (S_out + l_out I)^-1 (x) (S_in + l_in I)^-1 with each damping l = damping * mean eigenvalue of
+its factor (Kronfluence's heuristic, applied to each factor). Writing (S + l I)^-1 = W W^T, the
+preconditioned inner product is the plain one of the transformed factors a -> W_in^T a, d -> W_out^T d,
+so every kernel (ghost, materialised, projected) runs unchanged on them and the result is exact for
+this P. Self-influence becomes g^T P g, which no longer grows with the size of a layer's inputs — on
+image folders that size works against finding flipped labels (docs/quality.md).
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import TracInError
+
+Whiteners = Dict[str, Tuple[torch.Tensor, torch.Tensor]]  # layer -> (W_in [g, da, da], W_out [g, dd, dd])
+PRECONDITIONERS = ("none", "kfac")
+
+
+def with_ones(A: torch.Tensor, ones: bool) -> torch.Tensor:
+    """A [B, g, T, da] with the implicit bias column made explicit: [B, g, T, da + ones]."""
+    return torch.cat([A, A.new_ones(*A.shape[:-1], 1)], dim=-1) if ones else A
+
+
+class CovarianceSums:
+    """Running sums of the two Kronecker factors per layer over the examples of a fit pass."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+        self.sums: Dict[str, List[torch.Tensor]] = {}
+        self.count = 0
+
+    def add(self, name: str, A: torch.Tensor, D: torch.Tensor, ones: bool) -> None:
+        """One batch of one layer: A [B, g, T, da] (bias implicit when ``ones``), D [B, g, T, dd]."""
+        a = with_ones(A, ones).to(self.dtype).transpose(0, 1).flatten(1, 2)  # [g, B*T, da]
+        d = D.to(self.dtype).transpose(0, 1).flatten(1, 2)
+        s_in, s_out = a.transpose(1, 2) @ a, d.transpose(1, 2) @ d
+        if name in self.sums:
+            self.sums[name][0] += s_in
+            self.sums[name][1] += s_out
+        else:
+            self.sums[name] = [s_in, s_out]
+
+    def all_reduce(self) -> None:
+        """Sum the statistics over the ranks of an initialised process group (each saw its shard)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        for name in sorted(self.sums):
+            for s in self.sums[name]:
+                dist.all_reduce(s)
+        count = torch.tensor([self.count], dtype=torch.float64, device=next(iter(self.sums.values()))[0].device)
+        dist.all_reduce(count)
+        self.count = int(count.item())
+
+    def whiteners(self, damping: float, device: torch.device, dtype: torch.dtype) -> Whiteners:
+        assert self.count > 0, "loaders refuse an empty training set before a fit starts"
+        return {name: tuple(whitener(s / self.count, damping).to(device, dtype) for s in pair)  # type: ignore[misc]
+                for name, pair in self.sums.items()}
+
+
+def whitener(S: torch.Tensor, damping: float) -> torch.Tensor:
+    """W [g, d, d] with W W^T = (S + l I)^-1, l = damping * mean eigenvalue of S [g, d, d] (per group);
+    the identity for a group whose S is zero (its layer's factors are all zero, so are its scores)."""
+    S = S.detach().to("cpu", torch.float64)
+    S = (S + S.transpose(1, 2)) / 2
+    values, vectors = torch.linalg.eigh(S)
+    values = values.clamp_min(0)
+    lam = damping * values.mean(dim=1, keepdim=True)
+    zero = lam <= 0
+    scale = torch.where(zero, torch.ones_like(values), (values + torch.where(zero, torch.ones_like(lam), lam)).rsqrt())
+    W = vectors * scale.unsqueeze(1)
+    eye = torch.eye(S.shape[-1], dtype=S.dtype).expand_as(W)
+    return torch.where(zero.unsqueeze(-1), eye, W)
+
+
+class KFAC:
+    """Per-checkpoint K-FAC preconditioner. The scheduler fits it (one extra forward and backward pass
+    over the training data per checkpoint) and selects the loaded checkpoint's whiteners; layer
+    handlers transform their factors with :meth:`apply`."""
+
+    def __init__(self, damping: float = 0.1):
+        if not isinstance(damping, (int, float)) or not damping > 0 or damping != damping or damping == float("inf"):
+            raise TracInError(f"damping must be a positive number (0.1 is Kronfluence's heuristic), got {damping!r}.")
+        self.damping = float(damping)
+        self.per_checkpoint: Optional[List[Whiteners]] = None
+        self.current: Whiteners = {}
+        self.fit_examples = 0
+
+    @property
+    def fitted(self) -> bool:
+        return self.per_checkpoint is not None
+
+    def describe(self) -> Dict[str, object]:
+        return {"precondition": "kfac", "damping": self.damping, "fisher": "empirical", "fit_examples": self.fit_examples}
+
+    def fit(self, checkpoints: int, load: Callable[[int], None], raw_batches: Callable[[], Iterator[Tuple[int, Dict]]],
+            device: torch.device, dtype: torch.dtype, total: int = 0, progress: bool = True) -> None:
+        """Fit the whiteners of every checkpoint: ``load(c)`` loads checkpoint c, ``raw_batches()`` yields
+        (batch size, {layer: (A, D, bias in scope) or None}) over the training data. Statistics are summed
+        in float64 (float32 on MPS) and over the ranks of an initialised process group."""
+        stats_dtype = torch.float32 if device.type == "mps" else torch.float64
+        bar = tqdm(total=total * checkpoints, desc="K-FAC fit", unit="example", disable=not progress, leave=False)
+        fitted = []
+        for c in range(checkpoints):
+            load(c)
+            sums = CovarianceSums(stats_dtype)
+            for size, raw in raw_batches():
+                for name, factors in raw.items():
+                    if factors is not None:
+                        sums.add(name, *factors)
+                sums.count += size
+                bar.update(size)
+            sums.all_reduce()
+            fitted.append(sums.whiteners(self.damping, device, dtype))
+            self.fit_examples = sums.count
+        bar.close()
+        self.per_checkpoint = fitted
+
+    def select(self, checkpoint: int) -> None:
+        self.current = self.per_checkpoint[checkpoint] if self.per_checkpoint is not None else {}
+
+    def apply(self, name: str, A: torch.Tensor, D: torch.Tensor, ones: bool) -> Tuple[torch.Tensor, torch.Tensor, bool]:
+        """Whitened factors (A' [B, g, T, da + ones], D' [B, g, T, dd], no implicit bias) of one layer."""
+        W_in, W_out = self.current[name]
+        A = torch.einsum("bgti,gij->bgtj", with_ones(A, ones), W_in.to(A.device, A.dtype))
+        D = torch.einsum("bgti,gij->bgtj", D, W_out.to(D.device, D.dtype))
+        return A, D, False
