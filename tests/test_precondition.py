@@ -101,3 +101,24 @@ def test_whitener_inverts_the_damped_factor_and_leaves_a_zero_factor_alone():
     want = torch.linalg.inv(S + lam[:, None, None] * torch.eye(5, dtype=S.dtype))
     assert torch.allclose(W @ W.transpose(1, 2), want, rtol=1e-10, atol=1e-12)
     assert torch.equal(whitener(torch.zeros(1, 3, 3), 0.1), torch.eye(3, dtype=torch.float64).unsqueeze(0))
+
+
+class Branchy(torch.nn.Module):
+    """Runs ``a`` only on inputs whose first feature is large, else ``b``."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.a(x) if bool(x[0, 0] > 100) else self.b(x)
+
+
+def test_a_layer_the_fit_never_reached_is_named():
+    model = Branchy()
+    ckpts, _ = perturbed_checkpoints(model, [0.1])
+    train = TensorDataset(torch.randn(6, 4), torch.randint(0, 3, (6,)))
+    test = TensorDataset(torch.randn(2, 4) + torch.tensor([200.0, 0, 0, 0]), torch.randint(0, 3, (2,)))
+    tr = TracIn(model, ckpts, layers=["a", "b"], device="cpu", batch_size=3, progress=False, precondition="kfac")
+    with pytest.raises(TracInError, match="Layer 'a' never ran while K-FAC was fitted"):
+        tr.influence_matrix(train, test)

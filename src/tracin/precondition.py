@@ -134,6 +134,9 @@ class KFAC:
 
     def apply(self, name: str, A: torch.Tensor, D: torch.Tensor, ones: bool) -> Tuple[torch.Tensor, torch.Tensor, bool]:
         """Whitened factors (A' [B, g, T, da + ones], D' [B, g, T, dd], no implicit bias) of one layer."""
+        if name not in self.current:
+            raise TracInError(f"Layer {name!r} never ran while K-FAC was fitted on the training data, so it has no "
+                              "preconditioner; fit on data that reaches it (fit_preconditioner) or leave it out of layers.")
         W_in, W_out = self.current[name]
         A = torch.einsum("bgti,gij->bgtj", with_ones(A, ones), W_in.to(A.device, A.dtype))
         D = torch.einsum("bgti,gij->bgtj", D, W_out.to(D.device, D.dtype))
