@@ -150,3 +150,23 @@ def test_output_bias_self_influence_is_the_error_at_the_logits(tmp_path):
     probs = checkpoint_probabilities(setup.model, setup.checkpoints, setup.train, resolve_device("cpu"), 8)
     want = np.stack([ck.learning_rate * (p.double() - onehot).pow(2).sum(1).numpy() for ck, p in zip(setup.checkpoints, probs)])
     assert np.allclose(scores["self_influence:output_bias"], want, rtol=1e-4, atol=1e-7)
+
+
+def test_evaluate_refuses_a_kfac_scope_with_batch_norm_before_training(tmp_path, capsys):
+    data = make_image_folder(tmp_path / "d", classes=("a", "b"), n_train=6, n_test=2)
+    out = tmp_path / "eval"
+    code = main(["evaluate", "mislabel", "--data", str(data), "--noise_rate", "0.2", "--seeds", "0", "--no_cleanlab",
+                 "--layers", "all", "--precondition", "kfac", "--output_dir", str(out)] + TINY)
+    err = capsys.readouterr().err
+    assert code == 2 and "precondition='kfac' covers Linear and Conv layers only" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_evaluate_with_kfac_as_the_main_ranking(tmp_path):
+    data = make_image_folder(tmp_path / "d", classes=("a", "b", "c"), n_train=10, n_test=2)
+    out = tmp_path / "eval"
+    assert main(["evaluate", "mislabel", "--data", str(data), "--noise_rate", "0.2", "--seeds", "0", "--no_cleanlab",
+                 "--precondition", "kfac", "--output_dir", str(out)] + TINY) == 0
+    r = json.loads((out / "mislabel_evaluation.json").read_text())
+    assert "tracin self-influence (last layer, K-FAC)" in r["summary"] and r["training"]["precondition"] == "kfac"
+    assert "tracin self-influence (last layer)" not in r["summary"]  # the main ranking is the K-FAC one, reported once

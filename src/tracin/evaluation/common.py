@@ -11,6 +11,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..api import TracIn
+from ..checkpoints import Checkpoint
 from ..data.digits import write_digits_folder
 from ..data.images import ImageDataset, check_augment, image_transform, scan_split
 from ..data.noise import inject_label_noise, place
@@ -20,6 +21,7 @@ from ..errors import DataError, TracInError
 from ..image_influence import checkpoint_probabilities, image_setup, label_losses, predict_proba
 from ..outputs import begin_results
 from ..train import epoch_learning_rates, train_image_classifier
+from ..vision import build_model, normalization
 
 FRACTIONS = (0.05, 0.10, 0.15, 0.20, 0.30)
 
@@ -43,6 +45,10 @@ class Training:
     def __post_init__(self) -> None:
         check_augment(self.augment)
         epoch_learning_rates(self.learning_rate, self.epochs, self.lr_schedule)  # refuses an unknown schedule
+        if self.precondition != "none":  # refuse a scope K-FAC does not cover now, not after the first training
+            model = build_model(self.arch, 2)
+            TracIn(model, [Checkpoint(model.state_dict(), learning_rate=1.0)], layers=self.layers, device="cpu",
+                   progress=False, precondition=self.precondition)
 
     def fit(self, data_dir: Path, checkpoint_dir: Path, seed: int, save_every: Optional[int] = None):
         args = {k: v for k, v in asdict(self).items() if k not in ("device", "layers", "precondition")}
@@ -179,7 +185,6 @@ def noisy_runs(data: str, output_dir: Path, noise_rate: float, seeds: Sequence[i
 def cross_validated_probabilities(data_dir: Path, workdir: Path, training: Training, folds: int, seed: int) -> np.ndarray:
     """Out-of-fold class probabilities [n_train, classes]: the same architecture trained the same way
     on ``folds - 1`` folds predicts the held-out fold (stratified by the given label)."""
-    from ..vision import normalization
 
     split, classes = scan_split(data_dir, "train")
     labels = np.array(split.labels)
