@@ -20,6 +20,7 @@ from pathlib import Path
 
 from tracin import TracIn
 from tracin.image_influence import image_setup
+from tracin.precondition import kfac_layers
 
 
 def main() -> None:
@@ -34,7 +35,7 @@ def main() -> None:
     from torch.utils.data import Subset
 
     test = Subset(setup.test, range(min(a.test_images, len(setup.test))))
-    convs_and_linears = [n for n, m in setup.model.named_modules() if type(m).__name__ in ("Conv2d", "Linear")]
+    convs_and_linears = kfac_layers(setup.model)
     print(f"{len(setup.train)} training images, {len(test)} test images, {len(setup.checkpoints)} checkpoints")
     print("| scope | work | plain (s) | kfac (s) | kfac / plain |\n|---|---|---|---|---|")
     for scope_name, layers in (("last layer", "last"), ("every Conv/Linear layer", convs_and_linears)):

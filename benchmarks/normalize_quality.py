@@ -22,6 +22,7 @@ import torch
 
 from tracin import TracIn
 from tracin.image_influence import image_setup
+from tracin.precondition import kfac_layers
 
 
 def main() -> None:
@@ -37,7 +38,7 @@ def main() -> None:
     is_flipped = torch.tensor([path.name in flipped for path in s.train_split.paths])
     print("| normalize | precondition | proponents sharing the test label | proponents flipped | opponents flipped | distinct proponents | seconds |")
     print("|---|---|---|---|---|---|---|")
-    factor_layers = [n for n, m in s.model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    factor_layers = kfac_layers(s.model)
     for precondition, normalize in ((pre, norm) for pre in args.precondition for norm in ("none", "cosine", "train")):
         layers = factor_layers if precondition == "kfac" and args.layers == "all" else args.layers
         tr = TracIn(s.model, s.checkpoints, layers=layers, device="cpu", batch_size=256, progress=False, normalize=normalize,

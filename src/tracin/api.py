@@ -16,7 +16,7 @@ from .device import default_memory_budget, resolve_device
 from .engine import Scheduler
 from .errors import TracInError
 from .results import InfluenceResult, TopK
-from .precondition import KFAC, PRECONDITIONERS
+from .precondition import KFAC, check_precondition
 from .projection import Projector
 from .distributed import all_gather, merge_topk, rank_and_world
 from .resume import ResumeState
@@ -138,16 +138,8 @@ class TracIn:
         self.sample_rate = sample_rate
         self.stratify_by = stratify_by
         self.handlers = resolve_layers(model, layers)
-        if precondition not in PRECONDITIONERS:
-            raise TracInError(f"precondition={precondition!r} is not one of {', '.join(PRECONDITIONERS)}.")
+        check_precondition(precondition, self.handlers)
         self.preconditioner = KFAC(damping) if precondition == "kfac" else None
-        if self.preconditioner is not None:
-            other = [f"{h.name} ({type(h.module).__name__})" for h in self.handlers if not hasattr(h, "ghost_factors")]
-            if other:
-                raise TracInError(
-                    f"precondition='kfac' covers Linear and Conv layers only, but {', '.join(other[:3])}"
-                    f"{' and more' if len(other) > 3 else ''} {'is' if len(other) == 1 else 'are'} in scope; choose layers "
-                    "without them (e.g. layers='last' / --layers last) or precondition='none'.")
         self.last_stats: Dict[str, object] = {}
         self._cached_test: Optional[Tuple[object, list, Dict[str, Optional[str]]]] = None
 

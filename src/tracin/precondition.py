@@ -17,15 +17,38 @@ image folders that size works against finding flipped labels (docs/quality.md).
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import TracInError
 
 Whiteners = Dict[str, Tuple[torch.Tensor, torch.Tensor]]  # layer -> (W_in [g, da, da], W_out [g, dd, dd])
 PRECONDITIONERS = ("none", "kfac")
+
+
+def check_precondition(precondition: str, handlers: Sequence) -> None:
+    """Refuse an unknown ``precondition``, and for ``"kfac"`` a scope (layer handlers) with layers it
+    does not cover: K-FAC needs a layer's inputs and output-gradients (Linear, Conv)."""
+    if precondition not in PRECONDITIONERS:
+        raise TracInError(f"precondition={precondition!r} is not one of {', '.join(PRECONDITIONERS)}.")
+    if precondition == "kfac":
+        other = [f"{h.name} ({type(h.module).__name__})" for h in handlers if not hasattr(h, "ghost_factors")]
+        if other:
+            raise TracInError(
+                f"precondition='kfac' covers Linear and Conv layers only, but {', '.join(other[:3])}"
+                f"{' and more' if len(other) > 3 else ''} {'is' if len(other) == 1 else 'are'} in scope; choose layers "
+                "without them (e.g. layers='last' / --layers last) or precondition='none'.")
+
+
+def kfac_layers(model: nn.Module) -> List[str]:
+    """Names of the model's modules K-FAC covers (Linear, Conv), for ``layers=`` when ``"all"`` would
+    include others (e.g. batch norm)."""
+    from .scope import resolve_layers
+
+    return [h.name for h in resolve_layers(model, "all") if hasattr(h, "ghost_factors")]
 
 
 def with_ones(A: torch.Tensor, ones: bool) -> torch.Tensor:

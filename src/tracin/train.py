@@ -121,9 +121,9 @@ def train_image_classifier(
         test_loss, test_acc = _evaluate(model, eval_test, device)
         rows.append({"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc, "test_loss": test_loss,
                      "test_accuracy": test_acc, "learning_rate": rates[epoch - 1], "seconds": time.perf_counter() - start})
-        span = rates[last_saved:epoch]  # the step sizes of the epochs this checkpoint stands for
-        interval_rate = span[0] if len(set(span)) == 1 else float(np.mean(span))
         if epoch % save_every == 0 or epoch == epochs:
+            span = rates[last_saved:epoch]  # the step sizes of the epochs this checkpoint stands for
+            interval_rate = span[0] if len(set(span)) == 1 else float(np.mean(span))
             saved.append(save_checkpoint(checkpoint_dir / f"checkpoint_epoch_{epoch}.pt", model.state_dict(),
                                          learning_rate=interval_rate, epoch=epoch, step=step, **meta))
             last_saved = epoch

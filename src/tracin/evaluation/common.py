@@ -11,7 +11,6 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..api import TracIn
-from ..checkpoints import Checkpoint
 from ..data.digits import write_digits_folder
 from ..data.images import ImageDataset, check_augment, image_transform, scan_split
 from ..data.noise import inject_label_noise, place
@@ -20,6 +19,8 @@ from ..device import resolve_device
 from ..errors import DataError, TracInError
 from ..image_influence import checkpoint_probabilities, image_setup, label_losses, predict_proba
 from ..outputs import begin_results
+from ..precondition import check_precondition
+from ..scope import resolve_layers
 from ..train import epoch_learning_rates, train_image_classifier
 from ..vision import build_model, normalization
 
@@ -46,9 +47,7 @@ class Training:
         check_augment(self.augment)
         epoch_learning_rates(self.learning_rate, self.epochs, self.lr_schedule)  # refuses an unknown schedule
         if self.precondition != "none":  # refuse a scope K-FAC does not cover now, not after the first training
-            model = build_model(self.arch, 2)
-            TracIn(model, [Checkpoint(model.state_dict(), learning_rate=1.0)], layers=self.layers, device="cpu",
-                   progress=False, precondition=self.precondition)
+            check_precondition(self.precondition, resolve_layers(build_model(self.arch, 2), self.layers))
 
     def fit(self, data_dir: Path, checkpoint_dir: Path, seed: int, save_every: Optional[int] = None):
         args = {k: v for k, v in asdict(self).items() if k not in ("device", "layers", "precondition")}
