@@ -1,12 +1,17 @@
 """Small models covering every supported layer kind, and checkpoint factories."""
 from __future__ import annotations
 
+import os
 from typing import List, Tuple
 
 import torch
 from torch import nn
 
 from tracin import Checkpoint
+
+# The device the numeric tests score on: TRACIN_TEST_DEVICE=cuda runs them against the float64
+# reference on a GPU (the reference itself always runs on the CPU).
+DEVICE = os.environ.get("TRACIN_TEST_DEVICE", "cpu")
 
 
 class MLP(nn.Module):

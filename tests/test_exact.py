@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from models import CNN, MLP, Conv1dModel, SeqModel, perturbed_checkpoints
+from models import DEVICE, CNN, MLP, Conv1dModel, SeqModel, perturbed_checkpoints
 from reference import reference_matrix, rel_err, scope_names
 from tracin import TracIn
 from tracin.scope import parameterised_modules
@@ -42,7 +42,7 @@ def test_matrix_matches_reference(kind, kernel):
     model, train, test = make_case(kind)
     ckpts, raw = perturbed_checkpoints(model, [0.1, 0.05, 0.02])
     want = reference_matrix(model, raw, all_module_names(model), train, test)
-    tr = TracIn(model, ckpts, layers="all", device="cpu", batch_size=8, progress=False, kernel=kernel)
+    tr = TracIn(model, ckpts, layers="all", device=DEVICE, batch_size=8, progress=False, kernel=kernel)
     got = tr.influence_matrix(TensorDataset(*train), TensorDataset(*test))
     assert got.shape == want.shape
     assert rel_err(got, want) <= TOL
@@ -53,7 +53,7 @@ def test_self_influence_is_reference_diagonal(kind):
     model, train, _ = make_case(kind)
     ckpts, raw = perturbed_checkpoints(model, [0.3, 0.1])
     want = reference_matrix(model, raw, all_module_names(model), train, train).diagonal()
-    tr = TracIn(model, ckpts, device="cpu", batch_size=5, progress=False)
+    tr = TracIn(model, ckpts, device=DEVICE, batch_size=5, progress=False)
     got = tr.self_influence(TensorDataset(*train))
     assert rel_err(got, want) <= TOL
 
@@ -63,7 +63,7 @@ def test_layer_selection(layers, modules):
     model, train, test = make_case("mlp")
     ckpts, raw = perturbed_checkpoints(model, [0.1, 0.2])
     want = reference_matrix(model, raw, modules, train, test)
-    tr = TracIn(model, ckpts, layers=layers, device="cpu", progress=False)
+    tr = TracIn(model, ckpts, layers=layers, device=DEVICE, progress=False)
     assert [h.name for h in tr.handlers] == modules
     assert rel_err(tr.influence_matrix(TensorDataset(*train), TensorDataset(*test)), want) <= TOL
 
@@ -75,7 +75,7 @@ def test_frozen_parameters_are_out_of_scope():
     ckpts, raw = perturbed_checkpoints(model, [0.1])
     want = reference_matrix(model, raw, ["fc1", "head"], train, test)
     assert scope_names(model, ["fc1", "head"]) == ["fc1.bias", "head.weight", "head.bias"]
-    got = TracIn(model, ckpts, device="cpu", progress=False).influence_matrix(TensorDataset(*train), TensorDataset(*test))
+    got = TracIn(model, ckpts, device=DEVICE, progress=False).influence_matrix(TensorDataset(*train), TensorDataset(*test))
     assert rel_err(got, want) <= TOL
     assert model.fc1.weight.requires_grad is False and model.fc1.bias.requires_grad is True
 
@@ -95,7 +95,7 @@ def test_parameter_selection(layers, scope):
     modules = sorted({n.rsplit(".", 1)[0] for n in scope}, key=["fc1", "fc2", "head"].index)
     assert scope_names(ref, modules) == scope
     want = reference_matrix(ref, raw, modules, train, test)
-    tr = TracIn(model, ckpts, layers=layers, device="cpu", progress=False)
+    tr = TracIn(model, ckpts, layers=layers, device=DEVICE, progress=False)
     assert rel_err(tr.influence_matrix(TensorDataset(*train), TensorDataset(*test)), want) <= TOL
     assert tr.num_parameters == sum(p.numel() for n, p in model.named_parameters() if n in scope)
     assert all(p.requires_grad for p in model.parameters())
@@ -120,7 +120,7 @@ def test_module_called_twice_sums_over_calls():
     ckpts, raw = perturbed_checkpoints(model, [0.1, 0.3])
     want = reference_matrix(model, raw, ["shared", "head"], train, test)
     for kernel in ("ghost", "materialize"):
-        got = TracIn(model, ckpts, device="cpu", progress=False, kernel=kernel).influence_matrix(
+        got = TracIn(model, ckpts, device=DEVICE, progress=False, kernel=kernel).influence_matrix(
             TensorDataset(*train), TensorDataset(*test))
         assert rel_err(got, want) <= TOL
 
@@ -130,7 +130,24 @@ def test_model_state_is_restored():
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ckpts, _ = perturbed_checkpoints(model, [0.1])
-    TracIn(model, ckpts, device="cpu", progress=False).self_influence(TensorDataset(*train))
+    TracIn(model, ckpts, device=DEVICE, progress=False).self_influence(TensorDataset(*train))
     assert model.training
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("kind", ["cnn", "conv1d"])
+def test_other_device_conv_gradient_path_matches_reference(kind, monkeypatch):
+    """Materialised conv gradients use a grouped convolution on CPUs and chunked unfold + matmul
+    elsewhere; this runs the path the test device would not take (unfold in chunks of one example)."""
+    from tracin.layers import linear
+
+    grouped = ("cpu", "cuda", "mps") if DEVICE != "cpu" else ()
+    monkeypatch.setattr(linear.ConvHandler, "grouped_devices", grouped)
+    monkeypatch.setattr(linear, "UNFOLD_BYTES", 1)  # one example per chunk
+    model, train, test = make_case(kind)
+    ckpts, raw = perturbed_checkpoints(model, [0.1, 0.05])
+    want = reference_matrix(model, raw, all_module_names(model), train, test)
+    tr = TracIn(model, ckpts, device=DEVICE, batch_size=8, progress=False, kernel="materialize")
+    assert rel_err(tr.influence_matrix(TensorDataset(*train), TensorDataset(*test)), want) <= TOL
+    assert rel_err(tr.self_influence(TensorDataset(*train)), reference_matrix(model, raw, all_module_names(model), train, train).diagonal()) <= TOL

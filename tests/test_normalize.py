@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from models import perturbed_checkpoints
+from models import DEVICE, perturbed_checkpoints
 from reference import reference_matrix, rel_err
 from test_exact import all_module_names, make_case
 from tracin import TracIn, TracInError
@@ -15,7 +15,7 @@ def test_normalized_matrix_matches_reference(kind, normalize):
     model, train, test = make_case(kind, 17, 5)
     ckpts, raw = perturbed_checkpoints(model, [0.1, 0.05])
     want = reference_matrix(model, raw, all_module_names(model), train, test, normalize=normalize)
-    tr = TracIn(model, ckpts, device="cpu", batch_size=4, memory_budget=4_000, progress=False, normalize=normalize)
+    tr = TracIn(model, ckpts, device=DEVICE, batch_size=4, memory_budget=4_000, progress=False, normalize=normalize)
     got = tr.influence_matrix(TensorDataset(*train), TensorDataset(*test))
     assert rel_err(got, want) <= 1e-4
     res = tr.influence(TensorDataset(*train), TensorDataset(*test), top_k=3, self_influence=True)
@@ -28,7 +28,7 @@ def test_normalized_matrix_matches_reference(kind, normalize):
 def test_cosine_scores_are_bounded_by_the_learning_rate_sum():
     model, train, test = make_case("mlp", 20, 4)
     ckpts, _ = perturbed_checkpoints(model, [0.1, 0.3])
-    M = TracIn(model, ckpts, device="cpu", progress=False, normalize="cosine").influence_matrix(
+    M = TracIn(model, ckpts, device=DEVICE, progress=False, normalize="cosine").influence_matrix(
         TensorDataset(*train), TensorDataset(*test))
     assert M.abs().max() <= 0.4 + 1e-5
 
@@ -38,7 +38,7 @@ def test_normalized_store_matches_streaming(tmp_path):
     ckpts, _ = perturbed_checkpoints(model, [0.1, 0.2])
     train, test = TensorDataset(*train), TensorDataset(*test)
     for normalize in ("cosine", "train"):
-        tr = TracIn(model, ckpts, device="cpu", progress=False, normalize=normalize)
+        tr = TracIn(model, ckpts, device=DEVICE, progress=False, normalize=normalize)
         tr.save_train_gradients(train, tmp_path / normalize)
         stored = tr.influence_from_saved(tmp_path / normalize, test, top_k=30)
         M = tr.influence_matrix(train, test)
@@ -49,4 +49,4 @@ def test_unknown_normalization_is_refused():
     model, _, _ = make_case("mlp", 4, 2)
     ckpts, _ = perturbed_checkpoints(model, [0.1])
     with pytest.raises(TracInError, match="normalize='l2'"):
-        TracIn(model, ckpts, device="cpu", normalize="l2")
+        TracIn(model, ckpts, device=DEVICE, normalize="l2")

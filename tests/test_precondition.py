@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from models import CNN, MLP, perturbed_checkpoints
+from models import DEVICE, CNN, MLP, perturbed_checkpoints
 from reference import kfac_reference_matrix, rel_err
 from tracin import TracIn
 from tracin.errors import TracInError
@@ -28,18 +28,18 @@ def test_kfac_matrix_and_self_influence_match_reference(kind, kernel):
     model, layers, ckpts, raw, train, test = case(kind)
     want = kfac_reference_matrix(model, raw, layers, train, test, damping=0.1)
     want_self = kfac_reference_matrix(model, raw, layers, train, test, damping=0.1, self_only=True)
-    tr = TracIn(model, ckpts, layers=layers, device="cpu", batch_size=8, progress=False, kernel=kernel, precondition="kfac")
+    tr = TracIn(model, ckpts, layers=layers, device=DEVICE, batch_size=8, progress=False, kernel=kernel, precondition="kfac")
     got = tr.influence_matrix(TensorDataset(*train), TensorDataset(*test))
     assert rel_err(got, want) <= TOL
     assert rel_err(tr.self_influence(TensorDataset(*train)), want_self) <= TOL
-    plain = TracIn(model, ckpts, layers=layers, device="cpu", batch_size=8, progress=False)
+    plain = TracIn(model, ckpts, layers=layers, device=DEVICE, batch_size=8, progress=False)
     assert rel_err(plain.influence_matrix(TensorDataset(*train), TensorDataset(*test)), want) > 0.1  # it does change scores
 
 
 def test_kfac_damping_and_last_layer_scope():
     model, _, ckpts, raw, train, test = case("cnn")
     want = kfac_reference_matrix(model, raw, ["fc"], train, test, damping=0.7)
-    tr = TracIn(model, ckpts, layers="last", device="cpu", batch_size=5, progress=False, precondition="kfac", damping=0.7)
+    tr = TracIn(model, ckpts, layers="last", device=DEVICE, batch_size=5, progress=False, precondition="kfac", damping=0.7)
     result = tr.influence(TensorDataset(*train), TensorDataset(*test), top_k=4, self_influence=True)
     assert rel_err(result.proponents.values, want.topk(4, dim=1).values) <= TOL
     assert torch.equal(result.proponents.indices, want.topk(4, dim=1).indices)
@@ -50,7 +50,7 @@ def test_kfac_damping_and_last_layer_scope():
 def test_projection_wide_enough_to_be_exact_keeps_kfac_exact():
     model, layers, ckpts, raw, train, test = case("mlp")
     want = kfac_reference_matrix(model, raw, layers, train, test)
-    tr = TracIn(model, ckpts, layers=layers, device="cpu", batch_size=8, progress=False, precondition="kfac",
+    tr = TracIn(model, ckpts, layers=layers, device=DEVICE, batch_size=8, progress=False, precondition="kfac",
                 projection_dim=10_000)
     assert rel_err(tr.influence_matrix(TensorDataset(*train), TensorDataset(*test)), want) <= TOL
 
@@ -58,7 +58,7 @@ def test_projection_wide_enough_to_be_exact_keeps_kfac_exact():
 def test_cached_test_and_saved_gradients_need_a_fitted_preconditioner(tmp_path):
     model, layers, ckpts, raw, train, test = case("mlp")
     want = kfac_reference_matrix(model, raw, layers, train, test)
-    kwargs = dict(layers=layers, device="cpu", batch_size=8, progress=False, precondition="kfac")
+    kwargs = dict(layers=layers, device=DEVICE, batch_size=8, progress=False, precondition="kfac")
     tr = TracIn(model, ckpts, **kwargs)
     test_set = TensorDataset(*test)
     with pytest.raises(TracInError, match="fit_preconditioner"):
@@ -74,7 +74,7 @@ def test_cached_test_and_saved_gradients_need_a_fitted_preconditioner(tmp_path):
     fresh.fit_preconditioner(TensorDataset(*train))
     saved = fresh.influence_from_saved(tmp_path / "store", test_set, top_k=3)
     assert torch.equal(saved.proponents.indices, want.topk(3, dim=1).indices)
-    plain = TracIn(model, ckpts, layers=layers, device="cpu", batch_size=8, progress=False)
+    plain = TracIn(model, ckpts, layers=layers, device=DEVICE, batch_size=8, progress=False)
     with pytest.raises(TracInError, match="different precondition"):
         plain.influence_from_saved(tmp_path / "store", test_set, top_k=3)
 
@@ -82,14 +82,14 @@ def test_cached_test_and_saved_gradients_need_a_fitted_preconditioner(tmp_path):
 def test_bad_settings_are_refused():
     model, _, ckpts, _, _, _ = case("cnn")
     with pytest.raises(TracInError, match=r"covers Linear and Conv layers only, but bn1 \(BatchNorm2d\)"):
-        TracIn(model, ckpts, layers="all", device="cpu", progress=False, precondition="kfac")
+        TracIn(model, ckpts, layers="all", device=DEVICE, progress=False, precondition="kfac")
     with pytest.raises(TracInError, match="precondition='shampoo' is not one of none, kfac"):
-        TracIn(model, ckpts, layers="last", device="cpu", progress=False, precondition="shampoo")
+        TracIn(model, ckpts, layers="last", device=DEVICE, progress=False, precondition="shampoo")
     for bad in (0, -1.0, float("nan"), float("inf")):
         with pytest.raises(TracInError, match="damping must be a positive number"):
             KFAC(bad)
     with pytest.raises(TracInError, match="fit_preconditioner needs precondition='kfac'"):
-        TracIn(model, ckpts, layers="last", device="cpu", progress=False).fit_preconditioner(TensorDataset(torch.zeros(2, 3, 8, 10)))
+        TracIn(model, ckpts, layers="last", device=DEVICE, progress=False).fit_preconditioner(TensorDataset(torch.zeros(2, 3, 8, 10)))
 
 
 def test_whitener_inverts_the_damped_factor_and_leaves_a_zero_factor_alone():
@@ -119,6 +119,6 @@ def test_a_layer_the_fit_never_reached_is_named():
     ckpts, _ = perturbed_checkpoints(model, [0.1])
     train = TensorDataset(torch.randn(6, 4), torch.randint(0, 3, (6,)))
     test = TensorDataset(torch.randn(2, 4) + torch.tensor([200.0, 0, 0, 0]), torch.randint(0, 3, (2,)))
-    tr = TracIn(model, ckpts, layers=["a", "b"], device="cpu", batch_size=3, progress=False, precondition="kfac")
+    tr = TracIn(model, ckpts, layers=["a", "b"], device=DEVICE, batch_size=3, progress=False, precondition="kfac")
     with pytest.raises(TracInError, match="Layer 'a' never ran while K-FAC was fitted"):
         tr.influence_matrix(train, test)

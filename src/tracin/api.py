@@ -27,7 +27,8 @@ from .tasks import Task, as_task
 
 KERNELS = ("auto", "ghost", "materialize")
 NORMALIZE = ("none", "cosine", "train")
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# precision name -> (autocast dtype, float32 math: tracin.device.set_float32_math)
+PRECISIONS = {"fp32": (None, "ieee"), "tf32": (None, "tf32"), "bf16": (torch.bfloat16, None), "fp16": (torch.float16, None)}
 
 
 class TracIn:
@@ -66,9 +67,12 @@ class TracIn:
             or ``"train"`` (the training gradient scaled to unit length): variants that stop large-gradient
             training examples from dominating every list; exact under every kernel (norms come from the
             same factors). Self-influence is never normalised.
-        precision: ``"fp32"`` (exact), or ``"bf16"`` / ``"fp16"``: forward and backward under autocast and
-            the kernels in that dtype, scores summed in fp32 (faster on GPUs; see docs/fast_modes.md for
-            the accuracy effect).
+        precision: ``"fp32"`` (exact: TensorFloat-32 is turned off while scoring, also where the process
+            allows it), ``"tf32"`` (float32 matmuls and convolutions on TensorFloat-32 tensor cores of NVIDIA
+            Ampere or newer GPUs; the same as fp32 elsewhere), or ``"bf16"`` / ``"fp16"``: forward and backward
+            under autocast; bf16 runs the kernels in bf16, fp16 scales each example's loss for the backward pass
+            and keeps the kernels in fp32; scores are summed in fp32. All but fp32 are approximate; see
+            docs/scale.md for their accuracy and speed (fp16 can lose well-fit examples' tiny gradients).
         precondition: ``"none"`` (TracIn's plain inner product) or ``"kfac"``: g^T P g' with P a Kronecker-factored
             inverse of each layer's empirical Fisher, fitted on the training data at every checkpoint (one extra
             pass each; :meth:`fit_preconditioner`); exact for that P under every kernel. Linear and Conv layers only.
@@ -131,7 +135,8 @@ class TracIn:
             raise TracInError(f"stratify_by must be a key the task provides (e.g. 'label') or a callable batch -> keys, got {stratify_by!r}.")
         if precision not in PRECISIONS:
             raise TracInError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}.")
-        self.precision = PRECISIONS[precision]
+        self.precision_name = precision
+        self.precision, self.float32_math = PRECISIONS[precision]
         if normalize not in NORMALIZE:
             raise TracInError(f"normalize={normalize!r} is not one of {', '.join(NORMALIZE)}.")
         self.normalize = normalize
@@ -165,7 +170,8 @@ class TracIn:
         projector = self.projector.for_vectors() if vectors and self.projector is not None else self.projector
         return Scheduler(self.model, self.checkpoints, self.handlers, self.task, self.device,
                          self.memory_budget, progress=self.progress, kernel=self.kernel, projector=projector,
-                         precision=self.precision, normalize=self.normalize, preconditioner=self.preconditioner)
+                         precision=self.precision, normalize=self.normalize, preconditioner=self.preconditioner,
+                         float32_math=self.float32_math)
 
     def _fitted(self, run: Scheduler, train_loader=None) -> None:
         """Fit the preconditioner on ``train_loader`` unless it is fitted (or none is used)."""
@@ -229,7 +235,7 @@ class TracIn:
             config = {"user": resume_key, "top_k": top_k, "self_influence": self_influence, "matrix": matrix_path is not None,
                       "layers": [h.name for h in self.handlers], "kernel": self.kernel, "batch_size": self.batch_size,
                       "projection": self.projector.describe() if self.projector else None, "sample_rate": self.sample_rate,
-                      "seed": self.seed, "precision": str(self.precision), "normalize": self.normalize,
+                      "seed": self.seed, "precision": self.precision_name, "normalize": self.normalize,
                       "precondition": self.preconditioner.damping if self.preconditioner is not None else None,
                       "n_train": plan.n_scored, "n_test": n_test, "world": world,
                       "checkpoints": [[c.name, c.learning_rate] for c in self.checkpoints]}
@@ -331,20 +337,20 @@ class TracIn:
         with self._scheduler(vectors=True) as run:
             self._fitted(run)
             run.vectors(test, "test", keep)
-        vectors = vectors.to(self.device)
-        tiny = torch.finfo(vectors.dtype).tiny
-        if self.normalize == "cosine":
-            vectors = vectors / vectors.norm(dim=2, keepdim=True).clamp_min(tiny)
-        acc = TopKAccumulator(n_test, top_k, self.device, vectors.dtype)
-        rows = max(1, int(self.memory_budget // max(1, 4 * (3 * n_test + len(self.checkpoints) * store.shape[2]))))
-        for start in range(0, n_train, rows):
-            scores = torch.zeros(n_test, min(rows, n_train - start), device=self.device)
-            for c, ckpt in enumerate(self.checkpoints):
-                tile = torch.from_numpy(np.array(store[c, start:start + rows])).to(self.device)
-                if self.normalize != "none":
-                    tile = tile / tile.norm(dim=1, keepdim=True).clamp_min(tiny)
-                scores.add_(vectors[c] @ tile.T, alpha=float(ckpt.learning_rate))  # type: ignore[arg-type]
-            acc.update(scores, start)
+            vectors = vectors.to(self.device)
+            tiny = torch.finfo(vectors.dtype).tiny
+            if self.normalize == "cosine":
+                vectors = vectors / vectors.norm(dim=2, keepdim=True).clamp_min(tiny)
+            acc = TopKAccumulator(n_test, top_k, self.device, vectors.dtype)
+            rows = max(1, int(self.memory_budget // max(1, 4 * (3 * n_test + len(self.checkpoints) * store.shape[2]))))
+            for start in range(0, n_train, rows):
+                scores = torch.zeros(n_test, min(rows, n_train - start), device=self.device)
+                for c, ckpt in enumerate(self.checkpoints):
+                    tile = torch.from_numpy(np.array(store[c, start:start + rows])).to(self.device)
+                    if self.normalize != "none":
+                        tile = tile / tile.norm(dim=1, keepdim=True).clamp_min(tiny)
+                    scores.add_(vectors[c] @ tile.T, alpha=float(ckpt.learning_rate))  # type: ignore[arg-type]
+                acc.update(scores, start)
         pv, pi, nv, ni = (t.cpu() for t in acc.result())
         return InfluenceResult(proponents=TopK(pv, pi), opponents=TopK(nv, ni), stats={"stored_train": n_train})
 

@@ -6,6 +6,7 @@ layer's output for example i is exactly d loss_i / d output_i.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -16,12 +17,55 @@ from .layers import Call, Factors, LayerHandler
 from .tasks import Batch, Task
 
 
+class LossScale:
+    """Per-example loss scaling for fp16 backward passes.
+
+    fp16 keeps 5 exponent bits: output-gradients of well-fit examples (often 1e-6 and smaller) flush
+    to zero in an fp16 backward pass, while those of badly-fit examples in the same batch are ~1. As
+    examples are independent in eval mode, each example's loss gets its own power-of-two scale,
+    aiming its largest recorded output-gradient at 2^14 (a quarter of fp16's largest number). The
+    first scale is guessed from the loss (for cross-entropy the logit gradient is about min(loss, 1);
+    capped at 2^24); later passes raise the scales of examples far below the target and lower those
+    that overflowed (an intermediate gradient can overflow while the recorded ones look small), never
+    back up to a scale that overflowed. Each example keeps the rows of its best finite pass.
+    """
+
+    TARGET = 2.0 ** 14
+    SLACK = 2.0 ** 10  # an example is redone while its largest gradient is below TARGET / SLACK
+    PASSES = 4
+
+    def __init__(self, loss: torch.Tensor):
+        guess = loss.detach().float().abs().clamp(2.0 ** -10, 1.0)
+        self.scales = torch.exp2(torch.floor(torch.log2(self.TARGET / guess)))  # [B]
+        self.ceiling = torch.full_like(self.scales, float("inf"))  # lowest scale that overflowed
+        self.best = torch.full_like(self.scales, -1.0)  # largest gradient of each example's kept pass (-1: none)
+
+    def update(self, largest: torch.Tensor) -> Tuple[torch.Tensor, bool]:
+        """Given this pass's [B] largest scaled gradients: which examples to keep from it, and whether
+        another pass is worth running (the scales are moved for it)."""
+        finite = torch.isfinite(largest)
+        keep = finite & (largest > self.best)
+        self.best = torch.where(keep, largest, self.best)
+        self.ceiling = torch.where(finite, self.ceiling, torch.minimum(self.ceiling, self.scales))
+        low = finite & (largest < self.TARGET / self.SLACK) & (self.scales * 2 < self.ceiling)
+        redo = ~finite | low
+        up = torch.exp2(torch.floor(torch.log2(self.TARGET / largest.clamp_min(self.TARGET * 2.0 ** -24))))
+        moved = torch.where(finite, torch.minimum(self.scales * up, self.ceiling / 2), self.scales * 2.0 ** -16)
+        self.scales = torch.where(redo, moved, self.scales)
+        return keep, bool(redo.any())
+
+
 class BatchCapture:
     """Forward hooks on the in-scope modules, installed for the lifetime of the object."""
 
     def __init__(self, handlers: Sequence[LayerHandler], precision: Optional[torch.dtype] = None):
         self.handlers = list(handlers)
-        self.precision = precision  # bf16/fp16: forward under autocast, factors in that dtype
+        # bf16: forward and backward under autocast, factors (and so the kernels) in bf16.
+        # fp16: forward and backward under autocast with loss scaling, factors in fp32 (products of
+        # fp16 factors over wide layers overflow and those of small gradients underflow).
+        self.precision = precision
+        self.loss_scaling = precision == torch.float16
+        self.warned_flush = False
         self.calls: Dict[str, List[Call]] = {h.name: [] for h in self.handlers}
         self.outputs: Dict[str, List[Tuple[torch.Tensor, int]]] = {h.name: [] for h in self.handlers}
         self.active = False  # recording only during the task's forward pass
@@ -94,10 +138,7 @@ class BatchCapture:
                 )
             targets, owners = self._grad_targets()
             if targets:
-                grads = torch.autograd.grad(loss.sum(), targets, allow_unused=True)
-                for grad, owner in zip(grads, owners):
-                    if owner is not None and grad is not None:
-                        owner.delta = grad
+                self._differentiate(loss, targets, owners)
         out: Dict[str, Optional[Factors]] = {}
         for handler in self.handlers:
             calls = self.calls[handler.name]
@@ -112,11 +153,12 @@ class BatchCapture:
                         "activations are wrong; make the op after it out-of-place (e.g. inplace=False)."
                     )
             if self.precision is not None:
+                factor_dtype = torch.float32 if self.loss_scaling else self.precision
                 for call in calls:
-                    call.args = tuple(a.to(self.precision) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                    call.args = tuple(a.to(factor_dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
                                       for a in call.args)
                     if call.delta is not None:
-                        call.delta = call.delta.to(self.precision)
+                        call.delta = call.delta.to(factor_dtype)
             rows = [c.output_shape[0] for c in calls if c.output_shape is not None and len(c.output_shape)]
             mismatch = next((r for r in rows if r != size), None)
             try:
@@ -133,6 +175,46 @@ class BatchCapture:
                 )
         self.reset()
         return out
+
+    def _differentiate(self, loss: torch.Tensor, targets: List[torch.Tensor], owners: List[Optional[Call]]) -> None:
+        """Backward from the per-example losses [B] to ``targets``, setting every call's delta (with fp16:
+        per-example loss-scaled passes, each example's rows from its best pass, unscaled, in fp32)."""
+        if not self.loss_scaling:
+            for grad, owner in zip(torch.autograd.grad(loss.sum(), targets, allow_unused=True), owners):
+                if owner is not None and grad is not None:
+                    owner.delta = grad
+            return
+        scale = LossScale(loss)
+        size = loss.shape[0]
+        calls = [c for group in self.calls.values() for c in group]
+        kept: Dict[int, torch.Tensor] = {}
+        for attempt in range(LossScale.PASSES):
+            scales = scale.scales
+            for c in calls:
+                c.delta = None
+            for grad, owner in zip(torch.autograd.grad((loss * scales).sum(), targets, allow_unused=True, retain_graph=True), owners):
+                if owner is not None and grad is not None:
+                    owner.delta = grad
+            rows = {i: c.delta for i, c in enumerate(calls) if c.delta is not None and c.delta.dim() and c.delta.shape[0] == size}
+            largest = torch.stack([d.detach().float().abs().reshape(size, -1).amax(1) for d in rows.values()]).amax(0) \
+                if rows else torch.zeros_like(scales)
+            keep, again = scale.update(largest)
+            for i, d in rows.items():
+                unscaled = d.float() / scales.view(-1, *([1] * (d.dim() - 1)))
+                kept[i] = unscaled if i not in kept else torch.where(keep.view(-1, *([1] * (d.dim() - 1))), unscaled, kept[i])
+            if not again:
+                break
+        if bool((scale.best < 0).any()):
+            raise TracInError("Output-gradients are not finite in fp16 at any loss scale tried (an overflow, or an infinite or NaN "
+                              "gradient of the loss); use --precision bf16 or fp32.")
+        for i, d in kept.items():
+            calls[i].delta = d
+        flushed = int(((scale.best == 0) & (loss.detach() != 0)).sum())
+        if flushed and not self.warned_flush:
+            self.warned_flush = True
+            warnings.warn(f"fp16: the output-gradients of {flushed} example(s) of a batch stayed 0 at every loss scale tried "
+                          "(their losses are tiny but not 0), so their scores read 0; use --precision bf16 or fp32 where small "
+                          "influences matter.")
 
     def _grad_targets(self) -> Tuple[List[torch.Tensor], List[Optional[Call]]]:
         """What to differentiate: each call's output when it is unchanged (its gradient is the

@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(i, "--full_matrix", action="store_true", help="also write influence_matrix.npy [n_test, n_train] (disk-backed, in tiles)")
     _add(i, "--trust_checkpoint", action="store_true", help="allow checkpoints that need pickled code (runs code from the file)")
     _add(i, "--overwrite", action="store_true", help="discard an interrupted run's progress instead of resuming it")
-    _add(i, "--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="bf16/fp16: autocast (approximate, faster on GPUs)")
+    _add(i, "--precision", choices=["fp32", "tf32", "bf16", "fp16"], default="fp32",
+         help="fp32: exact (TF32 off while scoring); tf32: TF32 tensor cores on NVIDIA GPUs; bf16/fp16: autocast (all approximate, faster on GPUs)")
     _add(i, "--normalize", choices=["none", "cosine", "train"], default="none",
          help="cosine: unit-length gradients per checkpoint; train: unit-length training gradients")
     _add(i, "--precondition", choices=["none", "kfac"], default="none",

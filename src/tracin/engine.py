@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from .capture import BatchCapture
 from .checkpoints import Checkpoint, weights_for
 from .data import dataset_size, loader_from
+from .device import set_float32_math
 from .errors import TracInError
 from .factor_blocks import FactorDict, batch_bytes, factor_bytes, factor_rows, merge_blocks
 from .layers import LayerHandler
@@ -35,8 +36,9 @@ class Scheduler:
     """Runs TracIn passes over a model prepared for scoring; use as a context manager.
 
     On entry the model is moved to ``device``, put in eval mode, its out-of-scope parameters are
-    frozen (so no autograd graph is built for them) and hooks are installed; on exit all of that
-    is undone and the model's original weights are restored.
+    frozen (so no autograd graph is built for them), hooks are installed and float32 math is set as
+    ``float32_math`` asks (full float32 for exact scores: no TF32); on exit all of that is undone and
+    the model's original weights are restored.
     """
 
     def __init__(
@@ -53,6 +55,7 @@ class Scheduler:
         precision: Optional[torch.dtype] = None,
         normalize: str = "none",
         preconditioner=None,
+        float32_math: Optional[str] = None,
     ):
         self.model = model
         self.checkpoints = list(checkpoints)
@@ -65,6 +68,7 @@ class Scheduler:
         self.projector = projector
         self.precision = precision
         self.preconditioner = preconditioner  # a tracin.precondition.KFAC, fitted by fit_preconditioner
+        self.float32_math = float32_math  # "ieee" | "tf32" | None (as the process has it), set while entered
         self.normalize = normalize  # "none" | "cosine" (both gradients unit length) | "train" (train gradient unit length)
         self.stats: Dict[str, object] = {"checkpoint_loads": 0, "tiles": 0, "test_chunks": 0}
         self.plan: Dict[str, int] = {}  # chunk_examples and tile_limit in use; preset to repeat a run's tiling
@@ -89,9 +93,11 @@ class Scheduler:
             handler.projector = self.projector
             handler.preconditioner = self.preconditioner
         self.capture = BatchCapture(self.handlers, self.precision)
+        self._restore_math = set_float32_math(self.float32_math)
         return self
 
     def __exit__(self, *exc) -> None:
+        self._restore_math()
         self.capture.remove()
         for handler in self.handlers:
             handler.projector = None
