@@ -46,6 +46,12 @@ def _setup(n_train: int, n_test: int, device, make_data, mlp, train_with_checkpo
     return model, TensorDataset(x[:n_train], y[:n_train]), (x[n_train:], y[n_train:]), paths
 
 
+def _on(dataset: TensorDataset, device) -> TensorDataset:
+    """The dataset with its tensors on ``device``: Captum's influence classes do not move training
+    batches to the model's device themselves."""
+    return TensorDataset(*(t.to(device) for t in dataset.tensors))
+
+
 def _loader(device):
     def load(m: nn.Module, path: str) -> float:
         ck = torch.load(path, map_location=device, weights_only=True)
@@ -74,14 +80,19 @@ def lastlayer(device, helpers, batch_size: int = 256, test_sizes=(32, 1024)) -> 
             fc = model[3]
             load, loss = _loader(device), nn.CrossEntropyLoss(reduction="sum")
             peers = {
-                "captum TracInCPFast": lambda: TracInCPFast(model, fc, train, [str(p) for p in paths], load,
+                "captum TracInCPFast": lambda: TracInCPFast(model, fc, _on(train, device), [str(p) for p in paths], load,
                                                             loss_fn=loss, batch_size=batch_size),
                 "captum TracInCPFastRandProj (no projection)": lambda: TracInCPFastRandProj(
-                    model, fc, train, [str(p) for p in paths], load, loss_fn=loss, batch_size=batch_size),
+                    model, fc, _on(train, device), [str(p) for p in paths], load, loss_fn=loss, batch_size=batch_size),
                 "captum TracInCPFastRandProj (dim 1024)": lambda: TracInCPFastRandProj(
-                    model, fc, train, [str(p) for p in paths], load, loss_fn=loss,
+                    model, fc, _on(train, device), [str(p) for p in paths], load, loss_fn=loss,
                     batch_size=batch_size, projection_dim=1024, seed=0),
             }
+            try:
+                import annoy  # noqa: F401  (TracInCPFastRandProj's nearest-neighbour index)
+            except ImportError:
+                print("# annoy is not installed: TracInCPFastRandProj left out")
+                peers = {k: v for k, v in peers.items() if "RandProj" not in k}
             for name, make in peers.items():
                 def run():
                     return make().influence((tx.to(device), ty.to(device)), k=None).detach().cpu()
@@ -123,7 +134,7 @@ def lastlayer_sweep(device, helpers, batch_size: int = 256, test_sizes=(32, 1024
                                                  batch_size=batch_size, progress=False).influence_matrix(train, test), device)
                 ours.append(t)
                 model.to(device)
-                peer, t = _timed(lambda: TracInCPFast(model, model[3], train, [str(p) for p in paths], load,
+                peer, t = _timed(lambda: TracInCPFast(model, model[3], _on(train, device), [str(p) for p in paths], load,
                                                       loss_fn=nn.CrossEntropyLoss(reduction="sum"), batch_size=batch_size)
                                  .influence((tx_all[:n_test].to(device), ty_all[:n_test].to(device)), k=None).detach().cpu(), device)
                 theirs.append(t)
@@ -195,13 +206,13 @@ def selfinfluence(device, helpers, batch_size: int = 256, with_slow_peer: bool =
                                                    progress=False).self_influence(train), device)
         rows.append({"method": "tracin last layer (exact)", "seconds": t_last})
         model.to(device)
-        fast = lambda: TracInCPFast(model, model[3], train, [str(p) for p in paths], _loader(device),  # noqa: E731
+        fast = lambda: TracInCPFast(model, model[3], _on(train, device), [str(p) for p in paths], _loader(device),  # noqa: E731
                                     loss_fn=nn.CrossEntropyLoss(reduction="sum"), batch_size=batch_size).self_influence().cpu()
         theirs, t = _timed(fast, device)
         rows.append({"method": "captum TracInCPFast last layer", "seconds": t, "speedup_of_tracin_last": t / t_last,
                      "max_rel_diff_vs_exact_last": float((theirs.double() - exact_last.double()).abs().max() / exact_last.abs().max())})
         if with_slow_peer:
-            slow = lambda: TracInCP(model, train, [str(p) for p in paths], _loader(device),  # noqa: E731
+            slow = lambda: TracInCP(model, _on(train, device), [str(p) for p in paths], _loader(device),  # noqa: E731
                                     loss_fn=nn.CrossEntropyLoss(reduction="sum"), batch_size=batch_size,
                                     sample_wise_grads_per_batch=True).self_influence().cpu()
             theirs, t = _timed(slow, device)

@@ -28,6 +28,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from tracin import Checkpoint, TracIn, save_checkpoint
+from tracin.api import PRECISIONS
+from tracin.device import set_float32_math
 
 
 def mlp() -> nn.Module:
@@ -85,7 +87,14 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def run_workload(name: str, n_train: int, n_test: int, n_ckpt: int, device: torch.device, batch_size: int, skip_captum: bool) -> dict:
+def run_workload(name: str, n_train: int, n_test: int, n_ckpt: int, device: torch.device, batch_size: int, skip_captum: bool,
+                 repeats: int = 1, precision: str = "fp32") -> dict:
+    """Time both tools on one workload; with ``repeats`` > 1 they alternate and the medians are reported
+    (the first, cold run of each then does not decide the figure). Both run under the same float32 math:
+    ``precision`` "fp32" (full float32; cuDNN would otherwise use TF32 for Captum's convolutions on
+    NVIDIA GPUs) or "tf32"."""
+    import statistics
+
     from captum.influence import TracInCP
 
     torch.manual_seed(0)
@@ -93,44 +102,57 @@ def run_workload(name: str, n_train: int, n_test: int, n_ckpt: int, device: torc
     x, y = make_data(n_train + n_test, seed=0)
     train = TensorDataset(x[:n_train], y[:n_train])
     test_x, test_y = x[n_train:], y[n_train:]
+    test = TensorDataset(test_x, test_y)
     with tempfile.TemporaryDirectory() as tmp:
         paths = train_with_checkpoints(model, x[:n_train], y[:n_train], Path(tmp), n_ckpt, device)
         model.eval()
-
-        # tracin: full matrix, then exact top-10 (checkpoint discovery and loading included in the time)
-        sync(device)
-        t0 = time.perf_counter()
-        tr = TracIn(model, Checkpoint.discover(tmp), layers="all", device=device, batch_size=batch_size, progress=False)
-        ours = tr.influence_matrix(train, TensorDataset(test_x, test_y))
-        sync(device)
-        t_ours = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        tr.influence(train, TensorDataset(test_x, test_y), top_k=10)
-        sync(device)
-        t_topk = time.perf_counter() - t0
-
-        result = {"workload": name, "n_train": n_train, "n_test": n_test, "checkpoints": n_ckpt,
-                  "params": tr.num_parameters, "tracin_matrix_s": t_ours, "tracin_topk10_s": t_topk,
-                  "kernels": {r["name"]: r["kernel"] for r in tr.scope()}}
-        if skip_captum:
-            return result
 
         def load(m: nn.Module, path: str) -> float:
             ck = torch.load(path, map_location=device, weights_only=True)
             m.load_state_dict(ck["model_state_dict"])
             return float(ck["learning_rate"])
 
-        model.to(device)
-        sync(device)
-        t0 = time.perf_counter()
-        captum = TracInCP(model, train, checkpoints=[str(p) for p in paths], checkpoints_load_func=load,
-                          loss_fn=nn.CrossEntropyLoss(reduction="sum"), batch_size=batch_size,
-                          sample_wise_grads_per_batch=True)
-        theirs = captum.influence((test_x.to(device), test_y.to(device)), k=None).detach().cpu()
-        sync(device)
-        t_captum = time.perf_counter() - t0
+        def timed(fn):
+            sync(device)
+            start = time.perf_counter()
+            out = fn()
+            sync(device)
+            return out, time.perf_counter() - start
+
+        def ours_matrix():  # checkpoint discovery and loading included in the time
+            tr = TracIn(model, Checkpoint.discover(tmp), layers="all", device=device, batch_size=batch_size, progress=False,
+                        precision=precision)
+            return tr, tr.influence_matrix(train, test)
+
+        def captum_matrix():
+            model.to(device)
+            train_on_device = TensorDataset(x[:n_train].to(device), y[:n_train].to(device))  # Captum does not move batches itself
+            captum = TracInCP(model, train_on_device, checkpoints=[str(p) for p in paths], checkpoints_load_func=load,
+                              loss_fn=nn.CrossEntropyLoss(reduction="sum"), batch_size=batch_size,
+                              sample_wise_grads_per_batch=True)
+            restore = set_float32_math(PRECISIONS[precision][1])
+            try:
+                return captum.influence((test_x.to(device), test_y.to(device)), k=None).detach().cpu()
+            finally:
+                restore()
+
+        t_ours, t_topk, t_captum = [], [], []
+        for _ in range(repeats):
+            (tr, ours), t = timed(ours_matrix)
+            t_ours.append(t)
+            t_topk.append(timed(lambda: tr.influence(train, test, top_k=10))[1])
+            if not skip_captum:
+                theirs, t = timed(captum_matrix)
+                t_captum.append(t)
+
+        result = {"workload": name, "precision": precision, "n_train": n_train, "n_test": n_test, "checkpoints": n_ckpt, "repeats": repeats,
+                  "params": tr.num_parameters, "tracin_matrix_s": statistics.median(t_ours),
+                  "tracin_topk10_s": statistics.median(t_topk), "kernels": {r["name"]: r["kernel"] for r in tr.scope()}}
+        if skip_captum:
+            return result
         diff = float((ours.double() - theirs.double()).abs().max() / theirs.double().abs().max())
-        result.update({"captum_matrix_s": t_captum, "speedup": t_captum / t_ours, "max_rel_diff": diff})
+        result.update({"captum_matrix_s": statistics.median(t_captum), "speedup": statistics.median(t_captum) / result["tracin_matrix_s"],
+                       "max_rel_diff": diff})
         return result
 
 
@@ -146,6 +168,8 @@ def main() -> None:
     parser.add_argument("--n_test", type=int, default=32)
     parser.add_argument("--checkpoints", type=int, default=3)
     parser.add_argument("--skip_captum", action="store_true")
+    parser.add_argument("--precision", choices=["fp32", "tf32"], default="fp32", help="exact workloads: float32 math for both tools")
+    parser.add_argument("--repeats", type=int, default=1, help="exact workloads: alternate the tools this many times, report medians")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     from tracin.device import resolve_device
@@ -162,7 +186,8 @@ def main() -> None:
             if name == "selfinfluence":
                 rows = fast_modes.selfinfluence(device, helpers, args.batch_size, args.with_slow_peer)
             elif name == "scaling":
-                rows = fast_modes.scaling(device, helpers, Path(__file__).resolve().parents[1] / "docs" / "scaling.png", args.batch_size)
+                plot = "scaling.png" if device.type == "cpu" else f"scaling_{device.type}.png"
+                rows = fast_modes.scaling(device, helpers, Path(__file__).resolve().parents[1] / "docs" / plot, args.batch_size)
             else:
                 rows = getattr(fast_modes, name)(device, helpers, args.batch_size)
             results[name] = rows
@@ -176,9 +201,9 @@ def main() -> None:
     rows = []
     for name in names:
         n_train = args.mlp_train if name == "mlp" else args.cnn_train
-        row = run_workload(name, n_train, args.n_test, args.checkpoints, device, args.batch_size, args.skip_captum)
+        row = run_workload(name, n_train, args.n_test, args.checkpoints, device, args.batch_size, args.skip_captum, args.repeats, args.precision)
         rows.append(row)
-        line = f"{name}: {row['n_train']} train x {row['n_test']} test x {row['checkpoints']} ckpts, {row['params']} params | " \
+        line = f"{name} ({row['precision']}): {row['n_train']} train x {row['n_test']} test x {row['checkpoints']} ckpts, {row['params']} params | " \
                f"tracin matrix {row['tracin_matrix_s']:.3f}s, top-10 {row['tracin_topk10_s']:.3f}s"
         if "captum_matrix_s" in row:
             line += f" | captum {row['captum_matrix_s']:.3f}s | speed-up x{row['speedup']:.1f} | max rel diff {row['max_rel_diff']:.1e}"
