@@ -24,7 +24,7 @@ from tracin import Checkpoint, TracIn
 from tracin.audit import compare
 
 
-def _timed(fn: Callable, device: torch.device):
+def timed(fn: Callable, device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -46,13 +46,13 @@ def _setup(n_train: int, n_test: int, device, make_data, mlp, train_with_checkpo
     return model, TensorDataset(x[:n_train], y[:n_train]), (x[n_train:], y[n_train:]), paths
 
 
-def _on(dataset: TensorDataset, device) -> TensorDataset:
+def on_device(dataset: TensorDataset, device) -> TensorDataset:
     """The dataset with its tensors on ``device``: Captum's influence classes do not move training
     batches to the model's device themselves."""
     return TensorDataset(*(t.to(device) for t in dataset.tensors))
 
 
-def _loader(device):
+def captum_loader(device):
     def load(m: nn.Module, path: str) -> float:
         ck = torch.load(path, map_location=device, weights_only=True)
         m.load_state_dict(ck["model_state_dict"])
@@ -72,20 +72,20 @@ def lastlayer(device, helpers, batch_size: int = 256, test_sizes=(32, 1024)) -> 
         for n_test in test_sizes:
             tx, ty = tx_all[:n_test], ty_all[:n_test]
             test = TensorDataset(tx, ty)
-            exact, t_ours = _timed(lambda: TracIn(model, Checkpoint.discover(tmp), layers="last", device=device,
+            exact, t_ours = timed(lambda: TracIn(model, Checkpoint.discover(tmp), layers="last", device=device,
                                                   batch_size=batch_size, progress=False).influence_matrix(train, test), device)
             rows.append({"method": f"tracin last layer (exact, bias incl.), {n_test} test", "seconds": t_ours,
                          "max_rel_diff": 0.0, **compare(exact, exact)})
             model.to(device)
             fc = model[3]
-            load, loss = _loader(device), nn.CrossEntropyLoss(reduction="sum")
+            load, loss = captum_loader(device), nn.CrossEntropyLoss(reduction="sum")
             peers = {
-                "captum TracInCPFast": lambda: TracInCPFast(model, fc, _on(train, device), [str(p) for p in paths], load,
+                "captum TracInCPFast": lambda: TracInCPFast(model, fc, on_device(train, device), [str(p) for p in paths], load,
                                                             loss_fn=loss, batch_size=batch_size),
                 "captum TracInCPFastRandProj (no projection)": lambda: TracInCPFastRandProj(
-                    model, fc, _on(train, device), [str(p) for p in paths], load, loss_fn=loss, batch_size=batch_size),
+                    model, fc, on_device(train, device), [str(p) for p in paths], load, loss_fn=loss, batch_size=batch_size),
                 "captum TracInCPFastRandProj (dim 1024)": lambda: TracInCPFastRandProj(
-                    model, fc, _on(train, device), [str(p) for p in paths], load, loss_fn=loss,
+                    model, fc, on_device(train, device), [str(p) for p in paths], load, loss_fn=loss,
                     batch_size=batch_size, projection_dim=1024, seed=0),
             }
             try:
@@ -96,7 +96,7 @@ def lastlayer(device, helpers, batch_size: int = 256, test_sizes=(32, 1024)) -> 
             for name, make in peers.items():
                 def run():
                     return make().influence((tx.to(device), ty.to(device)), k=None).detach().cpu()
-                theirs, t = _timed(run, device)
+                theirs, t = timed(run, device)
                 diff = float((theirs.double() - exact.double()).abs().max() / exact.double().abs().max())
                 rows.append({"method": f"{name}, {n_test} test", "seconds": t, "speedup_of_tracin": t / t_ours,
                              "max_rel_diff": diff, **compare(exact, theirs)})
@@ -115,7 +115,7 @@ def lastlayer_sweep(device, helpers, batch_size: int = 256, test_sizes=(32, 1024
     with tempfile.TemporaryDirectory() as tmp:
         model, train, (tx_all, ty_all), paths = _setup(4096, max(test_sizes), device, *helpers, Path(tmp))
         x_train = train.tensors[0].to(device)
-        load = _loader(device)
+        load = captum_loader(device)
 
         def forward_only():
             with torch.no_grad():
@@ -125,16 +125,16 @@ def lastlayer_sweep(device, helpers, batch_size: int = 256, test_sizes=(32, 1024
                         model(x_train[start:start + batch_size])
 
         model.to(device)
-        t_forward = statistics.median(_timed(forward_only, device)[1] for _ in range(repeats))
+        t_forward = statistics.median(timed(forward_only, device)[1] for _ in range(repeats))
         for n_test in test_sizes:
             test = TensorDataset(tx_all[:n_test], ty_all[:n_test])
             ours, theirs = [], []
             for _ in range(repeats):
-                exact, t = _timed(lambda: TracIn(model, Checkpoint.discover(tmp), layers="last", device=device,
+                exact, t = timed(lambda: TracIn(model, Checkpoint.discover(tmp), layers="last", device=device,
                                                  batch_size=batch_size, progress=False).influence_matrix(train, test), device)
                 ours.append(t)
                 model.to(device)
-                peer, t = _timed(lambda: TracInCPFast(model, model[3], _on(train, device), [str(p) for p in paths], load,
+                peer, t = timed(lambda: TracInCPFast(model, model[3], on_device(train, device), [str(p) for p in paths], load,
                                                       loss_fn=nn.CrossEntropyLoss(reduction="sum"), batch_size=batch_size)
                                  .influence((tx_all[:n_test].to(device), ty_all[:n_test].to(device)), k=None).detach().cpu(), device)
                 theirs.append(t)
@@ -152,11 +152,11 @@ def projection(device, helpers, batch_size: int = 256) -> List[Dict]:
         ckpts = Checkpoint.discover(tmp)
         for n_test in (32, 1024):
             test = TensorDataset(tx[:n_test], ty[:n_test])
-            exact, t_exact = _timed(lambda: TracIn(model, ckpts, device=device, batch_size=batch_size,
+            exact, t_exact = timed(lambda: TracIn(model, ckpts, device=device, batch_size=batch_size,
                                                    progress=False).influence_matrix(train, test), device)
             rows.append({"method": f"exact, {n_test} test", "seconds": t_exact, **compare(exact, exact)})
             for kind in ("gaussian", "rademacher", "sparse"):
-                approx, t = _timed(lambda: TracIn(model, ckpts, device=device, batch_size=batch_size, progress=False,
+                approx, t = timed(lambda: TracIn(model, ckpts, device=device, batch_size=batch_size, progress=False,
                                                   projection_dim=1024, projection=kind, seed=0).influence_matrix(train, test), device)
                 rows.append({"method": f"projection 1024 {kind}, {n_test} test", "seconds": t, "speedup": t_exact / t,
                              **compare(exact, approx)})
@@ -183,11 +183,11 @@ def projection_conv(device, helpers, batch_size: int = 64) -> List[Dict]:
         model, train, (tx, ty), _ = _setup(512, 128, device, make_data, wide_conv, train_with_checkpoints, Path(tmp))
         ckpts = Checkpoint.discover(tmp)
         test = TensorDataset(tx, ty)
-        exact, t_exact = _timed(lambda: TracIn(model, ckpts, device=device, batch_size=batch_size,
+        exact, t_exact = timed(lambda: TracIn(model, ckpts, device=device, batch_size=batch_size,
                                                progress=False).influence_matrix(train, test), device)
         rows.append({"method": "exact (conv layers materialised)", "seconds": t_exact, **compare(exact, exact)})
         for dim in (1024, 4096):
-            approx, t = _timed(lambda: TracIn(model, ckpts, device=device, batch_size=batch_size, progress=False,
+            approx, t = timed(lambda: TracIn(model, ckpts, device=device, batch_size=batch_size, progress=False,
                                               projection_dim=dim, seed=0).influence_matrix(train, test), device)
             rows.append({"method": f"projection {dim} gaussian", "seconds": t, "speedup": t_exact / t, **compare(exact, approx)})
     return rows
@@ -200,22 +200,22 @@ def selfinfluence(device, helpers, batch_size: int = 256, with_slow_peer: bool =
     with tempfile.TemporaryDirectory() as tmp:
         model, train, _, paths = _setup(50_000, 1, device, *helpers, Path(tmp))
         ckpts = Checkpoint.discover(tmp)
-        exact_all, t_all = _timed(lambda: TracIn(model, ckpts, device=device, batch_size=batch_size, progress=False).self_influence(train), device)
+        exact_all, t_all = timed(lambda: TracIn(model, ckpts, device=device, batch_size=batch_size, progress=False).self_influence(train), device)
         rows.append({"method": "tracin all layers (exact)", "seconds": t_all})
-        exact_last, t_last = _timed(lambda: TracIn(model, ckpts, layers="last", device=device, batch_size=batch_size,
+        exact_last, t_last = timed(lambda: TracIn(model, ckpts, layers="last", device=device, batch_size=batch_size,
                                                    progress=False).self_influence(train), device)
         rows.append({"method": "tracin last layer (exact)", "seconds": t_last})
         model.to(device)
-        fast = lambda: TracInCPFast(model, model[3], _on(train, device), [str(p) for p in paths], _loader(device),  # noqa: E731
+        fast = lambda: TracInCPFast(model, model[3], on_device(train, device), [str(p) for p in paths], captum_loader(device),  # noqa: E731
                                     loss_fn=nn.CrossEntropyLoss(reduction="sum"), batch_size=batch_size).self_influence().cpu()
-        theirs, t = _timed(fast, device)
+        theirs, t = timed(fast, device)
         rows.append({"method": "captum TracInCPFast last layer", "seconds": t, "speedup_of_tracin_last": t / t_last,
                      "max_rel_diff_vs_exact_last": float((theirs.double() - exact_last.double()).abs().max() / exact_last.abs().max())})
         if with_slow_peer:
-            slow = lambda: TracInCP(model, _on(train, device), [str(p) for p in paths], _loader(device),  # noqa: E731
+            slow = lambda: TracInCP(model, on_device(train, device), [str(p) for p in paths], captum_loader(device),  # noqa: E731
                                     loss_fn=nn.CrossEntropyLoss(reduction="sum"), batch_size=batch_size,
                                     sample_wise_grads_per_batch=True).self_influence().cpu()
-            theirs, t = _timed(slow, device)
+            theirs, t = timed(slow, device)
             rows.append({"method": "captum TracInCP all layers", "seconds": t, "speedup_of_tracin_all": t / t_all,
                          "max_rel_diff_vs_exact_all": float((theirs.double() - exact_all.double()).abs().max() / exact_all.abs().max())})
     return rows
@@ -234,11 +234,11 @@ def scaling(device, helpers, out_png: Path, batch_size: int = 256) -> List[Dict]
         tr = TracIn(model, ckpts, device=device, batch_size=batch_size, progress=False)
         for n in (1024, 4096, 16_384, 32_768):
             sub = TensorDataset(*train[:n])
-            _, t = _timed(lambda: tr.influence(sub, TensorDataset(tx[:32], ty[:32]), top_k=10), device)
+            _, t = timed(lambda: tr.influence(sub, TensorDataset(tx[:32], ty[:32]), top_k=10), device)
             rows.append({"axis": "n_train", "n_train": n, "n_test": 32, "seconds": t})
         sub = TensorDataset(*train[:4096])
         for m in (8, 32, 128, 512, 1024):
-            _, t = _timed(lambda: tr.influence(sub, TensorDataset(tx[:m], ty[:m]), top_k=10), device)
+            _, t = timed(lambda: tr.influence(sub, TensorDataset(tx[:m], ty[:m]), top_k=10), device)
             rows.append({"axis": "n_test", "n_train": 4096, "n_test": m, "seconds": t})
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, axis, label in ((axes[0], "n_train", "training examples (32 test)"), (axes[1], "n_test", "test examples (4096 train)")):

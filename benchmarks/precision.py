@@ -19,7 +19,6 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -35,7 +34,8 @@ from test_exact import all_module_names, make_case  # noqa: E402
 from tracin import Checkpoint, TracIn  # noqa: E402
 from tracin.audit import compare  # noqa: E402
 from tracin.device import resolve_device  # noqa: E402
-from vs_captum import make_data, mnist_cnn, sync, train_with_checkpoints  # noqa: E402
+from fast_modes import timed  # noqa: E402
+from vs_captum import make_data, mnist_cnn, train_with_checkpoints  # noqa: E402
 
 PRECISIONS = ["fp32", "tf32", "bf16", "fp16"]
 
@@ -68,11 +68,7 @@ def speed(device: torch.device, n_train: int, n_test: int, batch_size: int, repe
         times = {p: [] for p in PRECISIONS}
         for _ in range(repeats):
             for p, tr in scorers.items():
-                sync(device)
-                start = time.perf_counter()
-                tr.influence(train, test, top_k=10)
-                sync(device)
-                times[p].append(time.perf_counter() - start)
+                times[p].append(timed(lambda: tr.influence(train, test, top_k=10), device)[1])
     base = statistics.median(times["fp32"])
     return [{"precision": p, "n_train": n_train, "n_test": n_test, "top10_s": statistics.median(times[p]),
              "speedup_vs_fp32": base / statistics.median(times[p]),

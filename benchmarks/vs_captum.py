@@ -20,13 +20,13 @@ import argparse
 import json
 import platform
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import fast_modes
 from tracin import Checkpoint, TracIn, save_checkpoint
 from tracin.api import PRECISIONS
 from tracin.device import set_float32_math
@@ -82,11 +82,6 @@ def train_with_checkpoints(model: nn.Module, x, y, folder: Path, n_ckpt: int, de
     return paths
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def run_workload(name: str, n_train: int, n_test: int, n_ckpt: int, device: torch.device, batch_size: int, skip_captum: bool,
                  repeats: int = 1, precision: str = "fp32") -> dict:
     """Time both tools on one workload; with ``repeats`` > 1 they alternate and the medians are reported
@@ -107,18 +102,6 @@ def run_workload(name: str, n_train: int, n_test: int, n_ckpt: int, device: torc
         paths = train_with_checkpoints(model, x[:n_train], y[:n_train], Path(tmp), n_ckpt, device)
         model.eval()
 
-        def load(m: nn.Module, path: str) -> float:
-            ck = torch.load(path, map_location=device, weights_only=True)
-            m.load_state_dict(ck["model_state_dict"])
-            return float(ck["learning_rate"])
-
-        def timed(fn):
-            sync(device)
-            start = time.perf_counter()
-            out = fn()
-            sync(device)
-            return out, time.perf_counter() - start
-
         def ours_matrix():  # checkpoint discovery and loading included in the time
             tr = TracIn(model, Checkpoint.discover(tmp), layers="all", device=device, batch_size=batch_size, progress=False,
                         precision=precision)
@@ -126,8 +109,8 @@ def run_workload(name: str, n_train: int, n_test: int, n_ckpt: int, device: torc
 
         def captum_matrix():
             model.to(device)
-            train_on_device = TensorDataset(x[:n_train].to(device), y[:n_train].to(device))  # Captum does not move batches itself
-            captum = TracInCP(model, train_on_device, checkpoints=[str(p) for p in paths], checkpoints_load_func=load,
+            captum = TracInCP(model, fast_modes.on_device(train, device), checkpoints=[str(p) for p in paths],
+                              checkpoints_load_func=fast_modes.captum_loader(device),
                               loss_fn=nn.CrossEntropyLoss(reduction="sum"), batch_size=batch_size,
                               sample_wise_grads_per_batch=True)
             restore = set_float32_math(PRECISIONS[precision][1])
@@ -138,11 +121,11 @@ def run_workload(name: str, n_train: int, n_test: int, n_ckpt: int, device: torc
 
         t_ours, t_topk, t_captum = [], [], []
         for _ in range(repeats):
-            (tr, ours), t = timed(ours_matrix)
+            (tr, ours), t = fast_modes.timed(ours_matrix, device)
             t_ours.append(t)
-            t_topk.append(timed(lambda: tr.influence(train, test, top_k=10))[1])
+            t_topk.append(fast_modes.timed(lambda: tr.influence(train, test, top_k=10), device)[1])
             if not skip_captum:
-                theirs, t = timed(captum_matrix)
+                theirs, t = fast_modes.timed(captum_matrix, device)
                 t_captum.append(t)
 
         result = {"workload": name, "precision": precision, "n_train": n_train, "n_test": n_test, "checkpoints": n_ckpt, "repeats": repeats,
@@ -178,8 +161,6 @@ def main() -> None:
     print(f"# torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, {platform.processor() or platform.machine()}")
     fast = ["lastlayer", "projection", "projection_conv", "selfinfluence", "scaling"]
     if args.workload in fast + ["fast", "lastlayer_sweep"]:
-        import fast_modes
-
         helpers = (make_data, mlp, train_with_checkpoints)
         results = {}
         for name in (fast if args.workload == "fast" else [args.workload]):

@@ -180,9 +180,7 @@ class BatchCapture:
         """Backward from the per-example losses [B] to ``targets``, setting every call's delta (with fp16:
         per-example loss-scaled passes, each example's rows from its best pass, unscaled, in fp32)."""
         if not self.loss_scaling:
-            for grad, owner in zip(torch.autograd.grad(loss.sum(), targets, allow_unused=True), owners):
-                if owner is not None and grad is not None:
-                    owner.delta = grad
+            self._backward(loss.sum(), targets, owners)
             return
         scale = LossScale(loss)
         size = loss.shape[0]
@@ -192,16 +190,15 @@ class BatchCapture:
             scales = scale.scales
             for c in calls:
                 c.delta = None
-            for grad, owner in zip(torch.autograd.grad((loss * scales).sum(), targets, allow_unused=True, retain_graph=True), owners):
-                if owner is not None and grad is not None:
-                    owner.delta = grad
+            self._backward((loss * scales).sum(), targets, owners, retain_graph=True)
             rows = {i: c.delta for i, c in enumerate(calls) if c.delta is not None and c.delta.dim() and c.delta.shape[0] == size}
             largest = torch.stack([d.detach().float().abs().reshape(size, -1).amax(1) for d in rows.values()]).amax(0) \
                 if rows else torch.zeros_like(scales)
             keep, again = scale.update(largest)
             for i, d in rows.items():
-                unscaled = d.float() / scales.view(-1, *([1] * (d.dim() - 1)))
-                kept[i] = unscaled if i not in kept else torch.where(keep.view(-1, *([1] * (d.dim() - 1))), unscaled, kept[i])
+                per_row = (-1,) + (1,) * (d.dim() - 1)  # a [B] vector broadcast over d's rows
+                unscaled = d.float() / scales.view(per_row)
+                kept[i] = unscaled if i not in kept else torch.where(keep.view(per_row), unscaled, kept[i])
             if not again:
                 break
         if bool((scale.best < 0).any()):
@@ -215,6 +212,14 @@ class BatchCapture:
             warnings.warn(f"fp16: the output-gradients of {flushed} example(s) of a batch stayed 0 at every loss scale tried "
                           "(their losses are tiny but not 0), so their scores read 0; use --precision bf16 or fp32 where small "
                           "influences matter.")
+
+    @staticmethod
+    def _backward(total: torch.Tensor, targets: List[torch.Tensor], owners: List[Optional[Call]], retain_graph: bool = False) -> None:
+        """Differentiate ``total`` w.r.t. ``targets``; each owned target's gradient becomes its call's delta
+        (the others' deltas are recorded by the hooks on their outputs)."""
+        for grad, owner in zip(torch.autograd.grad(total, targets, allow_unused=True, retain_graph=retain_graph), owners):
+            if owner is not None and grad is not None:
+                owner.delta = grad
 
     def _grad_targets(self) -> Tuple[List[torch.Tensor], List[Optional[Call]]]:
         """What to differentiate: each call's output when it is unchanged (its gradient is the

@@ -33,6 +33,7 @@ def parse_layers(text: str) -> Union[str, int, List[str]]:
 
 AUGMENT_HELP = ("none | crop | flip | crop_flip: random shifts and/or mirrors of the training images while training "
                 "(influence always reads the plain images)")
+LR_SCHEDULE_HELP = "constant | cosine (per epoch, from --learning_rate towards 0)"
 
 
 def _add_run_flags(parser: argparse.ArgumentParser, batch_size: int, seed: int, trust: str) -> None:
@@ -60,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(t, "--pretrained", type=Path, help="local weights file to start from (nothing is downloaded)")
     _add(t, "--image_size", type=int, default=224)
     _add(t, "--augment", default="none", help=AUGMENT_HELP)
-    _add(t, "--lr_schedule", default="constant", help="constant | cosine (per epoch, from --learning_rate towards 0)")
+    _add(t, "--lr_schedule", default="constant", help=LR_SCHEDULE_HELP)
     _add(t, "--seed", type=int, default=0)
     _add(t, "--device", default="auto")
     _add(t, "--quiet", action="store_true", help="no progress bars")
@@ -173,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add(e, "--batch_size", type=int, default=32)
         _add(e, "--image_size", type=int, default=16)
         _add(e, "--augment", default="none", help=AUGMENT_HELP)
-        _add(e, "--lr_schedule", default="constant", help="constant | cosine (per epoch, from --learning_rate towards 0)")
+        _add(e, "--lr_schedule", default="constant", help=LR_SCHEDULE_HELP)
         _add(e, "--layers", type=parse_layers, default="last",
              help="layers of the self-influence ranking (mislabel also reports all layers, output_bias and last with K-FAC)")
         _add(e, "--precondition", choices=["none", "kfac"], default="none", help="preconditioning of that self-influence ranking")

@@ -60,6 +60,14 @@ class _TensorFields:
                       else getattr(first, f.name) for f in fields(first)})  # type: ignore[arg-type]
 
 
+def weight_gradients(A: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
+    """Per-example weight gradients ``sum_t D[b, j, t]^T A[b, j, t]``, [B, g, dd, da], from A [B, g, T, da]
+    and D [B, g, T, dd] (one outer product per example when T == 1)."""
+    if A.shape[2] == 1:
+        return D.transpose(2, 3) * A
+    return D.transpose(2, 3) @ A
+
+
 def _row_chunk(rows: int, per_row: int, max_elements: int) -> int:
     """How many rows fit in one chunk when each row costs ``per_row`` elements."""
     return max(1, min(rows, max_elements // max(per_row, 1)))
@@ -100,7 +108,7 @@ class GhostFactors(_TensorFields):
 
     def to_vector(self) -> torch.Tensor:
         """The per-example gradients themselves, [B, g * dd * (da + ones)] (materialised)."""
-        G = torch.einsum("bgti,bgto->bgoi", self.A, self.D)
+        G = weight_gradients(self.A, self.D)
         if self.ones:
             G = torch.cat([G, self.D.sum(2).unsqueeze(-1)], dim=-1)
         return G.reshape(G.shape[0], -1)

@@ -17,7 +17,7 @@ from torch import nn
 from ..device import cudnn_conv_uses_tf32
 from ..errors import UnsupportedModuleError
 from .base import Call, LayerHandler, zero_delta_like
-from .factors import Factors, GhostFactors, GradFactors
+from .factors import Factors, GhostFactors, GradFactors, weight_gradients
 
 
 UNFOLD_BYTES = 256 * 2**20  # unfolded patches per chunk of examples, materialised conv gradients off the CPU
@@ -118,10 +118,7 @@ class LinearHandler(_FactorLayer):
         return a, delta.reshape(x.shape[0], 1, -1, delta.shape[-1])
 
     def _weight_grad(self, call: Call) -> torch.Tensor:
-        a, d = self._ghost(call)
-        if a.shape[2] == 1:
-            return torch.einsum("bo,bi->boi", d[:, 0, 0], a[:, 0, 0]).unsqueeze(1)
-        return torch.bmm(d[:, 0].transpose(1, 2), a[:, 0]).unsqueeze(1)
+        return weight_gradients(*self._ghost(call))
 
     def _bias_grad(self, call: Call) -> torch.Tensor:
         delta = self._delta(call, call.args[0])
@@ -187,11 +184,7 @@ class ConvHandler(_FactorLayer):
         if not grouped:
             T, da, _ = self._shapes(call)
             step = max(1, UNFOLD_BYTES // max(1, T * da * g * x.element_size()))
-            pieces = []
-            for i in range(0, B, step):
-                a, d = self._unfolded(x[i:i + step], delta[i:i + step])
-                pieces.append(d.transpose(2, 3) @ a)
-            return torch.cat(pieces)
+            return torch.cat([weight_gradients(*self._unfolded(x[i:i + step], delta[i:i + step])) for i in range(0, B, step)])
         # Examples become groups of one convolution: input [1, B*Cin, ...], grad [1, B*Cout, ...].
         weight_grad = torch.nn.grad.conv1d_weight if isinstance(conv, nn.Conv1d) else torch.nn.grad.conv2d_weight
         w = weight_grad(
