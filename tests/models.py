@@ -102,3 +102,18 @@ def perturbed_checkpoints(model: nn.Module, lrs: List[float], seed: int = 0, sca
         ckpts.append(Checkpoint(state, learning_rate=lr, name=f"ckpt{i}"))
         raw.append((state, lr))
     return ckpts, raw
+
+
+class CountingDataset(torch.utils.data.Dataset):
+    """A map-style dataset (batched by a DataLoader, not by slicing, as image folders are) that
+    counts the examples read."""
+
+    def __init__(self, x, y):
+        self.x, self.y, self.reads = x, y, 0
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return self.x[i], self.y[i]

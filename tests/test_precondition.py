@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from models import DEVICE, CNN, MLP, perturbed_checkpoints
+from models import DEVICE, CNN, MLP, CountingDataset, perturbed_checkpoints
 from reference import kfac_reference_matrix, rel_err
 from tracin import TracIn
 from tracin.errors import TracInError
@@ -122,3 +122,22 @@ def test_a_layer_the_fit_never_reached_is_named():
     tr = TracIn(model, ckpts, layers=["a", "b"], device=DEVICE, batch_size=3, progress=False, precondition="kfac")
     with pytest.raises(TracInError, match="Layer 'a' never ran while K-FAC was fitted"):
         tr.influence_matrix(train, test)
+
+
+@pytest.mark.parametrize("budget, reads_per_example", [(None, 2), (1000, 4)])
+def test_fit_self_influence_and_stores_read_the_data_once(budget, reads_per_example, tmp_path):
+    """Two checkpoints: the fit reads the data once when both checkpoints' statistics fit in the budget
+    (else once more per checkpoint, after judging on the first group: 1 + 2), then self-influence and
+    a gradient store read it once each."""
+    model, layers, ckpts, raw, train, test = case("mlp")
+    want_self = kfac_reference_matrix(model, raw, layers, train, test, damping=0.1, self_only=True)
+    data = CountingDataset(*train)
+    tr = TracIn(model, ckpts, layers=layers, device=DEVICE, batch_size=8, progress=False, precondition="kfac",
+                memory_budget=budget)
+    assert rel_err(tr.self_influence(data), want_self) <= TOL
+    assert data.reads == reads_per_example * len(data)  # 21 small examples form one group
+    tr.save_train_gradients(data, tmp_path / "store")
+    assert data.reads == (reads_per_example + 1) * len(data)
+    saved = tr.influence_from_saved(tmp_path / "store", TensorDataset(*test), top_k=3)
+    want = kfac_reference_matrix(model, raw, layers, train, test, damping=0.1)
+    assert rel_err(saved.proponents.values, want.topk(3, dim=1).values) <= TOL

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from imagedata import make_image_folder
-from models import perturbed_checkpoints
+from models import CountingDataset, perturbed_checkpoints
 from test_exact import make_case
 from tracin import TracIn, TracInError
 from tracin.cli import main
@@ -79,27 +79,13 @@ def _interrupted(monkeypatch, run, after_tiles: int) -> None:
     monkeypatch.setattr(R.ResumeState, "tile_done", original)
 
 
-class _CountingSet(torch.utils.data.Dataset):
-    """A map-style dataset (batched by a DataLoader, not by slicing) that counts the examples read."""
-
-    def __init__(self, x, y):
-        self.x, self.y, self.reads = x, y, 0
-
-    def __len__(self):
-        return len(self.y)
-
-    def __getitem__(self, i):
-        self.reads += 1
-        return self.x[i], self.y[i]
-
-
 @pytest.mark.parametrize("kind, budget, after", [("tensors", 500, 4), ("map-style", 4_000, 1)])
 def test_api_resume_after_interruption(tmp_path, monkeypatch, kind, budget, after):
     """Same results after an interruption; a map-style training set is not read again up to where
     the interrupted run stopped (interrupted after one tile, inside the first test chunk)."""
     model, train, test = make_case("mlp", 30, 5)
     ckpts, _ = perturbed_checkpoints(model, [0.1, 0.2])
-    train, test = (TensorDataset if kind == "tensors" else _CountingSet)(*train), TensorDataset(*test)
+    train, test = (TensorDataset if kind == "tensors" else CountingDataset)(*train), TensorDataset(*test)
     tr = TracIn(model, ckpts, device="cpu", batch_size=3, memory_budget=budget, progress=False)
     clean = tr.influence(train, test, top_k=4, self_influence=True)
     reads_clean = getattr(train, "reads", 0)
@@ -126,7 +112,7 @@ def test_loader_from_yields_the_tail_of_the_batches():
 
     _, train, _ = make_case("mlp", 30, 5)
     # the tail of the original batches; an unaligned start is declined; tensor datasets keep their slicing
-    full = make_loader(_CountingSet(*train), 3, "training")
+    full = make_loader(CountingDataset(*train), 3, "training")
     tail = loader_from(full, 9)
     assert [b[1].tolist() for b in tail] == [b[1].tolist() for b in full][3:]
     assert loader_from(full, 10) is None

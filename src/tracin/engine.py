@@ -5,7 +5,9 @@ half the memory budget) the test factors are computed once per checkpoint and ke
 examples then stream past in tiles (sized from the rest of the budget). For each tile, every
 checkpoint is loaded once and applied to all of the tile's batches, and the tile's scores
 (summed over checkpoints, each weighted by its learning rate) are handed to the accumulators —
-so top-k lists are exact top-k of the checkpoint-summed TracIn score.
+so top-k lists are exact top-k of the checkpoint-summed TracIn score. Passes over the training
+data alone (self-influence, gradient stores, the K-FAC fit) also read it once: each group of raw
+batches sees every checkpoint in turn.
 """
 from __future__ import annotations
 
@@ -131,14 +133,15 @@ class Scheduler:
         return self.capture.factors(self.model, self.task, batch, what, first_index)
 
     def fit_preconditioner(self, train: DataLoader) -> None:
-        """Fit the K-FAC preconditioner on ``train`` at every checkpoint (one forward and backward pass each)."""
-        def raw_batches() -> Iterator[Tuple[int, FactorDict]]:
-            for first, batch in self._numbered(train):
-                yield self.task.batch_size(batch), self.capture.factors(
-                    self.model, self.task, self.task.to_device(batch, self.device), "training", first, raw=True)
+        """Fit the K-FAC preconditioner on ``train`` at every checkpoint (one forward and backward pass
+        each; the data read once when every checkpoint's statistics fit in a quarter of the budget)."""
+        def raw(numbered) -> Tuple[int, FactorDict]:
+            first, batch = numbered
+            return self.task.batch_size(batch), self.capture.factors(
+                self.model, self.task, self.task.to_device(batch, self.device), "training", first, raw=True)
 
-        self.preconditioner.fit(len(self.checkpoints), self._load, raw_batches, self.device, self.dtype,
-                                total=dataset_size(train), progress=self.progress)
+        self.preconditioner.fit(len(self.checkpoints), self._load, lambda: self._groups(train), raw, self.device,
+                                self.dtype, self.budget // 4, total=dataset_size(train), progress=self.progress)
 
     # -- kernels over blocks -----------------------------------------------------------------
     def _pair(self, test: FactorDict, train: FactorDict) -> Optional[torch.Tensor]:
@@ -214,13 +217,14 @@ class Scheduler:
 
         for first, batch in self._numbered(test):
             b = self.task.batch_size(batch)
-            if not chunk_examples:
+            new_chunk = not chunk_examples
+            if new_chunk:
                 chunk_examples = self._chunk_examples(batch)
-                finished = skip is not None and skip(start)
-            if first > start and first + b - start > chunk_examples:
+            elif first > start and first + b - start > chunk_examples:
                 yield close()
                 per_checkpoint = [[] for _ in self.checkpoints]
-                start, staged_bytes = first, 0
+                start, staged_bytes, new_chunk = first, 0, True
+            if new_chunk:
                 finished = skip is not None and skip(start)
             end = first + b
             if finished:
@@ -344,36 +348,32 @@ class Scheduler:
             return self._scored_parts(tile[:half], cache, m, with_self) + self._scored_parts(tile[half:], cache, m, with_self)
 
     def self_influence(self, train: DataLoader) -> torch.Tensor:
-        """TracIn(z, z) for every training example, [n_train]; checkpoints in the outer loop."""
+        """TracIn(z, z) for every training example, [n_train]; the data read once (:meth:`_at_checkpoints`)."""
         start = time.perf_counter()
         n_train = dataset_size(train)
         out = torch.zeros(n_train, device=self.device, dtype=self.dtype)
         bar = tqdm(total=n_train * len(self.checkpoints), desc="TracIn self-influence", unit="ex", disable=not self.progress, leave=False)
-        for c, ckpt in enumerate(self.checkpoints):
-            self._load(c)
-            for first, batch in self._numbered(train):
-                b = self.task.batch_size(batch)
-                factors = self._factors(self.task.to_device(batch, self.device), "training", first)
-                out[first:first + b].add_(self._self(factors, b), alpha=float(ckpt.learning_rate))  # type: ignore[arg-type]
-                bar.update(b)
+        for c, first, batch in self._at_checkpoints(train):
+            b = self.task.batch_size(batch)
+            factors = self._factors(self.task.to_device(batch, self.device), "training", first)
+            out[first:first + b].add_(self._self(factors, b), alpha=float(self.checkpoints[c].learning_rate))  # type: ignore[arg-type]
+            bar.update(b)
         bar.close()
         self.stats["seconds"] = time.perf_counter() - start
         return out
 
     def vectors(self, loader: DataLoader, what: str, write: Callable[[int, int, torch.Tensor], None]) -> int:
-        """Per-example gradient vectors (projected when a projector is set), checkpoints in the outer loop:
-        ``write(checkpoint index, first example index, vectors [B, D])``. Returns D."""
+        """Per-example gradient vectors (projected when a projector is set), the data read once
+        (:meth:`_at_checkpoints`): ``write(checkpoint index, first example index, vectors [B, D])``. Returns D."""
         dim = 0
         bar = tqdm(total=dataset_size(loader) * len(self.checkpoints), desc=f"{what} gradients", unit="ex",
                    disable=not self.progress, leave=False)
-        for c in range(len(self.checkpoints)):
-            self._load(c)
-            for first, batch in self._numbered(loader):
-                factors = self._factors(self.task.to_device(batch, self.device), what, first)
-                vec = torch.cat([f.to_vector() for f in factors.values() if f is not None], dim=1)
-                dim = vec.shape[1]
-                write(c, first, vec)
-                bar.update(self.task.batch_size(batch))
+        for c, first, batch in self._at_checkpoints(loader):
+            factors = self._factors(self.task.to_device(batch, self.device), what, first)
+            vec = torch.cat([f.to_vector() for f in factors.values() if f is not None], dim=1)
+            dim = vec.shape[1]
+            write(c, first, vec)
+            bar.update(self.task.batch_size(batch))
         bar.close()
         return dim
 
@@ -388,6 +388,30 @@ class Scheduler:
         for batch in loader:
             yield first, batch
             first += self.task.batch_size(batch)
+
+    def _groups(self, loader: DataLoader) -> Iterator[List[Tuple[int, object]]]:
+        """Consecutive raw batches (index of the first example, batch) in host-memory groups of about
+        ``STAGING_BYTES`` (at least one batch), so a pass over every checkpoint reads the data once."""
+        group: List[Tuple[int, object]] = []
+        size = 0
+        for first, batch in self._numbered(loader):
+            group.append((first, batch))
+            size += batch_bytes(batch)
+            if size > STAGING_BYTES:
+                yield group
+                group, size = [], 0
+        if group:
+            yield group
+
+    def _at_checkpoints(self, loader: DataLoader) -> Iterator[Tuple[int, int, object]]:
+        """(checkpoint index, index of the batch's first example, raw batch) for every batch at every
+        checkpoint, with that checkpoint loaded. Each group of raw batches (:meth:`_groups`) sees every
+        checkpoint in turn, so the data is read once and each checkpoint loaded once per group."""
+        for group in self._groups(loader):
+            for c in range(len(self.checkpoints)):
+                self._load(c)
+                for first, batch in group:
+                    yield c, first, batch
 
     def _tiles(self, train: DataLoader, m: int, cache_bytes: int, skip_until: int = 0):
         """Groups of consecutive train batches (moved to the device) sized from the budget, or from

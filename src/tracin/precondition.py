@@ -88,6 +88,9 @@ class CovarianceSums:
         dist.all_reduce(count)
         self.count = int(count.item())
 
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for pair in self.sums.values() for t in pair)
+
     def whiteners(self, damping: float, device: torch.device, dtype: torch.dtype) -> Whiteners:
         assert self.count > 0, "loaders refuse an empty training set before a fit starts"
         return {name: tuple(whitener(s / self.count, damping).to(device, dtype) for s in pair)  # type: ignore[misc]
@@ -129,27 +132,58 @@ class KFAC:
     def describe(self) -> Dict[str, object]:
         return {"precondition": "kfac", "damping": self.damping, "fisher": "empirical", "fit_examples": self.fit_examples}
 
-    def fit(self, checkpoints: int, load: Callable[[int], None], raw_batches: Callable[[], Iterator[Tuple[int, Dict]]],
-            device: torch.device, dtype: torch.dtype, total: int = 0, progress: bool = True) -> None:
-        """Fit the whiteners of every checkpoint: ``load(c)`` loads checkpoint c, ``raw_batches()`` yields
-        (batch size, {layer: (A, D, bias in scope) or None}) over the training data. Statistics are summed
-        in float64 (float32 on MPS) and over the ranks of an initialised process group."""
+    def fit(self, checkpoints: int, load: Callable[[int], None], groups: Callable[[], Iterator[Sequence[object]]],
+            raw: Callable[[object], Tuple[int, Dict]], device: torch.device, dtype: torch.dtype, budget_bytes: int,
+            total: int = 0, progress: bool = True) -> None:
+        """Fit the whiteners of every checkpoint. ``load(c)`` loads checkpoint c; ``groups()`` yields the
+        training data as groups of raw batches; ``raw(batch)`` gives (batch size, {layer: (A, D, bias in
+        scope) or None}) at the loaded checkpoint. Statistics are summed in float64 (float32 on MPS) and
+        over the ranks of an initialised process group.
+
+        The data is read once, each group seeing every checkpoint, when the statistics of all
+        checkpoints fit in ``budget_bytes`` together (judged after the first group at checkpoint 0);
+        otherwise it is read once per checkpoint, holding one checkpoint's statistics at a time."""
         stats_dtype = torch.float32 if device.type == "mps" else torch.float64
         bar = tqdm(total=total * checkpoints, desc="K-FAC fit", unit="example", disable=not progress, leave=False)
+        sums = [CovarianceSums(stats_dtype) for _ in range(checkpoints)]
+
+        def add(c: int, batch: object) -> None:
+            size, factors = raw(batch)
+            for name, pair in factors.items():
+                if pair is not None:
+                    sums[c].add(name, *pair)
+            sums[c].count += size
+            bar.update(size)
+
+        together = True
+        for group in groups():
+            for c in range(checkpoints):
+                load(c)
+                for batch in group:
+                    add(c, batch)
+                if c == 0 and checkpoints * sums[0].nbytes() > budget_bytes:
+                    together = False
+                    break
+            if not together:
+                break
         fitted = []
-        for c in range(checkpoints):
-            load(c)
-            sums = CovarianceSums(stats_dtype)
-            for size, raw in raw_batches():
-                for name, factors in raw.items():
-                    if factors is not None:
-                        sums.add(name, *factors)
-                sums.count += size
-                bar.update(size)
-            sums.all_reduce()
-            fitted.append(sums.whiteners(self.damping, device, dtype))
-            self.fit_examples = sums.count
+        if together:
+            for c in range(checkpoints):
+                sums[c].all_reduce()
+                fitted.append(sums[c].whiteners(self.damping, device, dtype))
+        else:
+            bar.reset()
+            for c in range(checkpoints):
+                sums[c] = CovarianceSums(stats_dtype)
+                load(c)
+                for group in groups():
+                    for batch in group:
+                        add(c, batch)
+                sums[c].all_reduce()
+                fitted.append(sums[c].whiteners(self.damping, device, dtype))
+                sums[c].sums.clear()
         bar.close()
+        self.fit_examples = sums[-1].count
         self.per_checkpoint = fitted
 
     def select(self, checkpoint: int) -> None:
