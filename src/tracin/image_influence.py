@@ -5,6 +5,7 @@ import hashlib
 import platform
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -67,11 +68,15 @@ class InfluenceJob:
 
 
 def _subset(n: int, size: Optional[int], seed: int, what: str) -> np.ndarray:
-    """Sorted indices of a seeded random subset of ``size`` examples (all when None)."""
-    if size is None or size >= n:
-        return np.arange(n)
-    if size < 1:
+    """Sorted indices of a seeded random subset of ``size`` examples (all when None, or with a
+    warning when ``size`` is not smaller than the split's ``n`` images)."""
+    if size is not None and size < 1:
         raise TracInError(f"--{what}_subset must be at least 1, got {size}.")
+    if size is None or size >= n:
+        if size is not None:
+            warnings.warn(f"--{what}_subset {size} is not smaller than the {n} {what} images; scoring all of them.",
+                          stacklevel=2)
+        return np.arange(n)
     rng = np.random.default_rng(seed)
     return np.sort(rng.choice(n, size=size, replace=False))
 
