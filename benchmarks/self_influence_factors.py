@@ -1,33 +1,71 @@
-"""Why last-layer self-influence trails the loss on some data: split it into its two factors.
+"""Why last-layer self-influence trails the loss on some data, and what other scores computed from
+the same checkpoints do: closed forms over the output layer, on a finished ``tracin evaluate
+mislabel`` run.
 
 For a Linear output layer with bias, an example's gradient at checkpoint c is (p_c - y) (x) [a_c, 1],
 so its last-layer self-influence is  sum_c lr_c * (|a_c|^2 + 1) * |p_c - y|^2 : an *error factor*
 |p - y|^2 (the output-bias self-influence, ``layers="output_bias"``) times a *feature factor*
-|a|^2 + 1 (a = the output layer's input). This script ranks the training images of a
-``tracin evaluate mislabel`` run by each factor alone and prints their ROC AUC for finding the
-flipped labels, per seed, next to the whole last-layer score and the summed loss:
+|a|^2 + 1 (a = the output layer's input). By default this script ranks the training images by each
+factor alone and prints their ROC AUC for finding the flipped labels, per seed, next to the whole
+last-layer score and the summed loss:
 
     tracin evaluate mislabel --data shapes --image_size 24 --noise_rate 0.1 --seeds 0 1 2 --output_dir O
     python benchmarks/self_influence_factors.py --work_dir O/work
 
 A feature-factor AUC below 0.5 means flipped images have *smaller* features than clean ones, so
 multiplying by it pulls them down the ranking.
+
+With ``--sweep`` it scores every variant in ``VARIANTS`` (K-FAC on either side of the Kronecker
+product or both, the true Fisher, equal checkpoint weights, the loss, a first-order leave-one-out
+loss) and compares each with the cleanlab baseline of the same run (read from its
+mislabel_per_seed.csv): mean ROC AUC, worst seed, recall at 15% inspected, seeds at least as good.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Dict, Tuple
 
 import numpy as np
 import torch
 
-from tracin.evaluation.common import roc_auc
+from tracin.evaluation.common import recall_at, roc_auc
 from tracin.image_influence import image_setup, label_losses
+from tracin.precondition import whitener
 
 
-def factors(run: Path):
-    """(is_flipped [n], {score name: [n]}) for one noisy copy with its checkpoints."""
+@dataclass
+class HeadPasses:
+    """The output layer at every checkpoint of one noisy copy: inputs a [C, n, da], class
+    probabilities p [C, n, K], given labels y [n], learning rates lr [C] and, per checkpoint, the
+    epochs since the last one [C]; the mean batch size of training; which labels were flipped [n]."""
+
+    a: torch.Tensor
+    p: torch.Tensor
+    y: torch.Tensor
+    lr: np.ndarray
+    epochs: np.ndarray
+    batch_size: float
+    is_flipped: np.ndarray
+
+    @property
+    def error(self) -> torch.Tensor:
+        """p - onehot(y) [C, n, K]: the output-gradient of the cross-entropy."""
+        return self.p - torch.nn.functional.one_hot(self.y, self.p.shape[-1]).double()
+
+    def summed(self, per_checkpoint: Callable[[int], torch.Tensor], weights=None) -> np.ndarray:
+        """sum_c w_c * per_checkpoint(c) [n], with w the learning rates unless given."""
+        w = self.lr if weights is None else weights
+        return sum(float(w[c]) * per_checkpoint(c) for c in range(len(w))).numpy()
+
+    def losses(self, c: int) -> np.ndarray:
+        return label_losses(self.p[c], self.y.tolist())
+
+
+def head_passes(run: Path) -> HeadPasses:
+    """One forward pass over the training images per checkpoint, capturing the output layer's inputs."""
     setup = image_setup(run, run / "checkpoints")
     flipped = {Path(r["file"]).name for r in csv.DictReader(open(run / "injected_noise.csv"))}
     is_flipped = np.array([p.name in flipped for p in setup.train_split.paths])
@@ -35,35 +73,103 @@ def factors(run: Path):
     head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
     captured = []
     head.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0].detach().double()))
-    labels = torch.tensor(setup.train_split.labels)
-    error = feature = whole = loss = 0.0
-    for ck in setup.checkpoints:  # one pass per checkpoint gives the head's inputs and the probabilities
+    A, P = [], []
+    for ck in setup.checkpoints:
         model.load_state_dict(ck.state_dict())
         captured.clear()
         with torch.no_grad():
-            probs = torch.cat([model(x).softmax(-1) for x, _ in torch.utils.data.DataLoader(setup.train, batch_size=256)])
-        a = torch.cat(captured)
-        e = (probs.double() - torch.nn.functional.one_hot(labels, probs.shape[1]).double()).pow(2).sum(1)
-        f = a.pow(2).sum(1) + 1
-        lr = float(ck.learning_rate)
-        error, feature, whole = error + lr * e, feature + lr * f, whole + lr * e * f
-        loss = loss + label_losses(probs, setup.train_split.labels)
-    return is_flipped, {"last layer (whole)": whole.numpy(), "error factor (output bias)": error.numpy(),
-                        "feature factor": feature.numpy(), "summed loss": loss}
+            P.append(torch.cat([model(x).softmax(-1).double() for x, _ in torch.utils.data.DataLoader(setup.train, batch_size=256)]))
+        A.append(torch.cat(captured))
+    epochs = np.diff([0] + [int(ck.epoch or 0) for ck in setup.checkpoints])
+    last = setup.checkpoints[-1]
+    batch_size = len(is_flipped) * int(last.epoch or 1) / max(1, int(last.step or 1))
+    return HeadPasses(torch.stack(A), torch.stack(P), torch.tensor(setup.train_split.labels),
+                      np.array([float(ck.learning_rate) for ck in setup.checkpoints]), epochs, batch_size, is_flipped)
+
+
+def factor_scores(h: HeadPasses) -> Dict[str, np.ndarray]:
+    e = h.error.pow(2).sum(-1)
+    f = h.a.pow(2).sum(-1) + 1
+    return {"last layer (whole)": h.summed(lambda c: e[c] * f[c]), "error factor (output bias)": h.summed(lambda c: e[c]),
+            "feature factor": h.summed(lambda c: f[c]), "summed loss": sum(h.losses(c) for c in range(len(h.lr)))}
+
+
+def _quadratic(x: torch.Tensor, S: torch.Tensor, damping: float = 0.1) -> torch.Tensor:
+    """x_i^T (S + l I)^-1 x_i for each row of x [n, d], with the library's damping (tracin.precondition)."""
+    W = whitener(S.unsqueeze(0), damping)[0]
+    return (x @ W).pow(2).sum(-1)
+
+
+def sweep_scores(h: HeadPasses) -> Dict[str, np.ndarray]:
+    """Every variant, [n] each, higher = more suspect."""
+    D = h.error
+    A1 = torch.cat([h.a, torch.ones_like(h.a[..., :1])], -1)
+    n = D.shape[1]
+    err, feat = D.pow(2).sum(-1), A1.pow(2).sum(-1)
+    lev = torch.stack([_quadratic(A1[c], A1[c].T @ A1[c] / n) for c in range(len(h.lr))])
+    mah = torch.stack([_quadratic(D[c], D[c].T @ D[c] / n) for c in range(len(h.lr))])
+    true_fisher = [torch.diag(h.p[c].mean(0)) - h.p[c].T @ h.p[c] / n for c in range(len(h.lr))]
+    mah_true = torch.stack([_quadratic(D[c], true_fisher[c]) for c in range(len(h.lr))])
+    last_layer = h.summed(lambda c: err[c] * feat[c])
+    final_loss = h.losses(len(h.lr) - 1)
+    return {
+        "last layer": last_layer,
+        "output bias": h.summed(lambda c: err[c]),
+        "last layer, K-FAC": h.summed(lambda c: lev[c] * mah[c]),
+        "last layer, K-FAC on inputs only": h.summed(lambda c: lev[c] * err[c]),
+        "last layer, K-FAC on output-gradients only": h.summed(lambda c: feat[c] * mah[c]),
+        "output bias, K-FAC": h.summed(lambda c: mah[c]),
+        "last layer, K-FAC with the true Fisher": h.summed(lambda c: lev[c] * mah_true[c]),
+        "output bias, equal checkpoint weights": h.summed(lambda c: err[c], weights=np.ones(len(h.lr))),
+        "summed loss": sum(h.losses(c) for c in range(len(h.lr))),
+        "final loss": final_loss,
+        # first order: each epoch's step on z lowered its own loss by lr / B * |g|^2
+        "final loss + last-layer self-influence x epochs / B": final_loss + h.summed(
+            lambda c: err[c] * feat[c], weights=h.lr * h.epochs / h.batch_size),
+    }
+
+
+def cleanlab_per_seed(work_dir: Path) -> Dict[int, Tuple[float, float]]:
+    """seed -> (ROC AUC, recall at 15%) of the run's cleanlab baseline."""
+    path = work_dir.parent / "mislabel_per_seed.csv"
+    if not path.is_file():
+        raise SystemExit(f"{path} is missing; --sweep compares with the cleanlab rows of the run that made {work_dir}.")
+    return {int(r["seed"]): (float(r["roc_auc"]), float(r["recall@15%"])) for r in csv.DictReader(open(path)) if r["method"].startswith("cleanlab")}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work_dir", type=Path, required=True, help="the work/ folder of a tracin evaluate mislabel run")
+    p.add_argument("--sweep", action="store_true", help="score every variant and compare with the run's cleanlab rows")
     args = p.parse_args()
-    runs = sorted(args.work_dir.glob("noisy_seed*"))
+    runs = sorted(args.work_dir.glob("noisy_seed*"), key=lambda d: int(d.name.removeprefix("noisy_seed")))
     if not runs:
         raise SystemExit(f"{args.work_dir} has no noisy_seed* folders; pass the work/ folder of a 'tracin evaluate mislabel' run.")
-    print("| seed | " + " | ".join(["last layer (whole)", "error factor (output bias)", "feature factor", "summed loss"]) + " |")
-    print("|---|---|---|---|---|")
+    if not args.sweep:
+        print("| seed | " + " | ".join(["last layer (whole)", "error factor (output bias)", "feature factor", "summed loss"]) + " |")
+        print("|---|---|---|---|---|")
+        for run in runs:
+            h = head_passes(run)
+            print(f"| {run.name.removeprefix('noisy_seed')} | "
+                  + " | ".join(f"{roc_auc(s, h.is_flipped):.4f}" for s in factor_scores(h).values()) + " |")
+        return
+    cleanlab = cleanlab_per_seed(args.work_dir)
+    auc: Dict[str, list] = {}
+    recall: Dict[str, list] = {}
+    seeds = []
     for run in runs:
-        is_flipped, scores = factors(run)
-        print(f"| {run.name.removeprefix('noisy_seed')} | " + " | ".join(f"{roc_auc(s, is_flipped):.4f}" for s in scores.values()) + " |")
+        seeds.append(int(run.name.removeprefix("noisy_seed")))
+        h = head_passes(run)
+        for name, s in sweep_scores(h).items():
+            auc.setdefault(name, []).append(roc_auc(s, h.is_flipped))
+            recall.setdefault(name, []).append(recall_at(s, h.is_flipped, (0.15,))["15%"])
+    base = np.array([cleanlab[s][0] for s in seeds])
+    print(f"cleanlab (cross-validated): ROC AUC {base.mean():.4f} (worst seed {base.min():.4f}), "
+          f"recall at 15% {np.mean([cleanlab[s][1] for s in seeds]):.3f}")
+    print("| score | ROC AUC (worst seed) | recall at 15% | seeds >= cleanlab |\n|---|---|---|---|")
+    for name in auc:
+        a = np.array(auc[name])
+        print(f"| {name} | {a.mean():.4f} ({a.min():.4f}) | {np.mean(recall[name]):.3f} | {int((a >= base).sum())} of {len(a)} |")
 
 
 if __name__ == "__main__":
