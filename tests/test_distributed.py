@@ -69,3 +69,58 @@ def test_torchrun_two_processes_match_one(tmp_path, flags):
     assert manifest["world_size"] == 2
     if kfac:
         assert manifest["precondition"]["fit_examples"] == 24  # both shards' images: the sums were all-reduced
+
+
+BRANCHY = '''
+import os, sys
+import numpy as np, torch
+from torch import nn
+from torch.utils.data import TensorDataset
+from tracin import Checkpoint, TracIn
+
+
+class Branchy(nn.Module):
+    """Batches whose first feature is positive on average go through head a, the others through head b."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.body(x))
+        return self.a(h) if bool(x[:, 0].mean() > 0) else self.b(h)
+
+
+if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    torch.distributed.init_process_group("gloo")
+g = torch.Generator().manual_seed(0)
+torch.manual_seed(0)
+model = Branchy()
+x = torch.randn(16, 4, generator=g)
+x[:8, 0], x[8:, 0] = 3.0, -3.0  # with two ranks, rank 0's shard reaches only head a, rank 1's only head b
+y = torch.randint(0, 3, (16,), generator=g)
+ckpts = [Checkpoint({k: v + 0.1 * i * torch.randn(v.shape, generator=g) for k, v in model.state_dict().items()},
+                    learning_rate=0.1) for i in range(2)]
+tr = TracIn(model, ckpts, layers=["body", "a", "b"], precondition="kfac", device="cpu", batch_size=4, progress=False)
+scores = tr.self_influence(TensorDataset(x, y))
+if int(os.environ.get("RANK", "0")) == 0:
+    np.save(sys.argv[1], scores.numpy())
+    print("fit examples", tr.preconditioner.fit_examples)
+'''
+
+
+def test_torchrun_kfac_fit_with_a_layer_only_some_ranks_reach(tmp_path):
+    """A data-dependent branch: each rank's shard reaches a different output head during the K-FAC fit.
+    The ranks agree on the union of layers before reducing (a rank adds zeros for a head it never
+    ran), so two processes give one process's scores; reducing each rank's own layers in name order
+    summed head a's statistics into head b's."""
+    script = tmp_path / "branchy.py"
+    script.write_text(BRANCHY)
+    one = subprocess.run([sys.executable, str(script), str(tmp_path / "one.npy")], capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+                          str(tmp_path / "two.npy")], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "GLOO_SOCKET_IFNAME": "lo"})
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-8000:]
+    assert "fit examples 16" in one.stdout and "fit examples 16" in two.stdout
+    assert np.allclose(np.load(tmp_path / "one.npy"), np.load(tmp_path / "two.npy"), rtol=1e-5, atol=0)

@@ -59,8 +59,9 @@ def with_ones(A: torch.Tensor, ones: bool) -> torch.Tensor:
 class CovarianceSums:
     """Running sums of the two Kronecker factors per layer over the examples of a fit pass."""
 
-    def __init__(self, dtype: torch.dtype):
+    def __init__(self, dtype: torch.dtype, device: torch.device):
         self.dtype = dtype
+        self.device = device
         self.sums: Dict[str, List[torch.Tensor]] = {}
         self.count = 0
 
@@ -76,15 +77,22 @@ class CovarianceSums:
             self.sums[name] = [s_in, s_out]
 
     def all_reduce(self) -> None:
-        """Sum the statistics over the ranks of an initialised process group (each saw its shard)."""
+        """Sum the statistics over the ranks of an initialised process group (each saw its shard).
+        The ranks first agree on the layers: one whose shard never reached a layer (a data-dependent
+        branch) adds zeros for it, so every rank reduces the same tensors in the same order."""
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
             return
-        for name in sorted(self.sums):
+        shapes: List[Dict[str, List[Tuple[int, ...]]]] = [{} for _ in range(dist.get_world_size())]
+        dist.all_gather_object(shapes, {name: [tuple(t.shape) for t in pair] for name, pair in self.sums.items()})
+        union = {name: pair for rank_shapes in shapes for name, pair in rank_shapes.items()}
+        for name in sorted(union):
+            if name not in self.sums:
+                self.sums[name] = [torch.zeros(shape, dtype=self.dtype, device=self.device) for shape in union[name]]
             for s in self.sums[name]:
                 dist.all_reduce(s)
-        count = torch.tensor([self.count], dtype=torch.float64, device=next(iter(self.sums.values()))[0].device)
+        count = torch.tensor([self.count], dtype=torch.float64, device=self.device)
         dist.all_reduce(count)
         self.count = int(count.item())
 
@@ -145,7 +153,7 @@ class KFAC:
         otherwise it is read once per checkpoint, holding one checkpoint's statistics at a time."""
         stats_dtype = torch.float32 if device.type == "mps" else torch.float64
         bar = tqdm(total=total * checkpoints, desc="K-FAC fit", unit="example", disable=not progress, leave=False)
-        sums = [CovarianceSums(stats_dtype) for _ in range(checkpoints)]
+        sums = [CovarianceSums(stats_dtype, device) for _ in range(checkpoints)]
 
         def add(c: int, batch: object) -> None:
             size, factors = raw(batch)
@@ -174,7 +182,7 @@ class KFAC:
         else:
             bar.reset()
             for c in range(checkpoints):
-                sums[c] = CovarianceSums(stats_dtype)
+                sums[c] = CovarianceSums(stats_dtype, device)
                 load(c)
                 for group in groups():
                     for batch in group:
