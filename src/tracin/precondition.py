@@ -149,7 +149,8 @@ class KFAC:
         over the ranks of an initialised process group.
 
         The data is read once, each group seeing every checkpoint, when the statistics of all
-        checkpoints fit in ``budget_bytes`` together (judged after the first group at checkpoint 0);
+        checkpoints fit in ``budget_bytes`` together (checked after each group at checkpoint 0, as a
+        data-dependent branch can add layers);
         otherwise it is read once per checkpoint, holding one checkpoint's statistics at a time."""
         stats_dtype = torch.float32 if device.type == "mps" else torch.float64
         bar = tqdm(total=total * checkpoints, desc="K-FAC fit", unit="example", disable=not progress, leave=False)
