@@ -135,12 +135,15 @@ class Scheduler:
     def fit_preconditioner(self, train: DataLoader) -> None:
         """Fit the K-FAC preconditioner on ``train`` at every checkpoint (one forward and backward pass
         each; the data read once when every checkpoint's statistics fit in a quarter of the budget)."""
-        def raw(numbered) -> Tuple[int, FactorDict]:
-            first, batch = numbered
+        def raw(first: int, batch) -> Tuple[int, FactorDict]:
             return self.task.batch_size(batch), self.capture.factors(
                 self.model, self.task, self.task.to_device(batch, self.device), "training", first, raw=True)
 
-        self.preconditioner.fit(len(self.checkpoints), self._load, lambda: self._groups(train), raw, self.device,
+        def one(c: int) -> Iterator[Tuple[int, object]]:
+            self._load(c)
+            return self._numbered(train)
+
+        self.preconditioner.fit(len(self.checkpoints), lambda: self._at_checkpoints(train), one, raw, self.device,
                                 self.dtype, self.budget // 4, total=dataset_size(train), progress=self.progress)
 
     # -- kernels over blocks -----------------------------------------------------------------

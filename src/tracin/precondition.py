@@ -100,6 +100,8 @@ class CovarianceSums:
         return sum(t.numel() * t.element_size() for pair in self.sums.values() for t in pair)
 
     def whiteners(self, damping: float, device: torch.device, dtype: torch.dtype) -> Whiteners:
+        """The whiteners of each layer's factors, from the statistics summed over every rank."""
+        self.all_reduce()
         assert self.count > 0, "loaders refuse an empty training set before a fit starts"
         return {name: tuple(whitener(s / self.count, damping).to(device, dtype) for s in pair)  # type: ignore[misc]
                 for name, pair in self.sums.items()}
@@ -140,55 +142,47 @@ class KFAC:
     def describe(self) -> Dict[str, object]:
         return {"precondition": "kfac", "damping": self.damping, "fisher": "empirical", "fit_examples": self.fit_examples}
 
-    def fit(self, checkpoints: int, load: Callable[[int], None], groups: Callable[[], Iterator[Sequence[object]]],
-            raw: Callable[[object], Tuple[int, Dict]], device: torch.device, dtype: torch.dtype, budget_bytes: int,
-            total: int = 0, progress: bool = True) -> None:
-        """Fit the whiteners of every checkpoint. ``load(c)`` loads checkpoint c; ``groups()`` yields the
-        training data as groups of raw batches; ``raw(batch)`` gives (batch size, {layer: (A, D, bias in
+    def fit(self, checkpoints: int, together: Callable[[], Iterator[Tuple[int, int, object]]],
+            one: Callable[[int], Iterator[Tuple[int, object]]], raw: Callable[[int, object], Tuple[int, Dict]],
+            device: torch.device, dtype: torch.dtype, budget_bytes: int, total: int = 0, progress: bool = True) -> None:
+        """Fit the whiteners of every checkpoint. ``together()`` yields (checkpoint index, first example
+        index, raw batch) over the training data with that checkpoint loaded, reading the data once
+        (each group of batches at every checkpoint in turn); ``one(c)`` loads checkpoint c and yields
+        (first example index, raw batch); ``raw(first, batch)`` gives (batch size, {layer: (A, D, bias in
         scope) or None}) at the loaded checkpoint. Statistics are summed in float64 (float32 on MPS) and
         over the ranks of an initialised process group.
 
-        The data is read once, each group seeing every checkpoint, when the statistics of all
-        checkpoints fit in ``budget_bytes`` together (checked after each group at checkpoint 0, as a
-        data-dependent branch can add layers);
-        otherwise it is read once per checkpoint, holding one checkpoint's statistics at a time."""
+        ``together()`` is used while the statistics of all checkpoints fit in ``budget_bytes`` together
+        (checked as each group moves on from checkpoint 0, as a data-dependent branch can add layers);
+        otherwise the data is read once per checkpoint with ``one(c)``, holding one checkpoint's
+        statistics at a time."""
         stats_dtype = torch.float32 if device.type == "mps" else torch.float64
         bar = tqdm(total=total * checkpoints, desc="K-FAC fit", unit="example", disable=not progress, leave=False)
         sums = [CovarianceSums(stats_dtype, device) for _ in range(checkpoints)]
 
-        def add(c: int, batch: object) -> None:
-            size, factors = raw(batch)
+        def add(c: int, first: int, batch: object) -> None:
+            size, factors = raw(first, batch)
             for name, pair in factors.items():
                 if pair is not None:
                     sums[c].add(name, *pair)
             sums[c].count += size
             bar.update(size)
 
-        together = True
-        for group in groups():
-            for c in range(checkpoints):
-                load(c)
-                for batch in group:
-                    add(c, batch)
-                if c == 0 and checkpoints * sums[0].nbytes() > budget_bytes:
-                    together = False
-                    break
-            if not together:
+        fits = True
+        for c, first, batch in together():
+            if c == 1 and checkpoints * sums[0].nbytes() > budget_bytes:
+                fits = False
                 break
-        fitted = []
-        if together:
-            for c in range(checkpoints):
-                sums[c].all_reduce()
-                fitted.append(sums[c].whiteners(self.damping, device, dtype))
+            add(c, first, batch)
+        if fits:
+            fitted = [s.whiteners(self.damping, device, dtype) for s in sums]
         else:
             bar.reset()
+            fitted = []
             for c in range(checkpoints):
                 sums[c] = CovarianceSums(stats_dtype, device)
-                load(c)
-                for group in groups():
-                    for batch in group:
-                        add(c, batch)
-                sums[c].all_reduce()
+                for first, batch in one(c):
+                    add(c, first, batch)
                 fitted.append(sums[c].whiteners(self.damping, device, dtype))
                 sums[c].sums.clear()
         bar.close()
