@@ -106,6 +106,9 @@ scores = tr.self_influence(TensorDataset(x, y))
 if int(os.environ.get("RANK", "0")) == 0:
     np.save(sys.argv[1], scores.numpy())
     print("fit examples", tr.preconditioner.fit_examples)
+if torch.distributed.is_initialized():  # leave together, as the CLI does: a rank exiting alone can abort in gloo
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 '''
 
 
