@@ -26,13 +26,13 @@ import argparse
 import csv
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Tuple
+from typing import Dict, Tuple
 
 import numpy as np
 import torch
 
 from tracin.evaluation.common import recall_at, roc_auc
-from tracin.image_influence import image_setup, label_losses
+from tracin.image_influence import checkpoint_probabilities, image_setup, label_losses
 from tracin.precondition import whitener
 
 
@@ -55,13 +55,26 @@ class HeadPasses:
         """p - onehot(y) [C, n, K]: the output-gradient of the cross-entropy."""
         return self.p - torch.nn.functional.one_hot(self.y, self.p.shape[-1]).double()
 
-    def summed(self, per_checkpoint: Callable[[int], torch.Tensor], weights=None) -> np.ndarray:
-        """sum_c w_c * per_checkpoint(c) [n], with w the learning rates unless given."""
-        w = self.lr if weights is None else weights
-        return sum(float(w[c]) * per_checkpoint(c) for c in range(len(w))).numpy()
+    @property
+    def error_factor(self) -> torch.Tensor:
+        """|p - y|^2 [C, n]."""
+        return self.error.pow(2).sum(-1)
+
+    @property
+    def feature_factor(self) -> torch.Tensor:
+        """|a|^2 + 1 [C, n]."""
+        return self.a.pow(2).sum(-1) + 1
+
+    def summed(self, per_checkpoint: torch.Tensor, weights=None) -> np.ndarray:
+        """sum_c w_c * per_checkpoint[c] [n] from [C, n], with w the learning rates unless given."""
+        w = torch.as_tensor(self.lr if weights is None else weights, dtype=per_checkpoint.dtype)
+        return (w[:, None] * per_checkpoint).sum(0).numpy()
 
     def losses(self, c: int) -> np.ndarray:
         return label_losses(self.p[c], self.y.tolist())
+
+    def summed_loss(self) -> np.ndarray:
+        return sum(self.losses(c) for c in range(len(self.lr)))
 
 
 def head_passes(run: Path) -> HeadPasses:
@@ -74,12 +87,10 @@ def head_passes(run: Path) -> HeadPasses:
     captured = []
     head.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0].detach().double()))
     A, P = [], []
-    for ck in setup.checkpoints:
-        model.load_state_dict(ck.state_dict())
-        captured.clear()
-        with torch.no_grad():
-            P.append(torch.cat([model(x).softmax(-1).double() for x, _ in torch.utils.data.DataLoader(setup.train, batch_size=256)]))
+    for probs in checkpoint_probabilities(model, setup.checkpoints, setup.train, torch.device("cpu"), 256):
+        P.append(probs.double())
         A.append(torch.cat(captured))
+        captured.clear()
     epochs = np.diff([0] + [int(ck.epoch or 0) for ck in setup.checkpoints])
     last = setup.checkpoints[-1]
     batch_size = len(is_flipped) * int(last.epoch or 1) / max(1, int(last.step or 1))
@@ -88,10 +99,9 @@ def head_passes(run: Path) -> HeadPasses:
 
 
 def factor_scores(h: HeadPasses) -> Dict[str, np.ndarray]:
-    e = h.error.pow(2).sum(-1)
-    f = h.a.pow(2).sum(-1) + 1
-    return {"last layer (whole)": h.summed(lambda c: e[c] * f[c]), "error factor (output bias)": h.summed(lambda c: e[c]),
-            "feature factor": h.summed(lambda c: f[c]), "summed loss": sum(h.losses(c) for c in range(len(h.lr)))}
+    e, f = h.error_factor, h.feature_factor
+    return {"last layer (whole)": h.summed(e * f), "error factor (output bias)": h.summed(e),
+            "feature factor": h.summed(f), "summed loss": h.summed_loss()}
 
 
 def _quadratic(x: torch.Tensor, S: torch.Tensor, damping: float = 0.1) -> torch.Tensor:
@@ -105,27 +115,26 @@ def sweep_scores(h: HeadPasses) -> Dict[str, np.ndarray]:
     D = h.error
     A1 = torch.cat([h.a, torch.ones_like(h.a[..., :1])], -1)
     n = D.shape[1]
-    err, feat = D.pow(2).sum(-1), A1.pow(2).sum(-1)
+    err, feat = h.error_factor, h.feature_factor
     lev = torch.stack([_quadratic(A1[c], A1[c].T @ A1[c] / n) for c in range(len(h.lr))])
     mah = torch.stack([_quadratic(D[c], D[c].T @ D[c] / n) for c in range(len(h.lr))])
     true_fisher = [torch.diag(h.p[c].mean(0)) - h.p[c].T @ h.p[c] / n for c in range(len(h.lr))]
     mah_true = torch.stack([_quadratic(D[c], true_fisher[c]) for c in range(len(h.lr))])
-    last_layer = h.summed(lambda c: err[c] * feat[c])
     final_loss = h.losses(len(h.lr) - 1)
     return {
-        "last layer": last_layer,
-        "output bias": h.summed(lambda c: err[c]),
-        "last layer, K-FAC": h.summed(lambda c: lev[c] * mah[c]),
-        "last layer, K-FAC on inputs only": h.summed(lambda c: lev[c] * err[c]),
-        "last layer, K-FAC on output-gradients only": h.summed(lambda c: feat[c] * mah[c]),
-        "output bias, K-FAC": h.summed(lambda c: mah[c]),
-        "last layer, K-FAC with the true Fisher": h.summed(lambda c: lev[c] * mah_true[c]),
-        "output bias, equal checkpoint weights": h.summed(lambda c: err[c], weights=np.ones(len(h.lr))),
-        "summed loss": sum(h.losses(c) for c in range(len(h.lr))),
+        "last layer": h.summed(err * feat),
+        "output bias": h.summed(err),
+        "last layer, K-FAC": h.summed(lev * mah),
+        "last layer, K-FAC on inputs only": h.summed(lev * err),
+        "last layer, K-FAC on output-gradients only": h.summed(feat * mah),
+        "output bias, K-FAC": h.summed(mah),
+        "last layer, K-FAC with the true Fisher": h.summed(lev * mah_true),
+        "output bias, equal checkpoint weights": h.summed(err, weights=np.ones(len(h.lr))),
+        "summed loss": h.summed_loss(),
         "final loss": final_loss,
         # first order: each epoch's step on z lowered its own loss by lr / B * |g|^2
         "final loss + last-layer self-influence x epochs / B": final_loss + h.summed(
-            lambda c: err[c] * feat[c], weights=h.lr * h.epochs / h.batch_size),
+            err * feat, weights=h.lr * h.epochs / h.batch_size),
     }
 
 
