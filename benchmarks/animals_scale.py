@@ -48,7 +48,7 @@ def generate(root: Path, n_train: int, n_test: int, classes: int, size: int, wor
 
 def make_checkpoints(folder: Path, arch: str, classes: int, size: int, count: int) -> None:
     from tracin import save_checkpoint
-    from tracin.vision import build_model
+    from tracin.workflows.image.models import build_model
 
     torch.manual_seed(0)
     model = build_model(arch, classes)
@@ -74,8 +74,9 @@ def main() -> None:
     p.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1))
     p.add_argument("--device", default="auto")
     args = p.parse_args()
-    from tracin.cli import parse_layers
-    from tracin.image_influence import InfluenceJob, run_influence
+    from tracin.workflows.cli import parse_layers
+    from tracin.config import ScoringConfig
+    from tracin.workflows.image.influence import InfluenceJob, run_influence
 
     n_train, n_test = max(args.top_k, int(20893 * args.scale)), max(10, int(5224 * args.scale))
     data, ckpts, out = args.workdir / "data", args.workdir / "checkpoints", args.workdir / "results"
@@ -85,8 +86,9 @@ def main() -> None:
     if not ckpts.is_dir():
         make_checkpoints(ckpts, args.arch, 10, args.image_size, args.checkpoints)
     t_gen = time.perf_counter() - t0
-    job = InfluenceJob(data, ckpts, out, top_k=args.top_k, batch_size=args.batch_size, layers=parse_layers(args.layers),
-                       device=args.device, num_workers=args.num_workers, progress=False)
+    scoring = ScoringConfig(layers=parse_layers(args.layers), batch_size=args.batch_size, num_workers=args.num_workers,
+                            progress=False)
+    job = InfluenceJob(data, ckpts, out, top_k=args.top_k, device=args.device, scoring=scoring)
     t1 = time.perf_counter()
     manifest = run_influence(job)
     total = time.perf_counter() - t1

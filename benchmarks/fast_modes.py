@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from tracin import Checkpoint, TracIn
-from tracin.audit import compare
+from tracin.workflows.audit import compare
 
 
 def timed(fn: Callable, device: torch.device):

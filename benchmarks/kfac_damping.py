@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from tracin import TracIn
-from tracin.evaluation.common import recall_at, roc_auc
-from tracin.image_influence import image_setup
+from tracin.workflows.evaluation.common import recall_at, roc_auc
+from tracin.workflows.image.setup import image_setup
 
 
 def main() -> None:

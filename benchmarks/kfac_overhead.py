@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 from tracin import TracIn
-from tracin.image_influence import image_setup
-from tracin.precondition import kfac_layers
+from tracin.workflows.image.setup import image_setup
+from tracin.layers.precondition import kfac_layers
 
 
 def main() -> None:

@@ -32,7 +32,7 @@ from models import perturbed_checkpoints  # noqa: E402
 from reference import reference_matrix, rel_err  # noqa: E402
 from test_exact import all_module_names, make_case  # noqa: E402
 from tracin import Checkpoint, TracIn  # noqa: E402
-from tracin.audit import compare  # noqa: E402
+from tracin.workflows.audit import compare  # noqa: E402
 from tracin.device import resolve_device  # noqa: E402
 from fast_modes import timed  # noqa: E402
 from vs_captum import make_data, mnist_cnn, train_with_checkpoints  # noqa: E402

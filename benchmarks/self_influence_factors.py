@@ -31,9 +31,10 @@ from typing import Dict, Tuple
 import numpy as np
 import torch
 
-from tracin.evaluation.common import recall_at, roc_auc
-from tracin.image_influence import checkpoint_probabilities, image_setup, label_losses
-from tracin.precondition import whitener
+from tracin.workflows.evaluation.common import recall_at, roc_auc
+from tracin.tasks.classification import checkpoint_probabilities, label_losses
+from tracin.workflows.image.setup import image_setup
+from tracin.layers.precondition import whitener
 
 
 @dataclass
@@ -105,7 +106,7 @@ def factor_scores(h: HeadPasses) -> Dict[str, np.ndarray]:
 
 
 def _quadratic(x: torch.Tensor, S: torch.Tensor, damping: float = 0.1) -> torch.Tensor:
-    """x_i^T (S + l I)^-1 x_i for each row of x [n, d], with the library's damping (tracin.precondition)."""
+    """x_i^T (S + l I)^-1 x_i for each row of x [n, d], with the library's damping (tracin.layers.precondition)."""
     W = whitener(S.unsqueeze(0), damping)[0]
     return (x @ W).pow(2).sum(-1)
 

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import fast_modes
 from tracin import Checkpoint, TracIn, save_checkpoint
-from tracin.api import PRECISIONS
+from tracin.engine.scheduler import PRECISION_MODES as PRECISIONS
 from tracin.device import set_float32_math
 
 

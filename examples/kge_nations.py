@@ -26,7 +26,7 @@ def write_files(workdir: Path):
     for name, mapping in (("entity_to_id", ds.training.entity_to_id), ("relation_to_id", ds.training.relation_to_id)):
         rows = sorted(mapping.items(), key=lambda kv: kv[1])
         (workdir / f"{name}.tsv").write_text("id\tlabel\n" + "".join(f"{i}\t{label}\n" for label, i in rows))
-    from tracin.kge import triple_labels
+    from tracin.tasks.kge import triple_labels
 
     for name, factory in (("train", ds.training), ("test", ds.testing)):
         labels = triple_labels(factory.mapped_triples, ds.training.entity_to_id, ds.training.relation_to_id)
@@ -43,15 +43,15 @@ def main() -> None:
     args = p.parse_args()
     start = time.perf_counter()
 
-    from tracin.cli import main as tracin
-    from tracin.kge import build_pykeen_model, train_kge
+    from tracin.workflows.cli import main as tracin
+    from tracin.tasks.kge import KGETraining, build_pykeen_model, train_kge
 
     ds = write_files(args.workdir)
     kwargs = {"embedding_dim": 32, "output_channels": 8, "embedding_height": 4, "embedding_width": 8}
     torch.manual_seed(0)
     model = build_pykeen_model("ConvE", ds.num_entities, ds.num_relations, kwargs)
-    paths = train_kge(model, ds.training.mapped_triples, args.workdir / "checkpoints", "ConvE", kwargs, ds.num_entities,
-                      ds.num_relations, epochs=args.epochs, learning_rate=0.005, save_every=10)
+    paths = train_kge(model, ds.training.mapped_triples, args.workdir / "checkpoints", "ConvE", kwargs,
+                      KGETraining(epochs=args.epochs, learning_rate=0.005, save_every=10))
     print(f"Trained ConvE on {ds.training.num_triples} Nations triples; {len(paths)} checkpoints in {time.perf_counter() - start:.0f}s.")
 
     out = args.workdir / "influence"

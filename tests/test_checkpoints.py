@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from models import MLP
+from helpers import MLP
 from tracin import Checkpoint, CheckpointError, TracIn, save_checkpoint
 
 

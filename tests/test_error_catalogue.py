@@ -1,5 +1,5 @@
 """docs/errors.md lists every user error the package raises."""
-from error_catalogue import ROOT, messages
+from helpers import ROOT, messages
 
 
 def test_every_user_error_is_catalogued():
@@ -7,4 +7,4 @@ def test_every_user_error_is_catalogued():
     found = messages()
     assert len(found) > 50
     missing = [text for _, _, text in found if text.replace("|", "/") not in doc]
-    assert not missing, f"add these to docs/errors.md (python tests/error_catalogue.py): {missing}"
+    assert not missing, f"add these to docs/errors.md (python tests/helpers.py): {missing}"

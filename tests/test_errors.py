@@ -4,7 +4,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from models import MLP
+from helpers import MLP
 from tracin import Checkpoint, DataError, TracIn, TracInError, UnsupportedModuleError
 
 

@@ -7,8 +7,8 @@ from .checkpoints import Checkpoint, save_checkpoint
 from .errors import CheckpointError, DataError, TracInError, UnsupportedModuleError
 from .results import InfluenceResult, TopK
 from .tasks import CallableTask, ClassificationTask, Task
+from .version import __version__
 
-__version__ = "0.1.0"
 
 __all__ = [
     "TracIn", "Checkpoint", "save_checkpoint", "Task", "ClassificationTask", "CallableTask",

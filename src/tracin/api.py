@@ -3,32 +3,39 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
 
-import numpy as np
 import torch
 from torch import nn
 
-from .accumulate import DiskMatrix, MatrixAccumulator, TopKAccumulator
 from .checkpoints import Checkpoint
-from .data import DataSource, dataset_size, make_loader
-from .device import default_memory_budget, resolve_device
-from .engine import Scheduler
+from .config import LayerSpec, ScoringConfig
+from .device import resolve_device
+from .engine.accumulate import DiskMatrix, MatrixAccumulator, TopKSink
+from .engine.distributed import all_gather, merge_topk, rank_and_world
+from .engine.loaders import DataSource, dataset_size, make_loader
+from .engine.resume import ResumeState
+from .engine.sampling import TrainPlan, plan_training
+from .engine.scheduler import Scheduler, Target, Transforms
+from .engine.scope import resolve_layers
+from .engine.store import StoreWriter, describe, open_store, score_store
 from .errors import TracInError
+from .layers.precondition import KFAC, check_precondition
+from .layers.projection import Projector
 from .results import InfluenceResult, TopK
-from .precondition import KFAC, check_precondition
-from .projection import Projector
-from .distributed import all_gather, merge_topk, rank_and_world
-from .resume import ResumeState
-from .sampling import TrainPlan, plan_training
-from .scope import LayerSpec, resolve_layers
-from .stored import StoreWriter, describe, open_store
 from .tasks import Task, as_task
 
-KERNELS = ("auto", "ghost", "materialize")
-NORMALIZE = ("none", "cosine", "train")
-# precision name -> (autocast dtype, float32 math: tracin.device.set_float32_math)
-PRECISIONS = {"fp32": (None, "ieee"), "tf32": (None, "tf32"), "bf16": (torch.bfloat16, None), "fp16": (torch.float16, None)}
+
+@dataclass
+class _TestCache:
+    """Test factors computed ahead by :meth:`TracIn.cache_test`: for ``dataset`` (the same object must be
+    scored again), every test chunk's per-checkpoint factors, and the kernel each layer used for them."""
+
+    dataset: object
+    chunks: list
+    modes: Dict[str, Optional[str]]
 
 
 class TracIn:
@@ -55,7 +62,7 @@ class TracIn:
             ``"ghost"`` / ``"materialize"`` force one (both are exact).
         num_workers: DataLoader worker processes for Dataset inputs (0: load in the main process).
         projection_dim: project per-example gradients to about this many dimensions per layer
-            (an unbiased approximation; None: exact). See :mod:`tracin.projection`.
+            (an unbiased approximation; None: exact). See :mod:`tracin.layers.projection`.
         projection: ``"gaussian"``, ``"rademacher"`` or ``"sparse"``.
         seed: seed of the projection matrices and of training-set sampling.
         sample_rate: score a seeded random fraction of the training set (None: all). Indices stay
@@ -78,6 +85,8 @@ class TracIn:
             pass each; :meth:`fit_preconditioner`); exact for that P under every kernel. Linear and Conv layers only.
             It keeps self-influence from growing with the size of a layer's inputs (docs/quality.md).
         damping: K-FAC damping, a fraction of each factor's mean eigenvalue (Kronfluence's heuristic is 0.1).
+        config: a :class:`tracin.config.ScoringConfig` holding all of the settings above (which are then ignored).
+            The keywords are the friendly front; either way ``self.config`` is the one object the run reads.
     """
 
     def __init__(
@@ -101,52 +110,25 @@ class TracIn:
         normalize: str = "none",
         precondition: str = "none",
         damping: float = 0.1,
+        config: Optional[ScoringConfig] = None,
     ):
-        if isinstance(checkpoints, (str, Path, os.PathLike)):
-            checkpoints = Checkpoint.discover(checkpoints)
-        checkpoints = list(checkpoints)
-        if not checkpoints:
-            raise TracInError("No checkpoints were given; pass at least one Checkpoint.")
-        if not all(isinstance(c, Checkpoint) for c in checkpoints):
-            raise TracInError("checkpoints must be Checkpoint objects (or a directory of checkpoint files).")
-        if batch_size < 1:
-            raise TracInError(f"batch_size must be at least 1, got {batch_size}.")
-        if num_workers < 0:
-            raise TracInError(f"num_workers must be 0 (load in this process) or more, got {num_workers}.")
-        if kernel not in KERNELS:
-            raise TracInError(f"kernel={kernel!r} is not one of {', '.join(KERNELS)}.")
+        config = config if config is not None else ScoringConfig(
+            layers=layers, kernel=kernel, precision=precision, normalize=normalize, projection_dim=projection_dim,
+            projection=projection, sample_rate=sample_rate, stratify_by=stratify_by, precondition=precondition,
+            damping=damping, memory_budget=memory_budget, batch_size=batch_size, num_workers=num_workers, seed=seed,
+            progress=progress)
+        self.config = config
         self.model = model
-        self.checkpoints: List[Checkpoint] = checkpoints
+        self.checkpoints: List[Checkpoint] = _checkpoint_list(checkpoints)
         self.task = as_task(task)
-        rank, world = rank_and_world()
-        if world > 1 and device == "auto" and torch.cuda.is_available():
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank % torch.cuda.device_count()))}"
-        self.device = resolve_device(device)
-        self.batch_size = batch_size
-        self.memory_budget = default_memory_budget(self.device, memory_budget)
-        self.progress = progress
-        self.kernel = kernel
-        self.num_workers = num_workers
-        self.projector = Projector(projection_dim, projection, seed) if projection_dim is not None else None
-        self.seed = seed
-        if sample_rate is not None and not 0 < sample_rate <= 1:
-            raise TracInError(f"sample_rate must be in (0, 1], got {sample_rate}.")
-        if stratify_by is not None and not isinstance(stratify_by, str) and not callable(stratify_by):
-            raise TracInError(f"stratify_by must be a key the task provides (e.g. 'label') or a callable batch -> keys, got {stratify_by!r}.")
-        if precision not in PRECISIONS:
-            raise TracInError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}.")
-        self.precision_name = precision
-        self.precision, self.float32_math = PRECISIONS[precision]
-        if normalize not in NORMALIZE:
-            raise TracInError(f"normalize={normalize!r} is not one of {', '.join(NORMALIZE)}.")
-        self.normalize = normalize
-        self.sample_rate = sample_rate
-        self.stratify_by = stratify_by
-        self.handlers = resolve_layers(model, layers)
-        check_precondition(precondition, self.handlers)
-        self.preconditioner = KFAC(damping) if precondition == "kfac" else None
+        self.device = _process_device(device)
+        self.handlers = resolve_layers(model, config.layers)
+        check_precondition(config.precondition, self.handlers)
+        self.projector = Projector(config.projection_dim, config.projection, config.seed) if config.projection_dim is not None else None
+        self.preconditioner = KFAC(config.damping) if config.precondition == "kfac" else None
         self.last_stats: Dict[str, object] = {}
-        self._cached_test: Optional[Tuple[object, list, Dict[str, Optional[str]]]] = None
+        self._cached_test: Optional[_TestCache] = None
+        self._modes: Dict[str, Optional[str]] = {}  # the kernel each layer used in the last run
 
     # -- introspection ---------------------------------------------------------------------------
     @property
@@ -158,20 +140,25 @@ class TracIn:
         """One row per module in scope: name, type, parameter count, kernel used by the last run, the
         parameters in scope, and whether they are all of the module's trainable ones."""
         return [
-            {"name": h.name, "type": type(h.module).__name__, "params": h.num_params, "kernel": h.mode,
+            {"name": h.name, "type": type(h.module).__name__, "params": h.num_params, "kernel": self._modes.get(h.name),
              "parameters": list(h.param_names),
              "whole": set(h.param_names) == {n for n, p in h.module.named_parameters(recurse=False) if p.requires_grad}}
             for h in self.handlers
         ]
 
     # -- scoring ---------------------------------------------------------------------------------
-    def _scheduler(self, vectors: bool = False) -> Scheduler:
-        """A scheduler for this configuration; ``vectors``: per-example vectors are materialised (stores)."""
+    @contextmanager
+    def _scheduler(self, vectors: bool = False, modes: Optional[Dict[str, Optional[str]]] = None) -> Iterator[Scheduler]:
+        """A scheduler for this configuration, entered; ``vectors``: per-example vectors are materialised (stores);
+        ``modes``: kernels to repeat. The kernels it used are kept for :meth:`scope`."""
         projector = self.projector.for_vectors() if vectors and self.projector is not None else self.projector
-        return Scheduler(self.model, self.checkpoints, self.handlers, self.task, self.device,
-                         self.memory_budget, progress=self.progress, kernel=self.kernel, projector=projector,
-                         precision=self.precision, normalize=self.normalize, preconditioner=self.preconditioner,
-                         float32_math=self.float32_math)
+        target = Target(self.model, self.checkpoints, self.handlers, self.task, self.device)
+        run = Scheduler(target, self.config, Transforms(projector, self.preconditioner, dict(modes or {})))
+        try:
+            with run:
+                yield run
+        finally:
+            self._modes = {name: mode for name, mode in run.stats.get("layer_modes", {}).items()}  # type: ignore[union-attr]
 
     def _fitted(self, run: Scheduler, train_loader=None) -> None:
         """Fit the preconditioner on ``train_loader`` unless it is fitted (or none is used)."""
@@ -193,8 +180,11 @@ class TracIn:
             self._fitted(run, self._plan(train_dataset).loader)
 
     def _plan(self, train_dataset: DataSource) -> TrainPlan:
-        return plan_training(train_dataset, self.batch_size, self.num_workers, self.task, self.sample_rate,
-                             self.stratify_by, self.seed)
+        c = self.config
+        return plan_training(train_dataset, c.batch_size, c.num_workers, self.task, c.sample_rate, c.stratify_by, c.seed)
+
+    def _test_loader(self, test_dataset: DataSource):
+        return make_loader(test_dataset, self.config.batch_size, "test", self.config.num_workers)
 
     def influence(
         self,
@@ -220,59 +210,31 @@ class TracIn:
         refused. The directory is removed when the run completes.
         """
         plan = self._plan(train_dataset)
-        test = make_loader(test_dataset, self.batch_size, "test", self.num_workers)
+        test = self._test_loader(test_dataset)
         n_test = dataset_size(test)
-        if not isinstance(top_k, int) or top_k < 1:
-            raise TracInError(f"top_k must be a positive integer, got {top_k!r}.")
-        if top_k > plan.n_scored:
-            what = "the sampled training set" if plan.sampled is not None else "the training set"
-            raise TracInError(f"top_k={top_k} is larger than {what} ({plan.n_scored} examples); use top_k <= {plan.n_scored}.")
+        _check_top_k(top_k, plan)
         if matrix_path is not None and rank_and_world()[1] > 1:
             raise TracInError("matrix_path (--full_matrix) is not supported under torch.distributed yet; run it in one process.")
-        state = None
-        if resume_dir is not None:
-            rank, world = rank_and_world()
-            config = {"user": resume_key, "top_k": top_k, "self_influence": self_influence, "matrix": matrix_path is not None,
-                      "layers": [h.name for h in self.handlers], "kernel": self.kernel, "batch_size": self.batch_size,
-                      "projection": self.projector.describe() if self.projector else None, "sample_rate": self.sample_rate,
-                      "seed": self.seed, "precision": self.precision_name, "normalize": self.normalize,
-                      "precondition": self.preconditioner.damping if self.preconditioner is not None else None,
-                      "n_train": plan.n_scored, "n_test": n_test, "world": world,
-                      "checkpoints": [[c.name, c.learning_rate] for c in self.checkpoints]}
-            state = ResumeState(Path(resume_dir) / f"rank{rank}" if world > 1 else Path(resume_dir), config)
-        parts: Dict[int, TopKAccumulator] = {}
+        request = {"user": resume_key, "top_k": top_k, "self_influence": self_influence, "matrix": matrix_path is not None}
+        state = self._resume_state(resume_dir, request, plan, n_test) if resume_dir is not None else None
         disk = (DiskMatrix(Path(matrix_path), n_test, plan.n_full, plan.sampled, reopen=state is not None and state.resumed)
                 if matrix_path is not None else None)
-
-        def sink(rows: slice, scores: torch.Tensor, first: int) -> None:
-            if rows.start not in parts:
-                parts[rows.start] = (state.accumulator(rows, scores.shape[0], top_k, scores.device, scores.dtype) if state is not None
-                                     else TopKAccumulator(scores.shape[0], top_k, scores.device, scores.dtype))
-            parts[rows.start].update(scores, plan.offset + first)
-            if disk is not None:
-                disk.update(rows, scores, first)
-
-        cached = self._cached_test[1] if self._cached_test is not None and self._cached_test[0] is test_dataset else None
-        with self._scheduler() as run:
+        sink = TopKSink(top_k, plan.offset, state, disk)
+        cache = self._cached_test if self._cached_test is not None and self._cached_test.dataset is test_dataset else None
+        with self._scheduler(modes=cache.modes if cache is not None else None) as run:
             self._fitted(run, plan.loader)
-            if cached is not None:
-                for h in self.handlers:
-                    h.mode = self._cached_test[2][h.name]  # type: ignore[index]
             if state is not None and state.plan:
                 run.plan.update(state.plan)
-            selfs = run.influence(plan.loader, test, sink, with_self=self_influence, cached=cached, hook=state,
-                                  initial_self=state.self_scores if state is not None else None)
+            selfs = run.influence(plan.loader, test, sink, with_self=self_influence, cached=cache.chunks if cache else None,
+                                  hook=state, initial_self=state.self_scores if state is not None else None)
         self.last_stats = dict(run.stats)
         if disk is not None:
             disk.finish()
-        results = {start: acc.result() for start, acc in parts.items()}
+        results = sink.results()
         if state is not None:
-            results.update(state.done)
             self.last_stats["resumed_from_tile"] = state.tiles - int(run.stats["tiles"])  # type: ignore[arg-type]
             state.finish()
-        pieces = [results[start] for start in sorted(results)]
-        local = tuple(torch.cat([p[i] for p in pieces]).cpu() for i in range(4))
-        pv, pi, nv, ni = merge_topk(all_gather(local), top_k)
+        pv, pi, nv, ni = merge_topk(all_gather(results), top_k)
         assert pv.shape[0] == n_test
         if plan.sampled is not None:
             self.last_stats["sampled_indices"] = plan.sampled
@@ -284,34 +246,44 @@ class TracIn:
             stats=self.last_stats,
         )
 
+    def _resume_state(self, resume_dir: Union[str, Path], request: Dict[str, object], plan: TrainPlan, n_test: int) -> ResumeState:
+        """The progress of this influence run in ``resume_dir`` (per rank under torch.distributed), keyed by
+        everything its scores depend on: the settings, the ``request`` (top-k, outputs, the user's key), the
+        layers in scope, the data sizes and the checkpoints."""
+        rank, world = rank_and_world()
+        settings = {k: v for k, v in self.config.to_dict().items() if k not in ("progress", "num_workers", "memory_budget")}
+        key = {**request, "settings": settings, "layers": [h.name for h in self.handlers], "n_train": plan.n_scored,
+               "n_test": n_test, "world": world, "checkpoints": [[c.name, c.learning_rate] for c in self.checkpoints]}
+        return ResumeState(Path(resume_dir) / f"rank{rank}" if world > 1 else Path(resume_dir), key)
+
     def cache_test(self, test_dataset: DataSource) -> None:
         """Compute the test set's factors for every checkpoint now and keep them, so later
         :meth:`influence` calls with this same ``test_dataset`` object skip that work."""
-        test = make_loader(test_dataset, self.batch_size, "test", self.num_workers)
+        test = self._test_loader(test_dataset)
         with self._scheduler() as run:
             self._fitted(run)
-            cache = run.cache_test(test)
-        self._cached_test = (test_dataset, cache, {h.name: h.mode for h in self.handlers})
+            chunks = run.cache_test(test)
+            modes = run.modes()
+        self._cached_test = _TestCache(test_dataset, chunks, modes)
 
     def clear_cache(self) -> None:
         """Free the cached test factors."""
         self._cached_test = None
 
     def _store_description(self) -> Dict[str, object]:
-        projection = self.projector.for_vectors().describe() if self.projector else None
         precondition = None
         if self.preconditioner is not None:
             if not self.preconditioner.fitted:
                 raise TracInError("precondition='kfac' needs its preconditioner fitted on the training data the store was "
                                   "made from; call fit_preconditioner(train_dataset) first.")
             precondition = self.preconditioner.describe()
-        return describe([h.name for h in self.handlers], projection, self.checkpoints, precondition)
+        return describe(self.config, [h.name for h in self.handlers], self.checkpoints, precondition)
 
     def save_train_gradients(self, train_dataset: DataSource, directory: Union[str, Path]) -> Path:
         """Compute every training example's (projected) gradient at every checkpoint and store them in
         ``directory`` ([C, n_train, D] float32 memory map plus metadata), for :meth:`influence_from_saved`.
         Use with ``projection_dim`` unless the layers in scope are small: D is the gradient size."""
-        train = make_loader(train_dataset, self.batch_size, "training", self.num_workers)
+        train = make_loader(train_dataset, self.config.batch_size, "training", self.config.num_workers)
         writer = StoreWriter(Path(directory), len(self.checkpoints), dataset_size(train))
         with self._scheduler(vectors=True) as run:
             self._fitted(run, train)
@@ -325,11 +297,10 @@ class TracIn:
         (layers, projection, checkpoint weights and learning rates) must match this scorer."""
         store = open_store(Path(directory), self._store_description())
         n_train = store.shape[1]
-        if not isinstance(top_k, int) or not 1 <= top_k <= n_train:
+        if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= n_train:
             raise TracInError(f"top_k must be between 1 and the stored training set size {n_train}, got {top_k!r}.")
-        test = make_loader(test_dataset, self.batch_size, "test", self.num_workers)
-        n_test = dataset_size(test)
-        vectors = torch.zeros(len(self.checkpoints), n_test, store.shape[2])
+        test = self._test_loader(test_dataset)
+        vectors = torch.zeros(len(self.checkpoints), dataset_size(test), store.shape[2])
 
         def keep(c: int, first: int, vec: torch.Tensor) -> None:
             vectors[c, first:first + vec.shape[0]] = vec.detach().float().cpu()
@@ -337,20 +308,8 @@ class TracIn:
         with self._scheduler(vectors=True) as run:
             self._fitted(run)
             run.vectors(test, "test", keep)
-            vectors = vectors.to(self.device)
-            tiny = torch.finfo(vectors.dtype).tiny
-            if self.normalize == "cosine":
-                vectors = vectors / vectors.norm(dim=2, keepdim=True).clamp_min(tiny)
-            acc = TopKAccumulator(n_test, top_k, self.device, vectors.dtype)
-            rows = max(1, int(self.memory_budget // max(1, 4 * (3 * n_test + len(self.checkpoints) * store.shape[2]))))
-            for start in range(0, n_train, rows):
-                scores = torch.zeros(n_test, min(rows, n_train - start), device=self.device)
-                for c, ckpt in enumerate(self.checkpoints):
-                    tile = torch.from_numpy(np.array(store[c, start:start + rows])).to(self.device)
-                    if self.normalize != "none":
-                        tile = tile / tile.norm(dim=1, keepdim=True).clamp_min(tiny)
-                    scores.add_(vectors[c] @ tile.T, alpha=float(ckpt.learning_rate))  # type: ignore[arg-type]
-                acc.update(scores, start)
+            rates = [float(c.learning_rate) for c in self.checkpoints]  # type: ignore[arg-type]
+            acc = score_store(store, vectors.to(self.device), rates, self.config, self.device, top_k)
         pv, pi, nv, ni = (t.cpu() for t in acc.result())
         return InfluenceResult(proponents=TopK(pv, pi), opponents=TopK(nv, ni), stats={"stored_train": n_train})
 
@@ -358,20 +317,12 @@ class TracIn:
         """The full TracIn matrix [n_test, n_train] (on the CPU). Holds n_test * n_train numbers: use
         :meth:`influence` for top-k on large sets."""
         plan = self._plan(train_dataset)
-        test = make_loader(test_dataset, self.batch_size, "test", self.num_workers)
-        acc: Optional[MatrixAccumulator] = None
-
-        def sink(rows: slice, scores: torch.Tensor, first: int) -> None:
-            nonlocal acc
-            if acc is None:
-                acc = MatrixAccumulator(dataset_size(test), plan.n_local, scores.dtype)
-            acc.update(rows, scores, first)
-
+        test = self._test_loader(test_dataset)
+        acc = MatrixAccumulator(dataset_size(test), plan.n_local)
         with self._scheduler() as run:
             self._fitted(run, plan.loader)
-            run.influence(plan.loader, test, sink)
+            run.influence(plan.loader, test, acc.update)
         self.last_stats = dict(run.stats)
-        assert acc is not None
         return plan.spread(torch.cat(all_gather(acc.matrix), dim=1))
 
     def self_influence(self, train_dataset: DataSource) -> torch.Tensor:
@@ -383,3 +334,31 @@ class TracIn:
             out = run.self_influence(plan.loader)
         self.last_stats = dict(run.stats)
         return plan.spread(torch.cat(all_gather(out.cpu())))
+
+
+def _checkpoint_list(checkpoints: Union[Sequence[Checkpoint], str, "os.PathLike[str]"]) -> List[Checkpoint]:
+    """The checkpoints as a non-empty list (a directory is discovered)."""
+    if isinstance(checkpoints, (str, Path, os.PathLike)):
+        checkpoints = Checkpoint.discover(checkpoints)
+    checkpoints = list(checkpoints)
+    if not checkpoints:
+        raise TracInError("No checkpoints were given; pass at least one Checkpoint.")
+    if not all(isinstance(c, Checkpoint) for c in checkpoints):
+        raise TracInError("checkpoints must be Checkpoint objects (or a directory of checkpoint files).")
+    return checkpoints
+
+
+def _process_device(device: Union[str, torch.device]) -> torch.device:
+    """The device this process scores on: under torch.distributed with CUDA, ``"auto"`` is the rank's own GPU."""
+    rank, world = rank_and_world()
+    if world > 1 and device == "auto" and torch.cuda.is_available():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank % torch.cuda.device_count()))}"
+    return resolve_device(device)
+
+
+def _check_top_k(top_k: object, plan: TrainPlan) -> None:
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+        raise TracInError(f"top_k must be a positive integer, got {top_k!r}.")
+    if top_k > plan.n_scored:
+        what = "the sampled training set" if plan.sampled is not None else "the training set"
+        raise TracInError(f"top_k={top_k} is larger than {what} ({plan.n_scored} examples); use top_k <= {plan.n_scored}.")

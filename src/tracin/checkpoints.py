@@ -250,8 +250,3 @@ def weights_for(model: torch.nn.Module, checkpoint: Checkpoint) -> Dict[str, tor
             "Use checkpoints saved from this architecture."
         )
     return weights
-
-
-def load_into(model: torch.nn.Module, checkpoint: Checkpoint) -> None:
-    """Copy ``checkpoint``'s weights into ``model`` after :func:`weights_for`'s checks."""
-    model.load_state_dict(weights_for(model, checkpoint), strict=True)

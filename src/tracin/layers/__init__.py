@@ -6,7 +6,7 @@ from typing import List, Type
 from torch import nn
 
 from ..errors import UnsupportedModuleError
-from .base import Call, LayerHandler
+from .base import Call, LayerHandler, LayerRun
 from .embedding import EmbeddingHandler
 from .factors import Factors, GhostFactors, GradFactors, IndexFactors
 from .linear import ConvHandler, LinearHandler
@@ -29,6 +29,6 @@ def handler_for(name: str, module: nn.Module, param_names: List[str]) -> LayerHa
 
 
 __all__ = [
-    "Call", "LayerHandler", "handler_for", "HANDLERS", "Factors", "GhostFactors", "GradFactors",
+    "Call", "LayerHandler", "LayerRun", "handler_for", "HANDLERS", "Factors", "GhostFactors", "GradFactors",
     "IndexFactors",
 ]

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from .factors import Factors
+if TYPE_CHECKING:  # annotations only: handlers are below the factor kernels in no import chain
+    from .factors import Factors
 
 
 @dataclass
@@ -21,26 +22,39 @@ class Call:
     output_shape: Optional[torch.Size] = None
 
 
+@dataclass
+class LayerRun:
+    """What one run asks of one layer handler, handed to :meth:`LayerHandler.factors` with every batch.
+
+    mode: ``"ghost"`` or ``"materialize"``; None lets the handler choose from the shapes of the first
+        batch and record its choice here, so the rest of the run keeps it.
+    projector: a :class:`tracin.layers.projection.Projector` when gradients are projected.
+    preconditioner: a fitted :class:`tracin.layers.precondition.KFAC` when they are preconditioned.
+    """
+
+    mode: Optional[str] = None
+    projector: Any = None
+    preconditioner: Any = None
+
+
 class LayerHandler:
-    """Per-module capture and factor extraction. Subclasses set ``module_types``.
+    """Per-module capture and factor extraction. Subclasses set ``module_types``; handlers hold no
+    per-run state (that travels in a :class:`LayerRun`).
 
     Attributes:
         name: the module's qualified name in the model.
         module: the module.
         param_names: its directly owned parameters in scope (those that require grad).
-        mode: ``"ghost"`` or ``"materialize"``; chosen from shapes on the first batch unless forced.
     """
 
     module_types: Tuple[type, ...] = ()
     modes: Tuple[str, ...] = ("materialize",)
+    kronecker: bool = False  # its gradients are sum_t d_t a_t^T with captured (A, D): K-FAC can precondition it
 
     def __init__(self, name: str, module: nn.Module, param_names: List[str]):
         self.name = name
         self.module = module
         self.param_names = param_names
-        self.mode: Optional[str] = None
-        self.projector = None  # a tracin.projection.Projector when projecting, set per run
-        self.preconditioner = None  # a tracin.precondition.KFAC when preconditioning, set per run
         self.check()
 
     def check(self) -> None:
@@ -54,8 +68,8 @@ class LayerHandler:
     def in_scope(self, param: str) -> bool:
         return param in self.param_names
 
-    def factors(self, calls: List[Call]) -> Factors:
-        """Factors for the batch from this module's captured calls (at least one)."""
+    def factors(self, calls: List[Call], run: LayerRun) -> Factors:
+        """Factors for the batch from this module's captured calls (at least one), as ``run`` asks."""
         raise NotImplementedError
 
 

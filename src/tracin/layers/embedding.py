@@ -6,13 +6,13 @@ factors and far cheaper to multiply: the handler then materialises it by a scatt
 """
 from __future__ import annotations
 
-from typing import List
+from typing import List, Union
 
 import torch
 from torch import nn
 
 from ..errors import UnsupportedModuleError
-from .base import Call, LayerHandler, zero_delta_like
+from .base import Call, LayerHandler, LayerRun, zero_delta_like
 from .factors import GradFactors, IndexFactors
 
 
@@ -29,7 +29,7 @@ class EmbeddingHandler(LayerHandler):
                 "gradients are not defined; build it with scale_grad_by_freq=False or exclude it from layers."
             )
 
-    def factors(self, calls: List[Call]) -> IndexFactors:
+    def factors(self, calls: List[Call], run: LayerRun) -> Union[IndexFactors, GradFactors]:
         idx_parts, d_parts = [], []
         for call in calls:
             idx = call.args[0]
@@ -42,12 +42,12 @@ class EmbeddingHandler(LayerHandler):
             idx_parts.append(idx)
             d_parts.append(d)
         idx, D = torch.cat(idx_parts, 1), torch.cat(d_parts, 1)
-        if self.mode is None:  # dense only where it is no larger than the index factors
-            self.mode = "materialize" if self.module.num_embeddings <= idx.shape[1] else "ghost"
-        if self.mode == "materialize":
+        if run.mode is None:  # dense only where it is no larger than the index factors
+            run.mode = "materialize" if self.module.num_embeddings <= idx.shape[1] else "ghost"
+        if run.mode == "materialize":
             B, V, d = idx.shape[0], self.module.num_embeddings, D.shape[-1]
             G = D.new_zeros(B, V, d).scatter_add_(1, idx.unsqueeze(-1).expand(-1, -1, d), D)
             dense = GradFactors(G.reshape(B, V * d))
-            return self.projector.grads(self.name, dense) if self.projector is not None else dense
+            return run.projector.grads(self.name, dense) if run.projector is not None else dense
         factors = IndexFactors(idx, D)
-        return self.projector.index(self.name, factors) if self.projector is not None else factors
+        return run.projector.index(self.name, factors) if run.projector is not None else factors

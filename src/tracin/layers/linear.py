@@ -16,7 +16,7 @@ from torch import nn
 
 from ..device import cudnn_conv_uses_tf32
 from ..errors import UnsupportedModuleError
-from .base import Call, LayerHandler, zero_delta_like
+from .base import Call, LayerHandler, LayerRun, zero_delta_like
 from .factors import Factors, GhostFactors, GradFactors, weight_gradients
 
 
@@ -32,6 +32,7 @@ class _FactorLayer(LayerHandler):
     """Shared logic of Linear and Conv; subclasses say how a call becomes (A, D) and the weight gradient."""
 
     modes = ("ghost", "materialize")
+    kronecker = True
 
     def _delta(self, call: Call, like: torch.Tensor) -> torch.Tensor:
         return call.delta if call.delta is not None else zero_delta_like(call, like)
@@ -65,13 +66,13 @@ class _FactorLayer(LayerHandler):
         """The raw factors (A, D, bias in scope) the K-FAC preconditioner is fitted on."""
         return self._ghost_all(calls)
 
-    def factors(self, calls: List[Call]) -> Factors:
-        if self.projector is not None or self.preconditioner is not None:
-            return self._transformed(calls)
+    def factors(self, calls: List[Call], run: LayerRun) -> Factors:
+        if run.projector is not None or run.preconditioner is not None:
+            return self._transformed(calls, run)
         weight, bias = self.in_scope("weight"), self.in_scope("bias")
-        if self.mode is None:
-            self.mode = choose_mode(*self._shapes(calls[0]))
-        if self.mode == "ghost":
+        if run.mode is None:
+            run.mode = choose_mode(*self._shapes(calls[0]))
+        if run.mode == "ghost":
             A, D, ones = self._ghost_all(calls)
             return GhostFactors(A, D, ones=ones)
         total = None
@@ -86,19 +87,19 @@ class _FactorLayer(LayerHandler):
             total = G if total is None else total + G
         return GradFactors(total)
 
-    def _transformed(self, calls: List[Call]) -> Factors:
+    def _transformed(self, calls: List[Call], run: LayerRun) -> Factors:
         """Precondition and/or project both factors (projections sized for the kernel the raw shapes
         call for), then pick ghost or materialised on the resulting shapes."""
         ghost_form = choose_mode(*self._shapes(calls[0])) == "ghost"
         A, D, ones = self._ghost_all(calls)
-        if self.preconditioner is not None:
-            A, D, ones = self.preconditioner.apply(self.name, A, D, ones)
-        if self.projector is not None:
-            A, D, ones = self.projector.ghost(self.name, A, D, ones, ghost_form=ghost_form)
-        if self.mode is None:
-            self.mode = choose_mode(A.shape[2], A.shape[3] + int(ones), D.shape[3])
+        if run.preconditioner is not None:
+            A, D, ones = run.preconditioner.apply(self.name, A, D, ones)
+        if run.projector is not None:
+            A, D, ones = run.projector.ghost(self.name, A, D, ones, ghost_form=ghost_form)
+        if run.mode is None:
+            run.mode = choose_mode(A.shape[2], A.shape[3] + int(ones), D.shape[3])
         factors = GhostFactors(A, D, ones=ones)
-        return factors if self.mode == "ghost" else GradFactors(factors.to_vector())
+        return factors if run.mode == "ghost" else GradFactors(factors.to_vector())
 
 
 class LinearHandler(_FactorLayer):

@@ -9,7 +9,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from ..errors import UnsupportedModuleError
-from .base import Call, LayerHandler, zero_delta_like
+from .base import Call, LayerHandler, LayerRun, zero_delta_like
 from .factors import GradFactors
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -31,7 +31,7 @@ class NormHandler(LayerHandler):
                 "or exclude it from layers."
             )
 
-    def factors(self, calls: List[Call]) -> GradFactors:
+    def factors(self, calls: List[Call], run: LayerRun) -> GradFactors:
         module = self.module
         names = self.param_names
         params = {n: p.detach() for n, p in module.named_parameters(recurse=False) if n in names}
@@ -49,6 +49,6 @@ class NormHandler(LayerHandler):
             grads = per_example(params, x, delta)
             flat = torch.cat([grads[n].reshape(x.shape[0], -1) for n in names], dim=1)
             total = flat if total is None else total + flat
-        self.mode = "materialize"
+        run.mode = "materialize"
         factors = GradFactors(total)
-        return self.projector.grads(self.name, factors) if self.projector is not None else factors
+        return run.projector.grads(self.name, factors) if run.projector is not None else factors

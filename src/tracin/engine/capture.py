@@ -1,0 +1,245 @@
+"""Capture: one forward and backward pass over a batch, recording each in-scope layer's inputs
+and output-gradients, turned into per-layer factors.
+
+The loss is the *sum* of the per-example losses, the model is in eval mode, so the gradient at a
+layer's output for example i is exactly d loss_i / d output_i.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..errors import DataError, TracInError
+from ..layers.base import Call, LayerHandler, LayerRun
+from ..layers.factors import Factors
+from ..tasks.base import Batch, Task
+
+
+class LossScale:
+    """Per-example loss scaling for fp16 backward passes.
+
+    fp16 keeps 5 exponent bits: output-gradients of well-fit examples (often 1e-6 and smaller) flush
+    to zero in an fp16 backward pass, while those of badly-fit examples in the same batch are ~1. As
+    examples are independent in eval mode, each example's loss gets its own power-of-two scale,
+    aiming its largest recorded output-gradient at 2^14 (a quarter of fp16's largest number). The
+    first scale is guessed from the loss (for cross-entropy the logit gradient is about min(loss, 1);
+    capped at 2^24); later passes raise the scales of examples far below the target and lower those
+    that overflowed (an intermediate gradient can overflow while the recorded ones look small), never
+    back up to a scale that overflowed. Each example keeps the rows of its best finite pass.
+    """
+
+    TARGET = 2.0 ** 14
+    SLACK = 2.0 ** 10  # an example is redone while its largest gradient is below TARGET / SLACK
+    PASSES = 4
+
+    def __init__(self, loss: torch.Tensor):
+        guess = loss.detach().float().abs().clamp(2.0 ** -10, 1.0)
+        self.scales = torch.exp2(torch.floor(torch.log2(self.TARGET / guess)))  # [B]
+        self.ceiling = torch.full_like(self.scales, float("inf"))  # lowest scale that overflowed
+        self.best = torch.full_like(self.scales, -1.0)  # largest gradient of each example's kept pass (-1: none)
+
+    def update(self, largest: torch.Tensor) -> Tuple[torch.Tensor, bool]:
+        """Given this pass's [B] largest scaled gradients: which examples to keep from it, and whether
+        another pass is worth running (the scales are moved for it)."""
+        finite = torch.isfinite(largest)
+        keep = finite & (largest > self.best)
+        self.best = torch.where(keep, largest, self.best)
+        self.ceiling = torch.where(finite, self.ceiling, torch.minimum(self.ceiling, self.scales))
+        low = finite & (largest < self.TARGET / self.SLACK) & (self.scales * 2 < self.ceiling)
+        redo = ~finite | low
+        up = torch.exp2(torch.floor(torch.log2(self.TARGET / largest.clamp_min(self.TARGET * 2.0 ** -24))))
+        moved = torch.where(finite, torch.minimum(self.scales * up, self.ceiling / 2), self.scales * 2.0 ** -16)
+        self.scales = torch.where(redo, moved, self.scales)
+        return keep, bool(redo.any())
+
+
+class BatchCapture:
+    """Forward hooks on the in-scope modules, installed for the lifetime of the object; ``runs`` holds
+    each handler's per-run settings (by layer name), handed to it with every batch."""
+
+    def __init__(self, handlers: Sequence[LayerHandler], runs: Dict[str, LayerRun], precision: Optional[torch.dtype] = None):
+        self.handlers = list(handlers)
+        self.runs = runs
+        # bf16: forward and backward under autocast, factors (and so the kernels) in bf16.
+        # fp16: forward and backward under autocast with loss scaling, factors in fp32 (products of
+        # fp16 factors over wide layers overflow and those of small gradients underflow).
+        self.precision = precision
+        self.loss_scaling = precision == torch.float16
+        self.warned_flush = False
+        self.calls: Dict[str, List[Call]] = {h.name: [] for h in self.handlers}
+        self.outputs: Dict[str, List[Tuple[torch.Tensor, int]]] = {h.name: [] for h in self.handlers}
+        self.active = False  # recording only during the task's forward pass
+        self._hooks = [h.module.register_forward_hook(self._hook(h.name)) for h in self.handlers]
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, args: Tuple, output: torch.Tensor) -> None:
+            if not self.active:
+                return
+            if not isinstance(output, torch.Tensor):
+                raise TracInError(f"Module {name!r} returned {type(output).__name__}, not a tensor; it cannot be scored.")
+            if not output.requires_grad:
+                raise TracInError(f"Module {name!r} ran without autograd (torch.no_grad?); TracIn needs its gradients.")
+            detached = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+            first = detached[0] if detached else None
+            # detach() shares the version counter, so a later in-place change of the input shows.
+            call = Call(args=detached, input_version=first._version if isinstance(first, torch.Tensor) else 0,
+                        output_shape=output.shape)
+
+            def store(grad: torch.Tensor, call: Call = call) -> None:
+                call.delta = grad
+
+            # A hook registered now sees the gradient of this output even if a later in-place op
+            # (ReLU(inplace=True), +=) rewrites the tensor.
+            output.register_hook(store)
+            self.calls[name].append(call)
+            self.outputs[name].append((output, output._version))
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    def reset(self) -> None:
+        for name in self.calls:
+            self.calls[name] = []
+            self.outputs[name] = []
+
+    def factors(self, model: nn.Module, task: Task, batch: Batch, what: str, first_index: int,
+                raw: bool = False) -> Dict[str, Optional[Factors]]:
+        """Per-layer factors for ``batch`` (``None`` for a layer the forward pass never reached);
+        ``raw``: each layer's untransformed (A, D, bias in scope) instead, for fitting a preconditioner."""
+        self.reset()
+        with torch.enable_grad():
+            self.active = True
+            try:
+                if self.precision is not None:
+                    device = next(model.parameters()).device.type
+                    with torch.autocast(device_type=device, dtype=self.precision):
+                        loss = task.loss(model, batch).float()
+                else:
+                    loss = task.loss(model, batch)
+            finally:
+                self.active = False
+            size = task.batch_size(batch)
+            if not isinstance(loss, torch.Tensor) or loss.shape != (size,):
+                shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+                raise TracInError(
+                    f"The task's loss has shape {shape} for a batch of {size}; it must return one unreduced loss per example "
+                    "(e.g. reduction='none')."
+                )
+            bad = ~torch.isfinite(loss.detach())
+            if bad.any():
+                where = (bad.nonzero().flatten()[:5] + first_index).tolist()
+                raise DataError(
+                    f"The loss is NaN or infinite for {what} example(s) {where}; check those inputs and labels and that the "
+                    "checkpoint's weights are finite."
+                )
+            targets, owners = self._grad_targets()
+            if targets:
+                self._differentiate(loss, targets, owners)
+        out: Dict[str, Optional[Factors]] = {}
+        for handler in self.handlers:
+            calls = self.calls[handler.name]
+            if not calls:
+                out[handler.name] = None
+                continue
+            for call in calls:
+                first = call.args[0]
+                if isinstance(first, torch.Tensor) and first._version != call.input_version:
+                    raise TracInError(
+                        f"The input of module {handler.name!r} was modified in place after the module ran, so its recorded "
+                        "activations are wrong; make the op after it out-of-place (e.g. inplace=False)."
+                    )
+            if self.precision is not None:
+                factor_dtype = torch.float32 if self.loss_scaling else self.precision
+                for call in calls:
+                    call.args = tuple(a.to(factor_dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                                      for a in call.args)
+                    if call.delta is not None:
+                        call.delta = call.delta.to(factor_dtype)
+            rows = [c.output_shape[0] for c in calls if c.output_shape is not None and len(c.output_shape)]
+            mismatch = next((r for r in rows if r != size), None)
+            try:
+                with torch.no_grad():
+                    out[handler.name] = handler.ghost_factors(calls) if raw else handler.factors(calls, self.runs[handler.name])  # its own, more specific checks come first
+            except RuntimeError:
+                if mismatch is None:
+                    raise
+            if mismatch is not None:
+                raise TracInError(
+                    f"Module {handler.name!r} ran on {mismatch} rows for a batch of {size} examples, so its rows are not the "
+                    "examples and per-example gradients cannot be read from it; keep the batch as each scored module's "
+                    "first dimension, or leave the module out of layers."
+                )
+        self.reset()
+        return out
+
+    def _differentiate(self, loss: torch.Tensor, targets: List[torch.Tensor], owners: List[Optional[Call]]) -> None:
+        """Backward from the per-example losses [B] to ``targets``, setting every call's delta (with fp16:
+        per-example loss-scaled passes, each example's rows from its best pass, unscaled, in fp32)."""
+        if not self.loss_scaling:
+            self._backward(loss.sum(), targets, owners)
+            return
+        scale = LossScale(loss)
+        size = loss.shape[0]
+        calls = [c for group in self.calls.values() for c in group]
+        kept: Dict[int, torch.Tensor] = {}
+        for attempt in range(LossScale.PASSES):
+            scales = scale.scales
+            for c in calls:
+                c.delta = None
+            self._backward((loss * scales).sum(), targets, owners, retain_graph=True)
+            rows = {i: c.delta for i, c in enumerate(calls) if c.delta is not None and c.delta.dim() and c.delta.shape[0] == size}
+            largest = torch.stack([d.detach().float().abs().reshape(size, -1).amax(1) for d in rows.values()]).amax(0) \
+                if rows else torch.zeros_like(scales)
+            keep, again = scale.update(largest)
+            for i, d in rows.items():
+                per_row = (-1,) + (1,) * (d.dim() - 1)  # a [B] vector broadcast over d's rows
+                unscaled = d.float() / scales.view(per_row)
+                kept[i] = unscaled if i not in kept else torch.where(keep.view(per_row), unscaled, kept[i])
+            if not again:
+                break
+        if bool((scale.best < 0).any()):
+            raise TracInError("Output-gradients are not finite in fp16 at any loss scale tried (an overflow, or an infinite or NaN "
+                              "gradient of the loss); use --precision bf16 or fp32.")
+        for i, d in kept.items():
+            calls[i].delta = d
+        flushed = int(((scale.best == 0) & (loss.detach() != 0)).sum())
+        if flushed and not self.warned_flush:
+            self.warned_flush = True
+            warnings.warn(f"fp16: the output-gradients of {flushed} example(s) of a batch stayed 0 at every loss scale tried "
+                          "(their losses are tiny but not 0), so their scores read 0; use --precision bf16 or fp32 where small "
+                          "influences matter.")
+
+    @staticmethod
+    def _backward(total: torch.Tensor, targets: List[torch.Tensor], owners: List[Optional[Call]], retain_graph: bool = False) -> None:
+        """Differentiate ``total`` w.r.t. ``targets``; each owned target's gradient becomes its call's delta
+        (the others' deltas are recorded by the hooks on their outputs)."""
+        for grad, owner in zip(torch.autograd.grad(total, targets, allow_unused=True, retain_graph=retain_graph), owners):
+            if owner is not None and grad is not None:
+                owner.delta = grad
+
+    def _grad_targets(self) -> Tuple[List[torch.Tensor], List[Optional[Call]]]:
+        """What to differentiate: each call's output when it is unchanged (its gradient is the
+        delta), else the module's in-scope parameters (the registered hook then records the delta)."""
+        targets: List[torch.Tensor] = []
+        owners: List[Optional[Call]] = []
+        for handler in self.handlers:
+            rewritten = False
+            for call, (output, version) in zip(self.calls[handler.name], self.outputs[handler.name]):
+                if output._version == version:
+                    targets.append(output)
+                    owners.append(call)
+                else:
+                    rewritten = True
+            if rewritten:
+                params = dict(handler.module.named_parameters(recurse=False))
+                for pname in handler.param_names:
+                    targets.append(params[pname])
+                    owners.append(None)
+        return targets, owners

@@ -1,0 +1,479 @@
+"""The scheduler: test factors cached per checkpoint, train examples streamed in tiles.
+
+For each block of test examples ("test chunk", sized so its factors for every checkpoint fit in
+half the memory budget) the test factors are computed once per checkpoint and kept. Training
+examples then stream past in tiles (sized from the rest of the budget). For each tile, every
+checkpoint is loaded once and applied to all of the tile's batches, and the tile's scores
+(summed over checkpoints, each weighted by its learning rate) are handed to the accumulators —
+so top-k lists are exact top-k of the checkpoint-summed TracIn score. Passes over the training
+data alone (self-influence, gradient stores, the K-FAC fit) also read it once: each group of raw
+batches sees every checkpoint in turn.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .capture import BatchCapture
+from ..checkpoints import Checkpoint, weights_for
+from .loaders import dataset_size, loader_from
+from .resume import ProgressHook
+from ..config import ScoringConfig
+from ..device import default_memory_budget, set_float32_math
+from ..errors import TracInError
+from .blocks import FactorDict, batch_bytes, factor_bytes, factor_rows, merge_blocks
+from ..layers.base import LayerHandler, LayerRun
+from ..layers.factors import DEFAULT_MAX_ELEMENTS
+from ..layers.precondition import KFAC
+from ..layers.projection import Projector
+from ..tasks.base import Task
+
+STAGING_BYTES = 1 << 30  # raw test batches held in host memory before their factors are computed
+TileSink = Callable[[slice, torch.Tensor, int], None]  # (test rows, scores [m, n_tile], first train index)
+
+
+# precision name -> (autocast dtype, float32 math for tracin.device.set_float32_math)
+PRECISION_MODES: Dict[str, Tuple[Optional[torch.dtype], Optional[str]]] = {
+    "fp32": (None, "ieee"), "tf32": (None, "tf32"), "bf16": (torch.bfloat16, None), "fp16": (torch.float16, None)}
+
+
+@dataclass
+class Target:
+    """What a run scores: the model, its checkpoints, the layer handlers in scope, the task and the device."""
+
+    model: nn.Module
+    checkpoints: List[Checkpoint]
+    handlers: List[LayerHandler]
+    task: Task
+    device: torch.device
+
+
+@dataclass
+class Transforms:
+    """The factor transforms of a run: a projector and a K-FAC preconditioner (each optional), and the
+    kernels of a previous run to repeat (layer name -> mode; e.g. for cached test factors)."""
+
+    projector: Optional[Projector] = None
+    preconditioner: Optional[KFAC] = None
+    modes: Dict[str, Optional[str]] = field(default_factory=dict)
+
+
+class Scheduler:
+    """Runs TracIn passes over a model prepared for scoring; use as a context manager.
+
+    On entry the model is moved to the device, put in eval mode, its out-of-scope parameters are
+    frozen (so no autograd graph is built for them), hooks are installed and float32 math is set as
+    ``config.precision`` asks (full float32 for exact scores: no TF32); on exit all of that is undone and
+    the model's original weights are restored.
+    """
+
+    def __init__(self, target: Target, config: ScoringConfig, transforms: Optional[Transforms] = None):
+        self.model, self.task, self.device = target.model, target.task, target.device
+        self.checkpoints = list(target.checkpoints)
+        self.handlers = list(target.handlers)
+        self.config = config
+        self.transforms = transforms or Transforms()
+        self.budget = default_memory_budget(self.device, config.memory_budget)
+        self.progress = config.progress
+        self.normalize = config.normalize  # "none" | "cosine" (both gradients unit length) | "train" (train gradient unit length)
+        self.precision, self.float32_math = PRECISION_MODES[config.precision]
+        self.preconditioner = self.transforms.preconditioner  # fitted by fit_preconditioner
+        self.stats: Dict[str, object] = {"checkpoint_loads": 0, "tiles": 0, "test_chunks": 0}
+        self.plan: Dict[str, int] = {}  # chunk_examples and tile_limit in use; preset to repeat a run's tiling
+        self._max_elements = max(2**16, min(DEFAULT_MAX_ELEMENTS, self.budget // 16))
+
+    def _layer_runs(self) -> Dict[str, LayerRun]:
+        """Each handler's settings for this run: the forced or repeated kernel, and the transforms."""
+        kernel, t = self.config.kernel, self.transforms
+        runs = {}
+        for h in self.handlers:
+            mode = t.modes.get(h.name) or (kernel if kernel != "auto" and kernel in h.modes else None)
+            runs[h.name] = LayerRun(mode=mode, projector=t.projector, preconditioner=t.preconditioner)
+        return runs
+
+    # -- model preparation -------------------------------------------------------------------
+    def __enter__(self) -> "Scheduler":
+        model = self.model
+        self._weights = self._device_weights()  # validates every checkpoint before the model is touched
+        self._was_training = model.training
+        first = next(model.parameters(), None)
+        self._home = first.device if first is not None else torch.device("cpu")
+        self._original = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        in_scope = {id(getattr(h.module, p)) for h in self.handlers for p in h.param_names}
+        self._flags = [(p, p.requires_grad) for p in model.parameters()]
+        for p in model.parameters():
+            p.requires_grad_(id(p) in in_scope)
+        model.to(self.device).eval()
+        self.dtype = next(getattr(h.module, h.param_names[0]) for h in self.handlers).dtype
+        self.runs = self._layer_runs()
+        self.capture = BatchCapture(self.handlers, self.runs, self.precision)
+        self._restore_math = set_float32_math(self.float32_math)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._restore_math()
+        self.capture.remove()
+        self.model.load_state_dict(self._original)
+        self.model.to(self._home)
+        for p, flag in self._flags:
+            p.requires_grad_(flag)
+        self.model.train(self._was_training)
+        self.stats["layer_modes"] = self.modes()
+
+    def modes(self) -> Dict[str, Optional[str]]:
+        """The kernel each layer used in this run (None for a layer no batch reached yet)."""
+        return {name: run.mode for name, run in self.runs.items()}
+
+    def _device_weights(self) -> List[Dict[str, torch.Tensor]]:
+        """Every checkpoint's weights, checked against the model up front, kept on the device
+        when they fit in a quarter of the budget."""
+        weights = [weights_for(self.model, c) for c in self.checkpoints]
+        if self.device.type == "cpu" or sum(batch_bytes(w) for w in weights) > self.budget // 4:
+            return weights
+        return [{k: v.to(self.device) for k, v in w.items()} for w in weights]
+
+    def _load(self, index: int) -> None:
+        self.model.load_state_dict(self._weights[index], strict=True)
+        if self.preconditioner is not None:
+            self.preconditioner.select(index)
+        with torch.no_grad():
+            self.task.on_checkpoint(self.model, index)
+        self.stats["checkpoint_loads"] = int(self.stats["checkpoint_loads"]) + 1  # type: ignore[arg-type]
+
+    def _factors(self, batch, what: str, first_index: int) -> FactorDict:
+        return self.capture.factors(self.model, self.task, batch, what, first_index)
+
+    def fit_preconditioner(self, train: DataLoader) -> None:
+        """Fit the K-FAC preconditioner on ``train`` at every checkpoint (one forward and backward pass
+        each; the data read once when every checkpoint's statistics fit in a quarter of the budget)."""
+        assert self.preconditioner is not None
+        self.preconditioner.fit(_FitSource(self, train))
+
+    # -- kernels over blocks -----------------------------------------------------------------
+    def _pair(self, test: FactorDict, train: FactorDict) -> Optional[torch.Tensor]:
+        total = None
+        for name, t in test.items():
+            r = train.get(name)
+            if t is None or r is None:
+                continue
+            s = t.pair_scores(r, self._max_elements)  # type: ignore[arg-type]
+            total = s if total is None else total.add_(s)
+        return total
+
+    def _self(self, train: FactorDict, size: int) -> torch.Tensor:
+        total = torch.zeros(size, device=self.device, dtype=self.dtype)
+        for f in train.values():
+            if f is not None:
+                total += f.self_scores(self._max_elements)
+        return total
+
+    def _norms(self, squared: torch.Tensor) -> torch.Tensor:
+        """Gradient norms from squared norms, kept away from zero."""
+        return squared.clamp_min(torch.finfo(self.dtype).tiny).sqrt()
+
+    # -- passes --------------------------------------------------------------------------------
+    def _stage(self, staged: List[Tuple[int, object]], per_checkpoint: List[List[FactorDict]]) -> None:
+        """Test factors of the ``staged`` raw batches at every checkpoint (each loaded once), appended
+        to ``per_checkpoint``; the raw batches are released."""
+        if not staged:
+            return
+        for c, factors in enumerate(per_checkpoint):
+            self._load(c)
+            for first, batch in staged:
+                factors.append(self._factors(self.task.to_device(batch, self.device), "test", first))
+        staged.clear()
+
+    def _chunk_cache(self, per_checkpoint: List[List[FactorDict]]) -> list:
+        """For each checkpoint: the chunk's test factors merged into few blocks (row offset within the
+        chunk, factors), and the test gradients' norms [m] when scores are cosine-normalised."""
+        cache = []
+        for per_batch in per_checkpoint:
+            norms = None
+            if self.normalize == "cosine":
+                norms = self._norms(torch.cat([self._self(f, factor_rows(f)) for f in per_batch]))
+            cache.append((merge_blocks(per_batch), norms))
+        return cache
+
+    def _chunk_examples(self, first_batch) -> int:
+        """Test examples per chunk, so that a chunk's factors for every checkpoint fit in half the
+        budget. Probes one batch at the first checkpoint (once; a preset plan is kept)."""
+        if "chunk_examples" not in self.plan:
+            self._load(0)
+            probe = self._factors(self.task.to_device(first_batch, self.device), "test", 0)
+            per_test = factor_bytes(probe) / max(1, self.task.batch_size(first_batch))
+            self.plan["chunk_examples"] = max(1, int(self.budget * 0.5 // max(1.0, len(self.checkpoints) * per_test)))
+        return self.plan["chunk_examples"]
+
+    def test_chunks(self, test: DataLoader, skip: Optional[Callable[[int], bool]] = None) -> Iterator[Tuple[slice, Optional[list]]]:
+        """(rows, cache) for each chunk of the test set, reading ``test`` once; ``cache`` is
+        :meth:`_chunk_cache`'s per-checkpoint factors, or None for a chunk whose first row ``skip``
+        names (finished by an interrupted run: its factors are not computed).
+
+        Raw test batches wait in host memory only until at most ``STAGING_BYTES`` of them are
+        staged; then every checkpoint is loaded once and their factors are computed, so a test set
+        of any size needs memory for its factors, not for its decoded inputs."""
+        chunk_examples = start = end = staged_bytes = 0
+        finished = False  # the current chunk was finished by an interrupted run
+        staged: List[Tuple[int, object]] = []
+        per_checkpoint: List[List[FactorDict]] = [[] for _ in self.checkpoints]
+
+        def close() -> Tuple[slice, Optional[list]]:
+            self._stage(staged, per_checkpoint)
+            return slice(start, end), (None if finished else self._chunk_cache(per_checkpoint))
+
+        for first, batch in self._numbered(test):
+            b = self.task.batch_size(batch)
+            new_chunk = not chunk_examples
+            if new_chunk:
+                chunk_examples = self._chunk_examples(batch)
+            elif first > start and first + b - start > chunk_examples:
+                yield close()
+                per_checkpoint = [[] for _ in self.checkpoints]
+                start, staged_bytes, new_chunk = first, 0, True
+            if new_chunk:
+                finished = skip is not None and skip(start)
+            end = first + b
+            if finished:
+                continue
+            staged.append((first, batch))
+            staged_bytes += batch_bytes(batch)
+            if staged_bytes > STAGING_BYTES:
+                self._stage(staged, per_checkpoint)
+                staged_bytes = 0
+        if end > start:
+            yield close()
+
+    def cache_test(self, test: DataLoader) -> List[Tuple[slice, list]]:
+        """Every test chunk's factors for every checkpoint, computed now (for reuse across calls)."""
+        return [(rows, cache) for rows, cache in self.test_chunks(test)]  # type: ignore[misc]
+
+    def influence(
+        self,
+        train: DataLoader,
+        test: Optional[DataLoader],
+        sink: TileSink,
+        with_self: bool = False,
+        cached: Optional[List[Tuple[slice, list]]] = None,
+        hook: Optional[ProgressHook] = None,
+        initial_self: Optional[torch.Tensor] = None,
+    ) -> Optional[torch.Tensor]:
+        """Stream ``train`` against ``test`` (or against ``cached`` test factors from :meth:`cache_test`);
+        ``sink`` receives each tile's checkpoint-summed scores. Returns self-influence [n_train] when ``with_self``.
+
+        ``hook`` (a :class:`tracin.engine.resume.ProgressHook`, e.g. a ResumeState) is told after every tile and chunk, and says which
+        chunks and tiles a resumed run has already finished; ``initial_self`` is the partial self-influence
+        of a resumed run."""
+        start = time.perf_counter()
+        n_train = dataset_size(train)
+        C = len(self.checkpoints)
+        skip = hook.chunk_finished if hook is not None else None
+        chunks = iter(cached) if cached is not None else self.test_chunks(test, skip)  # type: ignore[arg-type]
+        self_scores = None
+        if with_self:
+            self_scores = initial_self.to(self.device) if initial_self is not None else torch.zeros(n_train, device=self.device, dtype=self.dtype)
+        n_test_total = sum(rows.stop - rows.start for rows, _ in cached) if cached is not None else dataset_size(test)  # type: ignore[arg-type]
+        bar = tqdm(total=n_train * C * n_test_total, desc="TracIn train stream", unit="pair", unit_scale=True,
+                   disable=not self.progress, leave=False)
+        n_test = 0
+        self.stats["test_chunks"] = 0
+        for chunk_index, (rows, cache) in enumerate(chunks):
+            m = rows.stop - rows.start
+            n_test += m
+            self.stats["test_chunks"] = chunk_index + 1
+            if cache is None or (hook is not None and hook.chunk_finished(rows.start)):
+                bar.update(n_train * C * m)
+                continue
+            cache_bytes = sum(factor_bytes(f) for blocks, _ in cache for _, f in blocks)
+            want_self = self_scores if chunk_index == 0 else None
+            done_until = hook.next_train(rows) if hook is not None else 0
+            for tile in self._tiles(train, m, cache_bytes, skip_until=done_until):
+                tile_first, n_tile = self._span(tile)
+                if tile_first + n_tile <= done_until:  # committed by the interrupted run
+                    bar.update(n_tile * C * m)
+                    continue
+                for part, scores, self_part in self._scored_parts(tile, cache, m, want_self is not None):
+                    part_first = part[0][0]
+                    if want_self is not None:
+                        want_self[part_first:part_first + self_part.shape[0]] += self_part
+                    sink(rows, scores, part_first)
+                    bar.update(scores.shape[1] * C * m)
+                    self.stats["tiles"] = int(self.stats["tiles"]) + 1  # type: ignore[arg-type]
+                    if hook is not None:
+                        hook.tile_done(rows, part_first + scores.shape[1], want_self, dict(self.plan))
+            if hook is not None:
+                hook.chunk_done(rows)
+        bar.close()
+        self.stats["seconds"] = time.perf_counter() - start
+        self.stats["n_train"], self.stats["n_test"] = n_train, n_test
+        return self_scores
+
+    def _score_tile(self, tile: List[Tuple[int, object]], cache: list, m: int, with_self: bool):
+        """Checkpoint-summed scores [m, n_tile] of one tile, and its self-influence [n_tile] (or None)."""
+        tile_first, n_tile = self._span(tile)
+        scores = torch.zeros(m, n_tile, device=self.device, dtype=self.dtype)
+        selfs = torch.zeros(n_tile, device=self.device, dtype=self.dtype) if with_self else None
+        for c, ckpt in enumerate(self.checkpoints):
+            self._load(c)
+            lr = float(ckpt.learning_rate)  # type: ignore[arg-type]
+            blocks, test_norms = cache[c]
+            for first, batch in tile:
+                factors = self._factors(batch, "training", first)
+                b = self.task.batch_size(batch)
+                cols = slice(first - tile_first, first - tile_first + b)
+                sq = self._self(factors, b) if selfs is not None or self.normalize != "none" else None
+                train_norms = self._norms(sq) if self.normalize != "none" else None
+                for offset, block in blocks:
+                    s = self._pair(block, factors)
+                    if s is not None:
+                        if train_norms is not None:
+                            s = s / train_norms
+                        if test_norms is not None:
+                            s = s / test_norms[offset:offset + s.shape[0], None]
+                        scores[offset:offset + s.shape[0], cols].add_(s, alpha=lr)
+                if selfs is not None:
+                    selfs[cols].add_(sq, alpha=lr)
+        return scores, selfs
+
+    def _scored_parts(self, tile: List[Tuple[int, object]], cache: list, m: int, with_self: bool):
+        """[(tile part, scores, self-influence)]: the whole tile, or, after a CUDA out-of-memory error,
+        its halves (recursively; later tiles use the smaller size too)."""
+        try:
+            return [(tile, *self._score_tile(tile, cache, m, with_self))]
+        except torch.cuda.OutOfMemoryError:
+            n = self._span(tile)[1]
+            if len(tile) == 1:
+                raise TracInError(
+                    f"The device ran out of memory on a single batch of {n} examples; lower --batch_size (batch_size=)."
+                ) from None
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            half = len(tile) // 2
+            self.plan["tile_limit"] = self._span(tile[:half])[1]
+            warnings.warn(f"CUDA out of memory on a tile of {n} training examples; halving it to {self.plan['tile_limit']} and going on.",
+                          stacklevel=2)
+            return self._scored_parts(tile[:half], cache, m, with_self) + self._scored_parts(tile[half:], cache, m, with_self)
+
+    def self_influence(self, train: DataLoader) -> torch.Tensor:
+        """TracIn(z, z) for every training example, [n_train]; the data read once (:meth:`_at_checkpoints`)."""
+        start = time.perf_counter()
+        n_train = dataset_size(train)
+        out = torch.zeros(n_train, device=self.device, dtype=self.dtype)
+        bar = tqdm(total=n_train * len(self.checkpoints), desc="TracIn self-influence", unit="ex", disable=not self.progress, leave=False)
+        for c, first, batch in self._at_checkpoints(train):
+            b = self.task.batch_size(batch)
+            factors = self._factors(self.task.to_device(batch, self.device), "training", first)
+            out[first:first + b].add_(self._self(factors, b), alpha=float(self.checkpoints[c].learning_rate))  # type: ignore[arg-type]
+            bar.update(b)
+        bar.close()
+        self.stats["seconds"] = time.perf_counter() - start
+        return out
+
+    def vectors(self, loader: DataLoader, what: str, write: Callable[[int, int, torch.Tensor], None]) -> int:
+        """Per-example gradient vectors (projected when a projector is set), the data read once
+        (:meth:`_at_checkpoints`): ``write(checkpoint index, first example index, vectors [B, D])``. Returns D."""
+        dim = 0
+        bar = tqdm(total=dataset_size(loader) * len(self.checkpoints), desc=f"{what} gradients", unit="ex",
+                   disable=not self.progress, leave=False)
+        for c, first, batch in self._at_checkpoints(loader):
+            factors = self._factors(self.task.to_device(batch, self.device), what, first)
+            vec = torch.cat([f.to_vector() for f in factors.values() if f is not None], dim=1)
+            dim = vec.shape[1]
+            write(c, first, vec)
+            bar.update(self.task.batch_size(batch))
+        bar.close()
+        return dim
+
+    # -- iteration helpers ---------------------------------------------------------------------
+    def _span(self, tile: List[Tuple[int, object]]) -> Tuple[int, int]:
+        """(index of the tile's first training example, number of examples in the tile)."""
+        return tile[0][0], tile[-1][0] + self.task.batch_size(tile[-1][1]) - tile[0][0]
+
+    def _numbered(self, loader: DataLoader, first: int = 0):
+        """(index of the batch's first example, batch) for each batch; ``first``: the index of the
+        loader's first example."""
+        for batch in loader:
+            yield first, batch
+            first += self.task.batch_size(batch)
+
+    def _groups(self, loader: DataLoader) -> Iterator[List[Tuple[int, object]]]:
+        """Consecutive raw batches (index of the first example, batch) in host-memory groups of about
+        ``STAGING_BYTES`` (at least one batch), so a pass over every checkpoint reads the data once."""
+        group: List[Tuple[int, object]] = []
+        size = 0
+        for first, batch in self._numbered(loader):
+            group.append((first, batch))
+            size += batch_bytes(batch)
+            if size > STAGING_BYTES:
+                yield group
+                group, size = [], 0
+        if group:
+            yield group
+
+    def _at_checkpoints(self, loader: DataLoader) -> Iterator[Tuple[int, int, object]]:
+        """(checkpoint index, index of the batch's first example, raw batch) for every batch at every
+        checkpoint, with that checkpoint loaded. Each group of raw batches (:meth:`_groups`) sees every
+        checkpoint in turn, so the data is read once and each checkpoint loaded once per group."""
+        for group in self._groups(loader):
+            for c in range(len(self.checkpoints)):
+                self._load(c)
+                for first, batch in group:
+                    yield c, first, batch
+
+    def _tiles(self, train: DataLoader, m: int, cache_bytes: int, skip_until: int = 0):
+        """Groups of consecutive train batches (moved to the device) sized from the budget, or from
+        ``self.plan["tile_limit"]`` when preset. Batches before ``skip_until`` (scored by an interrupted
+        run) are not read when the loader can start there (:func:`tracin.engine.loaders.loader_from`), else
+        read but not moved."""
+        free = max(0, self.budget - cache_bytes)
+        tile: List[Tuple[int, object]] = []
+        count = 0
+        resumed = loader_from(train, skip_until)
+        source, offset = (resumed, skip_until) if resumed is not None else (train, 0)
+        if skip_until and resumed is not None:
+            self.stats["resumed_from"] = skip_until
+        for first, batch in self._numbered(source, offset):
+            b = self.task.batch_size(batch)
+            if first + b > skip_until:
+                batch = self.task.to_device(batch, self.device)
+            if tile and first == skip_until:  # a resumed run restarts its tiles where the last one ended
+                yield tile
+                tile, count = [], 0
+            if "tile_limit" not in self.plan:
+                per_example = 3 * m * torch.finfo(self.dtype).bits // 8 + batch_bytes(batch) / max(1, b)
+                self.plan["tile_limit"] = max(1, int(free // max(1.0, per_example)))
+            # read every time: an out-of-memory split lowers it for the tiles that follow
+            if tile and count + b > self.plan["tile_limit"]:
+                yield tile
+                tile, count = [], 0
+            tile.append((first, batch))
+            count += b
+        if tile:
+            yield tile
+
+
+class _FitSource:
+    """A scheduler's training data as the K-FAC fit reads it (:class:`tracin.layers.precondition.FitData`)."""
+
+    def __init__(self, run: Scheduler, train: DataLoader):
+        self.run, self.train = run, train
+        self.checkpoints, self.device, self.dtype = len(run.checkpoints), run.device, run.dtype
+        self.budget_bytes, self.total, self.progress = run.budget // 4, dataset_size(train), run.progress
+
+    def at_checkpoints(self) -> Iterator[Tuple[int, int, object]]:
+        return self.run._at_checkpoints(self.train)
+
+    def at_checkpoint(self, c: int) -> Iterator[Tuple[int, object]]:
+        self.run._load(c)
+        return self.run._numbered(self.train)
+
+    def raw_factors(self, first: int, batch: object) -> Tuple[int, FactorDict]:
+        run = self.run
+        return run.task.batch_size(batch), run.capture.factors(
+            run.model, run.task, run.task.to_device(batch, run.device), "training", first, raw=True)

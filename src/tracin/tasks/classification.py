@@ -1,0 +1,55 @@
+"""Classification with cross-entropy: the default task, and the probabilities and label losses of a
+classifier's checkpoints (used for predictions and as a mislabel baseline)."""
+from __future__ import annotations
+
+from typing import Iterator, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from ..checkpoints import Checkpoint
+from ..errors import DataError
+from .base import Batch, Task
+
+
+class ClassificationTask(Task):
+    """Batches are ``(inputs, labels)``; the loss is cross-entropy of ``model(inputs)``."""
+
+    def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        inputs, labels = batch[0], batch[1]
+        logits = model(inputs)
+        classes = logits.shape[1] if logits.dim() > 1 else 1
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= classes):
+            bad = int(labels.max()) if int(labels.max()) >= classes else int(labels.min())
+            raise DataError(
+                f"Label {bad} is out of range for a model with {classes} outputs; labels must be 0..{classes - 1} "
+                "(check the class folders or the label column)."
+            )
+        return F.cross_entropy(logits, labels, reduction="none")
+
+    def labels(self, batch: Batch) -> Optional[torch.Tensor]:
+        return batch[1]
+
+
+def predict_proba(model: torch.nn.Module, dataset, device: torch.device, batch_size: int, num_workers: int = 0) -> torch.Tensor:
+    """Softmax class probabilities [N, classes] of ``model`` (eval mode) on an (input, label) dataset."""
+    model.eval().to(device)
+    with torch.no_grad():
+        return torch.cat([torch.softmax(model(x.to(device)), dim=1).cpu()
+                          for x, _ in DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)])
+
+
+def checkpoint_probabilities(model: torch.nn.Module, checkpoints: Sequence[Checkpoint], dataset, device: torch.device,
+                             batch_size: int, num_workers: int = 0) -> Iterator[torch.Tensor]:
+    """Class probabilities [n, classes] under each checkpoint in turn (the model keeps the last one's weights)."""
+    for ck in checkpoints:
+        model.load_state_dict(ck.state_dict())
+        yield predict_proba(model, dataset, device, batch_size, num_workers)
+
+
+def label_losses(probs: torch.Tensor, labels: List[int]) -> np.ndarray:
+    """Cross-entropy of each example's given label, [n] in float64. Summed over checkpoints it is a
+    strong mislabel score (docs/quality.md)."""
+    return F.nll_loss(probs.double().clamp_min(1e-300).log(), torch.tensor(labels), reduction="none").numpy()

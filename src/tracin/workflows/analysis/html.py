@@ -1,0 +1,87 @@
+"""report.html: one self-contained page (images inlined as base64), every name escaped."""
+from __future__ import annotations
+
+import base64
+import io
+from html import escape
+from pathlib import Path
+from typing import Any, Dict, List, Sequence
+
+from PIL import Image
+
+from .figures import thumbnail
+
+STYLE = """
+body{font-family:system-ui,sans-serif;margin:24px;color:#1f2328;max-width:1400px}
+h1{margin-bottom:4px} h2{border-bottom:1px solid #d0d7de;padding-bottom:4px;margin-top:32px}
+table{border-collapse:collapse;font-size:13px} td,th{border:1px solid #d0d7de;padding:3px 6px;text-align:left}
+.band{font-weight:bold;font-size:20px} .pro{color:#1a7f37} .opp{color:#cf222e}
+.cards{display:flex;flex-wrap:wrap;gap:6px} .card{font-size:11px;text-align:center;width:100px}
+.pair{display:grid;grid-template-columns:130px 1fr 1fr;gap:12px;align-items:start;border-bottom:1px solid #eee;padding:8px 0}
+img.full{max-width:100%}
+"""
+
+
+def data_uri_png(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
+
+def thumb_tag(path: str, size: int = 96, title: str = "") -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(thumbnail(path, size)).save(buffer, format="PNG")
+    src = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return f'<img src="{src}" width="{size}" height="{size}" alt="{escape(Path(path).name)}" title="{escape(title or path)}">'
+
+
+def card(path: str, caption: str) -> str:
+    return f'<div class="card">{thumb_tag(path)}<br>{escape(caption)}</div>'
+
+
+def table(rows: Sequence[Dict[str, Any]], columns: Sequence[str], limit: int = 50, image_column: str = "") -> str:
+    head = "".join(f"<th>{escape(c)}</th>" for c in ([image_column and "image"] if image_column else []) + list(columns))
+    body = []
+    for r in rows[:limit]:
+        cells = [f"<td>{thumb_tag(str(r[image_column]), 48)}</td>"] if image_column else []
+        for c in columns:
+            v = r.get(c, "")
+            cells.append(f"<td>{escape(f'{v:.4g}' if isinstance(v, float) else str(v))}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    more = f"<p>{len(rows) - limit} more rows in the CSV.</p>" if len(rows) > limit else ""
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>{more}"
+
+
+def render(ctx: Dict[str, Any]) -> str:
+    """The whole page from the report context built by :func:`tracin.workflows.analysis.report.build_report`."""
+    parts: List[str] = [f"<!doctype html><html><head><meta charset='utf-8'><title>TracIn report</title><style>{STYLE}</style></head><body>"]
+    parts.append("<h1>TracIn influence report</h1>")
+    parts.append(f"<p>{escape(ctx['subtitle'])}</p>")
+    parts.append(f"<p class='band'>Health score {ctx['health']:.1f}% — {escape(ctx['band'])}</p>")
+    parts.append("<h2>Key findings and recommendations</h2><ul>" + "".join(f"<li>{escape(f)}</li>" for f in ctx["findings"]) + "</ul>")
+    parts.append(f"<h2>Dashboard</h2><img class='full' src='{data_uri_png(ctx['dashboard'])}' alt='dashboard'>")
+    parts.append("<h2>Classes</h2>" + table(ctx["class_rows"], ["class", "n_test", "test_accuracy", "mean_influence", "proponent_label_agreement"], limit=1000))
+    for name, fig in ctx["class_figures"]:
+        parts.append(f"<h3>{escape(name)}</h3><img class='full' src='{data_uri_png(fig)}' alt='{escape(name)} summary'>")
+    if ctx["mislabels"]:
+        parts.append("<h2>Mislabel candidates (highest self-influence first)</h2>")
+        parts.append(table(ctx["mislabels"], ["rank", "file", "label", "predicted", "self_influence"], limit=40, image_column="file"))
+    else:
+        parts.append("<h2>Mislabel candidates</h2><p>Self-influence was not computed: run <code>tracin influence --self_influence</code>.</p>")
+    parts.append(f"<h2>False predictions ({len(ctx['false_rows'])})</h2>")
+    parts.append(table(ctx["false_rows"], ["split", "file", "label", "predicted", "confidence"], limit=60, image_column="file"))
+    parts.append(f"<h2>Misprediction cross-analysis</h2><p>Error-propagation rate: {ctx['propagation']:.1%} of the test top-k "
+                 "appearances of mispredicted training images land on test images mispredicted the same way.</p>")
+    parts.append(table(ctx["cross_rows"], ["file", "label", "predicted", "test_topk_appearances", "same_way_mispredicted_tests"], limit=40, image_column="file"))
+    if ctx.get("gradcam"):
+        parts.append("<h2>Grad-CAM</h2>" + "".join(f"<img class='full' src='{data_uri_png(p)}' alt='Grad-CAM'>" for p in ctx["gradcam"]))
+    shown = ctx["tests"]
+    parts.append(f"<h2>Test images: top proponents and opponents</h2><p>Showing {len(shown)} of {ctx['n_test']} test images.</p>")
+    for t in shown:
+        pro = "".join(card(p, f"{lab} {s:+.3g}") for p, lab, s in t["pro"])
+        opp = "".join(card(p, f"{lab} {s:+.3g}") for p, lab, s in t["opp"])
+        parts.append(
+            f"<div class='pair'><div>{thumb_tag(t['file'], 120)}<br>{escape(Path(t['file']).name)}<br>label {escape(t['label'])}"
+            f"<br>predicted {escape(t['predicted'])}</div><div><b class='pro'>Proponents</b><div class='cards'>{pro}</div></div>"
+            f"<div><b class='opp'>Opponents</b><div class='cards'>{opp}</div></div></div>"
+        )
+    parts.append("</body></html>")
+    return "\n".join(parts)

@@ -1,0 +1,197 @@
+"""``tracin report``: every figure, table and folder of the analysis, from a results directory."""
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+from pathlib import Path
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Tuple
+
+from ...errors import TracInError
+from ...io import write_bytes, write_csv, write_json
+from . import figures, html
+from .load import Results, load_results
+from .metrics import (class_influencers, class_summary, cross_analysis, false_predictions, health_score,
+                      mean_influence_per_test, mislabel_candidates, opponent_share)
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name) or "_"
+
+
+def _train_lookup(res: Results) -> Tuple[Dict[int, str], Dict[int, str]]:
+    """({train index: file}, {train index: label}) of the scored training images."""
+    return {i: r["file"] for i, r in res.train.items()}, {i: r["label"] for i, r in res.train.items()}
+
+
+def _rates(rates: List[float]) -> str:
+    """'0.02 (all 6)' or '0.1, 0.05, ...' shortened to fit the overview."""
+    if len(set(rates)) == 1:
+        return f"{rates[0]:g} (all {len(rates)})"
+    text = ", ".join(f"{r:g}" for r in rates)
+    return text if len(text) <= 28 else text[:25] + "..."
+
+
+@dataclass
+class _Analysis:
+    """What the report's sections compute from the results, shared by the findings, the dashboard and the page."""
+
+    res: Results
+    health: float
+    band: str
+    opp_share: float
+    false_rows: List[Dict[str, Any]]
+    cross_rows: List[Dict[str, Any]]
+    propagation: float
+    mislabels: List[Dict[str, Any]]
+    class_rows: List[Dict[str, Any]] = field(default_factory=list)
+
+
+def _findings(a: _Analysis) -> List[str]:
+    res, health, band, opp_share, false_rows = a.res, a.health, a.band, a.opp_share, a.false_rows
+    propagation, cross_rows, class_rows, mislabels = a.propagation, a.cross_rows, a.class_rows, a.mislabels
+    n_test, n_train = len(res.test), len(res.train)
+    wrong_test = sum(1 for r in false_rows if r["split"] == "test")
+    wrong_train = sum(1 for r in false_rows if r["split"] == "train")
+    out = [f"Health score {health:.1f}% ({band}): that share of the top-{res.pro_values.shape[1]} proponent mass is positive; "
+           f"the top-{res.opp_values.shape[1]} opponents carry {opp_share:.1f}% of the combined proponent+opponent mass."]
+    out.append(f"The final model gets {wrong_test} of {n_test} test images and {wrong_train} of {n_train} training images wrong.")
+    scored = [r for r in class_rows if r["n_test"] > 0]
+    if scored:
+        worst = min(scored, key=lambda r: r["test_accuracy"])
+        least = min(scored, key=lambda r: r["proponent_label_agreement"] if r["proponent_label_agreement"] == r["proponent_label_agreement"] else 1.0)
+        out.append(f"Weakest class on test: {worst['class']} ({worst['test_accuracy']:.0%} accuracy). Class whose test images are "
+                   f"least supported by their own class: {least['class']} ({least['proponent_label_agreement']:.0%} of its proponents share its label).")
+    appearing = sum(1 for r in cross_rows if r["test_topk_appearances"] > 0)
+    out.append(f"{appearing} mispredicted training images appear in test top-k proponent lists; error-propagation rate {propagation:.1%}.")
+    if mislabels:
+        top = mislabels[: max(1, len(mislabels) // 20)]
+        disagree = sum(1 for r in top if r["model_disagrees"])
+        out.append(f"In the top 5% by self-influence ({len(top)} images) the model disagrees with the given label for {disagree}: "
+                   "inspect mislabel_candidates.csv from the top.")
+    else:
+        out.append("Self-influence was not computed: re-run 'tracin influence' with --self_influence to rank mislabel candidates.")
+    if band in ("FAIR", "NEEDS ATTENTION"):
+        out.append("Recommendation: many top proponents pull against their test images; review the harmful folders in top_influences/.")
+    if propagation > 0.2:
+        out.append("Recommendation: mispredicted training images propagate their errors; relabel or remove those in misprediction_cross_analysis.csv and retrain.")
+    elif wrong_train:
+        out.append("Recommendation: check the mispredicted training images in false_predictions.csv for label errors before retraining.")
+    return out
+
+
+def build_report(results_dir: Path, top_n: int = 10, html_tests: int = 100, gradcam: int = 0) -> Dict[str, Any]:
+    """Write the report files into ``results_dir`` and return a summary (also in report_summary.json).
+    ``gradcam`` > 0 adds Grad-CAM overlays for that many test images (needs the grad-cam package)."""
+    if top_n < 1 or html_tests < 0 or gradcam < 0:
+        raise TracInError(f"--top_n must be at least 1 and --html_tests and --gradcam 0 or more, got {top_n}, {html_tests} "
+                          f"and {gradcam}.")
+    res = load_results(Path(results_dir))
+    out = res.directory
+    cams = []
+    if gradcam > 0:
+        from .gradcam import gradcam_overlays
+
+        cams = gradcam_overlays(res, gradcam)
+    analysis = _tables(res)
+    class_figures = _class_sections(analysis, top_n)
+    findings = _findings(analysis)
+    dash = _dashboard(analysis, findings)
+    m = res.manifest
+    page = html.render({
+        "subtitle": f"{m['data']['arch']} on {m['data']['data_dir']} — {len(m['checkpoints'])} checkpoints, created {m['created']}",
+        "health": analysis.health, "band": analysis.band, "findings": findings, "dashboard": dash,
+        "class_rows": analysis.class_rows, "class_figures": class_figures, "mislabels": analysis.mislabels,
+        "false_rows": analysis.false_rows, "propagation": analysis.propagation, "cross_rows": analysis.cross_rows,
+        "tests": _test_rows(res, html_tests), "n_test": len(res.test_indices), "gradcam": cams,
+    })
+    write_bytes(out / "report.html", page.encode("utf-8"))
+    false_rows = analysis.false_rows
+    summary = {"health_score": analysis.health, "band": analysis.band, "opponent_share": analysis.opp_share,
+               "error_propagation_rate": analysis.propagation,
+               "false_predictions": {"train": sum(r["split"] == "train" for r in false_rows), "test": sum(r["split"] == "test" for r in false_rows)},
+               "findings": findings, "report": str(out / "report.html")}
+    write_json(out / "report_summary.json", summary)
+    return summary
+
+
+def _tables(res: Results) -> _Analysis:
+    """Health, false predictions, the misprediction cross-analysis and mislabel candidates, with their CSVs and figure."""
+    out = res.directory
+    health, band = health_score(res.pro_values)
+    false_rows = false_predictions(res)
+    write_csv(out / "false_predictions.csv", false_rows, ["split", "index", "file", "label", "predicted", "confidence"])
+    figures.image_grid(out / "false_predictions.png", [(r["file"], f"{r['split']} {r['label']}→{r['predicted']}") for r in false_rows],
+                       f"False predictions of the final model ({len(false_rows)}, first 100 shown)")
+    cross_rows, propagation = cross_analysis(res)
+    write_csv(out / "misprediction_cross_analysis.csv", cross_rows,
+              ["train_index", "file", "label", "predicted", "test_topk_appearances", "same_way_mispredicted_tests"])
+    mislabels = mislabel_candidates(res)
+    if mislabels:
+        write_csv(out / "mislabel_candidates.csv", mislabels,
+                  ["rank", "train_index", "file", "label", "predicted", "self_influence", "model_disagrees"]
+                  + [k for k in ("summed_loss", "summed_loss_rank") if k in mislabels[0]])
+    return _Analysis(res, health, band, opponent_share(res.pro_values, res.opp_values), false_rows, cross_rows, propagation, mislabels)
+
+
+def _class_sections(a: _Analysis, top_n: int) -> List[Tuple[str, Any]]:
+    """Per class: the helpful/harmful folders under top_influences/ and the summary figure; fills ``a.class_rows``."""
+    res = a.res
+    out = res.directory
+    path_of, label_of = _train_lookup(res)
+    influencers_of = class_influencers(res, top_n)
+    a.class_rows = class_summary(res)
+    class_figures = []
+    folder = out / "top_influences"
+    shutil.rmtree(folder, ignore_errors=True)
+    for row in a.class_rows:
+        name = row["class"]
+        picks = influencers_of[name]
+        for kind in ("helpful", "harmful"):
+            target = folder / _safe(name) / kind
+            target.mkdir(parents=True, exist_ok=True)
+            for rank, (j, score) in enumerate(picks[kind], start=1):
+                src = Path(path_of[j])
+                shutil.copy2(src, target / f"{rank:02d}_{_safe(label_of[j])}_{src.name}")
+        mix = Counter(label_of[j] for r, t in enumerate(res.test_indices.tolist()) if res.test[int(t)]["label"] == name
+                      for j in res.pro_indices[r].tolist())
+        fig = figures.class_summary_figure(
+            out / f"{_safe(name)}_summary.png", name,
+            {k: v for k, v in row.items() if k != "class"},
+            [(path_of[j], f"{label_of[j]} {s:+.3g}") for j, s in picks["helpful"]],
+            [(path_of[j], f"{label_of[j]} {s:+.3g}") for j, s in picks["harmful"]],
+            {c: mix.get(c, 0) for c in res.class_names})
+        class_figures.append((name, fig))
+    return class_figures
+
+
+def _dashboard(a: _Analysis, findings: List[str]) -> Any:
+    """analysis_dashboard.png: the overview, score distributions, mean influence and the most helpful images."""
+    res = a.res
+    path_of, label_of = _train_lookup(res)
+    totals: Dict[int, float] = {}
+    for row in range(res.pro_values.shape[0]):
+        for j, v in zip(res.pro_indices[row].tolist(), res.pro_values[row].tolist()):
+            totals[j] = totals.get(j, 0.0) + v
+    top_helpful = sorted(totals.items(), key=lambda kv: -kv[1])[:10]
+    m = res.manifest
+    overview = {"Training images": f"{m['data']['n_train']} of {m['data']['n_train_total']}",
+                "Test images": f"{m['data']['n_test']} of {m['data']['n_test_total']}",
+                "Classes": len(res.class_names), "Checkpoints": len(m["checkpoints"]),
+                "Learning rates": _rates([c["learning_rate"] for c in m["checkpoints"]]),
+                "Layers / params": f"{len(m['scope'])} / {m['num_parameters']:,}", "Top-k": res.pro_values.shape[1],
+                "Health score": a.health, "Band": a.band}
+    return figures.dashboard(res.directory / "analysis_dashboard.png", overview, res.pro_values, res.opp_values,
+                             mean_influence_per_test(res), [(path_of[j], f"{label_of[j]} {s:+.3g}") for j, s in top_helpful], findings)
+
+
+def _test_rows(res: Results, html_tests: int) -> List[Dict[str, Any]]:
+    """The first ``html_tests`` test images with their top-5 proponents and opponents, for the page."""
+    path_of, label_of = _train_lookup(res)
+    tests = []
+    for row, t in enumerate(res.test_indices.tolist()[:html_tests]):
+        test = res.test[int(t)]
+        tests.append({"file": test["file"], "label": test["label"], "predicted": test["predicted"],
+                      "pro": [(path_of[j], label_of[j], v) for j, v in zip(res.pro_indices[row][:5].tolist(), res.pro_values[row][:5].tolist())],
+                      "opp": [(path_of[j], label_of[j], v) for j, v in zip(res.opp_indices[row][:5].tolist(), res.opp_values[row][:5].tolist())]})
+    return tests

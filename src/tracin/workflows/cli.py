@@ -1,0 +1,375 @@
+"""The ``tracin`` command line: train, influence, audit, report, demo, ranking, kge.
+
+User errors print one line, ``tracin: error: ...``, and exit with code 2 (no traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, List, Optional, Sequence, Union
+
+from ..version import __version__
+from ..config import ScoringConfig, fields_with_flags
+from ..errors import TracInError
+
+
+def _add(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
+    """Add ``--some_flag`` and its dashed twin ``--some-flag``."""
+    names = [name] + ([name.replace("_", "-")] if "_" in name else [])
+    kwargs.setdefault("help", "(default: %(default)s)")  # --help shows the default of every flag
+    parser.add_argument(*names, **kwargs)
+
+
+def parse_layers(text: str) -> Union[str, int, List[str]]:
+    """'last' | 'all' | 'output_bias' | an int N | comma-separated module or parameter names or glob patterns."""
+    if text in ("last", "all", "output_bias"):
+        return text
+    if text.isdigit():
+        return int(text)
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("--layers needs last, all, output_bias, a number or module names")
+    return names
+
+
+AUGMENT_HELP = ("none | crop | flip | crop_flip: random shifts and/or mirrors of the training images while training "
+                "(influence always reads the plain images)")
+LR_SCHEDULE_HELP = "constant | cosine (per epoch, from --learning_rate towards 0)"
+ARCHS = ["resnet18", "resnet50", "smallcnn"]
+# how each scoring setting's flag parses (the rest are strings); names, help and choices come from ScoringConfig
+FLAG_TYPES = {"layers": parse_layers, "batch_size": int, "num_workers": int, "seed": int, "projection_dim": int,
+              "sample_rate": float, "damping": float}
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each flag's default."""
+
+
+def _scoring_flags(parser: argparse.ArgumentParser, names: Sequence[str], **defaults: Any) -> None:
+    """Add the flags of the scoring settings ``names`` as :class:`tracin.config.ScoringConfig` declares them
+    (flag, help, choices, default), with per-command ``defaults``; ``stratify_by_choices=`` narrows --stratify_by."""
+    stratify_choices = defaults.pop("stratify_by_choices", None)
+    for name, flag, meta in fields_with_flags():
+        if name not in names:
+            continue
+        choices = list(meta["choices"]) if meta["choices"] else (stratify_choices if name == "stratify_by" else None)
+        _add(parser, flag, dest=name, type=FLAG_TYPES.get(name, str), default=defaults.get(name, meta["default"]),
+             choices=choices, help=meta["help"])
+
+
+def _run_flags(parser: argparse.ArgumentParser, trust: str = "allow checkpoints that need pickled code (runs code from the file)") -> None:
+    """The flags every command that reads checkpoints shares: device, trust, quiet."""
+    _add(parser, "--device", default="auto", help="auto (cuda, then mps, then cpu) or a torch device")
+    _add(parser, "--trust_checkpoint", action="store_true", help=trust)
+    _add(parser, "--quiet", action="store_true", help="no progress bars")
+
+
+def _projection_flags(parser: argparse.ArgumentParser, dim: int) -> None:
+    _add(parser, "--use_projection", action="store_true", help="project per-example gradients (approximate, unbiased)")
+    _scoring_flags(parser, ["projection_dim", "projection"], projection_dim=dim)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tracin", description="TracIn training-data influence for PyTorch models.",
+                                formatter_class=_Formatter)
+    p.add_argument("--version", action="version", version=f"tracin {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in (_train_parser, _influence_parser, _audit_parser, _report_parser, _ranking_parser, _kge_parser,
+                _evaluate_parser, _demo_parser):
+        add(sub)
+    return p
+
+
+def _train_parser(sub) -> None:
+    t = sub.add_parser("train", help="train an image classifier on an image folder, saving checkpoints", formatter_class=_Formatter)
+    _add(t, "--data_dir", type=Path, required=True, help="folder with train/<class>/ and test/<class>/")
+    _add(t, "--arch", choices=ARCHS, default="resnet18")
+    _add(t, "--epochs", type=int, default=10)
+    _add(t, "--save_every", type=int, default=1, help="save a checkpoint every K epochs (and after the last)")
+    _add(t, "--checkpoint_dir", type=Path, required=True)
+    _add(t, "--learning_rate", type=float, default=0.01)
+    _add(t, "--batch_size", type=int, default=32)
+    _add(t, "--pretrained", type=Path, help="local weights file to start from (nothing is downloaded)")
+    _add(t, "--image_size", type=int, default=224)
+    _add(t, "--augment", default="none", help=AUGMENT_HELP)
+    _add(t, "--lr_schedule", default="constant", help=LR_SCHEDULE_HELP)
+    _add(t, "--seed", type=int, default=0)
+    _add(t, "--device", default="auto")
+    _add(t, "--quiet", action="store_true", help="no progress bars")
+
+
+def _influence_parser(sub) -> None:
+    i = sub.add_parser("influence", help="top-k proponents/opponents (and self-influence) for an image folder", formatter_class=_Formatter)
+    _add(i, "--data_dir", type=Path, required=True)
+    _add(i, "--checkpoint_dir", type=Path, required=True)
+    _add(i, "--output_dir", type=Path, required=True)
+    _add(i, "--top_k", type=int, default=100)
+    _add(i, "--train_subset", type=int, help="score a seeded random subset of N training images")
+    _add(i, "--test_subset", type=int, help="score a seeded random subset of M test images")
+    _add(i, "--self_influence", action="store_true", help="also compute self-influence of every training image")
+    _add(i, "--memory_budget", type=float, help="working memory in GiB (default: from free memory)")
+    _add(i, "--full_matrix", action="store_true", help="also write influence_matrix.npy [n_test, n_train] (disk-backed, in tiles)")
+    _add(i, "--overwrite", action="store_true", help="discard an interrupted run's progress instead of resuming it")
+    _add(i, "--summed_loss", action="store_true",
+         help="with --self_influence: also rank training images by their loss summed over the checkpoints")
+    _scoring_flags(i, ["layers", "batch_size", "seed", "num_workers", "sample_rate", "stratify_by", "precision", "normalize",
+                       "precondition", "damping"], layers="last", batch_size=32, stratify_by_choices=["label"])
+    _projection_flags(i, 1024)
+    _run_flags(i)
+
+
+def _audit_parser(sub) -> None:
+    au = sub.add_parser("audit", help="speed and agreement of fast configurations against the exact scores", formatter_class=_Formatter)
+    _add(au, "--data_dir", type=Path, required=True)
+    _add(au, "--checkpoint_dir", type=Path, required=True)
+    _add(au, "--n_test", type=int, default=20, help="test images to compare on")
+    _add(au, "--projection_dims", type=int, nargs="*", default=[256, 1024])
+    _add(au, "--sample_rates", type=float, nargs="*", default=[0.5])
+    _add(au, "--top", type=int, default=10, help="k of the top-k overlap")
+    _add(au, "--output", type=Path, help="also write the table as JSON here")
+    _scoring_flags(au, ["layers", "batch_size", "seed", "projection"], layers="last", batch_size=32)
+    _run_flags(au)
+
+
+def _report_parser(sub) -> None:
+    r = sub.add_parser("report", help="dashboard, class summaries, image folders, mispredictions, HTML report", formatter_class=_Formatter)
+    _add(r, "--results_dir", type=Path, required=True)
+    _add(r, "--top_n", type=int, default=10, help="helpful/harmful images per class")
+    _add(r, "--html_tests", type=int, default=100, help="test images shown with their proponents in report.html")
+    _add(r, "--gradcam", type=int, default=0, metavar="N", help="Grad-CAM overlays for the first N test images (pip install -e '.[gradcam]')")
+
+
+def _ranking_parser(sub) -> None:
+    rk = sub.add_parser("ranking", help="self-influence and influence for a pairwise ranking model", formatter_class=_Formatter)
+    _add(rk, "--pairs_train", type=Path, required=True, help="training pairs (.csv or .npz; see the README)")
+    _add(rk, "--pairs_test", type=Path, help="test pairs (needed with --compute_influence)")
+    _add(rk, "--checkpoint_dir", type=Path, required=True)
+    _add(rk, "--checkpoint_prefix", default="model_epoch_", help="checkpoint file names start with this")
+    _add(rk, "--output_dir", type=Path, required=True)
+    _add(rk, "--compute_self_influence", action="store_true")
+    _add(rk, "--compute_influence", action="store_true")
+    _add(rk, "--num_test_samples", type=int, default=5, help="seeded sample of test pairs to explain")
+    _add(rk, "--loss_type", choices=["standard", "ghm"], default="standard", help="standard: MarginRankingLoss; ghm: GHM ranking loss")
+    _add(rk, "--margin", type=float, default=0.0)
+    _add(rk, "--ghm_bins", type=int, default=10)
+    _add(rk, "--ghm_alpha", type=float, default=1.0, help="GHM weight exponent (1: GHM-C, 0: plain logistic loss)")
+    _scoring_flags(rk, ["layers", "batch_size", "seed"], batch_size=256, seed=42)
+    _run_flags(rk)
+
+
+def _kge_parser(sub) -> None:
+    kg = sub.add_parser("kge", help="influence of training triples on a PyKEEN knowledge-graph model's test triples", formatter_class=_Formatter)
+    _add(kg, "--model_path", type=Path, required=True, help="a checkpoint file, a folder of them, or a pickled PyKEEN model")
+    _add(kg, "--train", type=Path, required=True, help="training triples, head<TAB>relation<TAB>tail labels (.tsv/.txt, .gz ok)")
+    _add(kg, "--test", type=Path, required=True, help="test triples, same format")
+    _add(kg, "--entity_to_id", type=Path, required=True, help="PyKEEN's entity_to_id.tsv(.gz)")
+    _add(kg, "--relation_to_id", type=Path, required=True, help="PyKEEN's relation_to_id.tsv(.gz)")
+    _add(kg, "--output", type=Path, required=True, help="output folder")
+    _add(kg, "--mode", choices=["single", "batch"], default="batch", help="single: one test triple per pass (least memory)")
+    _add(kg, "--test_indices", type=int, nargs="+", help="test triples to explain (default: all)")
+    _add(kg, "--top_k", type=int, default=10)
+    _add(kg, "--self_influence", action="store_true", help="also rank every training triple by self-influence")
+    _add(kg, "--direction", choices=["tail", "both"], default="tail", help="both: add the head side (models with inverse triples)")
+    _add(kg, "--label_smoothing", type=float, default=0.0, help="as the model was trained")
+    _add(kg, "--learning_rate", type=float, help="learning rate of checkpoints that store none")
+    _scoring_flags(kg, ["layers", "batch_size", "seed", "sample_rate", "stratify_by"], batch_size=64,
+                   stratify_by_choices=["relation", "head", "tail"])
+    _projection_flags(kg, 256)
+    _run_flags(kg, trust="allow a whole pickled model (runs code from the file)")
+
+
+def _evaluate_parser(sub) -> None:
+    ev = sub.add_parser("evaluate", help="measure attribution quality: mislabel detection, data cleaning", formatter_class=_Formatter)
+    evs = ev.add_subparsers(dest="evaluation", required=True)
+    em = evs.add_parser("mislabel", help="recall and ROC AUC of flipped-label detection against loss and cleanlab baselines",
+                        formatter_class=_Formatter)
+    ec = evs.add_parser("cleaning", help="remove or relabel the top suspects, retrain, compare test accuracy", formatter_class=_Formatter)
+    for e in (em, ec):
+        _add(e, "--data", default="digits", help="digits (embedded), shapes (generated) or an image folder with train/ and test/")
+        _add(e, "--output_dir", type=Path, required=True)
+        _add(e, "--noise_rate", type=float, default=0.1)
+        _add(e, "--noise", choices=["uniform", "asymmetric"], default="uniform")
+        _add(e, "--flip", help="asymmetric map source:target,... by class name (default: digits 2:7,3:8,5:6,6:5,7:1; else pair flips)")
+        _add(e, "--seeds", type=int, nargs="+", default=[0])
+        _add(e, "--arch", choices=ARCHS, default="smallcnn")
+        _add(e, "--epochs", type=int, default=12)
+        _add(e, "--save_every", type=int, default=1, help="a checkpoint every K epochs (every epoch detects best: docs/quality.md)")
+        _add(e, "--learning_rate", type=float, default=0.02)
+        _add(e, "--batch_size", type=int, default=32)
+        _add(e, "--image_size", type=int, default=16)
+        _add(e, "--augment", default="none", help=AUGMENT_HELP)
+        _add(e, "--lr_schedule", default="constant", help=LR_SCHEDULE_HELP)
+        _scoring_flags(e, ["layers", "precondition"], layers="last")
+        _add(e, "--device", default="auto")
+        _add(e, "--quiet", action="store_true")
+    _add(em, "--cv_folds", type=int, default=5, help="folds of the cross-validated cleanlab baseline")
+    _add(em, "--no_cleanlab", action="store_true", help="skip the cleanlab baseline (K more trainings per seed)")
+    _add(ec, "--fraction", type=float, default=0.1, help="share of the training set to remove or relabel")
+    _add(ec, "--action", choices=["remove", "relabel"], default="remove")
+
+
+def _demo_parser(sub) -> None:
+    d = sub.add_parser("demo", help="the whole workflow on scikit-learn's digits with injected label noise", formatter_class=_Formatter)
+    _add(d, "--output_dir", type=Path, required=True)
+    _add(d, "--noise_rate", type=float, default=0.1)
+    _add(d, "--seed", type=int, default=0)
+    _add(d, "--device", default="auto")
+    _add(d, "--quiet", action="store_true")
+
+
+def _memory_budget(gib: Optional[float]) -> Optional[int]:
+    if gib is None:
+        return None
+    if not (gib > 0 and math.isfinite(gib)):
+        raise TracInError(f"--memory_budget must be a positive number of GiB, got {gib}.")
+    return int(gib * 2**30)
+
+
+def scoring_config(a: argparse.Namespace) -> ScoringConfig:
+    """The :class:`ScoringConfig` of a parsed scoring command: every setting it has a flag for, the rest default."""
+    settings = {name: getattr(a, name) for name, _, _ in fields_with_flags() if hasattr(a, name)}
+    if hasattr(a, "use_projection") and not a.use_projection:
+        settings["projection_dim"] = None
+    if hasattr(a, "memory_budget"):
+        settings["memory_budget"] = _memory_budget(a.memory_budget)
+    return ScoringConfig(progress=not a.quiet, **settings)
+
+
+def _train(a) -> None:
+    from ..device import resolve_device
+    from .image.train import ImageTraining, train_image_classifier
+
+    training = ImageTraining(arch=a.arch, epochs=a.epochs, save_every=a.save_every, learning_rate=a.learning_rate,
+                             batch_size=a.batch_size, pretrained=a.pretrained, image_size=a.image_size, seed=a.seed,
+                             augment=a.augment, lr_schedule=a.lr_schedule)
+    s = train_image_classifier(a.data_dir, a.checkpoint_dir, training, resolve_device(a.device), progress=not a.quiet)
+    print(f"Saved {len(s.checkpoints)} checkpoints to {a.checkpoint_dir}; best test accuracy {s.best_test_accuracy:.1%} "
+          f"({s.best_model.name}); log {s.log_csv}, curve {s.curve_png}.")
+
+
+def _influence(a) -> None:
+    from .image.influence import InfluenceJob, run_influence
+
+    m = run_influence(InfluenceJob(
+        data_dir=a.data_dir, checkpoint_dir=a.checkpoint_dir, output_dir=a.output_dir, top_k=a.top_k,
+        train_subset=a.train_subset, test_subset=a.test_subset, self_influence=a.self_influence, device=a.device,
+        trust_checkpoint=a.trust_checkpoint, full_matrix=a.full_matrix, overwrite=a.overwrite, summed_loss=a.summed_loss,
+        scoring=scoring_config(a)))
+    if m is None:  # a torchrun rank other than 0: rank 0 reports
+        return
+    skipped = len(m["data"]["skipped_files"])
+    print(f"Scored {m['data']['n_train']} training x {m['data']['n_test']} test images over {len(m['checkpoints'])} checkpoints, "
+          f"{len(m['scope'])} layers ({m['num_parameters']:,} parameters) in {m['timings']['influence_s']:.1f}s on {m['device']}."
+          + (f" Skipped {skipped} unreadable images (listed in the manifest)." if skipped else ""))
+    print(f"Results in {a.output_dir}; next: tracin report --results_dir {a.output_dir}")
+
+
+def _audit(a) -> None:
+    from ..io import write_json
+    from .audit import audit, format_table
+    from .image.setup import image_setup
+
+    s = image_setup(a.data_dir, a.checkpoint_dir, a.trust_checkpoint)
+    configs = {f"projection {d} {a.projection}": {"projection_dim": d, "projection": a.projection} for d in a.projection_dims}
+    configs.update({f"sample {r:g}": {"sample_rate": r} for r in a.sample_rates})
+    rows = audit(s.model, s.checkpoints, s.train, s.test, configs, n_test=a.n_test, top=a.top, seed=a.seed,
+                 layers=a.layers, device=a.device, batch_size=a.batch_size, progress=not a.quiet)
+    print(f"Audit on {min(a.n_test, len(s.test))} test images x {len(s.train)} training images, layers={a.layers}:")
+    print(format_table(rows, a.top))
+    if a.output:
+        write_json(a.output, rows)
+
+
+def _report(a) -> None:
+    from .analysis.report import build_report
+
+    s = build_report(a.results_dir, a.top_n, a.html_tests, a.gradcam)
+    print(f"Health score {s['health_score']:.1f}% ({s['band']}); error-propagation rate {s['error_propagation_rate']:.1%}.")
+    print(f"Report: {s['report']}")
+
+
+def _ranking(a) -> None:
+    from .ranking_job import RankingJob, run_ranking
+
+    if a.compute_influence and a.pairs_test is None:
+        raise TracInError("--compute_influence needs --pairs_test, the pairs to explain.")
+    m = run_ranking(RankingJob(
+        pairs_train=a.pairs_train, pairs_test=a.pairs_test, checkpoint_dir=a.checkpoint_dir, output_dir=a.output_dir,
+        checkpoint_prefix=a.checkpoint_prefix, compute_self_influence=a.compute_self_influence,
+        compute_influence=a.compute_influence, num_test_samples=a.num_test_samples, loss_type=a.loss_type, margin=a.margin,
+        ghm_bins=a.ghm_bins, ghm_alpha=a.ghm_alpha, device=a.device, trust_checkpoint=a.trust_checkpoint,
+        scoring=scoring_config(a)))
+    print(f"Scored {m['data']['n_train']} training pairs over {len(m['checkpoints'])} checkpoints in "
+          f"{m['timings']['total_s']:.1f}s; wrote {', '.join(m['outputs'])} to {a.output_dir}.")
+
+
+def _kge(a) -> None:
+    from .kge_job import KGEJob, run_kge
+
+    m = run_kge(KGEJob(
+        model_path=a.model_path, train=a.train, test=a.test, entity_to_id=a.entity_to_id, relation_to_id=a.relation_to_id,
+        output=a.output, mode=a.mode, test_indices=a.test_indices, top_k=a.top_k, self_influence=a.self_influence,
+        direction=a.direction, label_smoothing=a.label_smoothing, learning_rate=a.learning_rate, device=a.device,
+        trust_checkpoint=a.trust_checkpoint, scoring=scoring_config(a)))
+    d = m["data"]
+    print(f"Explained {len(d['test_indices'])} test triples with the top {a.top_k} of {d['n_train']} training triples over "
+          f"{len(m['checkpoints'])} checkpoints ({d['model_class']}, {m['num_parameters']:,} parameters) in "
+          f"{m['timings']['total_s']:.1f}s; results in {a.output} (kge_influence.json).")
+
+
+def _evaluate(a) -> None:
+    from .evaluation.common import Noise, Training
+    from .image.noise import parse_flip_map
+
+    training = Training(arch=a.arch, epochs=a.epochs, save_every=a.save_every, learning_rate=a.learning_rate,
+                        batch_size=a.batch_size, image_size=a.image_size, device=a.device, layers=a.layers,
+                        augment=a.augment, lr_schedule=a.lr_schedule, precondition=a.precondition)
+    noise = Noise(data=a.data, rate=a.noise_rate, seeds=a.seeds, kind=a.noise, flip_map=parse_flip_map(a.flip) if a.flip else None)
+    if a.evaluation == "mislabel":
+        from .evaluation.mislabel import format_summary, run_mislabel
+
+        r = run_mislabel(noise, a.output_dir, training, a.cv_folds, not a.no_cleanlab, progress=not a.quiet)
+        print(format_summary(r))
+        print(f"Per seed, checkpoint study and {r['plot']} in {a.output_dir}.")
+    else:
+        from .evaluation.cleaning import format_cleaning, run_cleaning
+
+        r = run_cleaning(noise, a.output_dir, training, a.fraction, a.action, progress=not a.quiet)
+        print(format_cleaning(r))
+        print(f"Details in {a.output_dir / 'cleaning_evaluation.json'}.")
+
+
+def _demo(a) -> None:
+    from .demo import run_demo
+
+    m = run_demo(a.output_dir, a.noise_rate, a.seed, a.device, progress=not a.quiet)
+    r = m["recall_at_inspected"]
+    print(f"Flipped {m['n_flipped']} of {m['n_train']} training labels; self-influence found {r['10%']:.0%} of them in its top 10% "
+          f"and {r['20%']:.0%} in its top 20% (ROC AUC {m['roc_auc']:.3f}). Test accuracy {m['best_test_accuracy']:.1%}; "
+          f"{m['seconds']:.0f}s in all.")
+    print(f"Report: {m['report']}  Metrics: {Path(a.output_dir) / 'mislabel_metrics.json'}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    previous = warnings.formatwarning
+    warnings.formatwarning = lambda msg, *rest, **kw: f"tracin: warning: {msg}\n"
+    try:
+        {"train": _train, "influence": _influence, "audit": _audit, "report": _report, "demo": _demo,
+         "ranking": _ranking, "kge": _kge, "evaluate": _evaluate}[args.command](args)
+    except TracInError as exc:
+        print(f"tracin: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tracin: interrupted; results of this command are incomplete (no manifest was written).", file=sys.stderr)
+        return 130
+    finally:
+        warnings.formatwarning = previous
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,249 @@
+"""The ``tracin influence`` job for image classifiers trained by ``tracin train``: set up, score,
+predict, write."""
+from __future__ import annotations
+
+import hashlib
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import Subset
+
+from ...api import TracIn
+from ...checkpoints import Checkpoint
+from ...config import ScoringConfig
+from ...engine.distributed import init_from_env, rank_and_world
+from ...engine.resume import reset
+from ...errors import TracInError
+from ...io import file_sha256
+from ...results import InfluenceResult
+from ...tasks.classification import checkpoint_probabilities, label_losses, predict_proba
+from .. import results_dir as names
+from ..results_dir import ResultsDir, RunRecord, descending_ranks, job_parameters
+from .setup import ImageSetup, image_setup
+
+
+@dataclass
+class InfluenceJob:
+    """A ``tracin influence`` run: the folders, what to write, and the scoring settings."""
+
+    data_dir: Path
+    checkpoint_dir: Path
+    output_dir: Path
+    top_k: int = 100
+    train_subset: Optional[int] = None
+    test_subset: Optional[int] = None
+    self_influence: bool = False
+    device: str = "auto"
+    trust_checkpoint: bool = False
+    full_matrix: bool = False
+    overwrite: bool = False
+    summed_loss: bool = False
+    scoring: ScoringConfig = field(default_factory=lambda: ScoringConfig(layers="last", batch_size=32))
+
+
+@dataclass
+class _Run:
+    """One influence run as it goes: the set-up, the scored subsets, the scorer and the output folder."""
+
+    job: InfluenceJob
+    setup: ImageSetup
+    train_idx: np.ndarray
+    test_idx: np.ndarray
+    tr: TracIn
+    out: ResultsDir
+    timings: Dict[str, float] = field(default_factory=dict)
+
+    @property
+    def train_set(self) -> Subset:
+        return Subset(self.setup.train, self.train_idx.tolist())
+
+    @property
+    def test_set(self) -> Subset:
+        return Subset(self.setup.test, self.test_idx.tolist())
+
+
+def _subset(n: int, size: Optional[int], seed: int, what: str) -> np.ndarray:
+    """Sorted indices of a seeded random subset of ``size`` examples (all when None, or with a
+    warning when ``size`` is not smaller than the split's ``n`` images)."""
+    if size is not None and size < 1:
+        raise TracInError(f"--{what}_subset must be at least 1, got {size}.")
+    if size is None or size >= n:
+        if size is not None:
+            warnings.warn(f"--{what}_subset {size} is not smaller than the {n} {what} images; scoring all of them.",
+                          stacklevel=2)
+        return np.arange(n)
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n, size=size, replace=False))
+
+
+def run_influence(job: InfluenceJob) -> Optional[Dict[str, Any]]:
+    """Score top-k proponents/opponents (and optionally self-influence); write the result files
+    and, last, ``manifest.json``. Returns the manifest (None on ranks other than 0 under torchrun,
+    where every rank scores its shard of the training set and rank 0 writes)."""
+    started = init_from_env()
+    finished = False
+    try:
+        manifest = _run_influence(job)
+        finished = True
+        return manifest
+    finally:
+        if started:
+            import torch.distributed as dist
+
+            if finished:  # no rank tears its connections down while rank 0 still writes
+                dist.barrier()
+            dist.destroy_process_group()
+
+
+def _run_influence(job: InfluenceJob) -> Optional[Dict[str, Any]]:
+    t_start = time.perf_counter()
+    run = _set_up(job)
+    run.timings["scan_s"] = time.perf_counter() - t_start
+    hashes = [file_sha256(Path(c.source)) for c in run.setup.checkpoints]  # read once: resume key and manifest
+    result = _score(run, hashes)
+    run.timings["influence_s"] = time.perf_counter() - t_start - run.timings["scan_s"]
+    if rank_and_world()[0] != 0:
+        return None
+    final, predictions = _predict(run)
+    run.timings["predictions_s"] = time.perf_counter() - t_start - run.timings["scan_s"] - run.timings["influence_s"]
+    _write_top_k(run, result, predictions)
+    if result.self_influence is not None:
+        _write_self_influence(run, result.self_influence.numpy(), predictions["train"][0])
+    run.timings["total_s"] = time.perf_counter() - t_start
+    return _write_manifest(run, result, final, hashes)
+
+
+def _set_up(job: InfluenceJob) -> _Run:
+    """Scan the folders, draw the subsets, build the scorer and say what it scores; begin the results folder."""
+    rank, world = rank_and_world()
+    setup = image_setup(job.data_dir, job.checkpoint_dir, job.trust_checkpoint)
+    seed = job.scoring.seed
+    train_idx = _subset(len(setup.train), job.train_subset, seed, "train")
+    test_idx = _subset(len(setup.test), job.test_subset, seed + 1, "test")
+    if job.top_k > len(train_idx):
+        raise TracInError(f"--top_k {job.top_k} is larger than the training set ({len(train_idx)} images); use --top_k {len(train_idx)} or less.")
+    config = job.scoring.replace(progress=job.scoring.progress and rank == 0)
+    tr = TracIn(setup.model, setup.checkpoints, device=job.device, config=config)
+    if config.progress:
+        print(_scope_line(tr, world), file=sys.stderr)
+    out = ResultsDir(Path(job.output_dir))
+    if rank == 0:
+        out.begin()
+    if job.overwrite:
+        reset(out.progress / f"rank{rank}" if world > 1 else out.progress)
+    return _Run(job, setup, train_idx, test_idx, tr, out)
+
+
+def _scope_line(tr: TracIn, world: int) -> str:
+    """'Scoring N layers (names), P parameters in scope, ...' for the progress output."""
+    c = tr.config
+    names = ", ".join(r["name"] + ("" if r["whole"] else f" ({', '.join(r['parameters'])} only)") for r in tr.scope()[:6]) \
+        + (" ..." if len(tr.handlers) > 6 else "")
+    return (f"Scoring {len(tr.handlers)} layer{'s' if len(tr.handlers) > 1 else ''} ({names}), {tr.num_parameters:,} parameters in scope"
+            + (f", projected to ~{c.projection_dim} dims per layer ({c.projection})" if c.projection_dim else "")
+            + (f", K-FAC preconditioned (damping {c.damping:g})" if c.precondition == "kfac" else "")
+            + (f", {c.sample_rate:.0%} of the training set" if c.sample_rate else "")
+            + (f", {world} processes" if world > 1 else "") + ".")
+
+
+def _score(run: _Run, hashes: List[str]) -> InfluenceResult:
+    """Top-k (and self-influence) of the subsets, resumable: keyed by the job, the checkpoints' hashes and the images."""
+    job, split = run.job, run.setup
+    paths = split.train_split.paths + split.test_split.paths
+    images = hashlib.sha256("\n".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in paths).encode()).hexdigest()
+    volatile = ("progress", "num_workers", "overwrite", "device", "memory_budget")
+    key = {"parameters": {k: str(v) for k, v in job_parameters(job).items() if k not in volatile},
+           "checkpoints": hashes, "images": images}
+    result = run.tr.influence(run.train_set, run.test_set, top_k=job.top_k, self_influence=job.self_influence,
+                              matrix_path=run.out.file(names.MATRIX_NPY) if job.full_matrix else None,
+                              resume_dir=run.out.progress, resume_key=key)
+    if run.tr.config.progress and result.stats.get("resumed_from_tile"):
+        print(f"Resumed an interrupted run after {result.stats['resumed_from_tile']} committed tiles.", file=sys.stderr)
+    return result
+
+
+def _predict(run: _Run) -> Tuple[Checkpoint, Dict[str, Tuple[np.ndarray, np.ndarray]]]:
+    """The final model (best_model.pt when training wrote one, else the last checkpoint) and its
+    (predicted class, confidence) on each scored subset."""
+    job, tr = run.job, run.tr
+    best = Path(job.checkpoint_dir) / "best_model.pt"
+    final = Checkpoint(best, trust=job.trust_checkpoint) if best.is_file() else run.setup.checkpoints[-1]
+    run.setup.model.load_state_dict(final.state_dict())
+    predictions = {}
+    for split, dataset in (("train", run.train_set), ("test", run.test_set)):
+        probs = predict_proba(run.setup.model, dataset, tr.device, tr.config.batch_size, tr.config.num_workers)
+        conf, pred = probs.max(1)
+        predictions[split] = (pred.numpy(), conf.numpy())
+    return final, predictions
+
+
+def _write_top_k(run: _Run, result: InfluenceResult, predictions: Dict[str, Tuple[np.ndarray, np.ndarray]]) -> None:
+    """The top-k arrays, the subsets' indices, ``top_k_influences.csv`` and both prediction tables."""
+    out, s, train_idx, test_idx = run.out, run.setup, run.train_idx, run.test_idx
+    pro_i, opp_i = train_idx[result.proponents.indices.numpy()], train_idx[result.opponents.indices.numpy()]
+    pro_v, opp_v = result.proponents.values.numpy(), result.opponents.values.numpy()
+    for name, array in ((names.TOP_VALUES, pro_v), (names.TOP_INDICES, pro_i), (names.OPP_VALUES, opp_v),
+                        (names.OPP_INDICES, opp_i), (names.TEST_INDICES, test_idx), (names.TRAIN_INDICES, train_idx)):
+        out.npy(name, array)
+    if run.job.full_matrix:
+        out.adopt(names.MATRIX_NPY)
+    test_pred = predictions["test"][0]
+    pred_of_train = dict(zip(train_idx.tolist(), predictions["train"][0].tolist()))
+    classes, train_split, test_split = s.class_names, s.train_split, s.test_split
+
+    def rows() -> Iterator[Dict[str, Any]]:
+        for row, t in enumerate(test_idx.tolist()):
+            for kind, vals, idxs in (("proponent", pro_v, pro_i), ("opponent", opp_v, opp_i)):
+                for rank in range(vals.shape[1]):
+                    j = int(idxs[row, rank])
+                    yield {"test_index": t, "test_file": str(test_split.paths[t]), "test_label": classes[test_split.labels[t]],
+                           "test_predicted": classes[int(test_pred[row])], "kind": kind, "rank": rank + 1,
+                           "train_index": j, "train_file": str(train_split.paths[j]), "train_label": classes[train_split.labels[j]],
+                           "train_predicted": classes[pred_of_train[j]], "score": float(vals[row, rank])}
+
+    out.csv(names.TOP_CSV, rows(), ["test_index", "test_file", "test_label", "test_predicted", "kind", "rank", "train_index",
+                                    "train_file", "train_label", "train_predicted", "score"])
+    for split, idx, folder in (("train", train_idx, train_split), ("test", test_idx, test_split)):
+        pred, conf = predictions[split]
+        out.csv(names.predictions_csv(split), (
+            {"index": int(i), "file": str(folder.paths[i]), "label": classes[folder.labels[i]], "predicted": classes[int(p)],
+             "confidence": float(c), "correct": int(folder.labels[i] == int(p))}
+            for i, p, c in zip(idx.tolist(), pred, conf)), ["index", "file", "label", "predicted", "confidence", "correct"])
+
+
+def _write_self_influence(run: _Run, s: np.ndarray, train_pred: np.ndarray) -> None:
+    """``self_influence.npy`` and ``.csv`` (ranked; with --summed_loss also each image's loss summed over the checkpoints)."""
+    out, setup, train_idx = run.out, run.setup, run.train_idx
+    order, rank_of = descending_ranks(s)  # sampled examples only
+    out.npy(names.SELF_NPY, s)
+    extra: Dict[str, np.ndarray] = {}
+    if run.job.summed_loss:
+        tr = run.tr
+        labels = [setup.train_split.labels[i] for i in train_idx]
+        loss_total = sum(label_losses(p, labels) for p in checkpoint_probabilities(
+            setup.model, setup.checkpoints, run.train_set, tr.device, tr.config.batch_size, tr.config.num_workers))
+        out.npy(names.SUMMED_LOSS, loss_total)
+        extra = {"summed_loss": loss_total, "summed_loss_rank": descending_ranks(np.where(np.isfinite(s), loss_total, np.nan))[1]}
+    paths, labels, classes = setup.train_split.paths, setup.train_split.labels, setup.class_names
+    out.csv(names.SELF_CSV, (
+        {"train_index": int(train_idx[p]), "train_file": str(paths[train_idx[p]]), "label": classes[labels[train_idx[p]]],
+         "predicted": classes[int(train_pred[p])], "score": float(s[p]), "rank": int(rank_of[p]),
+         **{k: v[p].item() for k, v in extra.items()}} for p in order),
+        ["train_index", "train_file", "label", "predicted", "score", "rank"] + list(extra))
+
+
+def _write_manifest(run: _Run, result: InfluenceResult, final: Checkpoint, hashes: List[str]) -> Dict[str, Any]:
+    s = run.setup
+    data = {"data_dir": str(Path(run.job.data_dir).resolve()), "class_names": s.class_names, "arch": s.arch,
+            "image_size": s.image_size, "n_train_total": len(s.train), "n_test_total": len(s.test),
+            "n_train": len(run.train_idx), "n_test": len(run.test_idx),
+            "skipped_files": [{"file": f, "reason": r} for f, r in s.train_split.skipped + s.test_split.skipped]}
+    final_hash = hashes[-1] if final is s.checkpoints[-1] else file_sha256(Path(final.source))
+    extra = {"prediction_model": {"file": str(final.source), "sha256": final_hash}, "world_size": rank_and_world()[1]}
+    return run.out.finish("influence", run.tr, RunRecord(job_parameters(run.job), data, run.timings, result.stats, hashes, extra))

@@ -1,0 +1,75 @@
+"""Image classifier architectures for the image workflow, built without downloading anything."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import torch
+from torch import nn
+
+from ...errors import CheckpointError, TracInError
+
+ARCHITECTURES = ("resnet18", "resnet50", "smallcnn")
+
+
+class SmallCNN(nn.Module):
+    """Two conv blocks (conv, batch norm, ReLU, max-pool), global pooling to 4x4, two linear layers."""
+
+    def __init__(self, num_classes: int, width: int = 32):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.AdaptiveAvgPool2d(4),
+        )
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(2 * width * 16, 128), nn.ReLU(inplace=True), nn.Linear(128, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def build_model(arch: str, num_classes: int) -> nn.Module:
+    """A freshly initialised ``arch`` with ``num_classes`` outputs (no weights are downloaded)."""
+    if num_classes < 2:
+        raise TracInError(f"A classifier needs at least 2 classes, found {num_classes}; add class folders.")
+    if arch == "smallcnn":
+        return SmallCNN(num_classes)
+    if arch in ("resnet18", "resnet50"):
+        import torchvision
+
+        return getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
+    raise TracInError(f"Unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}.")
+
+
+def load_pretrained(model: nn.Module, path: Path) -> Tuple[List[str], List[str]]:
+    """Copy weights from a local file into ``model`` where names and shapes match (the classifier
+    head of an ImageNet model is skipped when the class count differs). Returns (loaded, skipped)."""
+    from ...checkpoints import Checkpoint
+
+    source = Checkpoint(path, learning_rate=0.0).state_dict()
+    target = model.state_dict()
+    loaded = [k for k, v in source.items() if k in target and target[k].shape == v.shape]
+    skipped = [k for k in source if k not in loaded]
+    if not loaded:
+        raise CheckpointError(f"Pretrained file {path} shares no weights with this architecture; check --arch.")
+    model.load_state_dict({**target, **{k: source[k] for k in loaded}})
+    return loaded, skipped
+
+
+def normalization(arch: str) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """Per-channel (mean, std): ImageNet statistics for ResNets, 0.5 for the small CNN."""
+    if arch == "smallcnn":
+        return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    from .folders import IMAGENET_MEAN, IMAGENET_STD
+
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
+def checkpoint_metadata(meta: Dict[str, object], name: str) -> Tuple[str, List[str], int]:
+    """(arch, class names, image size) stored in an image-workflow checkpoint."""
+    missing = [k for k in ("arch", "class_names", "image_size") if k not in meta]
+    if missing:
+        raise CheckpointError(
+            f"Checkpoint {name} lacks {missing}; it was not written by 'tracin train' (use the Python API for other checkpoints)."
+        )
+    return str(meta["arch"]), [str(c) for c in meta["class_names"]], int(meta["image_size"])  # type: ignore[union-attr]

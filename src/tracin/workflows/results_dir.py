@@ -1,0 +1,181 @@
+"""The results directory of a job: the one owner of its file names, writers, manifest and readers.
+
+A results directory is complete only when its ``manifest.json`` exists: :meth:`ResultsDir.begin`
+removes an old manifest before anything is written and :meth:`ResultsDir.finish` writes the new one
+last. Every file goes through the atomic writers of :mod:`tracin.io`.
+"""
+from __future__ import annotations
+
+import json
+import platform
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from ..version import __version__
+from ..errors import DataError
+from ..io import file_sha256, read_csv, write_csv, write_json, write_npy
+
+if TYPE_CHECKING:
+    from ..api import TracIn
+
+MANIFEST = "manifest.json"
+TOP_VALUES, TOP_INDICES = "top_k_influences_values.npy", "top_k_influences_indices.npy"
+OPP_VALUES, OPP_INDICES = "top_k_opponents_values.npy", "top_k_opponents_indices.npy"
+TEST_INDICES, TRAIN_INDICES = "test_indices.npy", "train_indices.npy"
+TOP_CSV = "top_k_influences.csv"
+SELF_NPY, SELF_CSV, SELF_JSON = "self_influence.npy", "self_influence.csv", "self_influence.json"
+SUMMED_LOSS = "summed_loss.npy"
+MATRIX_NPY, MATRIX_CSV, MATRIX_JSON = "influence_matrix.npy", "influence.csv", "influence.json"
+PROGRESS = ".progress"
+
+
+def predictions_csv(split: str) -> str:
+    """``predictions_train.csv`` / ``predictions_test.csv``."""
+    return f"predictions_{split}.csv"
+
+
+def descending_ranks(values: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """(positions of the finite values, highest first [m]; rank of each position [n], 1 = highest,
+    0 where the value is NaN — an example left out by sampling)."""
+    order = np.argsort(-np.nan_to_num(values, nan=-np.inf), kind="stable")[: int(np.isfinite(values).sum())]
+    rank_of = np.zeros(len(values), dtype=np.int64)
+    rank_of[order] = np.arange(1, len(order) + 1)
+    return order, rank_of
+
+
+class ResultsDir:
+    """One results directory. Writers record what they wrote (``written``) for the manifest."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.written: List[Path] = []
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def progress(self) -> Path:
+        """Where an interrupted influence run keeps its progress."""
+        return self.path / PROGRESS
+
+    # -- writing -------------------------------------------------------------------------------
+    def begin(self) -> None:
+        """Mark the directory incomplete (remove its manifest) before new results are written."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / MANIFEST).unlink(missing_ok=True)
+
+    def _record(self, path: Path) -> Path:
+        self.written.append(path)
+        return path
+
+    def npy(self, name: str, array: np.ndarray) -> Path:
+        return self._record(write_npy(self.path / name, array))
+
+    def csv(self, name: str, rows: Iterable[Dict[str, Any]], fields: Sequence[str]) -> Path:
+        return self._record(write_csv(self.path / name, rows, fields))
+
+    def json(self, name: str, obj: Any) -> Path:
+        return self._record(write_json(self.path / name, obj))
+
+    def adopt(self, name: str) -> Path:
+        """Record a file written into the directory by someone else (the engine's memory-mapped matrix)."""
+        return self._record(self.path / name)
+
+    def self_influence_tables(self, ids: Sequence[str], scores: np.ndarray) -> None:
+        """``self_influence.{npy,csv,json}`` keyed by example ids; JSON: ``{id: {"tracin_self_influence": score}}``,
+        the CSV ranked highest first."""
+        order, _ = descending_ranks(scores)
+        self.npy(SELF_NPY, scores)
+        self.csv(SELF_CSV, ({"id": ids[i], "score": float(scores[i]), "rank": r + 1} for r, i in enumerate(order)),
+                 ["id", "score", "rank"])
+        self.json(SELF_JSON, {ids[i]: {"tracin_self_influence": float(scores[i])} for i in range(len(ids)) if np.isfinite(scores[i])})
+
+    def influence_tables(self, train_ids: Sequence[str], test_ids: Sequence[str], matrix: np.ndarray) -> None:
+        """``influence_matrix.npy`` [n_test, n_train], ``influence.csv`` (one row per test x train) and
+        ``influence.json``: ``{train id: {"tracin_influence_<test id>": score}}``."""
+        self.npy(MATRIX_NPY, matrix)
+        self.csv(MATRIX_CSV, ({"test_id": t, "train_id": train_ids[j], "score": float(matrix[r, j])}
+                              for r, t in enumerate(test_ids) for j in range(len(train_ids))), ["test_id", "train_id", "score"])
+        self.json(MATRIX_JSON, {train_ids[j]: {f"tracin_influence_{t}": float(matrix[r, j]) for r, t in enumerate(test_ids)}
+                                for j in range(len(train_ids))})
+
+    def finish(self, command: str, tr: "TracIn", record: "RunRecord") -> Dict[str, Any]:
+        """Write ``manifest.json`` (last: its presence marks the results complete) and return it."""
+        manifest = {
+            "tool": "tracin", "command": command, "complete": True, "version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "parameters": {k: (str(v) if isinstance(v, Path) else v) for k, v in record.parameters.items()},
+            "settings": tr.config.to_dict(),
+            "data": record.data,
+            "checkpoints": _checkpoint_rows(tr, record.hashes),
+            "scope": tr.scope(), "num_parameters": tr.num_parameters,
+            "precondition": tr.preconditioner.describe() if tr.preconditioner is not None else None,
+            "device": str(tr.device),
+            "engine": {k: v for k, v in record.stats.items() if k not in ("layer_modes", "sampled_indices")},
+            "timings": record.timings,
+            "versions": _versions(),
+            "outputs": sorted(p.name for p in self.written),
+            **record.extra,
+        }
+        write_json(self.path / MANIFEST, manifest)
+        return manifest
+
+    # -- reading -------------------------------------------------------------------------------
+    def manifest(self) -> Dict[str, Any]:
+        """The manifest of a complete results directory, or a clear error."""
+        path = self.path / MANIFEST
+        if not self.path.is_dir():
+            raise DataError(f"Results directory {self.path} does not exist; run 'tracin influence --output_dir {self.path}' first.")
+        if not path.is_file():
+            raise DataError(f"{self.path} has no {MANIFEST}, so its results are missing or incomplete; run 'tracin influence' into it first.")
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path} is corrupt ({exc}); re-run 'tracin influence'.") from exc
+
+    def missing(self, names: Sequence[str]) -> List[str]:
+        return [n for n in names if not (self.path / n).is_file()]
+
+    def table(self, name: str) -> List[Dict[str, str]]:
+        return read_csv(self.path / name)
+
+    def array(self, name: str) -> np.ndarray:
+        return np.load(self.path / name)
+
+
+class RunRecord:
+    """What a job tells the manifest besides the scorer: its parameters, data description, timings (seconds),
+    the engine's statistics, the checkpoints' file hashes (computed when None) and extra top-level entries."""
+
+    def __init__(self, parameters: Dict[str, Any], data: Dict[str, Any], timings: Dict[str, float],
+                 stats: Dict[str, Any], hashes: Optional[Sequence[str]] = None, extra: Optional[Dict[str, Any]] = None):
+        self.parameters, self.data, self.timings, self.stats = parameters, data, timings, stats
+        self.hashes, self.extra = hashes, extra or {}
+
+
+def job_parameters(job: Any) -> Dict[str, Any]:
+    """A job dataclass's fields for the manifest, its scoring settings flattened beside them."""
+    params = {k: v for k, v in vars(job).items() if k != "scoring"}
+    scoring = getattr(job, "scoring", None)
+    return {**params, **(scoring.to_dict() if scoring is not None else {})}
+
+
+def _checkpoint_rows(tr: "TracIn", hashes: Optional[Sequence[str]]) -> List[Dict[str, Any]]:
+    hashes = hashes or [file_sha256(Path(c.source)) if isinstance(c.source, Path) else "" for c in tr.checkpoints]
+    return [{"file": str(c.source) if isinstance(c.source, Path) else c.name, "sha256": h,
+             "learning_rate": c.learning_rate, "epoch": c.epoch} for c, h in zip(tr.checkpoints, hashes)]
+
+
+def _versions() -> Dict[str, str]:
+    versions = {"tracin": __version__, "torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version()}
+    try:
+        import torchvision
+
+        versions["torchvision"] = torchvision.__version__
+    except ImportError:  # pragma: no cover - torchvision is a dependency
+        pass
+    return versions

@@ -1,0 +1,370 @@
+"""Helpers shared by the tests (the one module they import besides the package): small models covering
+every supported layer kind and checkpoint factories, the naive float64 per-example-gradient reference
+(torch.func vmap of grad), generated image folders, and the error-message extractor of the catalogue.
+``python tests/helpers.py`` prints docs/errors.md's table."""
+from __future__ import annotations
+
+import copy
+import os
+import re
+from pathlib import Path
+from typing import Callable, List, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from tracin import Checkpoint
+from tracin.engine.scope import parameterised_modules
+
+# -- models and checkpoints ----------------------------------------------------------------------
+# The device the numeric tests score on: TRACIN_TEST_DEVICE=cuda runs them against the float64
+# reference on a GPU (the reference itself always runs on the CPU).
+DEVICE = os.environ.get("TRACIN_TEST_DEVICE", "cpu")
+
+
+class MLP(nn.Module):
+    """Linear layers with biases and a non-linearity after the last layer."""
+
+    def __init__(self, d_in: int = 12, hidden: int = 16, classes: int = 5):
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x):
+        return torch.tanh(self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))) * 3
+
+
+class CNN(nn.Module):
+    """Conv2d with stride/padding, BatchNorm (eval), in-place ReLU, grouped and dilated convs."""
+
+    def __init__(self, classes: int = 4):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.act = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=2, padding_mode="reflect", bias=False)
+        self.gn = nn.GroupNorm(2, 8)
+        self.conv3 = nn.Conv2d(8, 6, (2, 3), stride=(1, 2), padding="valid")
+        self.fc = nn.Linear(6 * 3 * 2, classes)
+
+    def forward(self, x):
+        x = self.act(self.bn1(self.conv1(x)))
+        x = torch.relu(self.gn(self.conv2(x)))
+        x = torch.relu(self.conv3(x))
+        return self.fc(x.flatten(1))
+
+
+class SeqModel(nn.Module):
+    """Embedding (with padding_idx, tokens repeated), Linear over tokens, LayerNorm, pooled head."""
+
+    def __init__(self, vocab: int = 11, dim: int = 6, classes: int = 3):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim, padding_idx=0)
+        self.proj = nn.Linear(dim, 8)
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, classes)
+
+    def forward(self, tokens):
+        h = self.norm(torch.relu(self.proj(self.emb(tokens))))
+        return self.head(h.mean(1))
+
+
+class Conv1dModel(nn.Module):
+    """Conv1d with 'same' padding, dilation, groups; BatchNorm1d; PReLU; Linear head."""
+
+    def __init__(self, classes: int = 3):
+        super().__init__()
+        self.conv = nn.Conv1d(4, 6, 3, padding="same", dilation=2, groups=2)
+        self.bn = nn.BatchNorm1d(6)
+        self.act = nn.PReLU()
+        self.conv2 = nn.Conv1d(6, 4, 2, stride=2, padding=1, padding_mode="circular")
+        self.fc = nn.Linear(4 * 6, classes)
+
+    def forward(self, x):
+        return self.fc(self.conv2(self.act(self.bn(self.conv(x)))).flatten(1))
+
+
+def random_sets(n_train: int, n_test: int, d: int, classes: int, seed: int):
+    """Gaussian inputs [n, d] with random labels as (train, test) TensorDatasets."""
+    from torch.utils.data import TensorDataset
+
+    g = torch.Generator().manual_seed(seed)
+    train = TensorDataset(torch.randn(n_train, d, generator=g), torch.randint(0, classes, (n_train,), generator=g))
+    test = TensorDataset(torch.randn(n_test, d, generator=g), torch.randint(0, classes, (n_test,), generator=g))
+    return train, test
+
+
+def perturbed_checkpoints(model: nn.Module, lrs: List[float], seed: int = 0, scale: float = 0.3) -> Tuple[List[Checkpoint], List[Tuple[dict, float]]]:
+    """Checkpoints at random perturbations of the model's weights (running stats included)."""
+    gen = torch.Generator().manual_seed(seed)
+    ckpts, raw = [], []
+    for i, lr in enumerate(lrs):
+        state = {}
+        for k, v in model.state_dict().items():
+            if v.is_floating_point():
+                noise = torch.randn(v.shape, generator=gen, dtype=v.dtype) * scale
+                state[k] = (v + noise).abs() + 0.5 if "running_var" in k else v + noise
+            else:
+                state[k] = v.clone()
+        ckpts.append(Checkpoint(state, learning_rate=lr, name=f"ckpt{i}"))
+        raw.append((state, lr))
+    return ckpts, raw
+
+
+class CountingDataset(torch.utils.data.Dataset):
+    """A map-style dataset (batched by a DataLoader, not by slicing, as image folders are) that
+    counts the examples read."""
+
+    def __init__(self, x, y):
+        self.x, self.y, self.reads = x, y, 0
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return self.x[i], self.y[i]
+
+
+def make_case(kind: str, n_train: int = 23, n_test: int = 7):
+    g = torch.Generator().manual_seed(1)
+    if kind == "mlp":
+        model, shape, classes = MLP(), (12,), 5
+    elif kind == "cnn":
+        model, shape, classes = CNN(), (3, 8, 10), 4
+    elif kind == "conv1d":
+        model, shape, classes = Conv1dModel(), (4, 10), 3
+    elif kind == "seq":
+        model, classes = SeqModel(), 3
+        xs = torch.randint(0, 11, (n_train + n_test, 9), generator=g)
+        xs[:, -2:] = 0  # padding tokens
+        ys = torch.randint(0, classes, (n_train + n_test,), generator=g)
+        return model, (xs[:n_train], ys[:n_train]), (xs[n_train:], ys[n_train:])
+    else:
+        raise KeyError(kind)
+    xs = torch.randn((n_train + n_test,) + shape, generator=g)
+    ys = torch.randint(0, classes, (n_train + n_test,), generator=g)
+    return model, (xs[:n_train], ys[:n_train]), (xs[n_train:], ys[n_train:])
+
+
+def all_module_names(model):
+    return [name for name, _, _ in parameterised_modules(model)]
+
+
+# -- the float64 reference ----------------------------------------------------------------------
+LossOnOutput = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def cross_entropy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(out, y, reduction="none")
+
+
+def scope_names(model: nn.Module, modules: Sequence[str]) -> List[str]:
+    """Full names of the trainable parameters directly owned by ``modules``."""
+    names = []
+    for mname in modules:
+        mod = model.get_submodule(mname)
+        for pname, p in mod.named_parameters(recurse=False):
+            if p.requires_grad:
+                names.append(f"{mname}.{pname}" if mname else pname)
+    return names
+
+
+def per_example_grads(model: nn.Module, names: Sequence[str], x: torch.Tensor, y: torch.Tensor,
+                      loss: LossOnOutput = cross_entropy) -> torch.Tensor:
+    """[B, P] flattened per-example gradients of ``loss(model(x_i), y_i)`` w.r.t. ``names``."""
+    state = {k: v for k, v in model.named_parameters()}
+    state.update(dict(model.named_buffers()))
+    scoped = {n: state[n].detach() for n in names}
+
+    def f(p, xi, yi):
+        out = functional_call(model, {**state, **p}, (xi.unsqueeze(0),))
+        return loss(out, yi.unsqueeze(0)).sum()
+
+    g = vmap(grad(f), in_dims=(None, 0, 0))(scoped, x, y)
+    return torch.cat([g[n].reshape(x.shape[0], -1) for n in names], dim=1)
+
+
+def reference_matrix(model: nn.Module, checkpoints: Sequence[Tuple[dict, float]], modules: Sequence[str],
+                     train: Tuple[torch.Tensor, torch.Tensor], test: Tuple[torch.Tensor, torch.Tensor],
+                     loss: LossOnOutput = cross_entropy, normalize: str = "none") -> torch.Tensor:
+    """TracInCP [n_test, n_train] in float64: sum_c lr_c <g_test, g_train>. ``normalize``: "train"
+    scales training gradients to unit length per checkpoint, "cosine" test gradients too."""
+    ref = copy.deepcopy(model).double().eval()
+    names = scope_names(ref, modules)
+    total = None
+    for state, lr in checkpoints:
+        ref.load_state_dict({k: v.double() if v.is_floating_point() else v for k, v in state.items()})
+        to64 = (lambda t: t.double() if t.is_floating_point() else t)
+        g_train = per_example_grads(ref, names, to64(train[0]), train[1], loss)
+        g_test = per_example_grads(ref, names, to64(test[0]), test[1], loss)
+        if normalize != "none":
+            g_train = g_train / g_train.norm(dim=1, keepdim=True)
+        if normalize == "cosine":
+            g_test = g_test / g_test.norm(dim=1, keepdim=True)
+        m = lr * g_test @ g_train.T
+        total = m if total is None else total + m
+    return total.detach()
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want| / max |want|."""
+    return float((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30))
+
+
+
+def task_per_example_grads(model: nn.Module, names: Sequence[str], task, items: Sequence) -> torch.Tensor:
+    """[n, P] per-example gradients of ``task.loss`` on one-example batches (a naive loop of
+    torch.func.grad over functional_call; works for any task, e.g. ranking pairs or triples)."""
+    from torch.utils.data import default_collate
+
+    class Bound(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, batch):
+            return task.loss(self.model, batch).sum()
+
+    bound = Bound()
+    state = {f"model.{k}": v for k, v in model.named_parameters()}
+    state.update({f"model.{k}": v for k, v in model.named_buffers()})
+    scoped = {f"model.{n}": state[f"model.{n}"].detach() for n in names}
+    rows = []
+    for item in items:
+        batch = default_collate([item])
+        g = grad(lambda p: functional_call(bound, {**state, **p}, (batch,)))(scoped)
+        rows.append(torch.cat([g[f"model.{n}"].reshape(-1) for n in names]))
+    return torch.stack(rows)
+
+
+def task_reference_matrix(model: nn.Module, checkpoints: Sequence[Tuple[dict, float]], modules: Sequence[str], task,
+                          train: Sequence, test: Sequence) -> torch.Tensor:
+    """TracInCP [n_test, n_train] in float64 for any task (items: what the datasets yield, float
+    tensors cast to float64). Calls ``task.on_checkpoint`` after loading each checkpoint."""
+    ref = copy.deepcopy(model).double().eval()
+    names = scope_names(ref, modules)
+    to64 = (lambda item: tuple(t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in item))
+    train64, test64 = [to64(i) for i in train], [to64(i) for i in test]
+    total = None
+    for index, (state, lr) in enumerate(checkpoints):
+        ref.load_state_dict({k: v.double() if v.is_floating_point() else v for k, v in state.items()})
+        if hasattr(task, "on_checkpoint"):
+            with torch.no_grad():
+                task.on_checkpoint(ref, index)
+        m = lr * task_per_example_grads(ref, names, task, test64) @ task_per_example_grads(ref, names, task, train64).T
+        total = m if total is None else total + m
+    return total.detach()
+
+
+def _layer_positions(module: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-position inputs a [B, g, T, da] and output gradients d [B, g, T, dd] of a Linear or Conv2d call."""
+    B = x.shape[0]
+    if isinstance(module, nn.Linear):
+        return x.reshape(B, 1, -1, x.shape[-1]), dy.reshape(B, 1, -1, dy.shape[-1])
+    assert isinstance(module, nn.Conv2d)
+    pad = module._reversed_padding_repeated_twice
+    if any(pad):
+        x = torch.nn.functional.pad(x, pad, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
+    cols = torch.nn.functional.unfold(x, module.kernel_size, dilation=module.dilation, stride=module.stride)
+    g = module.groups
+    L = cols.shape[-1]
+    return (cols.view(B, g, -1, L).transpose(2, 3),
+            dy.reshape(B, g, module.out_channels // g, L).transpose(2, 3))
+
+
+def kfac_reference_matrix(model: nn.Module, checkpoints: Sequence[Tuple[dict, float]], modules: Sequence[str],
+                          train: Tuple[torch.Tensor, torch.Tensor], test: Tuple[torch.Tensor, torch.Tensor],
+                          damping: float = 0.1, self_only: bool = False) -> torch.Tensor:
+    """K-FAC-preconditioned TracInCP in float64, written out naively: per checkpoint and layer, the
+    factors S_in = mean_i sum_t [a;1][a;1]^T and S_out = mean_i sum_t d d^T over ``train`` (d: gradient
+    of example i's loss at the layer's output), damped by ``damping`` times their mean eigenvalue and
+    inverted; the per-example gradient matrices M_i [g, dd, da(+1)] from torch.func; score
+    sum_c lr_c sum_layers <S_out^-1 M_test S_in^-1, M_train>. Returns [n_test, n_train], or the
+    self-influence [n_train] with ``self_only``."""
+    ref = copy.deepcopy(model).double().eval()
+    total = None
+    for state, lr in checkpoints:
+        ref.load_state_dict({k: v.double() if v.is_floating_point() else v for k, v in state.items()})
+        x, y = train[0].double(), train[1]
+        seen: dict = {}
+        hooks = [ref.get_submodule(m).register_forward_hook(_keep(seen, m)) for m in modules]
+        cross_entropy(ref(x), y).sum().backward()
+        for h in hooks:
+            h.remove()
+        ref.zero_grad()
+        for m in modules:
+            module = ref.get_submodule(m)
+            inputs, out = seen[m]
+            a, d = _layer_positions(module, inputs, out.grad)
+            has_bias = module.bias is not None and module.bias.requires_grad
+            if has_bias:
+                a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
+            n = x.shape[0]
+            inv = []
+            for f in (a, d):
+                S = torch.einsum("bgti,bgtj->gij", f, f) / n
+                lam = damping * torch.diagonal(S, dim1=1, dim2=2).mean(1)
+                inv.append(torch.linalg.inv(S + lam[:, None, None] * torch.eye(S.shape[-1], dtype=S.dtype)))
+            names = scope_names(ref, [m])
+
+            def matrices(data):
+                flat = per_example_grads(ref, names, data[0].double(), data[1])
+                g, dd = a.shape[1], d.shape[-1]
+                weight = flat[:, :module.weight.numel()].reshape(flat.shape[0], g, dd, -1)
+                if not has_bias:
+                    return weight
+                return torch.cat([weight, flat[:, module.weight.numel():].reshape(flat.shape[0], g, dd, 1)], dim=-1)
+
+            M_train = matrices(train)
+            M_test = M_train if self_only else matrices(test)
+            pre = torch.einsum("gij,bgjk,gkl->bgil", inv[1], M_test, inv[0])
+            s = lr * ((pre * M_train).sum(dim=(1, 2, 3)) if self_only else torch.einsum("mgij,ngij->mn", pre, M_train))
+            total = s if total is None else total + s
+    return total.detach()
+
+
+def _keep(seen: dict, name: str):
+    def hook(module, inputs, output):
+        output.retain_grad()
+        seen[name] = (inputs[0].detach(), output)
+    return hook
+
+
+# -- image folders ------------------------------------------------------------------------------
+def make_image_folder(root: Path, classes=("cat", "dog", "fox"), n_train=8, n_test=3, size=12, seed=0) -> Path:
+    """Colour-coded squares per class with noise: train/<class>/*.png, test/<class>/*.png."""
+    rng = np.random.default_rng(seed)
+    palette = {c: rng.integers(0, 255, 3) for c in classes}
+    for split, n in (("train", n_train), ("test", n_test)):
+        for c in classes:
+            folder = root / split / c
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                img = np.clip(palette[c] + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(folder / f"{c}_{i:02d}.png")
+    return root
+
+
+# -- the error catalogue ------------------------------------------------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+RAISE = re.compile(r"raise (TracInError|CheckpointError|DataError|UnsupportedModuleError)\(\s*(.*?)\)\s*(?:from \w+)?\n", re.S)
+
+
+def messages():
+    """(module, error type, message with each {placeholder} shown as …) for every raise in src/tracin."""
+    out = []
+    for path in sorted((ROOT / "src" / "tracin").rglob("*.py")):
+        for m in RAISE.finditer(path.read_text()):
+            text = "".join(re.findall(r'f?"((?:[^"\\]|\\.)*)"', m.group(2)))
+            out.append((str(path.relative_to(ROOT / "src" / "tracin")), m.group(1), re.sub(r"\{[^{}]*\}", "…", text)))
+    return out
+
+
+if __name__ == "__main__":  # regenerate the table of docs/errors.md
+    for module, kind, text in messages():
+        print(f"| `{module}` | {kind} | {text.replace('|', '/')} |")

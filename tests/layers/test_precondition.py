@@ -1,0 +1,143 @@
+"""K-FAC preconditioning (precondition="kfac") against a naive float64 reference, and its errors."""
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from helpers import CNN, CountingDataset, DEVICE, kfac_reference_matrix, MLP, perturbed_checkpoints, rel_err
+from tracin import TracIn
+from tracin.errors import TracInError
+from tracin.config import ScoringConfig
+from tracin.layers.precondition import whitener
+
+TOL = 1e-4
+CNN_LAYERS = ["conv1", "conv2", "conv3", "fc"]  # conv2: grouped, dilated, reflect-padded, no bias
+
+
+def case(kind: str, n_train: int = 21, n_test: int = 6):
+    g = torch.Generator().manual_seed(3)
+    model, shape, classes, layers = (MLP(), (12,), 5, ["fc1", "fc2", "head"]) if kind == "mlp" else (CNN(), (3, 8, 10), 4, CNN_LAYERS)
+    xs = torch.randn((n_train + n_test,) + shape, generator=g)
+    ys = torch.randint(0, classes, (n_train + n_test,), generator=g)
+    ckpts, raw = perturbed_checkpoints(model, [0.2, 0.05])
+    return model, layers, ckpts, raw, (xs[:n_train], ys[:n_train]), (xs[n_train:], ys[n_train:])
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("kernel", ["auto", "ghost", "materialize"])
+def test_kfac_matrix_and_self_influence_match_reference(kind, kernel):
+    model, layers, ckpts, raw, train, test = case(kind)
+    want = kfac_reference_matrix(model, raw, layers, train, test, damping=0.1)
+    want_self = kfac_reference_matrix(model, raw, layers, train, test, damping=0.1, self_only=True)
+    tr = TracIn(model, ckpts, layers=layers, device=DEVICE, batch_size=8, progress=False, kernel=kernel, precondition="kfac")
+    got = tr.influence_matrix(TensorDataset(*train), TensorDataset(*test))
+    assert rel_err(got, want) <= TOL
+    assert rel_err(tr.self_influence(TensorDataset(*train)), want_self) <= TOL
+    plain = TracIn(model, ckpts, layers=layers, device=DEVICE, batch_size=8, progress=False)
+    assert rel_err(plain.influence_matrix(TensorDataset(*train), TensorDataset(*test)), want) > 0.1  # it does change scores
+
+
+def test_kfac_damping_and_last_layer_scope():
+    model, _, ckpts, raw, train, test = case("cnn")
+    want = kfac_reference_matrix(model, raw, ["fc"], train, test, damping=0.7)
+    tr = TracIn(model, ckpts, layers="last", device=DEVICE, batch_size=5, progress=False, precondition="kfac", damping=0.7)
+    result = tr.influence(TensorDataset(*train), TensorDataset(*test), top_k=4, self_influence=True)
+    assert rel_err(result.proponents.values, want.topk(4, dim=1).values) <= TOL
+    assert torch.equal(result.proponents.indices, want.topk(4, dim=1).indices)
+    assert torch.equal(result.opponents.indices, (-want).topk(4, dim=1).indices)
+    assert rel_err(result.self_influence, kfac_reference_matrix(model, raw, ["fc"], train, test, 0.7, self_only=True)) <= TOL
+
+
+def test_projection_wide_enough_to_be_exact_keeps_kfac_exact():
+    model, layers, ckpts, raw, train, test = case("mlp")
+    want = kfac_reference_matrix(model, raw, layers, train, test)
+    tr = TracIn(model, ckpts, layers=layers, device=DEVICE, batch_size=8, progress=False, precondition="kfac",
+                projection_dim=10_000)
+    assert rel_err(tr.influence_matrix(TensorDataset(*train), TensorDataset(*test)), want) <= TOL
+
+
+def test_cached_test_and_saved_gradients_need_a_fitted_preconditioner(tmp_path):
+    model, layers, ckpts, raw, train, test = case("mlp")
+    want = kfac_reference_matrix(model, raw, layers, train, test)
+    kwargs = dict(layers=layers, device=DEVICE, batch_size=8, progress=False, precondition="kfac")
+    tr = TracIn(model, ckpts, **kwargs)
+    test_set = TensorDataset(*test)
+    with pytest.raises(TracInError, match="fit_preconditioner"):
+        tr.cache_test(test_set)
+    tr.fit_preconditioner(TensorDataset(*train))
+    tr.cache_test(test_set)
+    result = tr.influence(TensorDataset(*train), test_set, top_k=3)
+    assert torch.equal(result.proponents.indices, want.topk(3, dim=1).indices)
+    tr.save_train_gradients(TensorDataset(*train), tmp_path / "store")
+    fresh = TracIn(model, ckpts, **kwargs)
+    with pytest.raises(TracInError, match="fit_preconditioner"):
+        fresh.influence_from_saved(tmp_path / "store", test_set, top_k=3)
+    fresh.fit_preconditioner(TensorDataset(*train))
+    saved = fresh.influence_from_saved(tmp_path / "store", test_set, top_k=3)
+    assert torch.equal(saved.proponents.indices, want.topk(3, dim=1).indices)
+    plain = TracIn(model, ckpts, layers=layers, device=DEVICE, batch_size=8, progress=False)
+    with pytest.raises(TracInError, match="different precondition"):
+        plain.influence_from_saved(tmp_path / "store", test_set, top_k=3)
+
+
+def test_bad_settings_are_refused():
+    model, _, ckpts, _, _, _ = case("cnn")
+    with pytest.raises(TracInError, match=r"covers Linear and Conv layers only, but bn1 \(BatchNorm2d\)"):
+        TracIn(model, ckpts, layers="all", device=DEVICE, progress=False, precondition="kfac")
+    with pytest.raises(TracInError, match="precondition='shampoo' is not one of none, kfac"):
+        TracIn(model, ckpts, layers="last", device=DEVICE, progress=False, precondition="shampoo")
+    for bad in (0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(TracInError, match="damping must be a positive number"):
+            ScoringConfig(damping=bad)
+    with pytest.raises(TracInError, match="fit_preconditioner needs precondition='kfac'"):
+        TracIn(model, ckpts, layers="last", device=DEVICE, progress=False).fit_preconditioner(TensorDataset(torch.zeros(2, 3, 8, 10)))
+
+
+def test_whitener_inverts_the_damped_factor_and_leaves_a_zero_factor_alone():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(2, 30, 5, generator=g, dtype=torch.float64)
+    S = X.transpose(1, 2) @ X / 30
+    W = whitener(S, 0.1)
+    lam = 0.1 * torch.diagonal(S, dim1=1, dim2=2).mean(1)
+    want = torch.linalg.inv(S + lam[:, None, None] * torch.eye(5, dtype=S.dtype))
+    assert torch.allclose(W @ W.transpose(1, 2), want, rtol=1e-10, atol=1e-12)
+    assert torch.equal(whitener(torch.zeros(1, 3, 3), 0.1), torch.eye(3, dtype=torch.float64).unsqueeze(0))
+
+
+class Branchy(torch.nn.Module):
+    """Runs ``a`` only on inputs whose first feature is large, else ``b``."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.a(x) if bool(x[0, 0] > 100) else self.b(x)
+
+
+def test_a_layer_the_fit_never_reached_is_named():
+    model = Branchy()
+    ckpts, _ = perturbed_checkpoints(model, [0.1])
+    train = TensorDataset(torch.randn(6, 4), torch.randint(0, 3, (6,)))
+    test = TensorDataset(torch.randn(2, 4) + torch.tensor([200.0, 0, 0, 0]), torch.randint(0, 3, (2,)))
+    tr = TracIn(model, ckpts, layers=["a", "b"], device=DEVICE, batch_size=3, progress=False, precondition="kfac")
+    with pytest.raises(TracInError, match="Layer 'a' never ran while K-FAC was fitted"):
+        tr.influence_matrix(train, test)
+
+
+@pytest.mark.parametrize("budget, reads_per_example", [(None, 2), (1000, 4)])
+def test_fit_self_influence_and_stores_read_the_data_once(budget, reads_per_example, tmp_path):
+    """Two checkpoints: the fit reads the data once when both checkpoints' statistics fit in the budget
+    (else once more per checkpoint, after judging on the first group: 1 + 2), then self-influence and
+    a gradient store read it once each."""
+    model, layers, ckpts, raw, train, test = case("mlp")
+    want_self = kfac_reference_matrix(model, raw, layers, train, test, damping=0.1, self_only=True)
+    data = CountingDataset(*train)
+    tr = TracIn(model, ckpts, layers=layers, device=DEVICE, batch_size=8, progress=False, precondition="kfac",
+                memory_budget=budget)
+    assert rel_err(tr.self_influence(data), want_self) <= TOL
+    assert data.reads == reads_per_example * len(data)  # 21 small examples form one group
+    tr.save_train_gradients(data, tmp_path / "store")
+    assert data.reads == (reads_per_example + 1) * len(data)
+    saved = tr.influence_from_saved(tmp_path / "store", TensorDataset(*test), top_k=3)
+    want = kfac_reference_matrix(model, raw, layers, train, test, damping=0.1)
+    assert rel_err(saved.proponents.values, want.topk(3, dim=1).values) <= TOL
