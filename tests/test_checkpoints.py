@@ -61,7 +61,7 @@ def test_pickle_payload_is_refused_and_nothing_runs(tmp_path, monkeypatch):
         pickle.dump({"model_state_dict": MLP().state_dict(), "learning_rate": 0.1, "x": _Payload()}, f)
     torch.save({"model_state_dict": MLP().state_dict(), "learning_rate": 0.1, "x": _Payload()}, tmp_path / "evil2.pt")
     for name in ("evil.pt", "evil2.pt"):
-        with pytest.raises(CheckpointError):
+        with pytest.raises(CheckpointError, match="needs pickled Python code to load"):
             Checkpoint(tmp_path / name)
     assert not (tmp_path / "PWNED").exists()
 
@@ -102,7 +102,7 @@ def test_model_untouched_after_a_failed_run():
     bad.pop("head.bias")
     tr = TracIn(model, [Checkpoint(model.state_dict(), learning_rate=0.1), Checkpoint(bad, learning_rate=0.1)],
                 layers="last", device="cpu", progress=False)
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match="does not match the model: missing keys"):
         tr.self_influence(TensorDataset(torch.randn(4, 12), torch.randint(0, 5, (4,))))
     assert model.training and not model.fc1.weight.requires_grad and model.fc2.weight.requires_grad
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

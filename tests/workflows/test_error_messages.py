@@ -182,7 +182,7 @@ def test_trusted_files_that_still_fail(tmp_path):
     with open(tmp_path / "broken.pt", "wb") as f:
         pickle.dump({"x": Custom()}, f)
     (tmp_path / "broken.pt").write_bytes((tmp_path / "broken.pt").read_bytes()[:-5])  # truncated pickle
-    with pytest.raises(CheckpointError), pytest.warns(UserWarning):
+    with pytest.raises(CheckpointError, match="could not be unpickled"), pytest.warns(UserWarning):
         Checkpoint(tmp_path / "broken.pt", learning_rate=0.1, trust=True)
     torch.save([Custom()], tmp_path / "custom_list.pt")
     with pytest.warns(UserWarning), pytest.raises(CheckpointError, match="not a model or a dict of weights"):
