@@ -7,7 +7,7 @@ from .checkpoints import Checkpoint, save_checkpoint
 from .errors import CheckpointError, DataError, TracInError, UnsupportedModuleError
 from .results import InfluenceResult, TopK
 from .tasks import CallableTask, ClassificationTask, Task
-from .version import __version__
+from .version import __version__  # noqa: F401 - tracin.__version__
 
 
 __all__ = [

@@ -345,6 +345,9 @@ def _checkpoint_list(checkpoints: Union[Sequence[Checkpoint], str, "os.PathLike[
         raise TracInError("No checkpoints were given; pass at least one Checkpoint.")
     if not all(isinstance(c, Checkpoint) for c in checkpoints):
         raise TracInError("checkpoints must be Checkpoint objects (or a directory of checkpoint files).")
+    if all(c.learning_rate == 0 for c in checkpoints):
+        raise TracInError("Every checkpoint's learning rate is 0, so every TracIn score would be 0 and any top-k list "
+                          "arbitrary; give the learning rates used in training (learning_rate= or --learning_rate).")
     return checkpoints
 
 

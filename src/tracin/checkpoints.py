@@ -14,7 +14,9 @@ pickled code to load is refused with a :class:`~tracin.errors.CheckpointError`.
 """
 from __future__ import annotations
 
+import io
 import json
+import math
 import os
 import re
 import warnings
@@ -25,12 +27,26 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 import torch
 
 from .errors import CheckpointError
+from .io import write_bytes
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors")
 WEIGHT_KEYS = ("model_state_dict", "state_dict")
 LR_KEYS = ("learning_rate", "lr")
 
 PathLike = Union[str, "os.PathLike[str]"]
+
+
+def _number(value: Any, what: str, kind: type) -> Any:
+    """``value`` as a ``kind`` (float or int), or one clear error naming ``what`` was not a number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str, torch.Tensor)):
+        raise CheckpointError(f"{what} is {value!r}, not a number; re-save the checkpoint with a numeric value.")
+    try:
+        number = kind(float(value)) if kind is int else kind(value)
+    except (TypeError, ValueError, OverflowError):
+        raise CheckpointError(f"{what} is {value!r}, not a number; re-save the checkpoint with a numeric value.") from None
+    if kind is int and float(value) != number:
+        raise CheckpointError(f"{what} is {value!r}, not a whole number; re-save the checkpoint with a whole number.")
+    return number
 
 
 def natural_key(text: str) -> list:
@@ -65,7 +81,7 @@ def _read_file(path: Path, trust: bool = False) -> Dict[str, Any]:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
         text = str(exc)
-        if "weights_only" in text or "Unsupported global" in text or "GLOBAL" in text:
+        if "Unsupported global" in text or "GLOBAL" in text or _pickles_code(path):  # a class or function to import
             if trust:
                 return _read_pickled(path)
             raise CheckpointError(
@@ -77,6 +93,27 @@ def _read_file(path: Path, trust: bool = False) -> Dict[str, Any]:
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"Checkpoint file {path} holds a {type(obj).__name__}, not a dict of weights; save model.state_dict() instead.")
     return dict(obj)
+
+
+_CODE_OPS = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX", "BUILD"}
+
+
+def _pickles_code(path: Path) -> bool:
+    """Whether ``path`` is a well-formed pickle (plain, or the data.pkl inside a torch.save zip) that imports
+    or calls something: read with pickletools, which executes nothing."""
+    import pickletools
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                name = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+                data = archive.read(name) if name else b""
+        else:
+            data = path.read_bytes()
+        return any(op.name in _CODE_OPS for op, _, _ in pickletools.genops(data))
+    except Exception:  # not a pickle at all: a corrupt file, not pickled code
+        return False
 
 
 def _read_pickled(path: Path) -> Dict[str, Any]:
@@ -152,22 +189,27 @@ class Checkpoint:
             weights, meta = _split_payload(payload, str(path))
             self._weights = weights  # kept: loaded once per run, reused for every tile
         self.metadata = {**meta, **self.metadata}
+        self._read_metadata(meta)
+
+    def _read_metadata(self, meta: Mapping[str, Any]) -> None:
+        """Learning rate, epoch and step from ``meta`` where not given, each checked for its type and range."""
         if self.learning_rate is None:
-            for key in LR_KEYS:
-                if meta.get(key) is not None:
-                    self.learning_rate = float(meta[key])
-                    break
-        if self.learning_rate is None:
-            raise CheckpointError(
-                f"Checkpoint {self.name} has no learning rate: none is stored under 'learning_rate' and none was given; "
-                "pass learning_rate=... (or --learning_rate)."
-            )
-        if not (self.learning_rate == self.learning_rate) or self.learning_rate < 0:
-            raise CheckpointError(f"Checkpoint {self.name} has an invalid learning rate {self.learning_rate}; it must be a non-negative number.")
+            key = next((k for k in LR_KEYS if meta.get(k) is not None), None)
+            if key is None:
+                raise CheckpointError(
+                    f"Checkpoint {self.name} has no learning rate: none is stored under 'learning_rate' and none was given; "
+                    "pass learning_rate=... (or --learning_rate)."
+                )
+            self.learning_rate = _number(meta[key], f"Checkpoint {self.name}'s stored {key}", float)
+        rate = _number(self.learning_rate, f"Checkpoint {self.name}'s learning rate", float)
+        if not math.isfinite(rate) or rate < 0:
+            raise CheckpointError(f"Checkpoint {self.name} has an invalid learning rate {self.learning_rate}; it must be a "
+                                  "finite, non-negative number.")
+        self.learning_rate = rate
         if self.epoch is None and meta.get("epoch") is not None:
-            self.epoch = int(meta["epoch"])
+            self.epoch = _number(meta["epoch"], f"Checkpoint {self.name}'s stored epoch", int)
         if self.step is None and meta.get("step") is not None:
-            self.step = int(meta["step"])
+            self.step = _number(meta["step"], f"Checkpoint {self.name}'s stored step", int)
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         """The weights ``{name: tensor}`` (on the CPU unless given otherwise)."""
@@ -204,23 +246,20 @@ class Checkpoint:
 def save_checkpoint(path: PathLike, state_dict: Mapping[str, torch.Tensor], learning_rate: float, **metadata: Any) -> Path:
     """Write a checkpoint that :class:`Checkpoint` reads back with its learning rate.
 
-    The file is written to a temporary name and renamed, so a crash never leaves a half-written
-    checkpoint under the final name.
+    The file is written through :func:`tracin.io.write_bytes` (a fresh temporary file renamed into place),
+    so a crash never leaves a half-written checkpoint under the final name and no planted link is followed.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     weights = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         meta = {"learning_rate": json.dumps(float(learning_rate))}
         meta.update({k: json.dumps(v) for k, v in metadata.items()})
-        save_file(weights, str(tmp), metadata=meta)
-    else:
-        torch.save({"model_state_dict": weights, "learning_rate": float(learning_rate), **metadata}, str(tmp))
-    os.replace(tmp, path)
-    return path
+        return write_bytes(path, save(weights, metadata=meta))
+    buffer = io.BytesIO()
+    torch.save({"model_state_dict": weights, "learning_rate": float(learning_rate), **metadata}, buffer)
+    return write_bytes(path, buffer.getvalue())
 
 
 def weights_for(model: torch.nn.Module, checkpoint: Checkpoint) -> Dict[str, torch.Tensor]:
@@ -249,4 +288,9 @@ def weights_for(model: torch.nn.Module, checkpoint: Checkpoint) -> Dict[str, tor
             f"Checkpoint {checkpoint.name} does not match the model's shapes: {'; '.join(wrong[:4])}. "
             "Use checkpoints saved from this architecture."
         )
+    broken = [k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:
+        raise CheckpointError(f"Checkpoint {checkpoint.name} has NaN or infinite weights in {', '.join(broken[:4])}"
+                              f"{' and more' if len(broken) > 4 else ''}; training diverged before it was saved: use an "
+                              "earlier checkpoint or retrain with a lower learning rate.")
     return weights

@@ -8,7 +8,7 @@ builds its scoring flags from :func:`fields_with_flags` (names, help and choices
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple, Union
 
 from .errors import TracInError

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from helpers import all_module_names, CNN, Conv1dModel, DEVICE, make_case, MLP, perturbed_checkpoints, reference_matrix, rel_err, scope_names, SeqModel
+from helpers import all_module_names, DEVICE, make_case, perturbed_checkpoints, reference_matrix, rel_err, scope_names
 from tracin import TracIn
 
 TOL = 1e-4

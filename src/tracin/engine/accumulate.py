@@ -8,6 +8,9 @@ from typing import TYPE_CHECKING, Dict, Optional, Tuple
 import numpy as np
 import torch
 
+from ..errors import TracInError
+from ..io import clear_path
+
 if TYPE_CHECKING:
     from .resume import ResumeState
 
@@ -97,9 +100,18 @@ class DiskMatrix:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.path.with_name(f".{self.path.name}.tmp")
         self.sampled = sampled
-        if reopen and self.tmp.is_file():  # a resumed run: keep the tiles already written
+        if reopen:  # a resumed run: keep the tiles already written (a finished matrix is reopened too)
+            if not self.tmp.is_file() and self.path.is_file() and not self.path.is_symlink():
+                os.replace(self.path, self.tmp)
+            if not self.tmp.is_file() or self.tmp.is_symlink():
+                raise TracInError(f"The interrupted run's partial matrix {self.tmp} is missing, so its finished tiles would be "
+                                  "lost; pass --overwrite (or overwrite=True) to start again.")
             self.array = np.load(self.tmp, mmap_mode="r+")
+            if self.array.shape != (n_test, n_train):
+                raise TracInError(f"The interrupted run's partial matrix {self.tmp} is {self.array.shape}, not {(n_test, n_train)}; "
+                                  "pass --overwrite (or overwrite=True) to start again.")
             return
+        clear_path(self.tmp)  # never write through a link planted there
         self.array = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=np.float32, shape=(n_test, n_train))
         if sampled is not None:
             self.array[:] = np.nan

@@ -15,7 +15,7 @@ from torch import nn
 from ..errors import DataError, TracInError
 from ..layers.base import Call, LayerHandler, LayerRun
 from ..layers.factors import Factors
-from ..tasks.base import Batch, Task
+from ..tasks.base import Batch, Task, first_tensor
 
 
 class LossScale:
@@ -117,12 +117,7 @@ class BatchCapture:
         with torch.enable_grad():
             self.active = True
             try:
-                if self.precision is not None:
-                    device = next(model.parameters()).device.type
-                    with torch.autocast(device_type=device, dtype=self.precision):
-                        loss = task.loss(model, batch).float()
-                else:
-                    loss = task.loss(model, batch)
+                loss = self._loss(model, task, batch)
             finally:
                 self.active = False
             size = task.batch_size(batch)
@@ -178,6 +173,24 @@ class BatchCapture:
                 )
         self.reset()
         return out
+
+    def _loss(self, model: nn.Module, task: Task, batch: Batch) -> torch.Tensor:
+        """The task's per-example losses [B] (under autocast for bf16/fp16); a dtype clash between the model and
+        the batch is one clear error."""
+        param = next(model.parameters())
+        try:
+            if self.precision is not None:
+                with torch.autocast(device_type=param.device.type, dtype=self.precision):
+                    return task.loss(model, batch).float()
+            return task.loss(model, batch)
+        except RuntimeError as exc:
+            text = str(exc)
+            if not any(s in text for s in ("dtype", "scalar type", "Input type", "same type")):
+                raise
+            data = first_tensor(batch)
+            raise DataError(f"The model's parameters are {param.dtype} but the batch's inputs are "
+                            f"{data.dtype if data is not None else 'not tensors'}; convert one to the other "
+                            "(e.g. model.float() or inputs.float()).") from None
 
     def _differentiate(self, loss: torch.Tensor, targets: List[torch.Tensor], owners: List[Optional[Call]]) -> None:
         """Backward from the per-example losses [B] to ``targets``, setting every call's delta (with fp16:

@@ -1,9 +1,9 @@
 """Iterating datasets in fixed order, in batches."""
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Callable, Iterator, Optional, Tuple, Union
 
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, SequentialSampler, Subset, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, Sampler, SequentialSampler, Subset, TensorDataset
 
 from ..errors import DataError
 
@@ -35,11 +35,11 @@ def make_loader(data: DataSource, batch_size: int, what: str, num_workers: int =
     positions in the order the loader yields.
     """
     if isinstance(data, DataLoader):
-        if not isinstance(data.sampler, SequentialSampler) and getattr(data, "batch_sampler", None) is not None:
-            sampler = data.batch_sampler.sampler if hasattr(data.batch_sampler, "sampler") else None
-            if not isinstance(sampler, SequentialSampler):
-                raise DataError(f"The {what} DataLoader shuffles or samples; pass one with shuffle=False so indices mean positions.")
+        _check_loader(data, what)
         loader = data
+    elif not isinstance(data, Dataset):
+        raise DataError(f"The {what} set is a {type(data).__name__}, not a torch Dataset or DataLoader; wrap tensors as "
+                        "TensorDataset(inputs, labels) (from torch.utils.data), or pass a map-style Dataset.")
     elif _sliceable(data):
         loader = DataLoader(data, batch_size=None, sampler=_SliceSampler(len(data), batch_size))
     else:
@@ -52,6 +52,38 @@ def make_loader(data: DataSource, batch_size: int, what: str, num_workers: int =
     if size == 0:
         raise DataError(f"The {what} set is empty; give it at least one example.")
     return loader
+
+
+def _check_loader(loader: DataLoader, what: str) -> None:
+    """Refuse a DataLoader whose batches are not every example once, in index order: one that shuffles or
+    samples (its own sampler or batch_sampler), or one that drops its last incomplete batch."""
+    batches = loader.batch_sampler
+    in_order = (isinstance(loader.sampler, (SequentialSampler, _SliceSampler)) if batches is None
+                else type(batches) is BatchSampler and isinstance(batches.sampler, SequentialSampler))
+    if not in_order and not isinstance(loader.dataset, IterableDataset):
+        raise DataError(f"The {what} DataLoader shuffles or samples (its sampler or batch_sampler is not sequential); pass "
+                        "one with shuffle=False and no custom sampler so indices mean positions.")
+    if loader.drop_last:
+        raise DataError(f"The {what} DataLoader has drop_last=True, so the examples of its last batch would get no score; "
+                        "pass one with drop_last=False.")
+
+
+def numbered_batches(loader: DataLoader, batch_size: Callable[[object], int], first: int = 0) -> Iterator[Tuple[int, object]]:
+    """(index of the batch's first example, batch) for each batch; ``first``: the index of the loader's first
+    example. Refuses a dataset that yields more or fewer examples than its length says (an iterable dataset
+    with a wrong ``__len__``), which would otherwise shift or drop scores."""
+    sampler = loader.sampler
+    end = first + (sampler.n - sampler.start if isinstance(sampler, _SliceSampler) else dataset_size(loader))
+    for batch in loader:
+        size = batch_size(batch)
+        if first + size > end:
+            raise DataError(f"The dataset yielded more examples than its length ({end}); fix its __len__ so every "
+                            "example gets its own index.")
+        yield first, batch
+        first += size
+    if first != end:
+        raise DataError(f"The dataset yielded {first} examples but its length says {end}; fix its __len__ so every "
+                        "example gets its own index.")
 
 
 def loader_from(loader: DataLoader, start: int) -> Optional[DataLoader]:

@@ -22,6 +22,7 @@ from typing import Any, Dict, Optional, Protocol, Tuple
 import torch
 
 from ..errors import TracInError
+from ..io import write_bytes
 from .accumulate import TopKAccumulator, TopKLists
 
 STATE = "state.safetensors"
@@ -131,7 +132,7 @@ class ResumeState:
         self._commit()
 
     def _commit(self) -> None:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         tensors: Dict[str, torch.Tensor] = {}
         for start, lists in self.done.items():
@@ -143,10 +144,8 @@ class ResumeState:
         header = {"format": FORMAT, "key": self.key, "config": _plain(self.config), "tiles": self.tiles,
                   "done": sorted(self.done), "plan": self.plan,
                   "current": None if self.current is None else {"rows": self.current["rows"], "next": self.current["next"]}}
-        self.directory.mkdir(parents=True, exist_ok=True)
-        tmp = self.directory / f".{STATE}.tmp"
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"tracin": json.dumps(header)})
-        os.replace(tmp, self.directory / STATE)
+        data = save({k: v.contiguous() for k, v in tensors.items()}, metadata={"tracin": json.dumps(header)})
+        write_bytes(self.directory / STATE, data)
 
     def finish(self) -> None:
         """The run completed: its progress is no longer needed."""

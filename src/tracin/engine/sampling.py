@@ -14,7 +14,6 @@ from torch.utils.data import DataLoader, Subset
 from .loaders import DataSource, dataset_size, make_loader
 from .distributed import rank_and_world, shard_range
 from ..errors import TracInError
-from ..tasks.base import Task
 
 
 def sample_indices(n: int, rate: float, seed: int = 0, strata: Optional[torch.Tensor] = None) -> np.ndarray:

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .capture import BatchCapture
 from ..checkpoints import Checkpoint, weights_for
-from .loaders import dataset_size, loader_from
+from .loaders import dataset_size, loader_from, numbered_batches
 from .resume import ProgressHook
 from ..config import ScoringConfig
 from ..device import default_memory_budget, set_float32_math
@@ -396,11 +396,8 @@ class Scheduler:
         return tile[0][0], tile[-1][0] + self.task.batch_size(tile[-1][1]) - tile[0][0]
 
     def _numbered(self, loader: DataLoader, first: int = 0):
-        """(index of the batch's first example, batch) for each batch; ``first``: the index of the
-        loader's first example."""
-        for batch in loader:
-            yield first, batch
-            first += self.task.batch_size(batch)
+        """(index of the batch's first example, batch) for each batch (:func:`numbered_batches`)."""
+        return numbered_batches(loader, self.task.batch_size, first)
 
     def _groups(self, loader: DataLoader) -> Iterator[List[Tuple[int, object]]]:
         """Consecutive raw batches (index of the first example, batch) in host-memory groups of about

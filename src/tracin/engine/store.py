@@ -20,7 +20,7 @@ from ..checkpoints import Checkpoint
 from ..config import ScoringConfig
 from ..device import default_memory_budget
 from ..errors import TracInError
-from ..io import write_json
+from ..io import clear_path, write_json
 from ..layers.projection import Projector
 from .accumulate import TopKAccumulator
 
@@ -63,6 +63,7 @@ class StoreWriter:
 
     def __call__(self, c: int, first: int, vectors: torch.Tensor) -> None:
         if self.array is None:
+            clear_path(self.directory / GRADIENTS)  # never write through a link planted there
             self.array = np.lib.format.open_memmap(self.directory / GRADIENTS, mode="w+", dtype=np.float32,
                                                    shape=self.shape + (vectors.shape[1],))
         self.array[c, first:first + vectors.shape[0]] = vectors.detach().float().cpu().numpy()

@@ -19,6 +19,10 @@ class ClassificationTask(Task):
 
     def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         inputs, labels = batch[0], batch[1]
+        if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex() or labels.dim() != 1:
+            kind = f"{labels.dtype} [{', '.join(map(str, labels.shape))}]" if isinstance(labels, torch.Tensor) else type(labels).__name__
+            raise DataError(f"Classification labels must be a 1-D tensor of integer class indices, got {kind}; convert them "
+                            "with labels.long(), or pass task= for another loss.")
         logits = model(inputs)
         classes = logits.shape[1] if logits.dim() > 1 else 1
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= classes):

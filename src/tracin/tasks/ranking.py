@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..checkpoints import Checkpoint, save_checkpoint
 from ..errors import CheckpointError, DataError
+from ..io import csv_value, write_csv
 from .base import Batch, Task
 
 
@@ -119,7 +120,7 @@ def _read_pair_csv(path: Path) -> PairData:
             raise DataError(f"Pair file {path} line {line} has a non-numeric feature or target; fix that row.") from None
         for k, col in enumerate(id_cols):
             if col is not None:
-                ids[k].append(row[col])
+                ids[k].append(csv_value(row[col]))  # as write_pairs_csv wrote it
     n = len(target)
     if n == 0:
         raise DataError(f"Pair file {path} holds no pairs; give at least one row after the header.")
@@ -131,12 +132,10 @@ def _read_pair_csv(path: Path) -> PairData:
 def write_pairs_csv(path: Path, pairs: PairData) -> Path:
     """Write ``pairs`` in the CSV format :func:`read_pairs` reads."""
     d = pairs.num_features
-    with open(path, "w", newline="") as handle:
-        w = csv.writer(handle)
-        w.writerow(["id1", "id2", "target"] + [f"x1_{j}" for j in range(d)] + [f"x2_{j}" for j in range(d)])
-        for i in range(len(pairs)):
-            w.writerow([pairs.id1[i], pairs.id2[i], int(pairs.target[i])] + pairs.x1[i].tolist() + pairs.x2[i].tolist())
-    return Path(path)
+    fields = ["id1", "id2", "target"] + [f"x1_{j}" for j in range(d)] + [f"x2_{j}" for j in range(d)]
+    rows = (dict(zip(fields, [pairs.id1[i], pairs.id2[i], int(pairs.target[i])] + pairs.x1[i].tolist() + pairs.x2[i].tolist()))
+            for i in range(len(pairs)))
+    return write_csv(Path(path), rows, fields)
 
 
 def ranking_mlp(in_features: int, hidden: Sequence[int] = (32,)) -> nn.Module:

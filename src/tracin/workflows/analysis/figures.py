@@ -12,6 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from ...io import write_figure
+
 THUMB = 96
 
 
@@ -28,12 +30,7 @@ def thumbnail(path: str, size: int = THUMB) -> np.ndarray:
 
 
 def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return write_figure(path, fig, dpi=90)
 
 
 def _image_row(fig, gs_row, items: Sequence[Tuple[str, str]], cols: int, title: str = "", color: str = "black") -> None:

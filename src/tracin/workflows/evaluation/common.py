@@ -2,7 +2,6 @@
 of every training image, cross-validated probabilities, and the detection metrics."""
 from __future__ import annotations
 
-import csv
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -17,6 +16,7 @@ from ..image.noise import inject_label_noise, place
 from ..image.shapes import write_shapes_folder
 from ...device import resolve_device
 from ...errors import DataError, TracInError
+from ...io import read_csv
 from ...tasks.classification import checkpoint_probabilities, label_losses, predict_proba
 from ..image.setup import image_setup
 from ..results_dir import ResultsDir
@@ -82,8 +82,7 @@ def noisy_copy(source: Path, target: Path, noise_rate: float, seed: int, kind: s
 
 def final_test_accuracy(log_csv: Path) -> float:
     """Test accuracy after the last epoch (the best epoch would peek at the test set)."""
-    with open(log_csv, newline="") as f:
-        return float(list(csv.DictReader(f))[-1]["test_accuracy"])
+    return float(read_csv(log_csv)[-1]["test_accuracy"])
 
 
 Variant = Tuple[object, str]  # (layers, precondition) of a self-influence score

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from ...io import write_csv, write_json
+from ...io import write_csv, write_figure, write_json
 from .common import (Noise, FRACTIONS, Training, cleanlab_scores, cross_validated_probabilities, noisy_runs, recall_at,
                      recall_curve, roc_auc, summarise, variant_key)
 
@@ -121,9 +121,7 @@ def _plot(path: Path, curves: Dict[str, List[np.ndarray]], noise_rate: float, no
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return write_figure(path, fig, dpi=120)
 
 
 def format_summary(result: Dict[str, Any]) -> str:

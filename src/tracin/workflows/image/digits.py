@@ -2,12 +2,13 @@
 with a known fraction of training labels flipped."""
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import Dict, List
 
 import numpy as np
 from PIL import Image
+
+from ...io import write_csv
 
 
 def write_digits_folder(root: Path, noise_rate: float = 0.1, seed: int = 0, test_fraction: float = 0.2) -> List[Dict[str, object]]:
@@ -42,8 +43,5 @@ def write_digits_folder(root: Path, noise_rate: float = 0.1, seed: int = 0, test
     for split in ("train", "test"):
         for c in range(10):
             (root / split / str(c)).mkdir(parents=True, exist_ok=True)
-    with open(root / "injected_noise.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["file", "true_label", "given_label"])
-        writer.writeheader()
-        writer.writerows(records)
+    write_csv(root / "injected_noise.csv", records, ["file", "true_label", "given_label"])
     return records

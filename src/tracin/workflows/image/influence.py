@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
-import torch
 from torch.utils.data import Subset
 
 from ...api import TracIn

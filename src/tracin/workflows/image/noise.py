@@ -11,7 +11,6 @@ Test images are linked unchanged. Files are hard-linked where the file system al
 """
 from __future__ import annotations
 
-import csv
 import os
 import shutil
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from ...errors import DataError
+from ...io import write_csv
 from .folders import scan_split
 
 DIGITS_ASYMMETRIC = {"2": "7", "3": "8", "5": "6", "6": "5", "7": "1"}
@@ -89,8 +89,5 @@ def inject_label_noise(source: Path, target: Path, noise_rate: float, seed: int,
     for split in ("train", "test"):
         for c in classes:
             (target / split / c).mkdir(parents=True, exist_ok=True)
-    with open(target / "injected_noise.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["file", "true_label", "given_label"])
-        writer.writeheader()
-        writer.writerows(records)
+    write_csv(target / "injected_noise.csv", records, ["file", "true_label", "given_label"])
     return records

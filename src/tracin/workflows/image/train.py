@@ -1,7 +1,6 @@
 """Training an image classifier with checkpoints that carry everything later commands need."""
 from __future__ import annotations
 
-import csv
 import math
 import random
 import time
@@ -16,6 +15,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ...checkpoints import save_checkpoint
+from ...io import write_csv, write_figure
 from .folders import ImageDataset, image_transform, scan_split, training_transform
 from ...errors import DataError, TracInError
 from .models import build_model, load_pretrained, normalization
@@ -149,10 +149,7 @@ def train_image_classifier(data_dir: Path, checkpoint_dir: Path, training: Image
             save_checkpoint(checkpoint_dir / "best_model.pt", model.state_dict(), learning_rate=rates[epoch - 1],
                             epoch=epoch, step=step, **meta)
     log_csv = checkpoint_dir / "training_log.csv"
-    with open(log_csv, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(log_csv, rows, list(rows[0]))
     curve = checkpoint_dir / "training_curve.png"
     _plot_curve(rows, curve)
     return TrainSummary(saved, checkpoint_dir / "best_model.pt", best_acc, log_csv, curve)
@@ -176,5 +173,4 @@ def _plot_curve(rows, path: Path) -> None:
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    write_figure(path, fig, dpi=100)
