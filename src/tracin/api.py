@@ -195,6 +195,7 @@ class TracIn:
         matrix_path: Union[str, Path, None] = None,
         resume_dir: Union[str, Path, None] = None,
         resume_key: Optional[Dict[str, object]] = None,
+        keep_progress: bool = False,
     ) -> InfluenceResult:
         """Exact top-k proponents and opponents of every test example.
 
@@ -207,7 +208,8 @@ class TracIn:
         With ``resume_dir``, progress is committed there after every train tile; calling again with the
         same arguments (and ``resume_key``, any JSON-able description of your inputs) after an
         interruption continues where it stopped and gives the same result; different settings are
-        refused. The directory is removed when the run completes.
+        refused. The directory is removed when the run completes, unless ``keep_progress``: then the caller
+        removes it once it has stored the results, and a failure before that resumes with nothing left to score.
         """
         plan = self._plan(train_dataset)
         test = self._test_loader(test_dataset)
@@ -233,7 +235,8 @@ class TracIn:
         results = sink.results()
         if state is not None:
             self.last_stats["resumed_from_tile"] = state.tiles - int(run.stats["tiles"])  # type: ignore[arg-type]
-            state.finish()
+            if not keep_progress:
+                state.finish()
         pv, pi, nv, ni = merge_topk(all_gather(results), top_k)
         assert pv.shape[0] == n_test
         if plan.sampled is not None:

@@ -240,7 +240,21 @@ class Checkpoint:
             raise CheckpointError(
                 f"No checkpoint files ({', '.join(CHECKPOINT_SUFFIXES)}) matching {pattern!r} in {folder}; train first or fix the path."
             )
-        return [cls(p, learning_rate=learning_rate, trust=trust) for p in files]
+        found = [cls(p, learning_rate=learning_rate, trust=trust) for p in files]
+        check_one_run(found, f"Checkpoint folder {folder}")
+        return found
+
+
+def check_one_run(checkpoints: List["Checkpoint"], where: str) -> None:
+    """Refuse checkpoints from different training runs (by the ``run_id`` that ``tracin train`` stores), which
+    would be summed as if they were one run."""
+    runs: Dict[str, List[str]] = {}
+    for ck in checkpoints:
+        runs.setdefault(str(ck.metadata.get("run_id", "without a run id")), []).append(str(ck.name))
+    if len(runs) > 1 and any("run_id" in ck.metadata for ck in checkpoints):
+        listing = "; ".join(f"run {run}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}" for run, names in runs.items())
+        raise CheckpointError(f"{where} mixes checkpoints of {len(runs)} training runs ({listing}); keep one run per folder, "
+                              "or pass the checkpoint files you mean one by one.")
 
 
 def save_checkpoint(path: PathLike, state_dict: Mapping[str, torch.Tensor], learning_rate: float, **metadata: Any) -> Path:

@@ -188,14 +188,15 @@ def test_checkpoint_from_another_architecture(trained, tmp_path, capsys):
     model = build_model("resnet18", 3)
     from tracin import save_checkpoint
 
+    run_id = Checkpoint(ckpt / "checkpoint_epoch_1.pt").metadata["run_id"]  # the same run, another architecture
     save_checkpoint(other / "checkpoint_epoch_9.pt", model.state_dict(), learning_rate=0.1, epoch=9,
-                    class_names=["cat", "dog", "fox"], arch="resnet18", image_size=16)
+                    class_names=["cat", "dog", "fox"], arch="resnet18", image_size=16, run_id=run_id)
     code, err = _err(capsys, ["influence", "--data_dir", str(data), "--checkpoint_dir", str(other), "--output_dir", str(tmp_path / "o")])
     assert code == 2 and "keep one training run per --checkpoint_dir" in err
     # a checkpoint whose weights do not match its stated architecture
     (other / "checkpoint_epoch_9.pt").unlink()
     save_checkpoint(other / "checkpoint_epoch_9.pt", model.state_dict(), learning_rate=0.1, epoch=9,
-                    class_names=["cat", "dog", "fox"], arch="smallcnn", image_size=16)
+                    class_names=["cat", "dog", "fox"], arch="smallcnn", image_size=16, run_id=run_id)
     code, err = _err(capsys, ["influence", "--data_dir", str(data), "--checkpoint_dir", str(other), "--output_dir", str(tmp_path / "o"),
                               "--top_k", "3", "--quiet"])
     assert code == 2 and "checkpoint_epoch_9.pt does not match the model: missing keys" in err

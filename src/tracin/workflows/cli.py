@@ -68,8 +68,10 @@ def _run_flags(parser: argparse.ArgumentParser, trust: str = "allow checkpoints 
 
 
 def _projection_flags(parser: argparse.ArgumentParser, dim: int) -> None:
-    _add(parser, "--use_projection", action="store_true", help="project per-example gradients (approximate, unbiased)")
-    _scoring_flags(parser, ["projection_dim", "projection"], projection_dim=dim)
+    _add(parser, "--use_projection", action="store_true",
+         help=f"project per-example gradients (approximate, unbiased) to --projection_dim dimensions per layer ({dim} if not given)")
+    _scoring_flags(parser, ["projection_dim", "projection"])
+    parser.set_defaults(projection_default=dim)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -229,10 +231,15 @@ def _memory_budget(gib: Optional[float]) -> Optional[int]:
 
 
 def scoring_config(a: argparse.Namespace) -> ScoringConfig:
-    """The :class:`ScoringConfig` of a parsed scoring command: every setting it has a flag for, the rest default."""
+    """The :class:`ScoringConfig` of a parsed scoring command: every setting it has a flag for, the rest default.
+    A flag that does nothing without another is refused rather than ignored."""
     settings = {name: getattr(a, name) for name, _, _ in fields_with_flags() if hasattr(a, name)}
-    if hasattr(a, "use_projection") and not a.use_projection:
-        settings["projection_dim"] = None
+    if hasattr(a, "use_projection"):
+        if not a.use_projection and a.projection_dim is not None:
+            raise TracInError("--projection_dim only applies with --use_projection; add --use_projection or drop --projection_dim.")
+        settings["projection_dim"] = (a.projection_dim or a.projection_default) if a.use_projection else None
+    if getattr(a, "stratify_by", None) is not None and getattr(a, "sample_rate", None) is None:
+        raise TracInError("--stratify_by only applies with --sample_rate; add --sample_rate or drop --stratify_by.")
     if hasattr(a, "memory_budget"):
         settings["memory_budget"] = _memory_budget(a.memory_budget)
     return ScoringConfig(progress=not a.quiet, **settings)
@@ -253,6 +260,9 @@ def _train(a) -> None:
 def _influence(a) -> None:
     from .image.influence import InfluenceJob, run_influence
 
+    if a.summed_loss and not a.self_influence:
+        raise TracInError("--summed_loss ranks training images beside their self-influence; add --self_influence or drop "
+                          "--summed_loss.")
     m = run_influence(InfluenceJob(
         data_dir=a.data_dir, checkpoint_dir=a.checkpoint_dir, output_dir=a.output_dir, top_k=a.top_k,
         train_subset=a.train_subset, test_subset=a.test_subset, self_influence=a.self_influence, device=a.device,
@@ -362,6 +372,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
          "ranking": _ranking, "kge": _kge, "evaluate": _evaluate}[args.command](args)
     except TracInError as exc:
         print(f"tracin: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the file system refused (permissions, a full disk, a vanished file): one line, no traceback
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"tracin: error: {exc.strerror or exc}{where}; check the path, its permissions and the free disk space.",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("tracin: interrupted; results of this command are incomplete (no manifest was written).", file=sys.stderr)

@@ -73,16 +73,15 @@ def run_kge(job: KGEJob) -> Dict[str, Any]:
     opp_v = torch.cat([p.opponents.values for p in parts]).numpy()
     opp_i = torch.cat([p.opponents.indices for p in parts]).numpy()
 
-    out = ResultsDir(Path(job.output))
-    out.begin()
-    train_labels, test_labels = triple_labels(train, entities, relations), triple_labels(test, entities, relations)
-    _write_explanations(out, chosen, (pro_v, pro_i, opp_v, opp_i), train_labels, test_labels)
-    if job.self_influence:
-        out.self_influence_tables([_key(t) for t in train_labels], tr.self_influence(train_set).numpy())
-    data = {"n_train": len(train), "n_test": len(test), "test_indices": chosen, "num_entities": n_ent,
-            "num_relations": model.num_relations, "model_class": type(model).__name__}
-    record = RunRecord(job_parameters(job), data, {"total_s": time.perf_counter() - start}, tr.last_stats)
-    return out.finish("kge", tr, record)
+    with ResultsDir(Path(job.output)) as out:
+        train_labels, test_labels = triple_labels(train, entities, relations), triple_labels(test, entities, relations)
+        _write_explanations(out, chosen, (pro_v, pro_i, opp_v, opp_i), train_labels, test_labels)
+        if job.self_influence:
+            out.self_influence_tables([_key(t) for t in train_labels], tr.self_influence(train_set).numpy())
+        data = {"n_train": len(train), "n_test": len(test), "test_indices": chosen, "num_entities": n_ent,
+                "num_relations": model.num_relations, "model_class": type(model).__name__}
+        record = RunRecord(job_parameters(job), data, {"total_s": time.perf_counter() - start}, tr.last_stats)
+        return out.finish("kge", tr, record)
 
 
 def _key(triple: Sequence[str]) -> str:

@@ -56,16 +56,15 @@ def run_ranking(job: RankingJob) -> Dict[str, Any]:
                               "use the pair files the model was trained on.")
     task = RankingTask(job.loss_type, job.margin, job.ghm_bins, job.ghm_alpha, train=train, batch_size=job.scoring.batch_size)
     tr = TracIn(model, checkpoints, task=task, device=job.device, config=job.scoring)
-    out = ResultsDir(Path(job.output_dir))
-    out.begin()
-    data: Dict[str, Any] = {"n_train": len(train)}
-    if job.compute_self_influence:
-        out.self_influence_tables(train.pair_ids, tr.self_influence(train).numpy())
-    if test is not None:
-        rng = np.random.default_rng(job.scoring.seed)
-        chosen = np.sort(rng.choice(len(test), size=min(job.num_test_samples, len(test)), replace=False))
-        matrix = tr.influence_matrix(train, Subset(test, chosen.tolist())).numpy()
-        out.influence_tables(train.pair_ids, [test.pair_ids[i] for i in chosen], matrix)
-        data.update(n_test=len(test), test_indices=chosen.tolist())
-    record = RunRecord(job_parameters(job), data, {"total_s": time.perf_counter() - start}, tr.last_stats)
-    return out.finish("ranking", tr, record)
+    with ResultsDir(Path(job.output_dir)) as out:
+        data: Dict[str, Any] = {"n_train": len(train)}
+        if job.compute_self_influence:
+            out.self_influence_tables(train.pair_ids, tr.self_influence(train).numpy())
+        if test is not None:
+            rng = np.random.default_rng(job.scoring.seed)
+            chosen = np.sort(rng.choice(len(test), size=min(job.num_test_samples, len(test)), replace=False))
+            matrix = tr.influence_matrix(train, Subset(test, chosen.tolist())).numpy()
+            out.influence_tables(train.pair_ids, [test.pair_ids[i] for i in chosen], matrix)
+            data.update(n_test=len(test), test_indices=chosen.tolist())
+        record = RunRecord(job_parameters(job), data, {"total_s": time.perf_counter() - start}, tr.last_stats)
+        return out.finish("ranking", tr, record)

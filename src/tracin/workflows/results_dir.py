@@ -1,12 +1,17 @@
 """The results directory of a job: the one owner of its file names, writers, manifest and readers.
 
-A results directory is complete only when its ``manifest.json`` exists: :meth:`ResultsDir.begin`
-removes an old manifest before anything is written and :meth:`ResultsDir.finish` writes the new one
-last. Every file goes through the atomic writers of :mod:`tracin.io`.
+A results directory is complete only when its ``manifest.json`` exists. A job writes into the folder's
+``.staging/`` subfolder while the previous results (if any) stay complete; :meth:`ResultsDir.finish`
+then removes the old manifest, moves every new file into place (each move atomic), removes the old
+outputs the new run did not write again, and writes the new manifest last. A failure at any point before
+that leaves the old results as they were; one during the moves leaves no manifest (incomplete). Every file
+goes through the safe writers of :mod:`tracin.io`. While a job writes, it holds ``.lock`` in the folder,
+so a second run into the same folder is refused instead of mixing its files with the first's.
 """
 from __future__ import annotations
 
 import json
+import os
 import platform
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,12 +22,13 @@ import torch
 
 from ..version import __version__
 from ..errors import DataError
-from ..io import file_sha256, read_csv, write_csv, write_json, write_npy
+from ..io import clear_path, file_sha256, read_csv, unwritable, write_csv, write_json, write_npy
 
 if TYPE_CHECKING:
     from ..api import TracIn
 
 MANIFEST = "manifest.json"
+STAGING, LOCK = ".staging", ".lock"
 TOP_VALUES, TOP_INDICES = "top_k_influences_values.npy", "top_k_influences_indices.npy"
 OPP_VALUES, OPP_INDICES = "top_k_opponents_values.npy", "top_k_opponents_indices.npy"
 TEST_INDICES, TRAIN_INDICES = "test_indices.npy", "train_indices.npy"
@@ -48,14 +54,26 @@ def descending_ranks(values: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
 
 
 class ResultsDir:
-    """One results directory. Writers record what they wrote (``written``) for the manifest."""
+    """One results directory; a context manager while a job writes into it (see the module docstring).
+    Writers record what they wrote (``written``) for the manifest."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, keep_partial: bool = False):
         self.path = Path(path)
+        self.staging = self.path / STAGING
+        self.keep_partial = keep_partial  # a resumed run keeps the partial outputs staged by the interrupted one
         self.written: List[Path] = []
+        self._lock: Optional[Any] = None
+
+    def __enter__(self) -> "ResultsDir":
+        self.begin()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
 
     def file(self, name: str) -> Path:
-        return self.path / name
+        """Where a new output named ``name`` is written (in the staging folder until :meth:`finish`)."""
+        return self.staging / name
 
     @property
     def progress(self) -> Path:
@@ -64,26 +82,45 @@ class ResultsDir:
 
     # -- writing -------------------------------------------------------------------------------
     def begin(self) -> None:
-        """Mark the directory incomplete (remove its manifest) before new results are written."""
+        """Create the folder, take its lock, and empty the staging folder (unless ``keep_partial``)."""
+        if self.path.exists() and not self.path.is_dir():
+            raise DataError(f"The output folder {self.path} is a file; give a folder (new or holding tracin results).")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._lock = _lock(self.path / LOCK)
+            if not self.keep_partial:
+                clear_path(self.staging)
+            self.staging.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise unwritable(self.path, exc) from None
+
+    def mark_incomplete(self) -> None:
+        """Remove a manifest left in the folder: what is written into it next is not those results."""
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / MANIFEST).unlink(missing_ok=True)
+
+    def release(self) -> None:
+        """Give the folder's lock back (the staging folder stays for a resumed run)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def _record(self, path: Path) -> Path:
         self.written.append(path)
         return path
 
     def npy(self, name: str, array: np.ndarray) -> Path:
-        return self._record(write_npy(self.path / name, array))
+        return self._record(write_npy(self.file(name), array))
 
     def csv(self, name: str, rows: Iterable[Dict[str, Any]], fields: Sequence[str]) -> Path:
-        return self._record(write_csv(self.path / name, rows, fields))
+        return self._record(write_csv(self.file(name), rows, fields))
 
     def json(self, name: str, obj: Any) -> Path:
-        return self._record(write_json(self.path / name, obj))
+        return self._record(write_json(self.file(name), obj))
 
     def adopt(self, name: str) -> Path:
-        """Record a file written into the directory by someone else (the engine's memory-mapped matrix)."""
-        return self._record(self.path / name)
+        """Record a file written into the staging folder by someone else (the engine's memory-mapped matrix)."""
+        return self._record(self.file(name))
 
     def self_influence_tables(self, ids: Sequence[str], scores: np.ndarray) -> None:
         """``self_influence.{npy,csv,json}`` keyed by example ids; JSON: ``{id: {"tracin_self_influence": score}}``,
@@ -121,8 +158,29 @@ class ResultsDir:
             "outputs": sorted(p.name for p in self.written),
             **record.extra,
         }
-        write_json(self.path / MANIFEST, manifest)
+        self._commit(manifest)
         return manifest
+
+    def _commit(self, manifest: Dict[str, Any]) -> None:
+        """Swap the staged outputs in: old manifest out, new files in, stale old outputs out, new manifest last."""
+        old = self.path / MANIFEST
+        stale = []
+        if old.is_file():
+            try:
+                stale = [str(n) for n in json.loads(old.read_text()).get("outputs", [])]
+            except (json.JSONDecodeError, AttributeError):
+                stale = []
+        try:
+            old.unlink(missing_ok=True)
+            for name in manifest["outputs"]:
+                os.replace(self.staging / name, self.path / name)
+            for name in set(stale) - set(manifest["outputs"]):
+                if Path(name).name == name and name != MANIFEST:  # a plain file name, never a path elsewhere
+                    clear_path(self.path / name)
+        except OSError as exc:
+            raise unwritable(self.path, exc) from None
+        write_json(self.path / MANIFEST, manifest)
+        clear_path(self.staging)
 
     # -- reading -------------------------------------------------------------------------------
     def manifest(self) -> Dict[str, Any]:
@@ -164,9 +222,28 @@ def job_parameters(job: Any) -> Dict[str, Any]:
     return {**params, **(scoring.to_dict() if scoring is not None else {})}
 
 
+def _lock(path: Path) -> Any:
+    """An exclusive lock on ``path`` (held while the returned file is open), or one clear error when another
+    run holds it. Where the platform has no ``fcntl`` no lock is taken."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return None
+    if path.is_symlink():
+        path.unlink()
+    handle = open(path, "a")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise DataError(f"Another tracin run is writing into {path.parent} (it holds {path.name}); wait for it to finish "
+                        "or choose another output folder.") from None
+    return handle
+
+
 def _checkpoint_rows(tr: "TracIn", hashes: Optional[Sequence[str]]) -> List[Dict[str, Any]]:
     hashes = hashes or [file_sha256(Path(c.source)) if isinstance(c.source, Path) else "" for c in tr.checkpoints]
-    return [{"file": str(c.source) if isinstance(c.source, Path) else c.name, "sha256": h,
+    return [{"file": str(c.source.resolve()) if isinstance(c.source, Path) else c.name, "sha256": h,
              "learning_rate": c.learning_rate, "epoch": c.epoch} for c, h in zip(tr.checkpoints, hashes)]
 
 

@@ -13,6 +13,9 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from ...io import write_figure
+from ..image.folders import to_rgb
+
+PLAIN_TEXT = {"text.parse_math": False}  # names such as "$x^" are text, not mathtext (an unbalanced $ would crash)
 
 THUMB = 96
 
@@ -22,10 +25,10 @@ def thumbnail(path: str, size: int = THUMB) -> np.ndarray:
     """[size, size, 3] uint8 thumbnail; a grey square for a file that cannot be read."""
     try:
         with Image.open(path) as img:
-            img = img.convert("RGB")
+            img = to_rgb(img)
             resample = Image.NEAREST if max(img.size) < size else Image.BILINEAR
             return np.asarray(img.resize((size, size), resample))
-    except OSError:
+    except (OSError, Image.DecompressionBombError):
         return np.full((size, size, 3), 128, dtype=np.uint8)
 
 
@@ -48,6 +51,7 @@ def _image_row(fig, gs_row, items: Sequence[Tuple[str, str]], cols: int, title: 
             ax.set_title(caption, fontsize=7)
 
 
+@matplotlib.rc_context(PLAIN_TEXT)
 def dashboard(path: Path, overview: Dict[str, Any], pro_values: np.ndarray, opp_values: np.ndarray,
               mean_per_test: np.ndarray, top_helpful: List[Tuple[str, str]], findings: List[str]) -> Path:
     """analysis_dashboard.png: overview with the health score, influence distributions, mean influence
@@ -81,6 +85,7 @@ def dashboard(path: Path, overview: Dict[str, Any], pro_values: np.ndarray, opp_
     return _save(fig, path)
 
 
+@matplotlib.rc_context(PLAIN_TEXT)
 def class_summary_figure(path: Path, name: str, stats: Dict[str, Any], helpful: List[Tuple[str, str]],
                          harmful: List[Tuple[str, str]], label_mix: Dict[str, int]) -> Path:
     """{class}_summary.png: accuracy and influence figures, the labels of its proponents, and its
@@ -102,6 +107,7 @@ def class_summary_figure(path: Path, name: str, stats: Dict[str, Any], helpful: 
     return _save(fig, path)
 
 
+@matplotlib.rc_context(PLAIN_TEXT)
 def image_grid(path: Path, items: List[Tuple[str, str]], title: str, cols: int = 10, max_items: int = 100) -> Path:
     """A grid of captioned thumbnails (at most ``max_items``)."""
     items = items[:max_items]

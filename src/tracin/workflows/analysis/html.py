@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 from html import escape
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from PIL import Image
 
@@ -26,25 +27,38 @@ def data_uri_png(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
 
 
-def thumb_tag(path: str, size: int = 96, title: str = "") -> str:
+def shown(path: str, root: Optional[Path]) -> str:
+    """How the page names a file: relative to the results folder ``root`` (no absolute local paths)."""
+    if root is None:
+        return Path(path).name
+    try:
+        return os.path.relpath(path, root)
+    except ValueError:  # another drive
+        return Path(path).name
+
+
+def thumb_tag(path: str, size: int = 96, title: str = "", root: Optional[Path] = None) -> str:
     buffer = io.BytesIO()
     Image.fromarray(thumbnail(path, size)).save(buffer, format="PNG")
     src = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-    return f'<img src="{src}" width="{size}" height="{size}" alt="{escape(Path(path).name)}" title="{escape(title or path)}">'
+    return (f'<img src="{src}" width="{size}" height="{size}" alt="{escape(Path(path).name)}" '
+            f'title="{escape(title or shown(path, root))}">')
 
 
-def card(path: str, caption: str) -> str:
-    return f'<div class="card">{thumb_tag(path)}<br>{escape(caption)}</div>'
+def card(path: str, caption: str, root: Optional[Path] = None) -> str:
+    return f'<div class="card">{thumb_tag(path, root=root)}<br>{escape(caption)}</div>'
 
 
-def table(rows: Sequence[Dict[str, Any]], columns: Sequence[str], limit: int = 50, image_column: str = "") -> str:
+def table(rows: Sequence[Dict[str, Any]], columns: Sequence[str], limit: int = 50, image_column: str = "",
+          root: Optional[Path] = None) -> str:
     head = "".join(f"<th>{escape(c)}</th>" for c in ([image_column and "image"] if image_column else []) + list(columns))
     body = []
     for r in rows[:limit]:
-        cells = [f"<td>{thumb_tag(str(r[image_column]), 48)}</td>"] if image_column else []
+        cells = [f"<td>{thumb_tag(str(r[image_column]), 48, root=root)}</td>"] if image_column else []
         for c in columns:
             v = r.get(c, "")
-            cells.append(f"<td>{escape(f'{v:.4g}' if isinstance(v, float) else str(v))}</td>")
+            text = shown(str(v), root) if c == image_column else f"{v:.4g}" if isinstance(v, float) else str(v)
+            cells.append(f"<td>{escape(text)}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     more = f"<p>{len(rows) - limit} more rows in the CSV.</p>" if len(rows) > limit else ""
     return f"<table><tr>{head}</tr>{''.join(body)}</table>{more}"
@@ -52,6 +66,7 @@ def table(rows: Sequence[Dict[str, Any]], columns: Sequence[str], limit: int = 5
 
 def render(ctx: Dict[str, Any]) -> str:
     """The whole page from the report context built by :func:`tracin.workflows.analysis.report.build_report`."""
+    root = ctx.get("root")
     parts: List[str] = [f"<!doctype html><html><head><meta charset='utf-8'><title>TracIn report</title><style>{STYLE}</style></head><body>"]
     parts.append("<h1>TracIn influence report</h1>")
     parts.append(f"<p>{escape(ctx['subtitle'])}</p>")
@@ -63,23 +78,25 @@ def render(ctx: Dict[str, Any]) -> str:
         parts.append(f"<h3>{escape(name)}</h3><img class='full' src='{data_uri_png(fig)}' alt='{escape(name)} summary'>")
     if ctx["mislabels"]:
         parts.append("<h2>Mislabel candidates (highest self-influence first)</h2>")
-        parts.append(table(ctx["mislabels"], ["rank", "file", "label", "predicted", "self_influence"], limit=40, image_column="file"))
+        parts.append(table(ctx["mislabels"], ["rank", "file", "label", "predicted", "self_influence"], limit=40, image_column="file", root=root))
     else:
         parts.append("<h2>Mislabel candidates</h2><p>Self-influence was not computed: run <code>tracin influence --self_influence</code>.</p>")
     parts.append(f"<h2>False predictions ({len(ctx['false_rows'])})</h2>")
-    parts.append(table(ctx["false_rows"], ["split", "file", "label", "predicted", "confidence"], limit=60, image_column="file"))
+    parts.append(table(ctx["false_rows"], ["split", "file", "label", "predicted", "confidence"], limit=60, image_column="file",
+                       root=root))
     parts.append(f"<h2>Misprediction cross-analysis</h2><p>Error-propagation rate: {ctx['propagation']:.1%} of the test top-k "
                  "appearances of mispredicted training images land on test images mispredicted the same way.</p>")
-    parts.append(table(ctx["cross_rows"], ["file", "label", "predicted", "test_topk_appearances", "same_way_mispredicted_tests"], limit=40, image_column="file"))
+    parts.append(table(ctx["cross_rows"], ["file", "label", "predicted", "test_topk_appearances", "same_way_mispredicted_tests"], limit=40, image_column="file",
+                       root=root))
     if ctx.get("gradcam"):
         parts.append("<h2>Grad-CAM</h2>" + "".join(f"<img class='full' src='{data_uri_png(p)}' alt='Grad-CAM'>" for p in ctx["gradcam"]))
     shown = ctx["tests"]
     parts.append(f"<h2>Test images: top proponents and opponents</h2><p>Showing {len(shown)} of {ctx['n_test']} test images.</p>")
     for t in shown:
-        pro = "".join(card(p, f"{lab} {s:+.3g}") for p, lab, s in t["pro"])
-        opp = "".join(card(p, f"{lab} {s:+.3g}") for p, lab, s in t["opp"])
+        pro = "".join(card(p, f"{lab} {s:+.3g}", root) for p, lab, s in t["pro"])
+        opp = "".join(card(p, f"{lab} {s:+.3g}", root) for p, lab, s in t["opp"])
         parts.append(
-            f"<div class='pair'><div>{thumb_tag(t['file'], 120)}<br>{escape(Path(t['file']).name)}<br>label {escape(t['label'])}"
+            f"<div class='pair'><div>{thumb_tag(t['file'], 120, root=root)}<br>{escape(Path(t['file']).name)}<br>label {escape(t['label'])}"
             f"<br>predicted {escape(t['predicted'])}</div><div><b class='pro'>Proponents</b><div class='cards'>{pro}</div></div>"
             f"<div><b class='opp'>Opponents</b><div class='cards'>{opp}</div></div></div>"
         )

@@ -43,7 +43,33 @@ def _typed(rows: List[Dict[str, str]]) -> Dict[int, Dict[str, Any]]:
 
 
 def load_results(directory: Path) -> Results:
-    folder = ResultsDir(Path(directory))
+    """The results in ``directory``, checked for consistency: a folder whose files were changed by hand (missing
+    columns, values of the wrong type, arrays that disagree) is one clear error, not a traceback later."""
+    try:
+        res = _load(ResultsDir(Path(directory)))
+        _check(res)
+    except (KeyError, ValueError, TypeError, IndexError, OSError, EOFError) as exc:
+        raise DataError(f"The results in {directory} are damaged or were changed ({type(exc).__name__}: {exc}); re-run "
+                        "'tracin influence' into a new folder.") from None
+    return res
+
+
+def _check(res: Results) -> None:
+    """Raise ValueError when the arrays and tables of ``res`` disagree."""
+    n, k = res.pro_values.shape
+    if res.test_indices.shape != (n,) or res.pro_indices.shape != (n, k) or res.opp_values.shape != res.opp_indices.shape \
+            or res.opp_values.shape[0] != n:
+        raise ValueError("the top-k arrays and test_indices.npy have different shapes")
+    unknown_test = set(res.test_indices.tolist()) - set(res.test)
+    unknown_train = (set(res.pro_indices.ravel().tolist()) | set(res.opp_indices.ravel().tolist())) - set(res.train)
+    if unknown_test or unknown_train:
+        raise ValueError(f"indices missing from the prediction tables: test {sorted(unknown_test)[:3]}, train {sorted(unknown_train)[:3]}")
+    classes = set(res.class_names)
+    if any(r["label"] not in classes or r["predicted"] not in classes for r in list(res.train.values()) + list(res.test.values())):
+        raise ValueError("a label or prediction is not one of the manifest's classes")
+
+
+def _load(folder: ResultsDir) -> Results:
     manifest = folder.manifest()
     needed = folder.missing([names.TOP_VALUES, names.TOP_INDICES, names.OPP_VALUES, names.OPP_INDICES, names.TEST_INDICES,
                              names.predictions_csv("train"), names.predictions_csv("test")])

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Tuple
 
 from ...errors import TracInError
-from ...io import write_bytes, write_csv, write_json
+from ...io import clear_path, write_bytes, write_csv, write_json
 from . import figures, html
 from .load import Results, load_results
 from .metrics import (class_influencers, class_summary, cross_analysis, false_predictions, health_score,
@@ -17,6 +17,21 @@ from .metrics import (class_influencers, class_summary, cross_analysis, false_pr
 
 def _safe(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name) or "_"
+
+
+def _folder_names(class_names: List[str]) -> Dict[str, str]:
+    """A distinct file-system-safe name per class (``a b`` and ``a_b`` would otherwise share one folder and one
+    summary; case is ignored, as some file systems do)."""
+    names: Dict[str, str] = {}
+    taken: set = set()
+    for name in class_names:
+        base = candidate = _safe(name).lstrip(".") or "_"
+        n = 2
+        while candidate.lower() in taken:
+            candidate, n = f"{base}_{n}", n + 1
+        taken.add(candidate.lower())
+        names[name] = candidate
+    return names
 
 
 def _train_lookup(res: Results) -> Tuple[Dict[int, str], Dict[int, str]]:
@@ -99,7 +114,9 @@ def build_report(results_dir: Path, top_n: int = 10, html_tests: int = 100, grad
     dash = _dashboard(analysis, findings)
     m = res.manifest
     page = html.render({
-        "subtitle": f"{m['data']['arch']} on {m['data']['data_dir']} — {len(m['checkpoints'])} checkpoints, created {m['created']}",
+        "root": out,
+        "subtitle": f"{m['data']['arch']} on {html.shown(str(m['data']['data_dir']), out)} — {len(m['checkpoints'])} checkpoints, "
+                    f"created {m['created']}",
         "health": analysis.health, "band": analysis.band, "findings": findings, "dashboard": dash,
         "class_rows": analysis.class_rows, "class_figures": class_figures, "mislabels": analysis.mislabels,
         "false_rows": analysis.false_rows, "propagation": analysis.propagation, "cross_rows": analysis.cross_rows,
@@ -143,12 +160,13 @@ def _class_sections(a: _Analysis, top_n: int) -> List[Tuple[str, Any]]:
     a.class_rows = class_summary(res)
     class_figures = []
     folder = out / "top_influences"
-    shutil.rmtree(folder, ignore_errors=True)
+    clear_path(folder)  # a link planted there is removed, never followed
+    safe = _folder_names(res.class_names)
     for row in a.class_rows:
         name = row["class"]
         picks = influencers_of[name]
         for kind in ("helpful", "harmful"):
-            target = folder / _safe(name) / kind
+            target = folder / safe[name] / kind
             target.mkdir(parents=True, exist_ok=True)
             for rank, (j, score) in enumerate(picks[kind], start=1):
                 src = Path(path_of[j])
@@ -156,7 +174,7 @@ def _class_sections(a: _Analysis, top_n: int) -> List[Tuple[str, Any]]:
         mix = Counter(label_of[j] for r, t in enumerate(res.test_indices.tolist()) if res.test[int(t)]["label"] == name
                       for j in res.pro_indices[r].tolist())
         fig = figures.class_summary_figure(
-            out / f"{_safe(name)}_summary.png", name,
+            out / f"{safe[name]}_summary.png", name,
             {k: v for k, v in row.items() if k != "class"},
             [(path_of[j], f"{label_of[j]} {s:+.3g}") for j, s in picks["helpful"]],
             [(path_of[j], f"{label_of[j]} {s:+.3g}") for j, s in picks["harmful"]],

@@ -168,7 +168,7 @@ def noisy_runs(setting: Noise, output_dir: Path, training: Training, also: Seque
     with ``require_flips``, every seed must flip at least one label (else there is nothing to detect)."""
     data, noise_rate, seeds, noise, flip_map = setting.data, setting.rate, setting.seeds, setting.kind, setting.flip_map
     out = Path(output_dir)
-    ResultsDir(out).begin()
+    ResultsDir(out).mark_incomplete()
     work = out / "work"
     source = clean_source(data, work)
     if cv_folds is not None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
@@ -33,15 +34,28 @@ class ImageSplit:
 
 
 def _readable(path: Path) -> Optional[str]:
-    """None if PIL can decode the image, else the reason it cannot."""
+    """None if PIL can decode the image, else the reason it cannot (a file that is not a regular file, such as
+    a named pipe, is never opened: reading it could wait forever)."""
+    if not path.is_file():
+        return "not a regular file"
     try:
         with Image.open(path) as img:
             img.verify()
         with Image.open(path) as img:
             img.load()
         return None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         return f"{type(exc).__name__}: {exc}"
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """An 8-bit RGB image; 16- and 32-bit integer grey images are scaled to 8 bits (PIL's own conversion clips
+    them, turning a 16-bit image almost white)."""
+    if img.mode.startswith("I"):
+        values = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
+        img = Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    return img.convert("RGB")
 
 
 def scan_split(root: Path, split: str, class_names: Optional[Sequence[str]] = None) -> Tuple[ImageSplit, List[str]]:
@@ -60,7 +74,8 @@ def scan_split(root: Path, split: str, class_names: Optional[Sequence[str]] = No
     listed = []
     for label, name in enumerate(names):
         class_dir = folder / name
-        files = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if class_dir.is_dir() else []
+        files = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")) \
+            if class_dir.is_dir() else []
         if not files and split == "train":
             raise DataError(f"Class folder {class_dir} has no images; add images or remove the class.")
         listed.extend((path, label) for path in files)
@@ -86,7 +101,7 @@ def image_transform(image_size: int, normalize: Tuple[Sequence[float], Sequence[
     from torchvision import transforms
 
     return transforms.Compose([
-        transforms.Lambda(lambda img: img.convert("RGB")),
+        transforms.Lambda(to_rgb),
         transforms.Resize((image_size, image_size)),
         *random_steps,
         transforms.ToTensor(),
@@ -135,6 +150,6 @@ class ImageDataset(Dataset):
         try:
             with Image.open(path) as img:
                 tensor = self.transform(img)
-        except (UnidentifiedImageError, OSError) as exc:
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
             raise DataError(f"Image {path} could not be read ({exc}); it changed after the scan, restore or remove it.") from exc
         return tensor, torch.tensor(self.split.labels[index])

@@ -14,7 +14,7 @@ import numpy as np
 from torch.utils.data import Subset
 
 from ...api import TracIn
-from ...checkpoints import Checkpoint
+from ...checkpoints import Checkpoint, check_one_run, weights_for
 from ...config import ScoringConfig
 from ...engine.distributed import init_from_env, rank_and_world
 from ...engine.resume import reset
@@ -56,6 +56,7 @@ class _Run:
     test_idx: np.ndarray
     tr: TracIn
     out: ResultsDir
+    final: Checkpoint  # the model whose predictions are reported
     timings: Dict[str, float] = field(default_factory=dict)
 
     @property
@@ -105,23 +106,29 @@ def _run_influence(job: InfluenceJob) -> Optional[Dict[str, Any]]:
     run = _set_up(job)
     run.timings["scan_s"] = time.perf_counter() - t_start
     hashes = [file_sha256(Path(c.source)) for c in run.setup.checkpoints]  # read once: resume key and manifest
-    result = _score(run, hashes)
-    run.timings["influence_s"] = time.perf_counter() - t_start - run.timings["scan_s"]
-    if rank_and_world()[0] != 0:
+    if rank_and_world()[0] != 0:  # ranks other than 0 score their shard; rank 0 holds the folder and writes
+        _score(run, hashes)
         return None
-    final, predictions = _predict(run)
-    run.timings["predictions_s"] = time.perf_counter() - t_start - run.timings["scan_s"] - run.timings["influence_s"]
-    _write_top_k(run, result, predictions)
-    if result.self_influence is not None:
-        _write_self_influence(run, result.self_influence.numpy(), predictions["train"][0])
-    run.timings["total_s"] = time.perf_counter() - t_start
-    return _write_manifest(run, result, final, hashes)
+    with run.out:
+        result = _score(run, hashes)
+        run.timings["influence_s"] = time.perf_counter() - t_start - run.timings["scan_s"]
+        predictions = _predict(run)
+        run.timings["predictions_s"] = time.perf_counter() - t_start - run.timings["scan_s"] - run.timings["influence_s"]
+        _write_top_k(run, result, predictions)
+        if result.self_influence is not None:
+            _write_self_influence(run, result.self_influence.numpy(), predictions["train"][0])
+        run.timings["total_s"] = time.perf_counter() - t_start
+        manifest = _write_manifest(run, result, hashes)
+    reset(run.out.progress)  # only now: a failure before this resumes with nothing left to score
+    return manifest
 
 
 def _set_up(job: InfluenceJob) -> _Run:
     """Scan the folders, draw the subsets, build the scorer and say what it scores; begin the results folder."""
     rank, world = rank_and_world()
+    _check_folders(job)
     setup = image_setup(job.data_dir, job.checkpoint_dir, job.trust_checkpoint)
+    final = _prediction_model(job, setup)
     seed = job.scoring.seed
     train_idx = _subset(len(setup.train), job.train_subset, seed, "train")
     test_idx = _subset(len(setup.test), job.test_subset, seed + 1, "test")
@@ -131,12 +138,34 @@ def _set_up(job: InfluenceJob) -> _Run:
     tr = TracIn(setup.model, setup.checkpoints, device=job.device, config=config)
     if config.progress:
         print(_scope_line(tr, world), file=sys.stderr)
-    out = ResultsDir(Path(job.output_dir))
-    if rank == 0:
-        out.begin()
+    progress = Path(job.output_dir) / names.PROGRESS
     if job.overwrite:
-        reset(out.progress / f"rank{rank}" if world > 1 else out.progress)
-    return _Run(job, setup, train_idx, test_idx, tr, out)
+        reset(progress / f"rank{rank}" if world > 1 else progress)
+    out = ResultsDir(Path(job.output_dir), keep_partial=progress.exists())
+    return _Run(job, setup, train_idx, test_idx, tr, out, final)
+
+
+def _check_folders(job: InfluenceJob) -> None:
+    """Refuse an output folder that is a file, or that lies inside the data folder (its images would be read
+    back as data)."""
+    out, data = Path(job.output_dir), Path(job.data_dir)
+    if out.exists() and not out.is_dir():
+        raise TracInError(f"--output_dir {out} is a file; give a folder (new or holding tracin results).")
+    if data.is_dir() and out.resolve().is_relative_to(data.resolve()):
+        raise TracInError(f"--output_dir {out} is inside --data_dir {data}, where its images would be read as data on the "
+                          "next run; choose a folder outside it.")
+
+
+def _prediction_model(job: InfluenceJob, setup: ImageSetup) -> Checkpoint:
+    """The model whose predictions are reported (best_model.pt when training wrote one, else the last checkpoint),
+    loaded and checked against the architecture before any scoring."""
+    best = Path(job.checkpoint_dir) / "best_model.pt"
+    if not best.is_file():
+        return setup.checkpoints[-1]
+    final = Checkpoint(best, trust=job.trust_checkpoint)
+    check_one_run([setup.checkpoints[-1], final], f"Checkpoint folder {job.checkpoint_dir} (best_model.pt)")
+    weights_for(setup.model, final)
+    return final
 
 
 def _scope_line(tr: TracIn, world: int) -> str:
@@ -161,25 +190,22 @@ def _score(run: _Run, hashes: List[str]) -> InfluenceResult:
            "checkpoints": hashes, "images": images}
     result = run.tr.influence(run.train_set, run.test_set, top_k=job.top_k, self_influence=job.self_influence,
                               matrix_path=run.out.file(names.MATRIX_NPY) if job.full_matrix else None,
-                              resume_dir=run.out.progress, resume_key=key)
+                              resume_dir=run.out.progress, resume_key=key, keep_progress=True)
     if run.tr.config.progress and result.stats.get("resumed_from_tile"):
         print(f"Resumed an interrupted run after {result.stats['resumed_from_tile']} committed tiles.", file=sys.stderr)
     return result
 
 
-def _predict(run: _Run) -> Tuple[Checkpoint, Dict[str, Tuple[np.ndarray, np.ndarray]]]:
-    """The final model (best_model.pt when training wrote one, else the last checkpoint) and its
-    (predicted class, confidence) on each scored subset."""
-    job, tr = run.job, run.tr
-    best = Path(job.checkpoint_dir) / "best_model.pt"
-    final = Checkpoint(best, trust=job.trust_checkpoint) if best.is_file() else run.setup.checkpoints[-1]
-    run.setup.model.load_state_dict(final.state_dict())
+def _predict(run: _Run) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
+    """The final model's (predicted class, confidence) on each scored subset."""
+    tr = run.tr
+    run.setup.model.load_state_dict(weights_for(run.setup.model, run.final))
     predictions = {}
     for split, dataset in (("train", run.train_set), ("test", run.test_set)):
         probs = predict_proba(run.setup.model, dataset, tr.device, tr.config.batch_size, tr.config.num_workers)
         conf, pred = probs.max(1)
         predictions[split] = (pred.numpy(), conf.numpy())
-    return final, predictions
+    return predictions
 
 
 def _write_top_k(run: _Run, result: InfluenceResult, predictions: Dict[str, Tuple[np.ndarray, np.ndarray]]) -> None:
@@ -237,12 +263,13 @@ def _write_self_influence(run: _Run, s: np.ndarray, train_pred: np.ndarray) -> N
         ["train_index", "train_file", "label", "predicted", "score", "rank"] + list(extra))
 
 
-def _write_manifest(run: _Run, result: InfluenceResult, final: Checkpoint, hashes: List[str]) -> Dict[str, Any]:
+def _write_manifest(run: _Run, result: InfluenceResult, hashes: List[str]) -> Dict[str, Any]:
     s = run.setup
     data = {"data_dir": str(Path(run.job.data_dir).resolve()), "class_names": s.class_names, "arch": s.arch,
             "image_size": s.image_size, "n_train_total": len(s.train), "n_test_total": len(s.test),
             "n_train": len(run.train_idx), "n_test": len(run.test_idx),
             "skipped_files": [{"file": f, "reason": r} for f, r in s.train_split.skipped + s.test_split.skipped]}
+    final = run.final
     final_hash = hashes[-1] if final is s.checkpoints[-1] else file_sha256(Path(final.source))
-    extra = {"prediction_model": {"file": str(final.source), "sha256": final_hash}, "world_size": rank_and_world()[1]}
+    extra = {"prediction_model": {"file": str(Path(final.source).resolve()), "sha256": final_hash}, "world_size": rank_and_world()[1]}
     return run.out.finish("influence", run.tr, RunRecord(job_parameters(run.job), data, run.timings, result.stats, hashes, extra))

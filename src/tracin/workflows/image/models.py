@@ -72,4 +72,8 @@ def checkpoint_metadata(meta: Dict[str, object], name: str) -> Tuple[str, List[s
         raise CheckpointError(
             f"Checkpoint {name} lacks {missing}; it was not written by 'tracin train' (use the Python API for other checkpoints)."
         )
-    return str(meta["arch"]), [str(c) for c in meta["class_names"]], int(meta["image_size"])  # type: ignore[union-attr]
+    names, size = meta["class_names"], meta["image_size"]
+    if not isinstance(names, (list, tuple)) or not names or isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise CheckpointError(f"Checkpoint {name} stores class_names {str(names)[:60]!r} and image_size {size!r}; it needs a "
+                              "non-empty list of class names and a whole number of pixels: re-save it with 'tracin train'.")
+    return str(meta["arch"]), [str(c) for c in names], size

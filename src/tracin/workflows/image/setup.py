@@ -41,8 +41,9 @@ def image_setup(data_dir: Path, checkpoint_dir: Path, trust: bool = False) -> Im
                 f"Checkpoint {ck.name} was trained as {other[0]} on {len(other[1])} classes but {checkpoints[-1].name} as "
                 f"{arch} on {len(class_names)}; keep one training run per --checkpoint_dir."
             )
-    train_split, _ = scan_split(Path(data_dir), "train", class_names)
-    test_split, _ = scan_split(Path(data_dir), "test", class_names)
+    data_dir = Path(data_dir).resolve()  # paths in the outputs then work from any folder
+    train_split, _ = scan_split(data_dir, "train", class_names)
+    test_split, _ = scan_split(data_dir, "test", class_names)
     transform = image_transform(image_size, normalization(arch))
     return ImageSetup(checkpoints, arch, class_names, image_size, train_split, test_split,
                       ImageDataset(train_split, transform), ImageDataset(test_split, transform),

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
@@ -118,7 +119,7 @@ def train_image_classifier(data_dir: Path, checkpoint_dir: Path, training: Image
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     meta = {"class_names": class_names, "arch": arch, "image_size": image_size, "seed": seed, "augment": augment,
-            "lr_schedule": lr_schedule}
+            "lr_schedule": lr_schedule, "run_id": uuid.uuid4().hex}  # discovery refuses checkpoints of mixed runs
     rows, saved, best_acc, step, last_saved = [], [], -1.0, 0, 0
     for epoch in tqdm(range(1, epochs + 1), desc="training", unit="epoch", disable=not progress):
         start = time.perf_counter()
