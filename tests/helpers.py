@@ -8,7 +8,7 @@ import copy
 import os
 import re
 from pathlib import Path
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -242,12 +242,13 @@ def task_per_example_grads(model: nn.Module, names: Sequence[str], task, items: 
     return torch.stack(rows)
 
 
-def task_reference_matrix(model: nn.Module, checkpoints: Sequence[Tuple[dict, float]], modules: Sequence[str], task,
+def task_reference_matrix(model: nn.Module, checkpoints: Sequence[Tuple[dict, float]], modules: Optional[Sequence[str]], task,
                           train: Sequence, test: Sequence) -> torch.Tensor:
     """TracInCP [n_test, n_train] in float64 for any task (items: what the datasets yield, float
-    tensors cast to float64). Calls ``task.on_checkpoint`` after loading each checkpoint."""
+    tensors cast to float64). Calls ``task.on_checkpoint`` after loading each checkpoint. ``modules`` None:
+    every trainable parameter of the model (tied ones once, as ``named_parameters`` lists them)."""
     ref = copy.deepcopy(model).double().eval()
-    names = scope_names(ref, modules)
+    names = scope_names(ref, modules) if modules is not None else [n for n, p in ref.named_parameters() if p.requires_grad]
     to64 = (lambda item: tuple(t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in item))
     train64, test64 = [to64(i) for i in train], [to64(i) for i in test]
     total = None

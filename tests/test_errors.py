@@ -26,11 +26,15 @@ class WithLSTM(nn.Module):
         return self.head(self.rnn(x)[0][:, -1])
 
 
-def test_unsupported_module_is_named():
+def _exact_parameters(tr):
+    return [n for row in tr.scope() if row["kernel"] == "exact" and row["type"] == "parameters" for n in row["parameters"]]
+
+
+def test_a_module_without_a_kernel_is_scored_not_dropped():
     model = WithLSTM()
-    with pytest.raises(UnsupportedModuleError, match=r"Module 'rnn' \(LSTM\)"):
-        TracIn(model, _ck(model), device="cpu")
-    # excluding it works
+    tr = TracIn(model, _ck(model), device="cpu")
+    assert _exact_parameters(tr) == [f"rnn.{n}" for n, _ in model.rnn.named_parameters()]
+    # leaving it out works
     assert [h.name for h in TracIn(model, _ck(model), layers="last", device="cpu").handlers] == ["head"]
 
 
@@ -45,11 +49,10 @@ def test_custom_parameter_on_container_is_not_dropped():
             return self.fc(x) * self.scale
 
     model = Scaled()
-    with pytest.raises(UnsupportedModuleError, match=r"Module '' \(Scaled\) has trainable parameters \['scale'\]"):
-        TracIn(model, _ck(model), device="cpu")
+    assert _exact_parameters(TracIn(model, _ck(model), device="cpu")) == ["scale"]
 
 
-def test_tied_weights_are_refused():
+def test_tied_weights_are_scored_once_with_every_use():
     class Tied(nn.Module):
         def __init__(self):
             super().__init__()
@@ -61,8 +64,9 @@ def test_tied_weights_are_refused():
             return self.out(self.emb(x)).mean(1)
 
     model = Tied()
-    with pytest.raises(UnsupportedModuleError, match="shared with emb"):
-        TracIn(model, _ck(model), device="cpu")
+    tr = TracIn(model, _ck(model), device="cpu")
+    assert _exact_parameters(tr) == ["emb.weight"] and tr.num_parameters == 40
+    assert _exact_parameters(TracIn(model, _ck(model), layers="out", device="cpu")) == ["emb.weight"]
 
 
 def test_batchnorm_without_running_stats_is_refused():

@@ -51,6 +51,8 @@ class TracIn:
         checkpoints: :class:`Checkpoint` objects, or a directory to :meth:`Checkpoint.discover`.
         layers: ``"all"``, ``"last"``, ``"output_bias"`` (the last module's bias alone), an int N (the last
             N parameterised modules), or module or parameter names / glob patterns (``"fc"``, ``"fc.bias"``).
+        exclude: module or parameter names / glob patterns to leave out of ``layers`` (``["encoder.pos_embedding",
+            "*.bias"]``).
         task: a :class:`Task` or a callable ``(model, batch) -> Tensor[B]`` of per-example losses;
             None means classification with cross-entropy on ``(inputs, labels)`` batches.
         device: ``"auto"`` (cuda, then mps, then cpu), or any torch device.
@@ -94,6 +96,7 @@ class TracIn:
         model: nn.Module,
         checkpoints: Union[Sequence[Checkpoint], str, "os.PathLike[str]"],
         layers: LayerSpec = "all",
+        exclude: Sequence[str] = (),
         task: Union[Task, Callable, None] = None,
         device: Union[str, torch.device] = "auto",
         batch_size: int = 256,
@@ -113,7 +116,7 @@ class TracIn:
         config: Optional[ScoringConfig] = None,
     ):
         config = config if config is not None else ScoringConfig(
-            layers=layers, kernel=kernel, precision=precision, normalize=normalize, projection_dim=projection_dim,
+            layers=layers, exclude=exclude, kernel=kernel, precision=precision, normalize=normalize, projection_dim=projection_dim,
             projection=projection, sample_rate=sample_rate, stratify_by=stratify_by, precondition=precondition,
             damping=damping, memory_budget=memory_budget, batch_size=batch_size, num_workers=num_workers, seed=seed,
             progress=progress)
@@ -122,7 +125,7 @@ class TracIn:
         self.checkpoints: List[Checkpoint] = _checkpoint_list(checkpoints)
         self.task = as_task(task)
         self.device = _process_device(device)
-        self.handlers = resolve_layers(model, config.layers)
+        self.handlers = resolve_layers(model, config.layers, config.exclude)
         check_precondition(config.precondition, self.handlers)
         self.projector = Projector(config.projection_dim, config.projection, config.seed) if config.projection_dim is not None else None
         self.preconditioner = KFAC(config.damping) if config.precondition == "kfac" else None
@@ -140,9 +143,9 @@ class TracIn:
         """One row per module in scope: name, type, parameter count, kernel used by the last run, the
         parameters in scope, and whether they are all of the module's trainable ones."""
         return [
-            {"name": h.name, "type": type(h.module).__name__, "params": h.num_params, "kernel": self._modes.get(h.name),
-             "parameters": list(h.param_names),
-             "whole": set(h.param_names) == {n for n, p in h.module.named_parameters(recurse=False) if p.requires_grad}}
+            {"name": h.name, "type": "parameters" if not h.hooked else type(h.module).__name__, "params": h.num_params,
+             "kernel": self._modes.get(h.name) or ("exact" if not h.hooked else None), "parameters": list(h.param_names),
+             "whole": not h.hooked or set(h.param_names) == {n for n, p in h.module.named_parameters(recurse=False) if p.requires_grad}}
             for h in self.handlers
         ]
 

@@ -39,6 +39,8 @@ class ScoringConfig:
 
     layers: LayerSpec = _setting(
         "all", "last | all | output_bias | N | comma-separated module or parameter names or glob patterns", "--layers")
+    exclude: Sequence[str] = _setting(
+        (), "comma-separated module or parameter names or glob patterns to leave out of --layers", "--exclude")
     kernel: str = _setting("auto", "auto picks ghost or materialised per layer from its shapes (both exact)", None, KERNELS)
     precision: str = _setting(
         "fp32", "fp32: exact (TF32 off while scoring); tf32: TF32 tensor cores on NVIDIA GPUs; bf16/fp16: autocast "
@@ -76,6 +78,7 @@ class ScoringConfig:
         if callable(out["stratify_by"]):
             out["stratify_by"] = getattr(out["stratify_by"], "__name__", "callable")
         out["layers"] = list(out["layers"]) if isinstance(out["layers"], (list, tuple)) else out["layers"]
+        out["exclude"] = [out["exclude"]] if isinstance(out["exclude"], str) else list(out["exclude"])
         return out
 
 
@@ -92,6 +95,8 @@ def fields_with_flags() -> Iterator[Tuple[str, str, Dict[str, Any]]]:
 
 
 def _check_layers(c: ScoringConfig) -> None:
+    if not isinstance(c.exclude, (str, list, tuple)) or not all(isinstance(e, str) for e in ([c.exclude] if isinstance(c.exclude, str) else c.exclude)):
+        raise TracInError(f"exclude={c.exclude!r} must be module or parameter names or glob patterns (strings).")
     layers = c.layers
     if isinstance(layers, bool) or not isinstance(layers, (str, int, list, tuple)):
         raise TracInError(f"layers={layers!r} is not a layer selection; use 'all', 'last', an int N or a list of module names.")

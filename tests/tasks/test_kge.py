@@ -184,13 +184,16 @@ def test_other_pykeen_models_match_reference(name, kwargs):
     assert rel_err(got, want) <= 1e-4
 
 
-def test_pykeen_model_with_unsupported_parameters_is_named():
-    from tracin.errors import UnsupportedModuleError
-
+def test_pykeen_model_without_kernels_is_scored_exactly():
     model = build_pykeen_model("TuckER", 7, 4, {"embedding_dim": 4, "relation_dim": 3})
-    ckpts, _ = perturbed_checkpoints(model, [0.1])
-    with pytest.raises(UnsupportedModuleError, match="TuckERInteraction"):
-        TracIn(model, ckpts, task=KGETask(7), progress=False)
+    triples = random_triples(12)
+    train, test = TripleData(triples[:9]), TripleData(triples[9:])
+    ckpts, raw = perturbed_checkpoints(model, [0.1], scale=0.3)
+    task = KGETask(7)
+    tr = TracIn(model, ckpts, task=task, batch_size=4, progress=False)
+    assert any("TuckER" in str(row) or row["kernel"] == "exact" for row in tr.scope())
+    want = task_reference_matrix(model, raw, None, task, [(train[i],) for i in range(9)], [(test[i],) for i in range(3)])
+    assert rel_err(tr.influence_matrix(train, test), want) <= 1e-4
 
 
 def test_kge_cli_sampling_and_projection(trained):

@@ -6,8 +6,9 @@ import torch
 from torch import nn
 from torch.utils.data import IterableDataset, TensorDataset
 
-from helpers import make_image_folder, MLP
-from tracin import Checkpoint, CheckpointError, DataError, TracIn, TracInError, UnsupportedModuleError, save_checkpoint
+from helpers import make_image_folder, MLP, task_reference_matrix
+from tracin.tasks import ClassificationTask
+from tracin import Checkpoint, CheckpointError, DataError, TracIn, TracInError, save_checkpoint
 from tracin.workflows.cli import main
 
 
@@ -130,10 +131,13 @@ def test_layer_run_without_autograd_and_unbatched_conv():
         def forward(self, x):
             return torch.stack([self.conv(xi).sum(-1) for xi in x])
 
-    model = Unbatched()
+    model = Unbatched()  # a module called once per example: its rows are not the batch, so it is scored exactly
     data = TensorDataset(torch.randn(4, 2, 6), torch.randint(0, 3, (4,)))
-    with pytest.raises(UnsupportedModuleError, match="called on an unbatched input"):
-        TracIn(model, _ck(model), device="cpu", kernel="ghost", progress=False).self_influence(data)
+    tr = TracIn(model, _ck(model), device="cpu", kernel="ghost", progress=False)
+    got = tr.self_influence(data)
+    want = task_reference_matrix(model, [(model.state_dict(), 0.1)], None, ClassificationTask(), [data[i] for i in range(4)],
+                                 [data[i] for i in range(4)]).diagonal()
+    assert tr.scope()[0]["kernel"] == "exact" and torch.allclose(got.double(), want, rtol=1e-4)
 
 
 def test_module_returning_a_non_tensor():
@@ -281,7 +285,7 @@ def test_demo_arguments(tmp_path, capsys):
     assert code == 2 and "is not empty; give --output_dir a new or empty folder" in err
 
 
-def test_module_whose_rows_are_not_the_examples_is_named():
+def test_module_whose_rows_are_not_the_examples_is_scored_exactly():
     class Folded(nn.Module):
         """Runs its Linear on two half-rows per example: rows are not examples."""
 
@@ -292,6 +296,25 @@ def test_module_whose_rows_are_not_the_examples_is_named():
         def forward(self, x):
             return self.halves(x.reshape(-1, 6)).reshape(x.shape[0], 2, 5).sum(1)
 
-    model = Folded()
-    with pytest.raises(TracInError, match="Module .halves. ran on 12 rows for a batch of 6 examples"):
-        TracIn(model, _ck(model), device="cpu", progress=False).self_influence(_data())
+    model = Folded()  # its rows are not the examples: scored exactly by per-example passes instead
+    data = _data()
+    tr = TracIn(model, _ck(model), device="cpu", progress=False)
+    got = tr.self_influence(data)
+    want = task_reference_matrix(model, [(model.state_dict(), 0.1)], None, ClassificationTask(), [data[i] for i in range(6)],
+                                 [data[i] for i in range(6)]).diagonal()
+    assert tr.scope()[0]["kernel"] == "exact" and torch.allclose(got.double(), want, rtol=1e-4)
+
+    class Broadcast(nn.Module):
+        """Position embeddings looked up once per batch: with a first batch of one example the rows look right."""
+
+        def __init__(self):
+            super().__init__()
+            self.pos, self.head = nn.Embedding(4, 12), nn.Linear(12, 5)
+
+        def forward(self, x):
+            return self.head(x + self.pos(torch.arange(4)[None]).mean(1))
+
+    model = Broadcast()
+    one = TensorDataset(torch.randn(1, 12), torch.tensor([1]))
+    with pytest.raises(TracInError, match="Module .pos. ran on 1 rows for a batch of 6 examples.*more than one example"):
+        TracIn(model, _ck(model), device="cpu", batch_size=6, progress=False).influence_matrix(data, one)

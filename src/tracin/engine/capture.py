@@ -14,8 +14,10 @@ from torch import nn
 
 from ..errors import DataError, TracInError
 from ..layers.base import Call, LayerHandler, LayerRun
-from ..layers.factors import Factors
+from ..layers.factors import Factors, GradFactors
 from ..tasks.base import Batch, Task, first_tensor
+
+EXACT = "exact"  # the LayerRun mode of parameters scored by per-example backward passes
 
 
 class LossScale:
@@ -72,7 +74,8 @@ class BatchCapture:
         self.calls: Dict[str, List[Call]] = {h.name: [] for h in self.handlers}
         self.outputs: Dict[str, List[Tuple[torch.Tensor, int]]] = {h.name: [] for h in self.handlers}
         self.active = False  # recording only during the task's forward pass
-        self._hooks = [h.module.register_forward_hook(self._hook(h.name)) for h in self.handlers]
+        self.checked = False  # each handler's summed gradient was compared with autograd's on a first batch
+        self._hooks = [h.module.register_forward_hook(self._hook(h.name)) for h in self.handlers if h.hooked]
 
     def _hook(self, name: str):
         def hook(module: nn.Module, args: Tuple, output: torch.Tensor) -> None:
@@ -112,7 +115,8 @@ class BatchCapture:
     def factors(self, model: nn.Module, task: Task, batch: Batch, what: str, first_index: int,
                 raw: bool = False) -> Dict[str, Optional[Factors]]:
         """Per-layer factors for ``batch`` (``None`` for a layer the forward pass never reached);
-        ``raw``: each layer's untransformed (A, D, bias in scope) instead, for fitting a preconditioner."""
+        ``raw``: each layer's untransformed (A, D, bias in scope) instead, for fitting a preconditioner.
+        Layers in ``"exact"`` mode get materialised per-example gradients from per-example backward passes."""
         self.reset()
         with torch.enable_grad():
             self.active = True
@@ -121,57 +125,95 @@ class BatchCapture:
             finally:
                 self.active = False
             size = task.batch_size(batch)
-            if not isinstance(loss, torch.Tensor) or loss.shape != (size,):
-                shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-                raise TracInError(
-                    f"The task's loss has shape {shape} for a batch of {size}; it must return one unreduced loss per example "
-                    "(e.g. reduction='none')."
-                )
-            bad = ~torch.isfinite(loss.detach())
-            if bad.any():
-                where = (bad.nonzero().flatten()[:5] + first_index).tolist()
-                raise DataError(
-                    f"The loss is NaN or infinite for {what} example(s) {where}; check those inputs and labels and that the "
-                    "checkpoint's weights are finite."
-                )
+            _check_loss(loss, size, what, first_index)
+            direct = self._direct_gradients(loss) if self._checking(raw) else None
             targets, owners = self._grad_targets()
             if targets:
                 self._differentiate(loss, targets, owners)
         out: Dict[str, Optional[Factors]] = {}
         for handler in self.handlers:
-            calls = self.calls[handler.name]
-            if not calls:
-                out[handler.name] = None
-                continue
-            for call in calls:
-                first = call.args[0]
-                if isinstance(first, torch.Tensor) and first._version != call.input_version:
-                    raise TracInError(
-                        f"The input of module {handler.name!r} was modified in place after the module ran, so its recorded "
-                        "activations are wrong; make the op after it out-of-place (e.g. inplace=False)."
-                    )
-            if self.precision is not None:
-                factor_dtype = torch.float32 if self.loss_scaling else self.precision
-                for call in calls:
-                    call.args = tuple(a.to(factor_dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-                                      for a in call.args)
-                    if call.delta is not None:
-                        call.delta = call.delta.to(factor_dtype)
-            rows = [c.output_shape[0] for c in calls if c.output_shape is not None and len(c.output_shape)]
-            mismatch = next((r for r in rows if r != size), None)
-            try:
-                with torch.no_grad():
-                    out[handler.name] = handler.ghost_factors(calls) if raw else handler.factors(calls, self.runs[handler.name])  # its own, more specific checks come first
-            except RuntimeError:
-                if mismatch is None:
-                    raise
-            if mismatch is not None:
-                raise TracInError(
-                    f"Module {handler.name!r} ran on {mismatch} rows for a batch of {size} examples, so its rows are not the "
-                    "examples and per-example gradients cannot be read from it; keep the batch as each scored module's "
-                    "first dimension, or leave the module out of layers."
-                )
+            if handler.hooked:
+                out[handler.name] = self._module_factors(handler, size, raw, direct)
+        if direct is not None:
+            self.checked = True
         self.reset()
+        exact = [h for h in self.handlers if self.runs[h.name].mode == EXACT]
+        if exact and not raw:
+            out.update(self._exact_factors(model, task, batch, exact))
+        return out
+
+    def _checking(self, raw: bool) -> bool:
+        """Whether this batch checks each handler's summed gradient against autograd's (the first full-precision one)."""
+        return not self.checked and not raw and self.precision is None and any(h.hooked for h in self.handlers)
+
+    def _direct_gradients(self, loss: torch.Tensor) -> Optional[Dict[str, List[Optional[torch.Tensor]]]]:
+        """Autograd's gradient of the summed loss for each hooked handler's parameters (the graph is kept)."""
+        hooked = [h for h in self.handlers if h.hooked and self.runs[h.name].mode != EXACT]
+        params = [p for h in hooked for p in h.parameters()]
+        try:
+            grads = iter(torch.autograd.grad(loss.sum(), params, allow_unused=True, retain_graph=True)) if params else iter(())
+        except RuntimeError:  # e.g. an input rewritten in place: the per-module checks below name the problem
+            self.checked = True
+            return None
+        return {h.name: [next(grads) for _ in h.param_names] for h in hooked}
+
+    def _module_factors(self, handler: LayerHandler, size: int, raw: bool,
+                        direct: Optional[Dict[str, List[Optional[torch.Tensor]]]]) -> Optional[Factors]:
+        """One hooked module's factors from its recorded calls, or None when it did not run (or runs exactly)."""
+        calls = self.calls[handler.name]
+        run = self.runs[handler.name]
+        if run.mode == EXACT:
+            return None
+        if not calls:  # not reached; but if its parameters still got gradient, they are used elsewhere (functionally)
+            if direct is not None and any(g is not None and bool(g.ne(0).any()) for g in direct.get(handler.name, [])):
+                self._go_exact(handler, run, None, size, first=True)
+            return None
+        _check_inputs_unchanged(handler, calls)
+        if self.precision is not None:
+            self._cast_calls(calls)
+        rows = [c.output_shape[0] for c in calls if c.output_shape is not None and len(c.output_shape)]
+        mismatch = next((r for r in rows if r != size), None)
+        if mismatch is not None or (direct is not None and not _sums_agree(handler, calls, direct.get(handler.name))):
+            self._go_exact(handler, run, mismatch, size, first=direct is not None)
+            return None
+        with torch.no_grad():
+            return handler.ghost_factors(calls) if raw else handler.factors(calls, run)
+
+    def _go_exact(self, handler: LayerHandler, run: LayerRun, mismatch: Optional[int], size: int, first: bool) -> None:
+        """Score ``handler``'s parameters by per-example backward passes from now on: its module ran on rows that are
+        not the examples (a broadcast), or its parameters are also used outside its forward pass. On the run's first
+        batch (``first``) nothing was scored with the handler's kernel yet, so the switch is always possible."""
+        why = (f"ran on {mismatch} rows for a batch of {size} examples" if mismatch is not None
+               else "has parameters that are also used outside its forward pass")
+        if (run.mode is not None and not first) or run.preconditioner is not None:
+            raise TracInError(
+                f"Module {handler.name!r} {why}, so its per-example gradients need exact per-example passes, but this run "
+                f"already {'preconditions it with K-FAC' if run.preconditioner is not None else 'scored it with its kernel'}; "
+                "leave it out of layers (exclude=), or score with more than one example in the first batch (a test set "
+                "of one example: add a second)."
+            )
+        run.mode = EXACT
+
+    def _cast_calls(self, calls: List[Call]) -> None:
+        factor_dtype = torch.float32 if self.loss_scaling else self.precision
+        for call in calls:
+            call.args = tuple(a.to(factor_dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                              for a in call.args)
+            if call.delta is not None:
+                call.delta = call.delta.to(factor_dtype)
+
+    def _exact_factors(self, model: nn.Module, task: Task, batch: Batch, handlers: List[LayerHandler]) -> Dict[str, Factors]:
+        """Materialised per-example gradients of the exact handlers' parameters, one backward pass per example."""
+        params = [p for h in handlers for p in h.parameters()]
+        G = per_example_gradients(model, task, batch, params)
+        out: Dict[str, Factors] = {}
+        start = 0
+        for h in handlers:
+            width = sum(p.numel() for p in h.parameters())
+            factors = GradFactors(G[:, start:start + width])
+            start += width
+            projector = self.runs[h.name].projector
+            out[h.name] = projector.grads(h.name, factors) if projector is not None else factors
         return out
 
     def _loss(self, model: nn.Module, task: Task, batch: Batch) -> torch.Tensor:
@@ -256,3 +298,59 @@ class BatchCapture:
                     targets.append(params[pname])
                     owners.append(None)
         return targets, owners
+
+
+def per_example_gradients(model: nn.Module, task: Task, batch: Batch, params: List[torch.Tensor]) -> torch.Tensor:
+    """[B, P]: each example's gradient of its own loss with respect to ``params`` (flattened, concatenated), by
+    one forward and backward pass per example (``task.example(batch, i)``): exact for any model."""
+    size = task.batch_size(batch)
+    rows = []
+    for i in range(size):
+        loss = task.loss(model, task.example(batch, i))
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise TracInError(f"The task's loss on a single example has shape {tuple(getattr(loss, 'shape', ()))}; it must "
+                              "return one loss per example, and task.example(batch, i) must give a batch of that one example.")
+        grads = torch.autograd.grad(loss.sum(), params, allow_unused=True)
+        rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)]))
+    return torch.stack(rows).detach()
+
+
+def _check_loss(loss: torch.Tensor, size: int, what: str, first_index: int) -> None:
+    if not isinstance(loss, torch.Tensor) or loss.shape != (size,):
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise TracInError(
+            f"The task's loss has shape {shape} for a batch of {size}; it must return one unreduced loss per example "
+            "(e.g. reduction='none')."
+        )
+    bad = ~torch.isfinite(loss.detach())
+    if bad.any():
+        where = (bad.nonzero().flatten()[:5] + first_index).tolist()
+        raise DataError(
+            f"The loss is NaN or infinite for {what} example(s) {where}; check those inputs and labels and that the "
+            "checkpoint's weights are finite."
+        )
+
+
+def _check_inputs_unchanged(handler: LayerHandler, calls: List[Call]) -> None:
+    for call in calls:
+        first = call.args[0]
+        if isinstance(first, torch.Tensor) and first._version != call.input_version:
+            raise TracInError(
+                f"The input of module {handler.name!r} was modified in place after the module ran, so its recorded "
+                "activations are wrong; make the op after it out-of-place (e.g. inplace=False)."
+            )
+
+
+def _sums_agree(handler: LayerHandler, calls: List[Call], direct: Optional[List[Optional[torch.Tensor]]]) -> bool:
+    """Whether the sum of the handler's per-example gradients equals autograd's batch gradient (parameters used only
+    inside the module's recorded calls); True when the handler cannot tell."""
+    with torch.no_grad():
+        summed = handler.batch_gradients(calls)
+    if summed is None or direct is None:
+        return True
+    for ours, theirs in zip(summed, direct):
+        theirs = torch.zeros_like(ours) if theirs is None else theirs
+        scale = max(float(ours.norm()), float(theirs.norm()))
+        if float((ours - theirs).norm()) > 1e-3 * scale + 1e-9:
+            return False
+    return True

@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .capture import BatchCapture
+from .capture import EXACT, BatchCapture
 from ..checkpoints import Checkpoint, weights_for
 from .loaders import dataset_size, loader_from, numbered_batches
 from .resume import ProgressHook
@@ -95,6 +95,7 @@ class Scheduler:
         runs = {}
         for h in self.handlers:
             mode = t.modes.get(h.name) or (kernel if kernel != "auto" and kernel in h.modes else None)
+            mode = EXACT if h.modes == (EXACT,) else mode
             runs[h.name] = LayerRun(mode=mode, projector=t.projector, preconditioner=t.preconditioner)
         return runs
 
@@ -106,12 +107,12 @@ class Scheduler:
         first = next(model.parameters(), None)
         self._home = first.device if first is not None else torch.device("cpu")
         self._original = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        in_scope = {id(getattr(h.module, p)) for h in self.handlers for p in h.param_names}
+        in_scope = {id(p) for h in self.handlers for p in h.parameters()}
         self._flags = [(p, p.requires_grad) for p in model.parameters()]
         for p in model.parameters():
             p.requires_grad_(id(p) in in_scope)
         model.to(self.device).eval()
-        self.dtype = next(getattr(h.module, h.param_names[0]) for h in self.handlers).dtype
+        self.dtype = self.handlers[0].parameters()[0].dtype
         self.runs = self._layer_runs()
         self.capture = BatchCapture(self.handlers, self.runs, self.precision)
         self._restore_math = set_float32_math(self.float32_math)

@@ -6,8 +6,9 @@ from typing import Dict, List, Sequence, Tuple, Union
 
 from torch import nn
 
-from ..errors import TracInError, UnsupportedModuleError
+from ..errors import TracInError
 from ..layers import LayerHandler, handler_for
+from ..layers.exact import ExactHandler
 
 LayerSpec = Union[str, int, Sequence[str]]
 
@@ -67,34 +68,75 @@ def _matches_parameter(module_name: str, param: str, pattern: str) -> bool:
     return full == pattern or fnmatchcase(full, pattern)
 
 
-def resolve_layers(model: nn.Module, layers: LayerSpec = "all") -> List[LayerHandler]:
-    """Handlers for the modules selected by ``layers``.
+def resolve_layers(model: nn.Module, layers: LayerSpec = "all", exclude: Sequence[str] = ()) -> List[LayerHandler]:
+    """Handlers for the parameters selected by ``layers`` less those matching ``exclude``.
 
     ``layers`` is ``"all"``, ``"last"`` (the last parameterised module in registration order),
     ``"output_bias"`` (that module's bias alone: when it produces the model's outputs, its per-example
     gradient is the loss gradient at the outputs), an int N (the last N), or module names / glob
     patterns (a name also selects the modules inside it).
     A name or pattern that matches no module is matched against parameter names (``"fc.bias"``,
-    ``"*.bias"``): only those parameters of their modules are then in scope.
-    Raises :class:`UnsupportedModuleError` for a selected module without an exact kernel, and for
-    parameters shared between modules (tied weights), whose cross terms no per-module kernel sees.
+    ``"*.bias"``): only those parameters of their modules are then in scope. ``exclude`` takes the same
+    kinds of names and patterns and removes what they match.
+    Parameters of modules without a per-module kernel (recurrent layers, attention's packed projections,
+    custom modules, raw parameters used in a forward pass) and parameters shared between modules (tied
+    weights: every use counts) go to one :class:`~tracin.layers.exact.ExactHandler`, scored by per-example
+    backward passes. Raises :class:`UnsupportedModuleError` for a selected module whose per-example gradients
+    are not defined (it couples the examples of a batch).
     """
     found = parameterised_modules(model)
     if not found:
         raise TracInError("The model has no parameters that require grad; unfreeze the layers to score.")
-    selected = _select(found, layers)
-    owners: Dict[int, str] = {}
+    selected = _excluded(_select(found, layers), exclude)
+    tied = _tied(found, selected)
+    handlers: List[LayerHandler] = []
+    exact: List[str] = []
+    for name, module, names in selected:
+        own = [p for p in names if _full(name, p) not in tied]
+        exact += [tied[_full(name, p)] for p in names if _full(name, p) in tied and tied[_full(name, p)] not in exact]
+        if not own:
+            continue
+        handler = handler_for(name, module, own)
+        if handler is None:
+            exact += [_full(name, p) for p in own]
+        else:
+            handlers.append(handler)
+    return handlers + ([ExactHandler(model, exact)] if exact else [])
+
+
+def _full(module_name: str, param: str) -> str:
+    return f"{module_name}.{param}" if module_name else param
+
+
+def _excluded(selected: List[Tuple[str, nn.Module, List[str]]], exclude: Sequence[str]) -> List[Tuple[str, nn.Module, List[str]]]:
+    """``selected`` less the modules and parameters that ``exclude``'s names or glob patterns match."""
+    patterns = [exclude] if isinstance(exclude, str) else list(exclude)
+    if not patterns:
+        return selected
+    kept = []
+    for name, module, names in selected:
+        module_out = any(name == p or fnmatchcase(name, p) or name.startswith(p + ".") for p in patterns)
+        left = [] if module_out else [n for n in names if not any(_matches_parameter(name, n, p) for p in patterns)]
+        if left:
+            kept.append((name, module, left))
+    if not kept:
+        raise TracInError(f"exclude={patterns} leaves no parameter in scope; exclude less.")
+    return kept
+
+
+def _tied(found: List[Tuple[str, nn.Module, List[str]]], selected: List[Tuple[str, nn.Module, List[str]]]) -> Dict[str, str]:
+    """{full name of each use of a parameter shared between modules: the full name of its first use}, for the
+    shared parameters that a selected module uses (their uses are summed, so they are scored once, exactly)."""
+    uses: Dict[int, List[str]] = {}
     for name, module, names in found:
-        for pname in names:
-            param = getattr(module, pname)
-            if id(param) in owners and owners[id(param)] != name:
-                if any(name == s[0] or owners[id(param)] == s[0] for s in selected):
-                    raise UnsupportedModuleError(
-                        f"Parameter {name}.{pname} is shared with {owners[id(param)]} (tied weights); exact per-module kernels "
-                        "cannot score a shared parameter yet: exclude both modules from layers or untie them."
-                    )
-            owners.setdefault(id(param), name)
-    return [handler_for(name, module, names) for name, module, names in selected]
+        for p in names:
+            uses.setdefault(id(getattr(module, p)), []).append(_full(name, p))
+    chosen = {_full(name, p) for name, _, names in selected for p in names}
+    tied: Dict[str, str] = {}
+    for names in uses.values():
+        if len(names) > 1 and any(n in chosen for n in names):
+            tied.update({n: names[0] for n in names})
+    return tied
 
 
 def kfac_layers(model: nn.Module) -> List[str]:

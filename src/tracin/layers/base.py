@@ -27,7 +27,9 @@ class LayerRun:
     """What one run asks of one layer handler, handed to :meth:`LayerHandler.factors` with every batch.
 
     mode: ``"ghost"`` or ``"materialize"``; None lets the handler choose from the shapes of the first
-        batch and record its choice here, so the rest of the run keeps it.
+        batch and record its choice here, so the rest of the run keeps it. ``"exact"``: the handler's
+        parameters are scored by per-example backward passes instead (set by the engine when the module's
+        parameters turn out to be used outside its own forward pass, or broadcast across the batch).
     projector: a :class:`tracin.layers.projection.Projector` when gradients are projected.
     preconditioner: a fitted :class:`tracin.layers.precondition.KFAC` when they are preconditioned.
     """
@@ -49,6 +51,7 @@ class LayerHandler:
 
     module_types: Tuple[type, ...] = ()
     modes: Tuple[str, ...] = ("materialize",)
+    hooked = True  # the engine records the module's calls with a forward hook
     kronecker: bool = False  # its gradients are sum_t d_t a_t^T with captured (A, D): K-FAC can precondition it
 
     def __init__(self, name: str, module: nn.Module, param_names: List[str]):
@@ -57,16 +60,36 @@ class LayerHandler:
         self.param_names = param_names
         self.check()
 
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        """Whether this handler scores ``module`` (by type, unless a subclass says otherwise)."""
+        return isinstance(module, cls.module_types)
+
     def check(self) -> None:
         """Raise :class:`UnsupportedModuleError` for configurations without an exact kernel."""
 
+    def parameters(self) -> List[torch.Tensor]:
+        """The parameters in scope, in ``param_names`` order."""
+        own = dict(self.module.named_parameters(recurse=False))
+        return [own[n] for n in self.param_names]
+
+    def full_names(self) -> List[str]:
+        """The parameters' names in the model."""
+        return [f"{self.name}.{n}" if self.name else n for n in self.param_names]
+
     @property
     def num_params(self) -> int:
-        params = dict(self.module.named_parameters(recurse=False))
-        return sum(params[n].numel() for n in self.param_names)
+        return sum(p.numel() for p in self.parameters())
 
     def in_scope(self, param: str) -> bool:
         return param in self.param_names
+
+    def batch_gradients(self, calls: List[Call]) -> Optional[List[torch.Tensor]]:
+        """The gradient of the summed loss for each parameter in scope (shaped like it) as this handler sees the
+        batch: the sum of its per-example gradients. The engine compares it with autograd's gradient on the first
+        batch; a difference means the parameters are also used outside the module's forward pass (a parent
+        calling them functionally, a weight tied elsewhere, a broadcast). None: the handler cannot tell."""
+        return None
 
     def factors(self, calls: List[Call], run: LayerRun) -> Factors:
         """Factors for the batch from this module's captured calls (at least one), as ``run`` asks."""

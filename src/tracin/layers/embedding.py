@@ -29,7 +29,8 @@ class EmbeddingHandler(LayerHandler):
                 "gradients are not defined; build it with scale_grad_by_freq=False or exclude it from layers."
             )
 
-    def factors(self, calls: List[Call], run: LayerRun) -> Union[IndexFactors, GradFactors]:
+    def _index_factors(self, calls: List[Call]) -> IndexFactors:
+        """Looked-up rows [B, T] and their output gradients [B, T, d] over every call (padding rows zeroed)."""
         idx_parts, d_parts = [], []
         for call in calls:
             idx = call.args[0]
@@ -41,7 +42,16 @@ class EmbeddingHandler(LayerHandler):
                 d = d * (idx != self.module.padding_idx).unsqueeze(-1).to(d.dtype)
             idx_parts.append(idx)
             d_parts.append(d)
-        idx, D = torch.cat(idx_parts, 1), torch.cat(d_parts, 1)
+        return IndexFactors(torch.cat(idx_parts, 1), torch.cat(d_parts, 1))
+
+    def batch_gradients(self, calls: List[Call]) -> List[torch.Tensor]:
+        f = self._index_factors(calls)
+        d = f.D.shape[-1]
+        return [f.D.new_zeros(self.module.weight.shape).index_add_(0, f.idx.reshape(-1), f.D.reshape(-1, d))]
+
+    def factors(self, calls: List[Call], run: LayerRun) -> Union[IndexFactors, GradFactors]:
+        factors = self._index_factors(calls)
+        idx, D = factors.idx, factors.D
         if run.mode is None:  # dense only where it is no larger than the index factors
             run.mode = "materialize" if self.module.num_embeddings <= idx.shape[1] else "ghost"
         if run.mode == "materialize":
@@ -49,5 +59,4 @@ class EmbeddingHandler(LayerHandler):
             G = D.new_zeros(B, V, d).scatter_add_(1, idx.unsqueeze(-1).expand(-1, -1, d), D)
             dense = GradFactors(G.reshape(B, V * d))
             return run.projector.grads(self.name, dense) if run.projector is not None else dense
-        factors = IndexFactors(idx, D)
         return run.projector.index(self.name, factors) if run.projector is not None else factors

@@ -62,6 +62,21 @@ class _FactorLayer(LayerHandler):
             A = A[..., :0]
         return A, D, self.in_scope("bias")
 
+    def batch_gradients(self, calls: List[Call]) -> List[torch.Tensor]:
+        """Summed gradients from the raw factors: the weight's sum_b,t D^T A, the bias's sum_b,t D."""
+        A, D, _ = self._ghost_all(calls)
+        out = []
+        for param, name in zip(self.parameters(), self.param_names):
+            if name == "weight":
+                out.append(self._weight_layout(torch.einsum("bgtd,bgta->gda", D, A), param))
+            else:
+                out.append(D.sum(dim=(0, 2)).reshape(param.shape))
+        return out
+
+    def _weight_layout(self, W: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """A weight gradient [g, dd, da] in the parameter's own layout."""
+        return W.reshape(weight.shape)
+
     def ghost_factors(self, calls: List[Call]) -> Tuple[torch.Tensor, torch.Tensor, bool]:
         """The raw factors (A, D, bias in scope) the K-FAC preconditioner is fitted on."""
         return self._ghost_all(calls)
@@ -124,6 +139,27 @@ class LinearHandler(_FactorLayer):
     def _bias_grad(self, call: Call) -> torch.Tensor:
         delta = self._delta(call, call.args[0])
         return delta.reshape(delta.shape[0], 1, -1, delta.shape[-1]).sum(2)
+
+
+class HFConv1DHandler(LinearHandler):
+    """Hugging Face's ``Conv1D`` (GPT-2 and relatives): a Linear layer whose weight is stored transposed,
+    [in, out]. Inner products of gradients do not depend on the layout, so the ghost and materialised kernels
+    are the Linear ones."""
+
+    module_types = ()
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        weight = getattr(module, "weight", None)
+        return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and isinstance(weight, torch.Tensor) and weight.dim() == 2
+
+    def _shapes(self, call: Call) -> Tuple[int, int, int]:
+        x = call.args[0]
+        T = x[0].numel() // x.shape[-1]
+        return T, x.shape[-1] + int(self.in_scope("bias")), int(self.module.nf)
+
+    def _weight_layout(self, W: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return W[0].T.reshape(weight.shape)
 
 
 class ConvHandler(_FactorLayer):

@@ -31,7 +31,18 @@ class NormHandler(LayerHandler):
                 "or exclude it from layers."
             )
 
+    def batch_gradients(self, calls: List[Call]) -> List[torch.Tensor]:
+        summed = self._per_example(calls).sum(0)
+        params = self.parameters()
+        return [part.reshape(p.shape) for part, p in zip(summed.split([p.numel() for p in params]), params)]
+
     def factors(self, calls: List[Call], run: LayerRun) -> GradFactors:
+        run.mode = "materialize"
+        factors = GradFactors(self._per_example(calls))
+        return run.projector.grads(self.name, factors) if run.projector is not None else factors
+
+    def _per_example(self, calls: List[Call]) -> torch.Tensor:
+        """Per-example gradients [B, P] of the parameters in scope, summed over the calls."""
         module = self.module
         names = self.param_names
         params = {n: p.detach() for n, p in module.named_parameters(recurse=False) if n in names}
@@ -49,6 +60,4 @@ class NormHandler(LayerHandler):
             grads = per_example(params, x, delta)
             flat = torch.cat([grads[n].reshape(x.shape[0], -1) for n in names], dim=1)
             total = flat if total is None else total + flat
-        run.mode = "materialize"
-        factors = GradFactors(total)
-        return run.projector.grads(self.name, factors) if run.projector is not None else factors
+        return total

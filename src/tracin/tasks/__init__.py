@@ -1,7 +1,7 @@
 """Tasks: how a batch becomes a per-example loss (:class:`Task`), and the tasks that ship:
 classification (the default), pairwise ranking (:mod:`tracin.tasks.ranking`) and PyKEEN knowledge-graph
 embeddings (:mod:`tracin.tasks.kge`), each with its own trainer."""
-from .base import Batch, CallableTask, Task, as_task, first_tensor, move_to
+from .base import Batch, CallableTask, Task, as_task, first_tensor, move_to, slice_batch
 from .classification import ClassificationTask
 
-__all__ = ["Batch", "Task", "ClassificationTask", "CallableTask", "as_task", "first_tensor", "move_to"]
+__all__ = ["Batch", "Task", "ClassificationTask", "CallableTask", "as_task", "first_tensor", "move_to", "slice_batch"]

@@ -12,7 +12,7 @@ TracIn's gradients are those of ``loss[i]`` with respect to the parameters in sc
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 
@@ -28,8 +28,22 @@ def move_to(batch: Batch, device: torch.device) -> Batch:
     if isinstance(batch, (list, tuple)):
         moved = [move_to(item, device) for item in batch]
         return type(batch)(moved) if not hasattr(batch, "_fields") else type(batch)(*moved)
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):  # dicts, and Hugging Face's BatchEncoding
         return {key: move_to(value, device) for key, value in batch.items()}
+    return batch
+
+
+def slice_batch(batch: Batch, index: int, size: int) -> Batch:
+    """``batch`` cut down to its example ``index`` (see :meth:`Task.example`)."""
+    if isinstance(batch, torch.Tensor):
+        return batch[index:index + 1] if batch.dim() and batch.shape[0] == size else batch
+    if isinstance(batch, Mapping):  # dicts, and Hugging Face's BatchEncoding
+        return {k: slice_batch(v, index, size) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        if len(batch) == size and batch and not any(isinstance(x, (torch.Tensor, list, tuple, dict)) for x in batch):
+            return type(batch)([batch[index]]) if not hasattr(batch, "_fields") else batch
+        parts = [slice_batch(x, index, size) for x in batch]
+        return type(batch)(*parts) if hasattr(batch, "_fields") else type(batch)(parts)
     return batch
 
 
@@ -37,7 +51,7 @@ def first_tensor(batch: Batch) -> Optional[torch.Tensor]:
     """The first tensor found in a (nested) batch, or None."""
     if isinstance(batch, torch.Tensor):
         return batch
-    items = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else ()
+    items = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else ()
     for item in items:
         found = first_tensor(item)
         if found is not None:
@@ -68,6 +82,11 @@ class Task(ABC):
         """Per-example labels [B] if the task has them (used for summaries and stratification)."""
         return None
 
+    def example(self, batch: Batch, index: int) -> Batch:
+        """A batch holding example ``index`` of ``batch`` alone (for the exact per-example fallback): every tensor
+        and every list or tuple of non-tensors whose leading size is the batch size is sliced; the rest is kept."""
+        return slice_batch(batch, index, self.batch_size(batch))
+
     def strata(self, batch: Batch, key: str) -> Optional[torch.Tensor]:
         """Per-example stratification keys [B] for ``sample_rate`` with ``stratify_by=key``;
         the default knows ``"label"`` (:meth:`labels`). None means the task has no such key."""
@@ -92,7 +111,7 @@ class DuckTask(Task):
     """Wraps any object with a ``loss(model, batch)`` method as a task: each of :class:`Task`'s other
     methods is the object's own where it has one, else the default."""
 
-    _OPTIONAL = ("to_device", "batch_size", "labels", "strata", "on_checkpoint")
+    _OPTIONAL = ("to_device", "batch_size", "labels", "strata", "on_checkpoint", "example")
 
     def __init__(self, inner: Any):
         self.inner = inner

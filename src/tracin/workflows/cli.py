@@ -40,7 +40,7 @@ AUGMENT_HELP = ("none | crop | flip | crop_flip: random shifts and/or mirrors of
 LR_SCHEDULE_HELP = "constant | cosine (per epoch, from --learning_rate towards 0)"
 ARCHS = ["resnet18", "resnet50", "smallcnn"]
 # how each scoring setting's flag parses (the rest are strings); names, help and choices come from ScoringConfig
-FLAG_TYPES = {"layers": parse_layers, "batch_size": int, "num_workers": int, "seed": int, "projection_dim": int,
+FLAG_TYPES = {"layers": parse_layers, "exclude": lambda text: [t.strip() for t in text.split(",") if t.strip()], "batch_size": int, "num_workers": int, "seed": int, "projection_dim": int,
               "sample_rate": float, "damping": float}
 
 
@@ -117,7 +117,7 @@ def _influence_parser(sub) -> None:
     _add(i, "--overwrite", action="store_true", help="discard an interrupted run's progress instead of resuming it")
     _add(i, "--summed_loss", action="store_true",
          help="with --self_influence: also rank training images by their loss summed over the checkpoints")
-    _scoring_flags(i, ["layers", "batch_size", "seed", "num_workers", "sample_rate", "stratify_by", "precision", "normalize",
+    _scoring_flags(i, ["layers", "exclude", "batch_size", "seed", "num_workers", "sample_rate", "stratify_by", "precision", "normalize",
                        "precondition", "damping"], layers="last", batch_size=32, stratify_by_choices=["label"])
     _projection_flags(i, 1024)
     _run_flags(i)
@@ -158,7 +158,7 @@ def _ranking_parser(sub) -> None:
     _add(rk, "--margin", type=float, default=0.0)
     _add(rk, "--ghm_bins", type=int, default=10)
     _add(rk, "--ghm_alpha", type=float, default=1.0, help="GHM weight exponent (1: GHM-C, 0: plain logistic loss)")
-    _scoring_flags(rk, ["layers", "batch_size", "seed"], batch_size=256, seed=42)
+    _scoring_flags(rk, ["layers", "exclude", "batch_size", "seed"], batch_size=256, seed=42)
     _run_flags(rk)
 
 
@@ -177,7 +177,7 @@ def _kge_parser(sub) -> None:
     _add(kg, "--direction", choices=["tail", "both"], default="tail", help="both: add the head side (models with inverse triples)")
     _add(kg, "--label_smoothing", type=float, default=0.0, help="as the model was trained")
     _add(kg, "--learning_rate", type=float, help="learning rate of checkpoints that store none")
-    _scoring_flags(kg, ["layers", "batch_size", "seed", "sample_rate", "stratify_by"], batch_size=64,
+    _scoring_flags(kg, ["layers", "exclude", "batch_size", "seed", "sample_rate", "stratify_by"], batch_size=64,
                    stratify_by_choices=["relation", "head", "tail"])
     _projection_flags(kg, 256)
     _run_flags(kg, trust="allow a whole pickled model (runs code from the file)")

@@ -1,0 +1,154 @@
+"""Any module, exactly: the per-example fallback for modules without a kernel, raw, tied and broadcast parameters,
+parameters used outside their module's forward pass, and exclude=, each against the float64 reference."""
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from helpers import DEVICE, perturbed_checkpoints, rel_err, task_reference_matrix
+from tracin import TracIn, TracInError
+from tracin.tasks import ClassificationTask
+
+TOL = 1e-4
+
+
+class Recurrent(nn.Module):
+    """An LSTM over batch-first data and a GRU that works sequence-first (the model transposes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(4, 5, batch_first=True)
+        self.gru = nn.GRU(5, 3)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = self.lstm(x)[0]
+        return self.head(self.gru(h.transpose(0, 1))[0][-1])
+
+
+class RawAndBroadcast(nn.Module):
+    """A class token and a scale used directly, position embeddings looked up once per batch and broadcast."""
+
+    def __init__(self, d=6, T=5):
+        super().__init__()
+        self.tok = nn.Embedding(11, d)
+        self.pos = nn.Embedding(T + 1, d)
+        self.cls = nn.Parameter(torch.randn(1, 1, d) * 0.1)
+        self.scale = nn.Parameter(torch.ones(d))
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, ids):
+        x = torch.cat([self.cls.expand(ids.shape[0], -1, -1), self.tok(ids)], 1)
+        x = x + self.pos(torch.arange(x.shape[1], device=ids.device))[None]  # [1, T+1, d]: one lookup for the batch
+        return self.head(torch.tanh(x * self.scale).mean(1))
+
+
+class Tied(nn.Module):
+    """Output weights tied to the input embedding: every use of the shared matrix counts."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(9, 4)
+        self.mix = nn.Linear(4, 4)
+        self.out = nn.Linear(4, 9, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.out(torch.tanh(self.mix(self.emb(ids)))).mean(1)
+
+
+class Attention(nn.Module):
+    """nn.MultiheadAttention: packed in_proj (no handler) and an out_proj Linear it calls functionally."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(6, 2, batch_first=True)
+        self.norm = nn.LayerNorm(6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.norm(self.attn(x, x, x, need_weights=False)[0]).mean(1))
+
+
+def vit():
+    from torchvision.models import VisionTransformer
+
+    return VisionTransformer(image_size=8, patch_size=4, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=12, num_classes=3)
+
+
+CASES = {
+    "recurrent": (Recurrent, lambda g, n: torch.randn(n, 6, 4, generator=g), 2),
+    "raw_and_broadcast": (RawAndBroadcast, lambda g, n: torch.randint(0, 11, (n, 5), generator=g), 3),
+    "tied": (Tied, lambda g, n: torch.randint(0, 9, (n, 4), generator=g), 9),
+    "attention": (Attention, lambda g, n: torch.randn(n, 4, 6, generator=g), 3),
+    "vit": (vit, lambda g, n: torch.randn(n, 3, 8, 8, generator=g), 3),
+}
+
+
+def case(kind, n_train=9, n_test=4):
+    build, inputs, classes = CASES[kind]
+    torch.manual_seed(0)
+    model = build()
+    g = torch.Generator().manual_seed(1)
+    x, y = inputs(g, n_train + n_test), torch.randint(0, classes, (n_train + n_test,), generator=g)
+    return model, TensorDataset(x[:n_train], y[:n_train]), TensorDataset(x[n_train:], y[n_train:])
+
+
+def reference(model, raw, train, test):
+    return task_reference_matrix(model, raw, None, ClassificationTask(), [train[i] for i in range(len(train))],
+                                 [test[i] for i in range(len(test))])
+
+
+@pytest.mark.parametrize("kind", list(CASES))
+def test_any_model_matches_the_reference(kind):
+    model, train, test = case(kind)
+    ckpts, raw = perturbed_checkpoints(model, [0.1, 0.05], scale=0.1)
+    tr = TracIn(model, ckpts, layers="all", device=DEVICE, batch_size=4, progress=False)
+    got = tr.influence_matrix(train, test)
+    assert rel_err(got, reference(model, raw, train, test)) <= TOL
+    assert any(row["kernel"] == "exact" for row in tr.scope())
+    assert sum(row["params"] for row in tr.scope()) == sum(p.numel() for p in model.parameters())
+    top = tr.influence(train, test, top_k=3)
+    assert torch.equal(top.proponents.indices, got.argsort(dim=1, descending=True)[:, :3])
+    assert torch.allclose(tr.self_influence(train), reference(model, raw, train, train).diagonal().float(), rtol=1e-4, atol=1e-7)
+
+
+def test_what_runs_exactly_and_why():
+    model, train, test = case("attention")
+    ckpts, _ = perturbed_checkpoints(model, [0.1])
+    tr = TracIn(model, ckpts, layers="all", device=DEVICE, batch_size=4, progress=False)
+    tr.self_influence(train)
+    kernels = {row["name"]: row["kernel"] for row in tr.scope()}
+    assert kernels["attn.out_proj"] == "exact"  # called functionally by its parent: found on the first batch
+    assert kernels["head"] in ("ghost", "materialize") and kernels["norm"] == "materialize"
+    model, train, _ = case("raw_and_broadcast")
+    tr = TracIn(model, perturbed_checkpoints(model, [0.1])[0], layers="all", device=DEVICE, batch_size=4, progress=False)
+    tr.self_influence(train)
+    kernels = {row["name"]: row["kernel"] for row in tr.scope()}
+    assert kernels["pos"] == "exact" and kernels["tok"] in ("ghost", "materialize")  # one lookup for the whole batch
+
+
+def test_exclude_leaves_parameters_out():
+    model, train, test = case("recurrent")
+    ckpts, raw = perturbed_checkpoints(model, [0.1])
+    tr = TracIn(model, ckpts, layers="all", exclude=["lstm", "gru.bias_*"], device=DEVICE, batch_size=4, progress=False)
+    names = [n for row in tr.scope() for n in ([f"{row['name']}.{p}" for p in row["parameters"]] if row["type"] != "parameters"
+                                                else row["parameters"])]
+    assert sorted(names) == ["gru.weight_hh_l0", "gru.weight_ih_l0", "head.bias", "head.weight"]
+    want = task_reference_matrix(model, raw, None, ClassificationTask(), [train[i] for i in range(9)],
+                                 [test[i] for i in range(4)])  # all parameters: must differ from the excluded score
+    got = tr.influence_matrix(train, test)
+    assert rel_err(got, want) > 1e-3
+    with pytest.raises(TracInError, match="leaves no parameter in scope"):
+        TracIn(model, ckpts, exclude=["*"], progress=False)
+
+
+def test_projection_and_normalisation_reach_the_exact_parameters():
+    model, train, test = case("tied")
+    ckpts, raw = perturbed_checkpoints(model, [0.1])
+    exact = TracIn(model, ckpts, layers="all", device=DEVICE, batch_size=4, progress=False, normalize="cosine")
+    plain = TracIn(model, ckpts, layers="all", device=DEVICE, batch_size=4, progress=False)
+    cos = exact.influence_matrix(train, test)
+    assert cos.abs().max() <= 1 + 1e-5 and not torch.allclose(cos, plain.influence_matrix(train, test))
+    projected = TracIn(model, ckpts, layers="all", device=DEVICE, batch_size=4, progress=False, projection_dim=8)
+    assert projected.influence_matrix(train, test).shape == (4, 9)
