@@ -249,7 +249,11 @@ def task_reference_matrix(model: nn.Module, checkpoints: Sequence[Tuple[dict, fl
     every trainable parameter of the model (tied ones once, as ``named_parameters`` lists them)."""
     ref = copy.deepcopy(model).double().eval()
     names = scope_names(ref, modules) if modules is not None else [n for n, p in ref.named_parameters() if p.requires_grad]
-    to64 = (lambda item: tuple(t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in item))
+    def to64(item):
+        if isinstance(item, dict):
+            return {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in item.items()}
+        return tuple(t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in item)
+
     train64, test64 = [to64(i) for i in train], [to64(i) for i in test]
     total = None
     for index, (state, lr) in enumerate(checkpoints):

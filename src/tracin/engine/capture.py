@@ -117,19 +117,7 @@ class BatchCapture:
         """Per-layer factors for ``batch`` (``None`` for a layer the forward pass never reached);
         ``raw``: each layer's untransformed (A, D, bias in scope) instead, for fitting a preconditioner.
         Layers in ``"exact"`` mode get materialised per-example gradients from per-example backward passes."""
-        self.reset()
-        with torch.enable_grad():
-            self.active = True
-            try:
-                loss = self._loss(model, task, batch)
-            finally:
-                self.active = False
-            size = task.batch_size(batch)
-            _check_loss(loss, size, what, first_index)
-            direct = self._direct_gradients(loss) if self._checking(raw) else None
-            targets, owners = self._grad_targets()
-            if targets:
-                self._differentiate(loss, targets, owners)
+        size, direct = self._pass(model, task, batch, (what, first_index), self._checking(raw))
         out: Dict[str, Optional[Factors]] = {}
         for handler in self.handlers:
             if handler.hooked:
@@ -141,6 +129,38 @@ class BatchCapture:
         if exact and not raw:
             out.update(self._exact_factors(model, task, batch, exact))
         return out
+
+    def detect(self, model: nn.Module, task: Task, batch: Batch) -> None:
+        """Decide on ``batch`` (ideally one of several examples) which modules must run exactly: those whose rows are
+        not the examples, and those whose parameters are also used outside their forward pass. Scoring then keeps
+        one kind of factors per layer for the whole run, even when its first scored batch holds a single example."""
+        if self.checked or self.precision is not None or not any(h.hooked for h in self.handlers):
+            return
+        size, direct = self._pass(model, task, batch, ("training", 0), True)
+        for handler in self.handlers:
+            if handler.hooked and self.runs[handler.name].mode != EXACT:
+                self._decide(handler, size, direct)
+        self.checked = True
+        self.reset()
+
+    def _pass(self, model: nn.Module, task: Task, batch: Batch, where: Tuple[str, int], check: bool):
+        """Forward with the hooks recording, the loss checked, (with ``check``) autograd's gradient of every hooked
+        handler's parameters, and the backward pass that records each call's output gradient: (batch size, those
+        gradients or None)."""
+        self.reset()
+        with torch.enable_grad():
+            self.active = True
+            try:
+                loss = self._loss(model, task, batch)
+            finally:
+                self.active = False
+            size = task.batch_size(batch)
+            _check_loss(loss, size, *where)
+            direct = self._direct_gradients(loss) if check else None
+            targets, owners = self._grad_targets()
+            if targets:
+                self._differentiate(loss, targets, owners)
+        return size, direct
 
     def _checking(self, raw: bool) -> bool:
         """Whether this batch checks each handler's summed gradient against autograd's (the first full-precision one)."""
@@ -162,22 +182,28 @@ class BatchCapture:
         """One hooked module's factors from its recorded calls, or None when it did not run (or runs exactly)."""
         calls = self.calls[handler.name]
         run = self.runs[handler.name]
-        if run.mode == EXACT:
+        if run.mode == EXACT or not self._decide(handler, size, direct) or not calls:
             return None
+        if self.precision is not None:
+            self._cast_calls(calls)
+        with torch.no_grad():
+            return handler.ghost_factors(calls) if raw else handler.factors(calls, run)
+
+    def _decide(self, handler: LayerHandler, size: int, direct: Optional[Dict[str, List[Optional[torch.Tensor]]]]) -> bool:
+        """Whether the handler's kernel can score this batch; if not, switch it to exact per-example passes."""
+        calls, run = self.calls[handler.name], self.runs[handler.name]
         if not calls:  # not reached; but if its parameters still got gradient, they are used elsewhere (functionally)
             if direct is not None and any(g is not None and bool(g.ne(0).any()) for g in direct.get(handler.name, [])):
                 self._go_exact(handler, run, None, size, first=True)
-            return None
+                return False
+            return True
         _check_inputs_unchanged(handler, calls)
-        if self.precision is not None:
-            self._cast_calls(calls)
         rows = [c.output_shape[0] for c in calls if c.output_shape is not None and len(c.output_shape)]
         mismatch = next((r for r in rows if r != size), None)
         if mismatch is not None or (direct is not None and not _sums_agree(handler, calls, direct.get(handler.name))):
             self._go_exact(handler, run, mismatch, size, first=direct is not None)
-            return None
-        with torch.no_grad():
-            return handler.ghost_factors(calls) if raw else handler.factors(calls, run)
+            return False
+        return True
 
     def _go_exact(self, handler: LayerHandler, run: LayerRun, mismatch: Optional[int], size: int, first: bool) -> None:
         """Score ``handler``'s parameters by per-example backward passes from now on: its module ran on rows that are

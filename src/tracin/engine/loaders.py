@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Callable, Iterator, Optional, Tuple, Union
 
+import numpy as np
+import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, IterableDataset, Sampler, SequentialSampler, Subset, TensorDataset
 
 from ..errors import DataError
@@ -24,6 +26,16 @@ class _SliceSampler(Sampler):
         return -(-(self.n - self.start) // self.batch_size)
 
 
+def _map_style(data: object) -> bool:
+    """A torch Dataset, or any other indexable, sized collection of examples (a Hugging Face ``datasets.Dataset``);
+    not a bare tuple, list, tensor or array, which hold columns rather than examples."""
+    if isinstance(data, Dataset):
+        return True
+    if isinstance(data, (tuple, list, torch.Tensor, np.ndarray, str, bytes)) or data is None:
+        return False
+    return hasattr(data, "__getitem__") and hasattr(data, "__len__")
+
+
 def _sliceable(data: Dataset) -> bool:
     return isinstance(data, TensorDataset) or (isinstance(data, Subset) and isinstance(data.dataset, TensorDataset))
 
@@ -37,7 +49,7 @@ def make_loader(data: DataSource, batch_size: int, what: str, num_workers: int =
     if isinstance(data, DataLoader):
         _check_loader(data, what)
         loader = data
-    elif not isinstance(data, Dataset):
+    elif not _map_style(data):
         raise DataError(f"The {what} set is a {type(data).__name__}, not a torch Dataset or DataLoader; wrap tensors as "
                         "TensorDataset(inputs, labels) (from torch.utils.data), or pass a map-style Dataset.")
     elif _sliceable(data):

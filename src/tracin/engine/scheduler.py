@@ -114,6 +114,8 @@ class Scheduler:
         model.to(self.device).eval()
         self.dtype = self.handlers[0].parameters()[0].dtype
         self.runs = self._layer_runs()
+        self._loaded: Optional[int] = None  # the checkpoint whose weights the model holds
+        self._detect_source: Optional[DataLoader] = None  # the training data the exact layers are decided on
         self.capture = BatchCapture(self.handlers, self.runs, self.precision)
         self._restore_math = set_float32_math(self.float32_math)
         return self
@@ -142,11 +144,23 @@ class Scheduler:
 
     def _load(self, index: int) -> None:
         self.model.load_state_dict(self._weights[index], strict=True)
+        self._loaded = index
         if self.preconditioner is not None:
             self.preconditioner.select(index)
         with torch.no_grad():
             self.task.on_checkpoint(self.model, index)
         self.stats["checkpoint_loads"] = int(self.stats["checkpoint_loads"]) + 1  # type: ignore[arg-type]
+
+    def _detect(self, loader: Optional[DataLoader] = None, batch=None) -> None:
+        """Decide the exact layers at the first checkpoint on ``batch`` (or the loader's first), before any factors are
+        kept (:meth:`BatchCapture.detect`): training batches hold several examples even when a test set holds one."""
+        if self.capture.checked:
+            return
+        batch = batch if batch is not None else next(iter(loader), None) if loader is not None else None
+        if batch is not None:
+            if self._loaded != 0:
+                self._load(0)
+            self.capture.detect(self.model, self.task, self.task.to_device(batch, self.device))
 
     def _factors(self, batch, what: str, first_index: int) -> FactorDict:
         return self.capture.factors(self.model, self.task, batch, what, first_index)
@@ -205,8 +219,11 @@ class Scheduler:
     def _chunk_examples(self, first_batch) -> int:
         """Test examples per chunk, so that a chunk's factors for every checkpoint fit in half the
         budget. Probes one batch at the first checkpoint (once; a preset plan is kept)."""
+        if not self.capture.checked:  # on the training data when the run has it (a test set may hold one example)
+            self._detect(self._detect_source, None if self._detect_source is not None else first_batch)
         if "chunk_examples" not in self.plan:
-            self._load(0)
+            if self._loaded != 0:
+                self._load(0)
             probe = self._factors(self.task.to_device(first_batch, self.device), "test", 0)
             per_test = factor_bytes(probe) / max(1, self.task.batch_size(first_batch))
             self.plan["chunk_examples"] = max(1, int(self.budget * 0.5 // max(1.0, len(self.checkpoints) * per_test)))
@@ -272,6 +289,9 @@ class Scheduler:
         chunks and tiles a resumed run has already finished; ``initial_self`` is the partial self-influence
         of a resumed run."""
         start = time.perf_counter()
+        self._detect_source = train  # decided at the probe, which loads the first checkpoint anyway
+        if cached is not None:
+            self._detect(train)
         n_train = dataset_size(train)
         C = len(self.checkpoints)
         skip = hook.chunk_finished if hook is not None else None
@@ -368,6 +388,7 @@ class Scheduler:
         out = torch.zeros(n_train, device=self.device, dtype=self.dtype)
         bar = tqdm(total=n_train * len(self.checkpoints), desc="TracIn self-influence", unit="ex", disable=not self.progress, leave=False)
         for c, first, batch in self._at_checkpoints(train):
+            self._detect(batch=batch)  # at the first batch, with the first checkpoint loaded
             b = self.task.batch_size(batch)
             factors = self._factors(self.task.to_device(batch, self.device), "training", first)
             out[first:first + b].add_(self._self(factors, b), alpha=float(self.checkpoints[c].learning_rate))  # type: ignore[arg-type]
@@ -383,6 +404,7 @@ class Scheduler:
         bar = tqdm(total=dataset_size(loader) * len(self.checkpoints), desc=f"{what} gradients", unit="ex",
                    disable=not self.progress, leave=False)
         for c, first, batch in self._at_checkpoints(loader):
+            self._detect(batch=batch)
             factors = self._factors(self.task.to_device(batch, self.device), what, first)
             vec = torch.cat([f.to_vector() for f in factors.values() if f is not None], dim=1)
             dim = vec.shape[1]

@@ -2,6 +2,7 @@
 classification (the default), pairwise ranking (:mod:`tracin.tasks.ranking`) and PyKEEN knowledge-graph
 embeddings (:mod:`tracin.tasks.kge`), each with its own trainer."""
 from .base import Batch, CallableTask, Task, as_task, first_tensor, move_to, slice_batch
-from .classification import ClassificationTask
+from .classification import ClassificationTask, DefaultTask
+from .hf import HFTask
 
-__all__ = ["Batch", "Task", "ClassificationTask", "CallableTask", "as_task", "first_tensor", "move_to", "slice_batch"]
+__all__ = ["Batch", "Task", "ClassificationTask", "DefaultTask", "HFTask", "CallableTask", "as_task", "first_tensor", "move_to", "slice_batch"]

@@ -128,9 +128,9 @@ def as_task(task: Union[Task, Callable, None]) -> Task:
     """Normalise the ``task`` argument: None means classification with cross-entropy; an object with a
     ``loss`` method (duck typing) or a callable is wrapped."""
     if task is None:
-        from .classification import ClassificationTask
+        from .classification import DefaultTask
 
-        return ClassificationTask()
+        return DefaultTask()
     if isinstance(task, Task):
         return task
     if callable(getattr(task, "loss", None)):

@@ -2,7 +2,7 @@
 classifier's checkpoints (used for predictions and as a mislabel baseline)."""
 from __future__ import annotations
 
-from typing import Iterator, List, Optional, Sequence
+from typing import Iterator, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -12,6 +12,25 @@ from torch.utils.data import DataLoader
 from ..checkpoints import Checkpoint
 from ..errors import DataError
 from .base import Batch, Task
+
+
+class DefaultTask(Task):
+    """What ``task=None`` means: cross-entropy classification of ``(inputs, labels)`` batches, and for dict batches
+    (Hugging Face models and data) :class:`tracin.tasks.hf.HFTask` with its defaults."""
+
+    def __init__(self):
+        from .hf import HFTask
+
+        self.tuples, self.dicts = ClassificationTask(), HFTask()
+
+    def _for(self, batch: Batch) -> Task:
+        return self.dicts if isinstance(batch, Mapping) else self.tuples
+
+    def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        return self._for(batch).loss(model, batch)
+
+    def labels(self, batch: Batch) -> Optional[torch.Tensor]:
+        return self._for(batch).labels(batch)
 
 
 class ClassificationTask(Task):
