@@ -243,7 +243,7 @@ def task_per_example_grads(model: nn.Module, names: Sequence[str], task, items: 
 
 
 def task_reference_matrix(model: nn.Module, checkpoints: Sequence[Tuple[dict, float]], modules: Optional[Sequence[str]], task,
-                          train: Sequence, test: Sequence) -> torch.Tensor:
+                          train: Sequence, test: Sequence, normalize: str = "none") -> torch.Tensor:
     """TracInCP [n_test, n_train] in float64 for any task (items: what the datasets yield, float
     tensors cast to float64). Calls ``task.on_checkpoint`` after loading each checkpoint. ``modules`` None:
     every trainable parameter of the model (tied ones once, as ``named_parameters`` lists them)."""
@@ -261,7 +261,12 @@ def task_reference_matrix(model: nn.Module, checkpoints: Sequence[Tuple[dict, fl
         if hasattr(task, "on_checkpoint"):
             with torch.no_grad():
                 task.on_checkpoint(ref, index)
-        m = lr * task_per_example_grads(ref, names, task, test64) @ task_per_example_grads(ref, names, task, train64).T
+        g_test, g_train = task_per_example_grads(ref, names, task, test64), task_per_example_grads(ref, names, task, train64)
+        if normalize != "none":
+            g_train = g_train / g_train.norm(dim=1, keepdim=True)
+        if normalize == "cosine":
+            g_test = g_test / g_test.norm(dim=1, keepdim=True)
+        m = lr * g_test @ g_train.T
         total = m if total is None else total + m
     return total.detach()
 

@@ -221,7 +221,7 @@ def test_gradcam_without_the_package_is_a_clear_error(scored, monkeypatch, capsy
 
     monkeypatch.setattr(builtins, "__import__", no_gradcam)
     code, err = _err(capsys, ["report", "--results_dir", str(out), "--gradcam", "1"])
-    assert code == 2 and "pip install 'tracin[gradcam]'" in err
+    assert code == 2 and "pip install -e '.[gradcam]'" in err
 
 
 def test_summed_loss_beside_self_influence(trained):

@@ -38,7 +38,7 @@ def parse_layers(text: str) -> Union[str, int, List[str]]:
 AUGMENT_HELP = ("none | crop | flip | crop_flip: random shifts and/or mirrors of the training images while training "
                 "(influence always reads the plain images)")
 LR_SCHEDULE_HELP = "constant | cosine (per epoch, from --learning_rate towards 0)"
-ARCHS = ["resnet18", "resnet50", "smallcnn"]
+ARCH_HELP = "smallcnn or any torchvision classification model: resnet18, resnet50, vit_b_16, efficientnet_b0, ..."
 # how each scoring setting's flag parses (the rest are strings); names, help and choices come from ScoringConfig
 FLAG_TYPES = {"layers": parse_layers, "exclude": lambda text: [t.strip() for t in text.split(",") if t.strip()], "batch_size": int, "num_workers": int, "seed": int, "projection_dim": int,
               "sample_rate": float, "damping": float}
@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _train_parser(sub) -> None:
     t = sub.add_parser("train", help="train an image classifier on an image folder, saving checkpoints", formatter_class=_Formatter)
     _add(t, "--data_dir", type=Path, required=True, help="folder with train/<class>/ and test/<class>/")
-    _add(t, "--arch", choices=ARCHS, default="resnet18")
+    _add(t, "--arch", default="resnet18", help=ARCH_HELP)
     _add(t, "--epochs", type=int, default=10)
     _add(t, "--save_every", type=int, default=1, help="save a checkpoint every K epochs (and after the last)")
     _add(t, "--checkpoint_dir", type=Path, required=True)
@@ -196,7 +196,7 @@ def _evaluate_parser(sub) -> None:
         _add(e, "--noise", choices=["uniform", "asymmetric"], default="uniform")
         _add(e, "--flip", help="asymmetric map source:target,... by class name (default: digits 2:7,3:8,5:6,6:5,7:1; else pair flips)")
         _add(e, "--seeds", type=int, nargs="+", default=[0])
-        _add(e, "--arch", choices=ARCHS, default="smallcnn")
+        _add(e, "--arch", default="smallcnn", help=ARCH_HELP)
         _add(e, "--epochs", type=int, default=12)
         _add(e, "--save_every", type=int, default=1, help="a checkpoint every K epochs (every epoch detects best: docs/quality.md)")
         _add(e, "--learning_rate", type=float, default=0.02)

@@ -37,10 +37,10 @@ def gradcam_overlays(res: Results, n_tests: int = 3, n_proponents: int = 5) -> L
         from pytorch_grad_cam.utils.image import show_cam_on_image
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
     except ImportError as exc:
-        raise TracInError("Grad-CAM overlays need the grad-cam package: pip install 'tracin[gradcam]'.") from exc
+        raise TracInError("Grad-CAM overlays need the grad-cam package: pip install -e '.[gradcam]' in the tracin source folder.") from exc
     data = res.manifest["data"]
     arch, size, classes = data["arch"], int(data["image_size"]), res.class_names
-    model = build_model(arch, len(classes))
+    model = build_model(arch, len(classes), size)
     model.load_state_dict(Checkpoint(res.manifest["prediction_model"]["file"], learning_rate=0.0).state_dict())
     model.eval()
     transform = image_transform(size, normalization(arch))

@@ -9,9 +9,6 @@ from torch import nn
 
 from ...errors import CheckpointError, TracInError
 
-ARCHITECTURES = ("resnet18", "resnet50", "smallcnn")
-
-
 class SmallCNN(nn.Module):
     """Two conv blocks (conv, batch norm, ReLU, max-pool), global pooling to 4x4, two linear layers."""
 
@@ -28,17 +25,33 @@ class SmallCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
-def build_model(arch: str, num_classes: int) -> nn.Module:
-    """A freshly initialised ``arch`` with ``num_classes`` outputs (no weights are downloaded)."""
+def torchvision_classifiers() -> List[str]:
+    """The names of torchvision's image-classification models (``torchvision.models.get_model`` builds them)."""
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def build_model(arch: str, num_classes: int, image_size: int = 224) -> nn.Module:
+    """A freshly initialised ``arch`` with ``num_classes`` outputs (no weights are downloaded): ``smallcnn`` or any
+    torchvision classification model by name; vision transformers are built for ``image_size`` pixels."""
     if num_classes < 2:
         raise TracInError(f"A classifier needs at least 2 classes, found {num_classes}; add class folders.")
     if arch == "smallcnn":
         return SmallCNN(num_classes)
-    if arch in ("resnet18", "resnet50"):
-        import torchvision
+    names = torchvision_classifiers()
+    if arch not in names:
+        raise TracInError(f"Unknown architecture {arch!r}; choose smallcnn or a torchvision classification model "
+                          f"({', '.join(n for n in names if n in ('resnet18', 'resnet50', 'vit_b_16', 'efficientnet_b0'))}, ...).")
+    import torchvision
 
-        return getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
-    raise TracInError(f"Unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}.")
+    extra = {"image_size": image_size} if arch.startswith("vit_") else {}
+    try:
+        return torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **extra)
+    except (AssertionError, ValueError) as exc:
+        reason = str(exc) or "a size it does not accept"
+        raise TracInError(f"torchvision cannot build {arch} for {image_size}-pixel images ({reason}); choose an "
+                          "--image_size it accepts (a multiple of a ViT's patch size).") from None
 
 
 def load_pretrained(model: nn.Module, path: Path) -> Tuple[List[str], List[str]]:

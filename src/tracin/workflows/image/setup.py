@@ -47,4 +47,4 @@ def image_setup(data_dir: Path, checkpoint_dir: Path, trust: bool = False) -> Im
     transform = image_transform(image_size, normalization(arch))
     return ImageSetup(checkpoints, arch, class_names, image_size, train_split, test_split,
                       ImageDataset(train_split, transform), ImageDataset(test_split, transform),
-                      build_model(arch, len(class_names)))
+                      build_model(arch, len(class_names), image_size))

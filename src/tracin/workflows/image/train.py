@@ -107,7 +107,7 @@ def train_image_classifier(data_dir: Path, checkpoint_dir: Path, training: Image
     transform = image_transform(image_size, normalization(arch))
     augmented = ImageDataset(train_split, training_transform(image_size, augment, normalization(arch)))
     train_set, test_set = ImageDataset(train_split, transform), ImageDataset(test_split, transform)
-    model = build_model(arch, len(class_names))
+    model = build_model(arch, len(class_names), image_size)
     if pretrained is not None:
         load_pretrained(model, Path(pretrained))
     model.to(device)
