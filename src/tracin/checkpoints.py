@@ -30,7 +30,8 @@ from .errors import CheckpointError
 from .io import write_bytes
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors")
-WEIGHT_KEYS = ("model_state_dict", "state_dict")
+WEIGHT_KEYS = ("model_state_dict", "state_dict", "model")
+PREFIXES = ("module.", "model.", "_orig_mod.")  # DataParallel/DDP, Lightning, torch.compile
 LR_KEYS = ("learning_rate", "lr")
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -47,6 +48,16 @@ def _number(value: Any, what: str, kind: type) -> Any:
     if kind is int and float(value) != number:
         raise CheckpointError(f"{what} is {value!r}, not a whole number; re-save the checkpoint with a whole number.")
     return number
+
+
+def _optimizer_rate(meta: Mapping[str, Any]) -> Optional[Any]:
+    """The learning rate of the first parameter group of a stored optimizer state (PyTorch Lightning's
+    ``optimizer_states``, or an ``optimizer_state_dict``), if there is one."""
+    states = meta.get("optimizer_states") or ([meta["optimizer_state_dict"]] if isinstance(meta.get("optimizer_state_dict"), Mapping) else [])
+    try:
+        return states[0]["param_groups"][0]["lr"]
+    except (KeyError, IndexError, TypeError):
+        return None
 
 
 def natural_key(text: str) -> list:
@@ -174,6 +185,7 @@ class Checkpoint:
     name: Optional[str] = None
     metadata: Dict[str, Any] = field(default_factory=dict, repr=False)
     trust: bool = field(default=False, repr=False)
+    default_learning_rate: Optional[float] = field(default=None, repr=False)  # for a file that stores no rate
     _weights: Optional[Dict[str, torch.Tensor]] = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -193,14 +205,19 @@ class Checkpoint:
 
     def _read_metadata(self, meta: Mapping[str, Any]) -> None:
         """Learning rate, epoch and step from ``meta`` where not given, each checked for its type and range."""
-        if self.learning_rate is None:
+        if self.learning_rate is not None:
+            self.metadata.setdefault("learning_rate_source", "given")
+        else:
             key = next((k for k in LR_KEYS if meta.get(k) is not None), None)
-            if key is None:
+            stored = meta[key] if key is not None else _optimizer_rate(meta)
+            if stored is None and self.default_learning_rate is None:
                 raise CheckpointError(
                     f"Checkpoint {self.name} has no learning rate: none is stored under 'learning_rate' and none was given; "
                     "pass learning_rate=... (or --learning_rate)."
                 )
-            self.learning_rate = _number(meta[key], f"Checkpoint {self.name}'s stored {key}", float)
+            self.metadata["learning_rate_source"] = "file" if stored is not None else "given"
+            self.learning_rate = _number(stored if stored is not None else self.default_learning_rate,
+                                         f"Checkpoint {self.name}'s stored {key or 'learning rate'}", float)
         rate = _number(self.learning_rate, f"Checkpoint {self.name}'s learning rate", float)
         if not math.isfinite(rate) or rate < 0:
             raise CheckpointError(f"Checkpoint {self.name} has an invalid learning rate {self.learning_rate}; it must be a "
@@ -223,26 +240,61 @@ class Checkpoint:
         pattern: str = "*",
         learning_rate: Optional[float] = None,
         trust: bool = False,
+        default_learning_rate: Optional[float] = None,
     ) -> List["Checkpoint"]:
-        """All checkpoint files in ``directory`` matching ``pattern``, in natural order.
+        """All checkpoints in ``directory``: files matching ``pattern``, and Hugging Face Trainer folders.
 
-        Files ending in .pt, .pth, .ckpt, .bin or .safetensors are taken. The learning rate of
-        each is read from the file unless ``learning_rate`` is given (which then applies to all).
+        Files ending in .pt, .pth, .ckpt (PyTorch Lightning's included), .bin or .safetensors are taken, whatever
+        their names; ``checkpoint-N/`` folders with ``model.safetensors`` or ``pytorch_model.bin`` are Hugging Face
+        Trainer checkpoints (learning rate from their ``trainer_state.json``). Order: by the stored epoch (or step)
+        when every checkpoint has one, else natural order of the names (``ckpt_2`` before ``ckpt_10``). The learning
+        rate of each is read from the file (or a stored optimizer state); ``learning_rate`` overrides every file's,
+        ``default_learning_rate`` serves only files that store none.
         """
         folder = Path(directory)
         if not folder.is_dir():
             raise CheckpointError(f"Checkpoint directory {folder} does not exist; check --checkpoint_dir.")
-        files = sorted(
-            (p for p in folder.glob(pattern) if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES),
-            key=lambda p: natural_key(p.name),
-        )
+        files = [p for p in folder.glob(pattern) if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES] + _trainer_folders(folder)
         if not files:
             raise CheckpointError(
                 f"No checkpoint files ({', '.join(CHECKPOINT_SUFFIXES)}) matching {pattern!r} in {folder}; train first or fix the path."
             )
-        found = [cls(p, learning_rate=learning_rate, trust=trust) for p in files]
+        found = [_trainer_checkpoint(p, learning_rate, default_learning_rate) if p.is_dir()
+                 else cls(p, learning_rate=learning_rate, trust=trust, default_learning_rate=default_learning_rate)
+                 for p in sorted(files, key=lambda p: natural_key(p.name))]
         check_one_run(found, f"Checkpoint folder {folder}")
+        for key in ("epoch", "step"):
+            if all(getattr(c, key) is not None for c in found):
+                return sorted(found, key=lambda c: getattr(c, key))
         return found
+
+
+HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
+def _trainer_folders(folder: Path) -> List[Path]:
+    """Hugging Face Trainer checkpoint folders (``checkpoint-N/`` holding model weights) in ``folder``."""
+    return [p for p in folder.glob("checkpoint-*") if p.is_dir() and any((p / w).is_file() for w in HF_WEIGHTS)]
+
+
+def _trainer_checkpoint(path: Path, learning_rate: Optional[float], default: Optional[float]) -> "Checkpoint":
+    """A Hugging Face Trainer folder as a :class:`Checkpoint`: its weights (weights-only), the step in its name, and
+    the learning rate its ``trainer_state.json`` logged last at or before that step."""
+    weights = next(path / w for w in HF_WEIGHTS if (path / w).is_file())
+    step = int(path.name.split("-")[-1]) if path.name.split("-")[-1].isdigit() else None
+    rate = learning_rate
+    state_file = path / "trainer_state.json"
+    if rate is None and state_file.is_file():
+        try:
+            history = json.loads(state_file.read_text()).get("log_history", [])
+        except (json.JSONDecodeError, AttributeError):
+            raise CheckpointError(f"{state_file} is not valid JSON; restore it or pass --learning_rate.") from None
+        logged = [h for h in history if isinstance(h, dict) and "learning_rate" in h and (step is None or h.get("step", 0) <= step)]
+        rate = logged[-1]["learning_rate"] if logged else None
+    checkpoint = Checkpoint(weights, learning_rate=rate, step=step, name=path.name, default_learning_rate=default)
+    if rate is not None and learning_rate is None:
+        checkpoint.metadata["learning_rate_source"] = "file"
+    return checkpoint
 
 
 def check_one_run(checkpoints: List["Checkpoint"], where: str) -> None:
@@ -276,16 +328,25 @@ def save_checkpoint(path: PathLike, state_dict: Mapping[str, torch.Tensor], lear
     return write_bytes(path, buffer.getvalue())
 
 
+def _unprefixed(weights: Dict[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """``weights`` with a wrapper's prefix removed (``module.`` from DataParallel, ``model.`` from Lightning,
+    ``_orig_mod.`` from torch.compile), repeatedly, while the model's own names do not start with it."""
+    while weights and not any(k in expected for k in weights):
+        prefix = next((p for p in PREFIXES if all(k.startswith(p) for k in weights)), None)
+        if prefix is None:
+            break
+        weights = {k[len(prefix):]: v for k, v in weights.items()}
+    return weights
+
+
 def weights_for(model: torch.nn.Module, checkpoint: Checkpoint) -> Dict[str, torch.Tensor]:
     """``checkpoint``'s weights checked against ``model``'s state dict (same keys and shapes),
     with a clear error naming the differences.
 
-    A ``module.`` prefix (from DataParallel/DistributedDataParallel) is stripped when the model has none.
+    A wrapper's prefix (``module.``, ``model.``, ``_orig_mod.``) is stripped when the model's names lack it.
     """
-    weights = checkpoint.state_dict()
+    weights = _unprefixed(checkpoint.state_dict(), model.state_dict())
     expected = model.state_dict()
-    if weights and not any(k in expected for k in weights) and all(k.startswith("module.") for k in weights):
-        weights = {k[len("module."):]: v for k, v in weights.items()}
     missing = [k for k in expected if k not in weights]
     unexpected = [k for k in weights if k not in expected]
     if missing or unexpected:

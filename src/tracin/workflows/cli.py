@@ -106,8 +106,9 @@ def _train_parser(sub) -> None:
 def _influence_parser(sub) -> None:
     i = sub.add_parser("influence", help="top-k proponents/opponents (and self-influence) for an image folder", formatter_class=_Formatter)
     _add(i, "--data_dir", type=Path, required=True)
-    _add(i, "--checkpoint_dir", type=Path, required=True)
+    _add(i, "--checkpoint_dir", type=Path, help="checkpoints of 'tracin train'; with --arch: every weights file in it, any name")
     _add(i, "--output_dir", type=Path, required=True)
+    _own_model_flags(i)
     _add(i, "--top_k", type=int, default=100)
     _add(i, "--train_subset", type=int, help="score a seeded random subset of N training images")
     _add(i, "--test_subset", type=int, help="score a seeded random subset of M test images")
@@ -121,6 +122,35 @@ def _influence_parser(sub) -> None:
                        "precondition", "damping"], layers="last", batch_size=32, stratify_by_choices=["label"])
     _projection_flags(i, 1024)
     _run_flags(i)
+
+
+def _own_model_flags(parser: argparse.ArgumentParser) -> None:
+    """A model trained outside 'tracin train': its architecture, weights and preprocessing."""
+    _add(parser, "--arch", help=f"a model you trained yourself: {ARCH_HELP}, or module:callable building it")
+    _add(parser, "--model_path", type=Path, help="with --arch: its weights file (a state dict or a common wrapper); the model "
+                                                 "whose predictions are reported, and the one checkpoint without --checkpoint_dir")
+    _add(parser, "--learning_rate", type=float, help="with --arch: the learning rate of weights files that store none")
+    _add(parser, "--image_size", type=int, default=224, help="with --arch: the input size the model was trained on")
+    _add(parser, "--num_classes", type=int, help="with --arch: the model's outputs (default: the number of class folders)")
+    _add(parser, "--mean", help="with --arch: per-channel normalisation mean, e.g. 0.485,0.456,0.406 (default: ImageNet's)")
+    _add(parser, "--std", help="with --arch: per-channel normalisation std, e.g. 0.229,0.224,0.225 (default: ImageNet's)")
+
+
+def own_model(a: argparse.Namespace):
+    """The :class:`OwnModel` of the parsed flags, or None for checkpoints of 'tracin train'."""
+    from .image.setup import OwnModel, parse_triple
+
+    if a.arch is None:
+        mine = [f for f in ("model_path", "learning_rate", "num_classes", "mean", "std") if getattr(a, f) is not None]
+        if mine:
+            raise TracInError(f"--{mine[0]} describes a model you trained yourself; add --arch (its architecture).")
+        if a.checkpoint_dir is None:
+            raise TracInError("Give --checkpoint_dir (checkpoints of 'tracin train'), or --arch with --model_path or "
+                              "--checkpoint_dir for a model you trained yourself.")
+        return None
+    return OwnModel(arch=a.arch, model_path=a.model_path, learning_rate=a.learning_rate, image_size=a.image_size,
+                    num_classes=a.num_classes, mean=parse_triple(a.mean) if a.mean else None,
+                    std=parse_triple(a.std) if a.std else None)
 
 
 def _audit_parser(sub) -> None:
@@ -267,7 +297,7 @@ def _influence(a) -> None:
         data_dir=a.data_dir, checkpoint_dir=a.checkpoint_dir, output_dir=a.output_dir, top_k=a.top_k,
         train_subset=a.train_subset, test_subset=a.test_subset, self_influence=a.self_influence, device=a.device,
         trust_checkpoint=a.trust_checkpoint, full_matrix=a.full_matrix, overwrite=a.overwrite, summed_loss=a.summed_loss,
-        scoring=scoring_config(a)))
+        own=own_model(a), scoring=scoring_config(a)))
     if m is None:  # a torchrun rank other than 0: rank 0 reports
         return
     skipped = len(m["data"]["skipped_files"])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+from dataclasses import asdict, is_dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -217,7 +218,7 @@ class RunRecord:
 
 def job_parameters(job: Any) -> Dict[str, Any]:
     """A job dataclass's fields for the manifest, its scoring settings flattened beside them."""
-    params = {k: v for k, v in vars(job).items() if k != "scoring"}
+    params = {k: asdict(v) if is_dataclass(v) else v for k, v in vars(job).items() if k != "scoring"}
     scoring = getattr(job, "scoring", None)
     return {**params, **(scoring.to_dict() if scoring is not None else {})}
 
@@ -244,7 +245,8 @@ def _lock(path: Path) -> Any:
 def _checkpoint_rows(tr: "TracIn", hashes: Optional[Sequence[str]]) -> List[Dict[str, Any]]:
     hashes = hashes or [file_sha256(Path(c.source)) if isinstance(c.source, Path) else "" for c in tr.checkpoints]
     return [{"file": str(c.source.resolve()) if isinstance(c.source, Path) else c.name, "sha256": h,
-             "learning_rate": c.learning_rate, "epoch": c.epoch} for c, h in zip(tr.checkpoints, hashes)]
+             "learning_rate": c.learning_rate, "learning_rate_source": c.metadata.get("learning_rate_source", "file"),
+             "epoch": c.epoch, "step": c.step} for c, h in zip(tr.checkpoints, hashes)]
 
 
 def _versions() -> Dict[str, str]:

@@ -24,7 +24,7 @@ from ...results import InfluenceResult
 from ...tasks.classification import checkpoint_probabilities, label_losses, predict_proba
 from .. import results_dir as names
 from ..results_dir import ResultsDir, RunRecord, descending_ranks, job_parameters
-from .setup import ImageSetup, image_setup
+from .setup import ImageSetup, OwnModel, image_setup
 
 
 @dataclass
@@ -32,7 +32,7 @@ class InfluenceJob:
     """A ``tracin influence`` run: the folders, what to write, and the scoring settings."""
 
     data_dir: Path
-    checkpoint_dir: Path
+    checkpoint_dir: Optional[Path]
     output_dir: Path
     top_k: int = 100
     train_subset: Optional[int] = None
@@ -43,6 +43,7 @@ class InfluenceJob:
     full_matrix: bool = False
     overwrite: bool = False
     summed_loss: bool = False
+    own: Optional[OwnModel] = None  # a model trained outside 'tracin train'
     scoring: ScoringConfig = field(default_factory=lambda: ScoringConfig(layers="last", batch_size=32))
 
 
@@ -127,7 +128,7 @@ def _set_up(job: InfluenceJob) -> _Run:
     """Scan the folders, draw the subsets, build the scorer and say what it scores; begin the results folder."""
     rank, world = rank_and_world()
     _check_folders(job)
-    setup = image_setup(job.data_dir, job.checkpoint_dir, job.trust_checkpoint)
+    setup = image_setup(job.data_dir, job.checkpoint_dir, job.trust_checkpoint, job.own)
     final = _prediction_model(job, setup)
     seed = job.scoring.seed
     train_idx = _subset(len(setup.train), job.train_subset, seed, "train")
@@ -157,10 +158,14 @@ def _check_folders(job: InfluenceJob) -> None:
 
 
 def _prediction_model(job: InfluenceJob, setup: ImageSetup) -> Checkpoint:
-    """The model whose predictions are reported (best_model.pt when training wrote one, else the last checkpoint),
-    loaded and checked against the architecture before any scoring."""
-    best = Path(job.checkpoint_dir) / "best_model.pt"
-    if not best.is_file():
+    """The model whose predictions are reported (--model_path; else best_model.pt when training wrote one, else the
+    last checkpoint), loaded and checked against the architecture before any scoring."""
+    if setup.prediction_file is not None:
+        final = Checkpoint(setup.prediction_file, trust=job.trust_checkpoint, learning_rate=0.0)
+        weights_for(setup.model, final)
+        return final
+    best = Path(job.checkpoint_dir) / "best_model.pt" if job.checkpoint_dir is not None else None
+    if best is None or not best.is_file() or job.own is not None:
         return setup.checkpoints[-1]
     final = Checkpoint(best, trust=job.trust_checkpoint)
     check_one_run([setup.checkpoints[-1], final], f"Checkpoint folder {job.checkpoint_dir} (best_model.pt)")

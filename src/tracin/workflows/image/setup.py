@@ -1,15 +1,20 @@
-"""Setting up an image-folder run from the checkpoints of one ``tracin train`` run: its metadata, the scanned
-folders with its classes, and a fresh model."""
+"""Setting up an image-folder run: the checkpoints of one ``tracin train`` run (with its metadata), or a model the
+user trained themselves (:class:`OwnModel`: an architecture, its weights files, a learning rate), the scanned folders
+with the classes, and a fresh model."""
 from __future__ import annotations
 
+import importlib
+import inspect
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 
 from ...checkpoints import Checkpoint
-from ...errors import CheckpointError
+from ...errors import CheckpointError, TracInError
 from .folders import ImageDataset, image_transform, scan_split
 from .models import build_model, checkpoint_metadata, normalization
 from .train import CHECKPOINT_PATTERN
@@ -28,10 +33,34 @@ class ImageSetup:
     train: ImageDataset
     test: ImageDataset
     model: torch.nn.Module
+    prediction_file: Optional[Path] = None  # the weights whose predictions are reported (None: the run's own choice)
 
 
-def image_setup(data_dir: Path, checkpoint_dir: Path, trust: bool = False) -> ImageSetup:
-    """Discover the checkpoints, check they come from one run, scan the folders with its classes."""
+@dataclass
+class OwnModel:
+    """A model trained outside ``tracin train``: ``arch`` (smallcnn, a torchvision classification model name, or
+    ``module:callable`` returning the model, given ``num_classes=`` when it takes it), the weights file used for
+    predictions (and as the one checkpoint when no checkpoint folder is given), the learning rate of files that store
+    none, the input size, the number of outputs (default: the class folders), and the normalisation (default:
+    ImageNet statistics, 0.5 for smallcnn)."""
+
+    arch: str
+    model_path: Optional[Path] = None
+    learning_rate: Optional[float] = None
+    image_size: int = 224
+    num_classes: Optional[int] = None
+    mean: Optional[Sequence[float]] = None
+    std: Optional[Sequence[float]] = None
+
+
+def image_setup(data_dir: Path, checkpoint_dir: Optional[Path], trust: bool = False, own: Optional[OwnModel] = None) -> ImageSetup:
+    """Discover the checkpoints, check they come from one run, scan the folders with its classes; with ``own``, the
+    user's model and weights files instead (:func:`own_model_setup`)."""
+    if own is not None:
+        return own_model_setup(data_dir, checkpoint_dir, trust, own)
+    if checkpoint_dir is None:
+        raise TracInError("Give --checkpoint_dir (checkpoints of 'tracin train'), or --arch and --model_path for a model "
+                          "you trained yourself.")
     checkpoints = Checkpoint.discover(checkpoint_dir, pattern=CHECKPOINT_PATTERN + ".*", trust=trust)
     arch, class_names, image_size = checkpoint_metadata(checkpoints[-1].metadata, checkpoints[-1].name or "")
     for ck in checkpoints:
@@ -48,3 +77,58 @@ def image_setup(data_dir: Path, checkpoint_dir: Path, trust: bool = False) -> Im
     return ImageSetup(checkpoints, arch, class_names, image_size, train_split, test_split,
                       ImageDataset(train_split, transform), ImageDataset(test_split, transform),
                       build_model(arch, len(class_names), image_size))
+
+
+def own_model_setup(data_dir: Path, checkpoint_dir: Optional[Path], trust: bool, own: OwnModel) -> ImageSetup:
+    """The user's model: classes from the training folders, every weights file of ``checkpoint_dir`` (whatever its
+    name) or ``own.model_path`` alone as the checkpoints, images resized to ``own.image_size`` and normalised."""
+    if checkpoint_dir is None and own.model_path is None:
+        raise TracInError("--arch needs --model_path (one model) or --checkpoint_dir (its training checkpoints).")
+    data_dir = Path(data_dir).resolve()
+    train_split, class_names = scan_split(data_dir, "train")
+    test_split, _ = scan_split(data_dir, "test", class_names)
+    outputs = own.num_classes or len(class_names)
+    if outputs < len(class_names):
+        raise TracInError(f"--num_classes {outputs} is fewer than the {len(class_names)} class folders; give at least "
+                          f"{len(class_names)}.")
+    checkpoints = (Checkpoint.discover(checkpoint_dir, trust=trust, default_learning_rate=own.learning_rate) if checkpoint_dir
+                   else [Checkpoint(own.model_path, trust=trust, default_learning_rate=own.learning_rate)])
+    mean, std = normalization(own.arch)
+    mean, std = tuple(own.mean or mean), tuple(own.std or std)
+    if len(mean) != 3 or len(std) != 3 or not all(s > 0 for s in std):
+        raise TracInError("--mean and --std take three numbers each (one per colour channel), the std positive.")
+    transform = image_transform(own.image_size, (mean, std))
+    return ImageSetup(checkpoints, own.arch, class_names, own.image_size, train_split, test_split,
+                      ImageDataset(train_split, transform), ImageDataset(test_split, transform),
+                      own_model(own.arch, outputs, own.image_size), own.model_path)
+
+
+def own_model(arch: str, num_classes: int, image_size: int) -> torch.nn.Module:
+    """``arch`` built fresh: ``module:callable`` imports and calls the user's own builder, anything else
+    :func:`build_model`."""
+    if ":" not in arch:
+        return build_model(arch, num_classes, image_size)
+    module_name, _, attr = arch.partition(":")
+    if os.getcwd() not in sys.path:  # the user's own module, next to where the command runs
+        sys.path.insert(0, os.getcwd())
+    try:
+        builder = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise TracInError(f"--arch {arch}: cannot import {attr} from {module_name} ({exc}); give module:callable of an "
+                          "importable module (the current folder is on the path).") from None
+    takes_classes = "num_classes" in inspect.signature(builder).parameters if callable(builder) else False
+    model = builder(num_classes=num_classes) if takes_classes else builder()
+    if not isinstance(model, torch.nn.Module):
+        raise TracInError(f"--arch {arch} returned a {type(model).__name__}, not a torch.nn.Module.")
+    return model
+
+
+def parse_triple(text: str) -> Tuple[float, float, float]:
+    """'0.5,0.5,0.5' -> (0.5, 0.5, 0.5), for --mean and --std."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise TracInError(f"{text!r} is not three comma-separated numbers (one per colour channel).")
+    return values  # type: ignore[return-value]
