@@ -1,5 +1,6 @@
 """Ranking pairs: MarginRankingLoss and the GHM loss against the float64 reference; pair files; CLI."""
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -134,3 +135,20 @@ def test_ranking_cli_bad_input(tmp_path, capsys):
     assert "Nothing to compute" in capsys.readouterr().err
     assert main(base + ["--pairs_train", str(tmp_path / "train.csv"), "--compute_influence"]) == 2
     assert "--pairs_test" in capsys.readouterr().err
+
+
+def test_the_trained_loss_settings_are_stored_and_used(tmp_path, capsys):
+    train = make_pairs(30, 0, flip=3)
+    write_pairs_csv(tmp_path / "train.csv", train)
+    train_ranking(train, tmp_path / "ck", RankingTraining(epochs=2, learning_rate=0.1, margin=0.3))
+    base = ["ranking", "--pairs_train", str(tmp_path / "train.csv"), "--checkpoint_dir", str(tmp_path / "ck"),
+            "--compute_self_influence", "--device", "cpu", "--quiet"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no mismatch warning when nothing is given
+        assert main(base + ["--output_dir", str(tmp_path / "stored")]) == 0
+    stored = np.load(tmp_path / "stored" / "self_influence.npy")
+    assert main(base + ["--output_dir", str(tmp_path / "given"), "--margin", "0.3"]) == 0
+    assert np.array_equal(stored, np.load(tmp_path / "given" / "self_influence.npy"))  # the stored margin was used
+    with pytest.warns(UserWarning, match="--margin 0.0 differs from the 0.3"):
+        assert main(base + ["--output_dir", str(tmp_path / "other"), "--margin", "0"]) == 0
+    assert (np.load(tmp_path / "other" / "self_influence.npy") == 0).sum() > (stored == 0).sum()

@@ -307,3 +307,24 @@ def test_audit_takes_quiet(trained, capsys):
                  "--sample_rates", "--quiet"]) == 0
     captured = capsys.readouterr()
     assert "projection 32 gaussian" in captured.out and "%|" not in captured.err
+
+
+def test_the_health_score_counts_suspected_mislabels():
+    """The health score is the share of scored training images not flagged (the model disagrees with the label and
+    the self-influence is above the median): it falls as more such images appear, and the page says what it counts."""
+    from tracin.workflows.analysis.load import Results
+    from tracin.workflows.analysis.metrics import health
+
+    def results(wrong):
+        train = {i: {"index": i, "label": "a", "predicted": "b" if i < wrong else "a", "correct": i >= wrong} for i in range(100)}
+        selfs = [{"train_index": i, "label": "a", "predicted": train[i]["predicted"], "score": float(100 - i), "rank": i + 1}
+                 for i in range(100)]
+        return Results(Path("."), {}, ["a", "b"], np.zeros(1), np.zeros((1, 1)), np.zeros((1, 1), int), np.zeros((1, 1)),
+                       np.zeros((1, 1), int), train, {}, selfs)
+
+    clean, noisy = health(results(2)), health(results(30))
+    assert (clean.score, clean.band, clean.flagged) == (98.0, "EXCELLENT", 2)
+    assert (noisy.score, noisy.band, noisy.flagged) == (70.0, "FAIR", 30) and "above the median" in noisy.rule
+    no_self = results(30)
+    no_self.self_influence = None
+    assert health(no_self).flagged == 30 and "not computed" in health(no_self).rule

@@ -97,3 +97,14 @@ def test_bad_training_options_exit_2_before_anything_is_written(tmp_path, capsys
     code = main(["evaluate", "mislabel", "--data", str(data), "--output_dir", str(tmp_path / "o"), "--quiet"] + argv)
     assert code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_adamw_checkpoints_carry_the_optimizer_state(tmp_path):
+    data = make_image_folder(tmp_path / "data", n_train=4, n_test=1)
+    assert main(["train", "--data_dir", str(data), "--arch", "smallcnn", "--epochs", "1", "--checkpoint_dir", str(tmp_path / "ck"),
+                 "--image_size", "12", "--optimizer", "adamw", "--learning_rate", "0.001", "--quiet"]) == 0
+    ck = Checkpoint(tmp_path / "ck" / "checkpoint_epoch_1.pt")
+    state = ck.metadata["optimizer_state_dict"]
+    assert ck.metadata["optimizer"] == "adamw" and state["param_groups"][0]["lr"] == 0.001
+    parameters = [k for k in ck.state_dict() if "running_" not in k and "num_batches" not in k]  # not the batch-norm buffers
+    assert len(state["state"]) == len(parameters) and all("exp_avg_sq" in s for s in state["state"].values())

@@ -180,6 +180,9 @@ def load_kge(model_path: Path, learning_rate: Optional[float] = None, trust: boo
             raise CheckpointError(f"Model file {path} does not exist; check --model_path.")
         whole = _pickled_model(path, trust)
         if whole is not None:
+            if learning_rate is None:
+                warnings.warn(f"{path.name} is a whole pickled model with no learning rate; its one checkpoint is weighted 1.0 "
+                              "(the ranking does not change; pass --learning_rate for the scale).", stacklevel=2)
             return whole, [Checkpoint(whole.state_dict(), learning_rate=1.0 if learning_rate is None else learning_rate, name=path.name)]
         checkpoints = [Checkpoint(path, learning_rate=learning_rate, trust=trust)]
     meta = checkpoints[-1].metadata
@@ -194,7 +197,9 @@ def load_kge(model_path: Path, learning_rate: Optional[float] = None, trust: boo
 def _pickled_model(path: Path, trust: bool) -> Optional[nn.Module]:
     """A whole pickled model (loaded only with ``trust``), or None when the file holds weights."""
     try:
-        torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's own pickle-protocol warnings: tracin says what matters once, below
+            warnings.simplefilter("ignore")
+            torch.load(str(path), map_location="cpu", weights_only=True)
         return None
     except Exception as exc:  # noqa: BLE001 - any refusal of the weights-only loader
         if not trust:
@@ -204,7 +209,9 @@ def _pickled_model(path: Path, trust: bool) -> Optional[nn.Module]:
             ) from exc
     warnings.warn(f"Loading {path} with full pickle (--trust_checkpoint): this runs any code the file contains.", stacklevel=3)
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            obj = torch.load(str(path), map_location="cpu", weights_only=False)
     except Exception as exc:
         raise CheckpointError(f"Model file {path} could not be unpickled ({exc}); re-save the weights with tracin.tasks.kge.save_kge_checkpoint.") from exc
     if not isinstance(obj, nn.Module):

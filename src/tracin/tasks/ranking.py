@@ -239,13 +239,20 @@ class RankingTraining:
     ghm_alpha: float = 1.0
 
 
+LOSS_SETTINGS = {"loss_type": "standard", "margin": 0.0, "ghm_bins": 10, "ghm_alpha": 1.0}  # RankingTask's defaults
+
+
+def loss_settings(source) -> dict:
+    """The loss settings (loss type, margin, GHM bins and exponent) of ``source``, as stored in checkpoints."""
+    return {k: getattr(source, k) for k in LOSS_SETTINGS}
+
+
 def train_ranking(train: PairData, checkpoint_dir: Path, training: Optional[RankingTraining] = None) -> List[Path]:
     """Train :func:`ranking_mlp` with SGD on the task's per-pair loss (mean over the batch), saving
     ``{prefix}{epoch}.pt`` after every epoch with the learning rate, the architecture and the loss settings inside.
     With the GHM loss the histogram is refreshed at the start of each epoch."""
     s = training or RankingTraining()
     epochs, learning_rate, hidden, batch_size, seed, prefix = s.epochs, s.learning_rate, s.hidden, s.batch_size, s.seed, s.prefix
-    loss_type = s.loss_type
     torch.manual_seed(seed)
     model = ranking_mlp(train.num_features, hidden)
     task = RankingTask(s.loss_type, s.margin, s.ghm_bins, s.ghm_alpha, train=train, batch_size=256)
@@ -264,7 +271,7 @@ def train_ranking(train: PairData, checkpoint_dir: Path, training: Optional[Rank
             task.loss(model, batch).mean().backward()
             opt.step()
         paths.append(save_checkpoint(checkpoint_dir / f"{prefix}{epoch}.pt", model.state_dict(), learning_rate, epoch=epoch,
-                                     arch=ARCH, in_features=train.num_features, hidden=list(hidden), loss_type=loss_type))
+                                     arch=ARCH, in_features=train.num_features, hidden=list(hidden), **loss_settings(s)))
     return paths
 
 

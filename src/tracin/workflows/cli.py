@@ -98,6 +98,8 @@ def _train_parser(sub) -> None:
     _add(t, "--image_size", type=int, default=224)
     _add(t, "--augment", default="none", help=AUGMENT_HELP)
     _add(t, "--lr_schedule", default="constant", help=LR_SCHEDULE_HELP)
+    _add(t, "--optimizer", choices=["sgd", "adamw"], default="sgd",
+         help="sgd (momentum 0.9) or adamw; with adamw every checkpoint also stores the optimizer state")
     _add(t, "--seed", type=int, default=0)
     _add(t, "--device", default="auto")
     _add(t, "--quiet", action="store_true", help="no progress bars")
@@ -184,10 +186,11 @@ def _ranking_parser(sub) -> None:
     _add(rk, "--compute_self_influence", action="store_true")
     _add(rk, "--compute_influence", action="store_true")
     _add(rk, "--num_test_samples", type=int, default=5, help="seeded sample of test pairs to explain")
-    _add(rk, "--loss_type", choices=["standard", "ghm"], default="standard", help="standard: MarginRankingLoss; ghm: GHM ranking loss")
-    _add(rk, "--margin", type=float, default=0.0)
-    _add(rk, "--ghm_bins", type=int, default=10)
-    _add(rk, "--ghm_alpha", type=float, default=1.0, help="GHM weight exponent (1: GHM-C, 0: plain logistic loss)")
+    _add(rk, "--loss_type", choices=["standard", "ghm"], help="standard: MarginRankingLoss; ghm: GHM ranking loss "
+                                                               "(default: as the checkpoints store it, else standard)")
+    _add(rk, "--margin", type=float, help="MarginRankingLoss margin (default: as the checkpoints store it, else 0)")
+    _add(rk, "--ghm_bins", type=int, help="GHM histogram bins (default: as stored, else 10)")
+    _add(rk, "--ghm_alpha", type=float, help="GHM weight exponent, 1: GHM-C, 0: plain logistic loss (default: as stored, else 1)")
     _scoring_flags(rk, ["layers", "exclude", "batch_size", "seed"], batch_size=256, seed=42)
     _run_flags(rk)
 
@@ -281,7 +284,7 @@ def _train(a) -> None:
 
     training = ImageTraining(arch=a.arch, epochs=a.epochs, save_every=a.save_every, learning_rate=a.learning_rate,
                              batch_size=a.batch_size, pretrained=a.pretrained, image_size=a.image_size, seed=a.seed,
-                             augment=a.augment, lr_schedule=a.lr_schedule)
+                             augment=a.augment, lr_schedule=a.lr_schedule, optimizer=a.optimizer)
     s = train_image_classifier(a.data_dir, a.checkpoint_dir, training, resolve_device(a.device), progress=not a.quiet)
     print(f"Saved {len(s.checkpoints)} checkpoints to {a.checkpoint_dir}; best test accuracy {s.best_test_accuracy:.1%} "
           f"({s.best_model.name}); log {s.log_csv}, curve {s.curve_png}.")

@@ -47,6 +47,9 @@ def run_kge(job: KGEJob) -> Dict[str, Any]:
     (``mode="single"``: one test triple per pass, least memory; ``"batch"``: all in one pass; the
     scores are the same), optionally the self-influence of every training triple."""
     start = time.perf_counter()
+    if Path(job.output).suffix.lower() in (".json", ".csv", ".npy", ".txt") and not Path(job.output).is_dir():
+        raise TracInError(f"--output {job.output} is the folder the results go into (kge_influence.json and more); give a "
+                          "folder name, e.g. kge_results.")
     if job.mode not in ("single", "batch"):
         raise TracInError(f"--mode must be single or batch, got {job.mode!r}.")
     entities, relations = read_mapping(job.entity_to_id, "entity_to_id"), read_mapping(job.relation_to_id, "relation_to_id")

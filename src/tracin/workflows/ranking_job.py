@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -14,7 +15,7 @@ from ..checkpoints import Checkpoint
 from ..config import ScoringConfig
 from ..errors import TracInError
 from .results_dir import ResultsDir, RunRecord, job_parameters
-from ..tasks.ranking import RankingTask, model_from_checkpoint, read_pairs
+from ..tasks.ranking import LOSS_SETTINGS, RankingTask, model_from_checkpoint, read_pairs
 
 @dataclass
 class RankingJob:
@@ -28,13 +29,27 @@ class RankingJob:
     compute_self_influence: bool = False
     compute_influence: bool = False
     num_test_samples: int = 5
-    loss_type: str = "standard"
-    margin: float = 0.0
-    ghm_bins: int = 10
-    ghm_alpha: float = 1.0
+    loss_type: Optional[str] = None  # None: as stored in the checkpoints (else RankingTask's default)
+    margin: Optional[float] = None
+    ghm_bins: Optional[int] = None
+    ghm_alpha: Optional[float] = None
     device: str = "auto"
     trust_checkpoint: bool = False
     scoring: ScoringConfig = field(default_factory=lambda: ScoringConfig(seed=42))
+
+
+def _loss_settings(job: RankingJob, checkpoint: Checkpoint) -> Dict[str, Any]:
+    """The loss the scores use: each setting as given, else as the checkpoint stores it (what training used), else
+    RankingTask's default; a given value that differs from the stored one is warned about (the scores then describe
+    another loss than the one trained)."""
+    settings = {}
+    for key, default in LOSS_SETTINGS.items():
+        given, stored = getattr(job, key), checkpoint.metadata.get(key)
+        if given is not None and stored is not None and given != stored:
+            warnings.warn(f"--{key} {given} differs from the {stored} that {checkpoint.name} was trained with; scoring with "
+                          f"{given}.", stacklevel=2)
+        settings[key] = given if given is not None else stored if stored is not None else default
+    return settings
 
 
 def run_ranking(job: RankingJob) -> Dict[str, Any]:
@@ -54,7 +69,9 @@ def run_ranking(job: RankingJob) -> Dict[str, Any]:
         if data is not None and data.num_features != width:
             raise TracInError(f"The {name} pairs have {data.num_features} features but the model takes {width}; "
                               "use the pair files the model was trained on.")
-    task = RankingTask(job.loss_type, job.margin, job.ghm_bins, job.ghm_alpha, train=train, batch_size=job.scoring.batch_size)
+    loss = _loss_settings(job, checkpoints[-1])
+    task = RankingTask(loss["loss_type"], loss["margin"], loss["ghm_bins"], loss["ghm_alpha"], train=train,
+                       batch_size=job.scoring.batch_size)
     tr = TracIn(model, checkpoints, task=task, device=job.device, config=job.scoring)
     with ResultsDir(Path(job.output_dir)) as out:
         data: Dict[str, Any] = {"n_train": len(train)}

@@ -45,8 +45,9 @@ def thumb_tag(path: str, size: int = 96, title: str = "", root: Optional[Path] =
             f'title="{escape(title or shown(path, root))}">')
 
 
-def card(path: str, caption: str, root: Optional[Path] = None) -> str:
-    return f'<div class="card">{thumb_tag(path, root=root)}<br>{escape(caption)}</div>'
+def card(path: str, caption: str, root: Optional[Path] = None, suspect: bool = False) -> str:
+    flag = "<br><b class='opp'>likely mislabelled</b>" if suspect else ""
+    return f'<div class="card">{thumb_tag(path, root=root)}<br>{escape(caption)}{flag}</div>'
 
 
 def table(rows: Sequence[Dict[str, Any]], columns: Sequence[str], limit: int = 50, image_column: str = "",
@@ -64,41 +65,70 @@ def table(rows: Sequence[Dict[str, Any]], columns: Sequence[str], limit: int = 5
     return f"<table><tr>{head}</tr>{''.join(body)}</table>{more}"
 
 
+NAV = ("<nav><a href='#summary'>Summary</a> · <a href='#findings'>Findings</a> · <a href='#dashboard'>Dashboard</a> · "
+       "<a href='#classes'>Classes</a> · <a href='#mislabels'>Mislabel candidates</a> · <a href='#false'>False predictions</a> · "
+       "<a href='#cross'>Cross-analysis</a> · <a href='#tests'>Test images</a> · <a href='#files'>Files</a></nav>")
+
+
+def _summary(ctx: Dict[str, Any], root: Optional[Path]) -> List[str]:
+    """The top of the page: the health score, the suspected mislabels and the wrong test predictions with the
+    training images that pulled against them."""
+    parts = [f"<h2 id='summary'>Summary</h2><p class='band'>Health score {ctx['health']:.1f}% — {escape(ctx['band'])}</p>",
+             f"<p>{escape(ctx['findings'][0])}</p>"]
+    flagged = [r for r in ctx["mislabels"] if r["train_index"] in ctx.get("suspects", set())][:12]
+    if flagged:
+        parts.append("<h3>Suspected mislabels (highest self-influence first)</h3><div class='cards'>"
+                     + "".join(card(r["file"], f"label {r['label']}, model says {r['predicted']}", root) for r in flagged) + "</div>")
+    wrong = [t for t in ctx["tests"] if t["label"] != t["predicted"]][:6]
+    if wrong:
+        parts.append("<h3>Wrong test predictions and their strongest opponents</h3>")
+        for t in wrong:
+            parts.append(f"<div class='pair'><div>{thumb_tag(t['file'], 96, root=root)}<br>label {escape(t['label'])}, predicted "
+                         f"{escape(t['predicted'])}</div><div class='cards'>"
+                         + "".join(card(p, f"label {lab}, score {s:+.3g}", root, flag) for p, lab, s, flag in t["opp"][:4])
+                         + "</div><div></div></div>")
+    return parts
+
+
 def render(ctx: Dict[str, Any]) -> str:
     """The whole page from the report context built by :func:`tracin.workflows.analysis.report.build_report`."""
     root = ctx.get("root")
     parts: List[str] = [f"<!doctype html><html><head><meta charset='utf-8'><title>TracIn report</title><style>{STYLE}</style></head><body>"]
     parts.append("<h1>TracIn influence report</h1>")
     parts.append(f"<p>{escape(ctx['subtitle'])}</p>")
-    parts.append(f"<p class='band'>Health score {ctx['health']:.1f}% — {escape(ctx['band'])}</p>")
-    parts.append("<h2>Key findings and recommendations</h2><ul>" + "".join(f"<li>{escape(f)}</li>" for f in ctx["findings"]) + "</ul>")
-    parts.append(f"<h2>Dashboard</h2><img class='full' src='{data_uri_png(ctx['dashboard'])}' alt='dashboard'>")
-    parts.append("<h2>Classes</h2>" + table(ctx["class_rows"], ["class", "n_test", "test_accuracy", "mean_influence", "proponent_label_agreement"], limit=1000))
+    parts.append(NAV)
+    parts += _summary(ctx, root)
+    parts.append("<h2 id='findings'>Key findings and recommendations</h2><ul>" + "".join(f"<li>{escape(f)}</li>" for f in ctx["findings"]) + "</ul>")
+    parts.append(f"<h2 id='dashboard'>Dashboard</h2><img class='full' src='{data_uri_png(ctx['dashboard'])}' alt='dashboard'>")
+    parts.append("<h2 id='classes'>Classes</h2>" + table(ctx["class_rows"], ["class", "n_test", "test_accuracy", "mean_influence", "proponent_label_agreement"], limit=1000))
     for name, fig in ctx["class_figures"]:
         parts.append(f"<h3>{escape(name)}</h3><img class='full' src='{data_uri_png(fig)}' alt='{escape(name)} summary'>")
     if ctx["mislabels"]:
-        parts.append("<h2>Mislabel candidates (highest self-influence first)</h2>")
+        parts.append("<h2 id='mislabels'>Mislabel candidates (highest self-influence first)</h2>")
         parts.append(table(ctx["mislabels"], ["rank", "file", "label", "predicted", "self_influence"], limit=40, image_column="file", root=root))
     else:
-        parts.append("<h2>Mislabel candidates</h2><p>Self-influence was not computed: run <code>tracin influence --self_influence</code>.</p>")
-    parts.append(f"<h2>False predictions ({len(ctx['false_rows'])})</h2>")
+        parts.append("<h2 id='mislabels'>Mislabel candidates</h2><p>Self-influence was not computed: run <code>tracin influence --self_influence</code>.</p>")
+    parts.append(f"<h2 id='false'>False predictions ({len(ctx['false_rows'])}, test images first)</h2>")
     parts.append(table(ctx["false_rows"], ["split", "file", "label", "predicted", "confidence"], limit=60, image_column="file",
                        root=root))
-    parts.append(f"<h2>Misprediction cross-analysis</h2><p>Error-propagation rate: {ctx['propagation']:.1%} of the test top-k "
+    parts.append(f"<h2 id='cross'>Misprediction cross-analysis</h2><p>Error-propagation rate: {ctx['propagation']:.1%} of the test top-k "
                  "appearances of mispredicted training images land on test images mispredicted the same way.</p>")
     parts.append(table(ctx["cross_rows"], ["file", "label", "predicted", "test_topk_appearances", "same_way_mispredicted_tests"], limit=40, image_column="file",
                        root=root))
     if ctx.get("gradcam"):
         parts.append("<h2>Grad-CAM</h2>" + "".join(f"<img class='full' src='{data_uri_png(p)}' alt='Grad-CAM'>" for p in ctx["gradcam"]))
     shown = ctx["tests"]
-    parts.append(f"<h2>Test images: top proponents and opponents</h2><p>Showing {len(shown)} of {ctx['n_test']} test images.</p>")
+    parts.append(f"<h2 id='tests'>Test images: top proponents and opponents</h2><p>Showing {len(shown)} of {ctx['n_test']} test "
+                 "images, every mispredicted one first; all of them are in top_k_influences.csv.</p>")
     for t in shown:
-        pro = "".join(card(p, f"{lab} {s:+.3g}", root) for p, lab, s in t["pro"])
-        opp = "".join(card(p, f"{lab} {s:+.3g}", root) for p, lab, s in t["opp"])
+        pro = "".join(card(p, f"label {lab}, score {s:+.3g}", root, flag) for p, lab, s, flag in t["pro"])
+        opp = "".join(card(p, f"label {lab}, score {s:+.3g}", root, flag) for p, lab, s, flag in t["opp"])
         parts.append(
             f"<div class='pair'><div>{thumb_tag(t['file'], 120, root=root)}<br>{escape(Path(t['file']).name)}<br>label {escape(t['label'])}"
             f"<br>predicted {escape(t['predicted'])}</div><div><b class='pro'>Proponents</b><div class='cards'>{pro}</div></div>"
             f"<div><b class='opp'>Opponents</b><div class='cards'>{opp}</div></div></div>"
         )
+    parts.append("<h2 id='files'>Files</h2><ul>" + "".join(f"<li><a href='{escape(f)}'>{escape(f)}</a></li>" for f in ctx.get("files", []))
+                 + "</ul>")
     parts.append("</body></html>")
     return "\n".join(parts)

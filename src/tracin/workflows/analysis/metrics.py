@@ -3,6 +3,7 @@ per-class helpful/harmful training images, mislabel candidates. Pure functions o
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any, Dict, List, Tuple
 
 import numpy as np
@@ -12,15 +13,44 @@ from .load import Results
 BANDS = ((95.0, "EXCELLENT"), (80.0, "GOOD"), (60.0, "FAIR"), (-1.0, "NEEDS ATTENTION"))
 
 
-def health_score(pro_values: np.ndarray) -> Tuple[float, str]:
-    """The original tools' health score: the share (in %) of positive influence mass among the
-    top-k proponent scores, 100 * sum(max(v, 0)) / sum(|v|), and its band
-    (>95 EXCELLENT, 80-95 GOOD, 60-80 FAIR, <60 NEEDS ATTENTION)."""
-    pos = float(np.clip(pro_values, 0, None).sum())
-    total = float(np.abs(pro_values).sum())
-    score = 100.0 * pos / total if total > 0 else 0.0
+@dataclass
+class Health:
+    """The data's health: the share (in %) of scored training images not flagged as likely mislabelled, its band
+    (>95 EXCELLENT, 80-95 GOOD, 60-80 FAIR, <60 NEEDS ATTENTION), how many were flagged, and the rule used."""
+
+    score: float
+    band: str
+    flagged: int
+    scored: int
+    rule: str
+
+
+def health(res: Results) -> Health:
+    """Flag a training image when the final model predicts another class than its label and, with self-influence
+    computed, its self-influence is above the median (a surprising example the model also disagrees with); the
+    health score is the share not flagged. It falls as label noise rises (docs/report.md)."""
+    if res.self_influence:
+        scores = np.array([r["score"] for r in res.self_influence])
+        median = float(np.median(scores))
+        flagged = sum(1 for r in res.self_influence if r["label"] != r["predicted"] and r["score"] > median)
+        scored = len(res.self_influence)
+        rule = (f"the final model predicts another class than the label and the self-influence is above the median "
+                f"({median:.3g})")
+    else:
+        flagged = sum(1 for r in res.train.values() if not r["correct"])
+        scored = len(res.train)
+        rule = "the final model predicts another class than the label (self-influence not computed)"
+    score = 100.0 * (1 - flagged / scored) if scored else 0.0
     band = next(name for threshold, name in BANDS if score > threshold)
-    return score, band
+    return Health(score, band, flagged, scored, rule)
+
+
+def suspects(res: Results) -> set:
+    """Training indices flagged by :func:`health`'s rule (empty without self-influence)."""
+    if not res.self_influence:
+        return set()
+    median = float(np.median([r["score"] for r in res.self_influence]))
+    return {r["train_index"] for r in res.self_influence if r["label"] != r["predicted"] and r["score"] > median}
 
 
 def opponent_share(pro_values: np.ndarray, opp_values: np.ndarray) -> float:
@@ -37,9 +67,9 @@ def mean_influence_per_test(res: Results) -> np.ndarray:
 
 
 def false_predictions(res: Results) -> List[Dict[str, Any]]:
-    """Every scored train and test image the final model gets wrong."""
+    """Every scored test and training image the final model gets wrong, test images first."""
     rows = []
-    for split, table in (("train", res.train), ("test", res.test)):
+    for split, table in (("test", res.test), ("train", res.train)):
         for r in table.values():
             if not r["correct"]:
                 rows.append({"split": split, "index": r["index"], "file": r["file"], "label": r["label"],

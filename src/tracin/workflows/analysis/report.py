@@ -11,7 +11,7 @@ from ...errors import TracInError
 from ...io import clear_path, write_bytes, write_csv, write_json
 from . import figures, html
 from .load import Results, load_results
-from .metrics import (class_influencers, class_summary, cross_analysis, false_predictions, health_score,
+from .metrics import (Health, class_influencers, class_summary, cross_analysis, false_predictions, health, suspects,
                       mean_influence_per_test, mislabel_candidates, opponent_share)
 
 
@@ -52,8 +52,7 @@ class _Analysis:
     """What the report's sections compute from the results, shared by the findings, the dashboard and the page."""
 
     res: Results
-    health: float
-    band: str
+    data_health: Health
     opp_share: float
     false_rows: List[Dict[str, Any]]
     cross_rows: List[Dict[str, Any]]
@@ -63,13 +62,14 @@ class _Analysis:
 
 
 def _findings(a: _Analysis) -> List[str]:
-    res, health, band, opp_share, false_rows = a.res, a.health, a.band, a.opp_share, a.false_rows
+    res, opp_share, false_rows, h = a.res, a.opp_share, a.false_rows, a.data_health
     propagation, cross_rows, class_rows, mislabels = a.propagation, a.cross_rows, a.class_rows, a.mislabels
     n_test, n_train = len(res.test), len(res.train)
     wrong_test = sum(1 for r in false_rows if r["split"] == "test")
     wrong_train = sum(1 for r in false_rows if r["split"] == "train")
-    out = [f"Health score {health:.1f}% ({band}): that share of the top-{res.pro_values.shape[1]} proponent mass is positive; "
-           f"the top-{res.opp_values.shape[1]} opponents carry {opp_share:.1f}% of the combined proponent+opponent mass."]
+    out = [f"Health score {h.score:.1f}% ({h.band}): {h.scored - h.flagged} of the {h.scored} scored training images are not "
+           f"flagged as likely mislabelled; {h.flagged} are flagged because {h.rule}. The top-{res.opp_values.shape[1]} "
+           f"opponents carry {opp_share:.1f}% of the combined proponent+opponent mass."]
     out.append(f"The final model gets {wrong_test} of {n_test} test images and {wrong_train} of {n_train} training images wrong.")
     scored = [r for r in class_rows if r["n_test"] > 0]
     if scored:
@@ -86,8 +86,9 @@ def _findings(a: _Analysis) -> List[str]:
                    "inspect mislabel_candidates.csv from the top.")
     else:
         out.append("Self-influence was not computed: re-run 'tracin influence' with --self_influence to rank mislabel candidates.")
-    if band in ("FAIR", "NEEDS ATTENTION"):
-        out.append("Recommendation: many top proponents pull against their test images; review the harmful folders in top_influences/.")
+    if h.band in ("FAIR", "NEEDS ATTENTION"):
+        out.append("Recommendation: many training images look mislabelled; review mislabel_candidates.csv from the top (or the "
+                   "suspected mislabels at the top of this page), relabel or remove them, and retrain.")
     if propagation > 0.2:
         out.append("Recommendation: mispredicted training images propagate their errors; relabel or remove those in misprediction_cross_analysis.csv and retrain.")
     elif wrong_train:
@@ -117,14 +118,17 @@ def build_report(results_dir: Path, top_n: int = 10, html_tests: int = 100, grad
         "root": out,
         "subtitle": f"{m['data']['arch']} on {html.shown(str(m['data']['data_dir']), out)} — {len(m['checkpoints'])} checkpoints, "
                     f"created {m['created']}",
-        "health": analysis.health, "band": analysis.band, "findings": findings, "dashboard": dash,
+        "health": analysis.data_health.score, "band": analysis.data_health.band, "findings": findings, "dashboard": dash,
+        "suspects": suspects(res), "files": sorted(p.name for p in out.iterdir() if p.suffix in (".csv", ".png", ".json")),
         "class_rows": analysis.class_rows, "class_figures": class_figures, "mislabels": analysis.mislabels,
         "false_rows": analysis.false_rows, "propagation": analysis.propagation, "cross_rows": analysis.cross_rows,
         "tests": _test_rows(res, html_tests), "n_test": len(res.test_indices), "gradcam": cams,
     })
     write_bytes(out / "report.html", page.encode("utf-8"))
     false_rows = analysis.false_rows
-    summary = {"health_score": analysis.health, "band": analysis.band, "opponent_share": analysis.opp_share,
+    summary = {"health_score": analysis.data_health.score, "band": analysis.data_health.band,
+               "flagged_as_mislabelled": analysis.data_health.flagged, "health_rule": analysis.data_health.rule,
+               "opponent_share": analysis.opp_share,
                "error_propagation_rate": analysis.propagation,
                "false_predictions": {"train": sum(r["split"] == "train" for r in false_rows), "test": sum(r["split"] == "test" for r in false_rows)},
                "findings": findings, "report": str(out / "report.html")}
@@ -135,7 +139,6 @@ def build_report(results_dir: Path, top_n: int = 10, html_tests: int = 100, grad
 def _tables(res: Results) -> _Analysis:
     """Health, false predictions, the misprediction cross-analysis and mislabel candidates, with their CSVs and figure."""
     out = res.directory
-    health, band = health_score(res.pro_values)
     false_rows = false_predictions(res)
     write_csv(out / "false_predictions.csv", false_rows, ["split", "index", "file", "label", "predicted", "confidence"])
     figures.image_grid(out / "false_predictions.png", [(r["file"], f"{r['split']} {r['label']}→{r['predicted']}") for r in false_rows],
@@ -148,7 +151,7 @@ def _tables(res: Results) -> _Analysis:
         write_csv(out / "mislabel_candidates.csv", mislabels,
                   ["rank", "train_index", "file", "label", "predicted", "self_influence", "model_disagrees"]
                   + [k for k in ("summed_loss", "summed_loss_rank") if k in mislabels[0]])
-    return _Analysis(res, health, band, opponent_share(res.pro_values, res.opp_values), false_rows, cross_rows, propagation, mislabels)
+    return _Analysis(res, health(res), opponent_share(res.pro_values, res.opp_values), false_rows, cross_rows, propagation, mislabels)
 
 
 def _class_sections(a: _Analysis, top_n: int) -> List[Tuple[str, Any]]:
@@ -198,18 +201,21 @@ def _dashboard(a: _Analysis, findings: List[str]) -> Any:
                 "Classes": len(res.class_names), "Checkpoints": len(m["checkpoints"]),
                 "Learning rates": _rates([c["learning_rate"] for c in m["checkpoints"]]),
                 "Layers / params": f"{len(m['scope'])} / {m['num_parameters']:,}", "Top-k": res.pro_values.shape[1],
-                "Health score": a.health, "Band": a.band}
+                "Health score": a.data_health.score, "Band": a.data_health.band}
     return figures.dashboard(res.directory / "analysis_dashboard.png", overview, res.pro_values, res.opp_values,
                              mean_influence_per_test(res), [(path_of[j], f"{label_of[j]} {s:+.3g}") for j, s in top_helpful], findings)
 
 
 def _test_rows(res: Results, html_tests: int) -> List[Dict[str, Any]]:
-    """The first ``html_tests`` test images with their top-5 proponents and opponents, for the page."""
+    """Test images with their top-5 proponents and opponents for the page: every mispredicted one first, then the
+    rest up to ``html_tests`` in all. Each listed training image: (file, label, score, flagged as a likely mislabel)."""
     path_of, label_of = _train_lookup(res)
+    flagged = suspects(res)
+    order = sorted(range(len(res.test_indices)), key=lambda r: res.test[int(res.test_indices[r])]["correct"])
     tests = []
-    for row, t in enumerate(res.test_indices.tolist()[:html_tests]):
-        test = res.test[int(t)]
+    for row in order[:max(html_tests, sum(not r["correct"] for r in res.test.values()))]:
+        test = res.test[int(res.test_indices[row])]
+        pick = lambda idx, vals: [(path_of[j], label_of[j], v, j in flagged) for j, v in zip(idx[row][:5].tolist(), vals[row][:5].tolist())]  # noqa: E731
         tests.append({"file": test["file"], "label": test["label"], "predicted": test["predicted"],
-                      "pro": [(path_of[j], label_of[j], v) for j, v in zip(res.pro_indices[row][:5].tolist(), res.pro_values[row][:5].tolist())],
-                      "opp": [(path_of[j], label_of[j], v) for j, v in zip(res.opp_indices[row][:5].tolist(), res.opp_values[row][:5].tolist())]})
+                      "pro": pick(res.pro_indices, res.pro_values), "opp": pick(res.opp_indices, res.opp_values)})
     return tests

@@ -82,6 +82,19 @@ class ImageTraining:
     weight_decay: float = 5e-4
     augment: str = "none"
     lr_schedule: str = "constant"
+    optimizer: str = "sgd"  # sgd (with momentum) | adamw (its state is stored in every checkpoint)
+
+
+OPTIMIZERS = ("sgd", "adamw")
+
+
+def _optimizer(model: nn.Module, training: "ImageTraining") -> torch.optim.Optimizer:
+    if training.optimizer not in OPTIMIZERS:
+        raise TracInError(f"--optimizer {training.optimizer} is not one of {', '.join(OPTIMIZERS)}.")
+    if training.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=training.learning_rate, weight_decay=training.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=training.learning_rate, momentum=training.momentum,
+                           weight_decay=training.weight_decay)
 
 
 def train_image_classifier(data_dir: Path, checkpoint_dir: Path, training: ImageTraining,
@@ -111,7 +124,7 @@ def train_image_classifier(data_dir: Path, checkpoint_dir: Path, training: Image
     if pretrained is not None:
         load_pretrained(model, Path(pretrained))
     model.to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=training.momentum, weight_decay=training.weight_decay)
+    opt = _optimizer(model, training)
     generator = torch.Generator().manual_seed(seed)
     train_loader = DataLoader(augmented, batch_size=batch_size, shuffle=True, generator=generator)
     eval_train = DataLoader(train_set, batch_size=max(batch_size, 64))
@@ -119,7 +132,7 @@ def train_image_classifier(data_dir: Path, checkpoint_dir: Path, training: Image
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     meta = {"class_names": class_names, "arch": arch, "image_size": image_size, "seed": seed, "augment": augment,
-            "lr_schedule": lr_schedule, "run_id": uuid.uuid4().hex}  # discovery refuses checkpoints of mixed runs
+            "lr_schedule": lr_schedule, "optimizer": training.optimizer, "run_id": uuid.uuid4().hex}  # discovery refuses checkpoints of mixed runs
     rows, saved, best_acc, step, last_saved = [], [], -1.0, 0, 0
     for epoch in tqdm(range(1, epochs + 1), desc="training", unit="epoch", disable=not progress):
         start = time.perf_counter()
@@ -142,8 +155,9 @@ def train_image_classifier(data_dir: Path, checkpoint_dir: Path, training: Image
         if epoch % save_every == 0 or epoch == epochs:
             span = rates[last_saved:epoch]  # the step sizes of the epochs this checkpoint stands for
             interval_rate = span[0] if len(set(span)) == 1 else float(np.mean(span))
+            state = {"optimizer_state_dict": opt.state_dict()} if training.optimizer == "adamw" else {}
             saved.append(save_checkpoint(checkpoint_dir / f"checkpoint_epoch_{epoch}.pt", model.state_dict(),
-                                         learning_rate=interval_rate, epoch=epoch, step=step, **meta))
+                                         learning_rate=interval_rate, epoch=epoch, step=step, **meta, **state))
             last_saved = epoch
         if test_acc > best_acc:
             best_acc = test_acc
