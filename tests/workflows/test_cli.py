@@ -328,3 +328,29 @@ def test_the_health_score_counts_suspected_mislabels():
     no_self = results(30)
     no_self.self_influence = None
     assert health(no_self).flagged == 30 and "not computed" in health(no_self).rule
+
+
+def test_the_report_renders_in_a_headless_browser(trained, scored, tmp_path):
+    """report.html in a real browser (Chromium, when installed): the summary, navigation and files section render."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        pytest.skip("no Chromium on this machine")
+    assert main(["report", "--results_dir", str(scored)]) == 0
+    done = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                           f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", (scored / "report.html").as_uri()],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-500:]
+    for text in ("id=\"summary\"", "Health score", "href=\"#tests\"", "manifest.json"):
+        assert text in done.stdout, text
+
+
+def test_the_report_writes_the_seed_tables_and_negative_folder(scored):
+    assert main(["report", "--results_dir", str(scored)]) == 0
+    summary = list(csv.DictReader(open(scored / "influence_summary.csv")))
+    assert len(summary) == 9 and all(int(r["positive_count"]) + int(r["negative_count"]) <= 10 for r in summary)
+    assert all(0 <= float(r["proponent_label_agreement"]) <= 1 for r in summary)
+    negative = sorted((scored / "negative").iterdir())
+    assert 1 <= len(negative) <= 20 and all("_-" in p.name for p in negative)  # negative summed opponent scores
+    pairs = list(csv.DictReader(open(scored / "confusion_pairs.csv")))
+    wrong = [r for r in csv.DictReader(open(scored / "predictions_test.csv")) if r["correct"] == "0"]
+    assert {(r["test_label"], r["test_predicted"]) for r in pairs} == {(r["label"], r["predicted"]) for r in wrong}

@@ -145,3 +145,51 @@ def mislabel_candidates(res: Results) -> List[Dict[str, Any]]:
              "predicted": r["predicted"], "self_influence": r["score"], "model_disagrees": r["label"] != r["predicted"],
              **{k: r[k] for k in ("summed_loss", "summed_loss_rank") if k in r}}
             for r in sorted(res.self_influence, key=lambda r: r["rank"])]
+
+
+def influence_summary(res: Results) -> List[Dict[str, Any]]:
+    """Per test image, from its top-k proponents and opponents: mean influence, positive and negative counts and
+    mass, and the share of proponents with the test image's label."""
+    rows = []
+    for row, t in enumerate(res.test_indices.tolist()):
+        test = res.test[int(t)]
+        scores = np.concatenate([res.pro_values[row], res.opp_values[row]])
+        same = [res.train[j]["label"] == test["label"] for j in res.pro_indices[row].tolist() if j in res.train]
+        rows.append({"test_index": int(t), "file": test["file"], "label": test["label"], "predicted": test["predicted"],
+                     "mean_influence": float(scores.mean()), "positive_count": int((scores > 0).sum()),
+                     "negative_count": int((scores < 0).sum()), "positive_mass": float(scores[scores > 0].sum()),
+                     "negative_mass": float(scores[scores < 0].sum()),
+                     "proponent_label_agreement": float(np.mean(same)) if same else float("nan")})
+    return rows
+
+
+def harmful_images(res: Results, n: int = 20) -> List[Tuple[int, float]]:
+    """The training images with the most negative summed opponent score over every test image: (train index, score)."""
+    total: Dict[int, float] = defaultdict(float)
+    for row in range(res.opp_values.shape[0]):
+        for j, v in zip(res.opp_indices[row].tolist(), res.opp_values[row].tolist()):
+            total[j] += v
+    return sorted(((j, v) for j, v in total.items() if v < 0), key=lambda kv: kv[1])[:n]
+
+
+def confusion_pairs(res: Results, per_pair: int = 10) -> List[Dict[str, Any]]:
+    """For each confusion among the test images (label -> predicted), most frequent first: the training images that
+    appear most often among those test images' proponents (the ones that drive the confusion)."""
+    pairs: Dict[Tuple[str, str], List[int]] = defaultdict(list)
+    for row, t in enumerate(res.test_indices.tolist()):
+        test = res.test[int(t)]
+        if not test["correct"]:
+            pairs[(test["label"], test["predicted"])].append(row)
+    out = []
+    for (label, predicted), rows in sorted(pairs.items(), key=lambda kv: -len(kv[1])):
+        count: Dict[int, int] = defaultdict(int)
+        mass: Dict[int, float] = defaultdict(float)
+        for row in rows:
+            for j, v in zip(res.pro_indices[row].tolist(), res.pro_values[row].tolist()):
+                count[j] += 1
+                mass[j] += v
+        for j in sorted(count, key=lambda j: (-count[j], -mass[j]))[:per_pair]:
+            r = res.train[j]
+            out.append({"test_label": label, "test_predicted": predicted, "test_images": len(rows), "train_index": j,
+                        "file": r["file"], "train_label": r["label"], "appearances": count[j], "summed_score": mass[j]})
+    return out

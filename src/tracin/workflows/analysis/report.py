@@ -11,7 +11,8 @@ from ...errors import TracInError
 from ...io import clear_path, write_bytes, write_csv, write_json
 from . import figures, html
 from .load import Results, load_results
-from .metrics import (Health, class_influencers, class_summary, cross_analysis, false_predictions, health, suspects,
+from .metrics import (Health, class_influencers, class_summary, confusion_pairs, cross_analysis, false_predictions, harmful_images,
+                      health, influence_summary, suspects,
                       mean_influence_per_test, mislabel_candidates, opponent_share)
 
 
@@ -146,6 +147,11 @@ def _tables(res: Results) -> _Analysis:
     cross_rows, propagation = cross_analysis(res)
     write_csv(out / "misprediction_cross_analysis.csv", cross_rows,
               ["train_index", "file", "label", "predicted", "test_topk_appearances", "same_way_mispredicted_tests"])
+    write_csv(out / "influence_summary.csv", influence_summary(res),
+              ["test_index", "file", "label", "predicted", "mean_influence", "positive_count", "negative_count",
+               "positive_mass", "negative_mass", "proponent_label_agreement"])
+    write_csv(out / "confusion_pairs.csv", confusion_pairs(res),
+              ["test_label", "test_predicted", "test_images", "train_index", "file", "train_label", "appearances", "summed_score"])
     mislabels = mislabel_candidates(res)
     if mislabels:
         write_csv(out / "mislabel_candidates.csv", mislabels,
@@ -164,6 +170,7 @@ def _class_sections(a: _Analysis, top_n: int) -> List[Tuple[str, Any]]:
     class_figures = []
     folder = out / "top_influences"
     clear_path(folder)  # a link planted there is removed, never followed
+    _copy_negative(res, path_of, label_of)
     safe = _folder_names(res.class_names)
     for row in a.class_rows:
         name = row["class"]
@@ -184,6 +191,16 @@ def _class_sections(a: _Analysis, top_n: int) -> List[Tuple[str, Any]]:
             {c: mix.get(c, 0) for c in res.class_names})
         class_figures.append((name, fig))
     return class_figures
+
+
+def _copy_negative(res: Results, path_of: Dict[int, str], label_of: Dict[int, str]) -> None:
+    """negative/: the training images that hurt the test predictions most (summed opponent scores), to review."""
+    folder = res.directory / "negative"
+    clear_path(folder)
+    folder.mkdir()
+    for rank, (j, score) in enumerate(harmful_images(res), start=1):
+        src = Path(path_of[j])
+        shutil.copy2(src, folder / f"{rank:02d}_{_safe(label_of[j])}_{score:+.3g}_{src.name}")
 
 
 def _dashboard(a: _Analysis, findings: List[str]) -> Any:
