@@ -6,7 +6,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from helpers import DEVICE, perturbed_checkpoints, rel_err, task_reference_matrix
-from tracin import TracIn, TracInError
+from tracin import Checkpoint, TracIn, TracInError
 from tracin.tasks import ClassificationTask
 
 TOL = 1e-4
@@ -70,6 +70,21 @@ class Attention(nn.Module):
         return self.head(self.norm(self.attn(x, x, x, need_weights=False)[0]).mean(1))
 
 
+class Volumes(nn.Module):
+    """Conv3d and ConvTranspose2d: no per-module kernel, scored by the exact fallback."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(2, 3, 3, stride=2)
+        self.vol = nn.Conv3d(1, 2, 2)
+        self.head = nn.Linear(3 + 2, 3)
+
+    def forward(self, x):
+        planes = self.up(x).mean(dim=(2, 3))
+        volume = self.vol(x.unsqueeze(1)).mean(dim=(2, 3, 4))
+        return self.head(torch.cat([planes, volume], 1))
+
+
 def vit():
     from torchvision.models import VisionTransformer
 
@@ -82,6 +97,7 @@ CASES = {
     "tied": (Tied, lambda g, n: torch.randint(0, 9, (n, 4), generator=g), 9),
     "attention": (Attention, lambda g, n: torch.randn(n, 4, 6, generator=g), 3),
     "vit": (vit, lambda g, n: torch.randn(n, 3, 8, 8, generator=g), 3),
+    "volumes": (Volumes, lambda g, n: torch.randn(n, 2, 4, 4, generator=g), 3),
 }
 
 
@@ -166,3 +182,33 @@ def test_projection_of_exact_parameters_is_unbiased():
     mean = torch.stack(runs).double().mean(0)
     assert runs[0].shape == (4, 9) and not torch.allclose(runs[0].double(), lstm_only, rtol=1e-3)  # projected: approximate
     assert rel_err(mean, lstm_only) < 0.25 and not torch.allclose(lstm_only, exact)  # unbiased: the mean approaches it
+
+
+def test_hf_style_conv1d_is_a_transposed_linear_under_every_kernel_and_kfac():
+    """A Hugging Face Conv1D (weight [in, out]) scores exactly as the nn.Linear holding the transposed weight, under
+    the ghost and materialised kernels and with K-FAC."""
+
+    class Conv1D(nn.Module):  # the layout of transformers.pytorch_utils.Conv1D, without importing transformers
+        def __init__(self, nf, nx):
+            super().__init__()
+            self.nf = nf
+            self.weight = nn.Parameter(torch.randn(nx, nf) * 0.3)
+            self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+        def forward(self, x):
+            return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], self.nf)
+
+    torch.manual_seed(0)
+    hf = nn.Sequential(Conv1D(7, 5), nn.Tanh(), Conv1D(3, 7))
+    plain = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    with torch.no_grad():
+        for a, b in ((hf[0], plain[0]), (hf[2], plain[2])):
+            b.weight.copy_(a.weight.T)
+            b.bias.copy_(a.bias)
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(10, 5, generator=g), torch.randint(0, 3, (10,), generator=g)
+    train, test = TensorDataset(x[:7], y[:7]), TensorDataset(x[7:], y[7:])
+    for kwargs in ({"kernel": "ghost"}, {"kernel": "materialize"}, {"precondition": "kfac"}):
+        got, want = (TracIn(m, [Checkpoint(m.state_dict(), learning_rate=0.1)], layers="all", device=DEVICE, progress=False,
+                            **kwargs).influence_matrix(train, test) for m in (hf, plain))
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-6), kwargs

@@ -170,6 +170,7 @@ class Scheduler:
         each; the data read once when every checkpoint's statistics fit in a quarter of the budget)."""
         assert self.preconditioner is not None
         self.preconditioner.fit(_FitSource(self, train))
+        self._loaded = None  # the next load selects the fitted whiteners
 
     # -- kernels over blocks -----------------------------------------------------------------
     def _pair(self, test: FactorDict, train: FactorDict) -> Optional[torch.Tensor]:
