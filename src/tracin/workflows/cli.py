@@ -174,6 +174,7 @@ def _report_parser(sub) -> None:
     _add(r, "--top_n", type=int, default=10, help="helpful/harmful images per class")
     _add(r, "--html_tests", type=int, default=100, help="test images shown with their proponents in report.html")
     _add(r, "--gradcam", type=int, default=0, metavar="N", help="Grad-CAM overlays for the first N test images (pip install -e '.[gradcam]')")
+    _add(r, "--quiet", action="store_true", help="no progress lines")
 
 
 def _ranking_parser(sub) -> None:
@@ -329,7 +330,7 @@ def _audit(a) -> None:
 def _report(a) -> None:
     from .analysis.report import build_report
 
-    s = build_report(a.results_dir, a.top_n, a.html_tests, a.gradcam)
+    s = build_report(a.results_dir, a.top_n, a.html_tests, a.gradcam, progress=not a.quiet)
     print(f"Health score {s['health_score']:.1f}% ({s['band']}); error-propagation rate {s['error_propagation_rate']:.1%}.")
     print(f"Report: {s['report']}")
 

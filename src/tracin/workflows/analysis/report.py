@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from collections import Counter
 from pathlib import Path
 from dataclasses import dataclass, field
@@ -97,9 +98,12 @@ def _findings(a: _Analysis) -> List[str]:
     return out
 
 
-def build_report(results_dir: Path, top_n: int = 10, html_tests: int = 100, gradcam: int = 0) -> Dict[str, Any]:
+def build_report(results_dir: Path, top_n: int = 10, html_tests: int = 100, gradcam: int = 0,
+                 progress: bool = False) -> Dict[str, Any]:
     """Write the report files into ``results_dir`` and return a summary (also in report_summary.json).
-    ``gradcam`` > 0 adds Grad-CAM overlays for that many test images (needs the grad-cam package)."""
+    ``gradcam`` > 0 adds Grad-CAM overlays for that many test images (needs the grad-cam package); ``progress``
+    says each step on standard error."""
+    say = (lambda step: print(f"tracin: report: {step}", file=sys.stderr, flush=True)) if progress else (lambda step: None)  # noqa: E731
     if top_n < 1 or html_tests < 0 or gradcam < 0:
         raise TracInError(f"--top_n must be at least 1 and --html_tests and --gradcam 0 or more, got {top_n}, {html_tests} "
                           f"and {gradcam}.")
@@ -107,12 +111,16 @@ def build_report(results_dir: Path, top_n: int = 10, html_tests: int = 100, grad
     out = res.directory
     cams = []
     if gradcam > 0:
+        say(f"Grad-CAM overlays of {gradcam} test images")
         from .gradcam import gradcam_overlays
 
         cams = gradcam_overlays(res, gradcam)
+    say("tables (false predictions, cross-analysis, mislabel candidates, influence summary, confusion pairs)")
     analysis = _tables(res)
+    say(f"{len(res.class_names)} class summaries and image folders")
     class_figures = _class_sections(analysis, top_n)
     findings = _findings(analysis)
+    say("dashboard and report.html")
     dash = _dashboard(analysis, findings)
     m = res.manifest
     page = html.render({

@@ -53,7 +53,7 @@ def run_cleaning(setting: Noise, output_dir: Path, training: Optional[Training] 
     training = training or Training()
     out = Path(output_dir)
     rows: List[Dict[str, Any]] = []
-    for run in noisy_runs(setting, out, training):
+    for run in noisy_runs(setting, out, training, progress=progress):
         seed, noisy, flipped, base, scores, work = run.seed, run.noisy, run.flipped, run.summary, run.scores, run.work
         n = len(flipped)
         k = max(1, int(round(fraction * n)))

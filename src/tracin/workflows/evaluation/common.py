@@ -3,6 +3,7 @@ of every training image, cross-validated probabilities, and the detection metric
 from __future__ import annotations
 
 import shutil
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -160,8 +161,14 @@ class Noise:
     flip_map: Optional[Dict[str, str]] = None
 
 
+def note(progress: bool, message: str) -> None:
+    """One progress line on standard error (long evaluations say what they are doing)."""
+    if progress:
+        print(f"tracin: {message}", file=sys.stderr, flush=True)
+
+
 def noisy_runs(setting: Noise, output_dir: Path, training: Training, also: Sequence[Variant] = (),
-               cv_folds: Optional[int] = None, require_flips: bool = False) -> Iterator[NoisyRun]:
+               cv_folds: Optional[int] = None, require_flips: bool = False, progress: bool = False) -> Iterator[NoisyRun]:
     """For each seed: flip labels in a copy of the data, train with checkpoints, score every training
     image per checkpoint. ``output_dir`` is marked incomplete first; the copies go to ``output_dir/work``.
     With ``cv_folds``, the clean data (and each noisy copy) must allow that many folds (:func:`check_folds`);
@@ -182,7 +189,10 @@ def noisy_runs(setting: Noise, output_dir: Path, training: Training, also: Seque
                             f"images (seed {seed}), so there is nothing to detect; raise --noise_rate.")
         if cv_folds is not None:
             check_folds(labels, classes, cv_folds, noisy)  # the noise moved images between classes
+        note(progress, f"seed {seed}: {int(flipped.sum())} of {len(flipped)} labels flipped; training {training.arch} for "
+                       f"{training.epochs} epochs")
         summary = training.fit(noisy, noisy / "checkpoints", seed)
+        note(progress, f"seed {seed}: scoring self-influence at every checkpoint")
         yield NoisyRun(seed, work, noisy, flipped, summary,
                        per_checkpoint_scores(noisy, noisy / "checkpoints", training, also))
 

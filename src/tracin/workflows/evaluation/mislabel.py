@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from ...io import write_csv, write_figure, write_json
-from .common import (Noise, FRACTIONS, Training, cleanlab_scores, cross_validated_probabilities, noisy_runs, recall_at,
+from .common import (Noise, note, FRACTIONS, Training, cleanlab_scores, cross_validated_probabilities, noisy_runs, recall_at,
                      recall_curve, roc_auc, summarise, variant_key)
 
 # Self-influence scores reported beside the chosen one: all layers, the output layer's bias (the error
@@ -68,8 +68,10 @@ def run_mislabel(setting: Noise, output_dir: Path, training: Optional[Training] 
     study: List[Dict[str, Any]] = []
     start = time.perf_counter()
     for run in noisy_runs(setting, out, training, also=EXTRA_VARIANTS,
-                          cv_folds=cv_folds if use_cleanlab else None, require_flips=True):
+                          cv_folds=cv_folds if use_cleanlab else None, require_flips=True, progress=progress):
         seed, flipped, summary, scores = run.seed, run.flipped, run.summary, run.scores
+        if use_cleanlab:
+            note(progress, f"seed {seed}: the cleanlab baseline trains {cv_folds} more models (cross-validation)")
         probs = cross_validated_probabilities(run.noisy, run.work / f"cv_seed{seed}", training, cv_folds, seed) if use_cleanlab else None
         for method, s in method_scores(scores, probs, training).items():
             per_seed.append({"seed": seed, "method": method, "n_train": len(s), "n_flipped": int(flipped.sum()),
