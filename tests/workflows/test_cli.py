@@ -354,3 +354,15 @@ def test_the_report_writes_the_seed_tables_and_negative_folder(scored):
     pairs = list(csv.DictReader(open(scored / "confusion_pairs.csv")))
     wrong = [r for r in csv.DictReader(open(scored / "predictions_test.csv")) if r["correct"] == "0"]
     assert {(r["test_label"], r["test_predicted"]) for r in pairs} == {(r["label"], r["predicted"]) for r in wrong}
+
+
+def test_every_test_image_is_reachable_from_the_report(scored):
+    assert main(["report", "--results_dir", str(scored), "--html_tests", "4", "--quiet"]) == 0
+    page = (scored / "report.html").read_text()
+    pages = sorted(scored.glob("report_tests_*.html"))
+    assert pages and all(f"href='{p.name}'" in page for p in pages)
+    wrong = sum(r["correct"] == "0" for r in csv.DictReader(open(scored / "predictions_test.csv")))
+    first = max(4, wrong)
+    assert sum(p.read_text().count("<div class='pair'>") for p in pages) == 9 - first
+    assert main(["report", "--results_dir", str(scored), "--quiet"]) == 0  # the default shows all 9: no pages left over
+    assert not list(scored.glob("report_tests_*.html"))

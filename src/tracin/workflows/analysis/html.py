@@ -90,6 +90,27 @@ def _summary(ctx: Dict[str, Any], root: Optional[Path]) -> List[str]:
     return parts
 
 
+def test_pairs(tests: Sequence[Dict[str, Any]], root: Optional[Path]) -> List[str]:
+    """One block per test image: the image, its label and prediction, its top proponents and opponents."""
+    parts = []
+    for t in tests:
+        pro = "".join(card(p, f"label {lab}, score {s:+.3g}", root, flag) for p, lab, s, flag in t["pro"])
+        opp = "".join(card(p, f"label {lab}, score {s:+.3g}", root, flag) for p, lab, s, flag in t["opp"])
+        parts.append(
+            f"<div class='pair'><div>{thumb_tag(t['file'], 120, root=root)}<br>{escape(Path(t['file']).name)}<br>label {escape(t['label'])}"
+            f"<br>predicted {escape(t['predicted'])}</div><div><b class='pro'>Proponents</b><div class='cards'>{pro}</div></div>"
+            f"<div><b class='opp'>Opponents</b><div class='cards'>{opp}</div></div></div>"
+        )
+    return parts
+
+
+def render_tests_page(tests: Sequence[Dict[str, Any]], title: str, root: Optional[Path]) -> str:
+    """A page of more test images (report_tests_N.html), linked from report.html."""
+    head = (f"<!doctype html><html><head><meta charset='utf-8'><title>{escape(title)}</title><style>{STYLE}</style></head><body>"
+            f"<h1>{escape(title)}</h1><p><a href='report.html'>Back to the report</a></p>")
+    return "\n".join([head] + test_pairs(tests, root) + ["</body></html>"])
+
+
 def render(ctx: Dict[str, Any]) -> str:
     """The whole page from the report context built by :func:`tracin.workflows.analysis.report.build_report`."""
     root = ctx.get("root")
@@ -117,17 +138,11 @@ def render(ctx: Dict[str, Any]) -> str:
                        root=root))
     if ctx.get("gradcam"):
         parts.append("<h2>Grad-CAM</h2>" + "".join(f"<img class='full' src='{data_uri_png(p)}' alt='Grad-CAM'>" for p in ctx["gradcam"]))
-    shown = ctx["tests"]
+    shown, pages = ctx["tests"], ctx.get("pages", [])
+    more = "".join(f" <a href='{escape(name)}'>{escape(span)}</a>" for name, span in pages)
     parts.append(f"<h2 id='tests'>Test images: top proponents and opponents</h2><p>Showing {len(shown)} of {ctx['n_test']} test "
-                 "images, every mispredicted one first; all of them are in top_k_influences.csv.</p>")
-    for t in shown:
-        pro = "".join(card(p, f"label {lab}, score {s:+.3g}", root, flag) for p, lab, s, flag in t["pro"])
-        opp = "".join(card(p, f"label {lab}, score {s:+.3g}", root, flag) for p, lab, s, flag in t["opp"])
-        parts.append(
-            f"<div class='pair'><div>{thumb_tag(t['file'], 120, root=root)}<br>{escape(Path(t['file']).name)}<br>label {escape(t['label'])}"
-            f"<br>predicted {escape(t['predicted'])}</div><div><b class='pro'>Proponents</b><div class='cards'>{pro}</div></div>"
-            f"<div><b class='opp'>Opponents</b><div class='cards'>{opp}</div></div></div>"
-        )
+                 f"images, every mispredicted one first; the others:{more or ' none'}. All are in top_k_influences.csv.</p>")
+    parts += test_pairs(shown, root)
     parts.append("<h2 id='files'>Files</h2><ul>" + "".join(f"<li><a href='{escape(f)}'>{escape(f)}</a></li>" for f in ctx.get("files", []))
                  + "</ul>")
     parts.append("</body></html>")

@@ -122,6 +122,9 @@ def build_report(results_dir: Path, top_n: int = 10, html_tests: int = 100, grad
     findings = _findings(analysis)
     say("dashboard and report.html")
     dash = _dashboard(analysis, findings)
+    tests = _test_rows(res)
+    first = max(html_tests, sum(not r["correct"] for r in res.test.values()))
+    pages = _test_pages(out, tests[first:], max(html_tests, 1), first) if html_tests else []
     m = res.manifest
     page = html.render({
         "root": out,
@@ -131,7 +134,7 @@ def build_report(results_dir: Path, top_n: int = 10, html_tests: int = 100, grad
         "suspects": suspects(res), "files": sorted(p.name for p in out.iterdir() if p.suffix in (".csv", ".png", ".json")),
         "class_rows": analysis.class_rows, "class_figures": class_figures, "mislabels": analysis.mislabels,
         "false_rows": analysis.false_rows, "propagation": analysis.propagation, "cross_rows": analysis.cross_rows,
-        "tests": _test_rows(res, html_tests), "n_test": len(res.test_indices), "gradcam": cams,
+        "tests": tests[:first], "pages": pages, "n_test": len(res.test_indices), "gradcam": cams,
     })
     write_bytes(out / "report.html", page.encode("utf-8"))
     false_rows = analysis.false_rows
@@ -231,14 +234,29 @@ def _dashboard(a: _Analysis, findings: List[str]) -> Any:
                              mean_influence_per_test(res), [(path_of[j], f"{label_of[j]} {s:+.3g}") for j, s in top_helpful], findings)
 
 
-def _test_rows(res: Results, html_tests: int) -> List[Dict[str, Any]]:
-    """Test images with their top-5 proponents and opponents for the page: every mispredicted one first, then the
-    rest up to ``html_tests`` in all. Each listed training image: (file, label, score, flagged as a likely mislabel)."""
+def _test_pages(out: Path, rest: List[Dict[str, Any]], size: int, offset: int) -> List[Tuple[str, str]]:
+    """report_tests_N.html pages of ``size`` test images each, so every test image is reachable from report.html;
+    (file name, "first-last") of each. Old pages are removed first."""
+    for old in out.glob("report_tests_*.html"):
+        clear_path(old)
+    pages = []
+    for n, start in enumerate(range(0, len(rest), size), start=2):
+        chunk = rest[start:start + size]
+        span = f"{offset + start + 1}-{offset + start + len(chunk)}"
+        name = f"report_tests_{n}.html"
+        write_bytes(out / name, html.render_tests_page(chunk, f"Test images {span}", out).encode("utf-8"))
+        pages.append((name, span))
+    return pages
+
+
+def _test_rows(res: Results) -> List[Dict[str, Any]]:
+    """Every test image with its top-5 proponents and opponents for the pages, mispredicted ones first. Each listed
+    training image: (file, label, score, flagged as a likely mislabel)."""
     path_of, label_of = _train_lookup(res)
     flagged = suspects(res)
     order = sorted(range(len(res.test_indices)), key=lambda r: res.test[int(res.test_indices[r])]["correct"])
     tests = []
-    for row in order[:max(html_tests, sum(not r["correct"] for r in res.test.values()))]:
+    for row in order:
         test = res.test[int(res.test_indices[row])]
         pick = lambda idx, vals: [(path_of[j], label_of[j], v, j in flagged) for j, v in zip(idx[row][:5].tolist(), vals[row][:5].tolist())]  # noqa: E731
         tests.append({"file": test["file"], "label": test["label"], "predicted": test["predicted"],
