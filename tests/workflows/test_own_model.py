@@ -112,3 +112,26 @@ def test_hugging_face_trainer_folders_and_lightning_checkpoints(tmp_path):
     x, y = torch.randn(4, 12), torch.randint(0, 5, (4,))
     scores = TracIn(model, found, device="cpu", progress=False).self_influence(torch.utils.data.TensorDataset(x, y))
     assert scores.shape == (4,) and bool((scores > 0).all())
+
+
+def test_a_timm_name_builds_through_timm_when_it_is_installed(monkeypatch):
+    """A name torchvision does not know goes to timm (here a stand-in module with timm's two functions)."""
+    import sys
+    import types
+
+    from tracin.workflows.image.models import build_model
+
+    made = {}
+    fake = types.ModuleType("timm")
+    fake.list_models = lambda: ["convnext_atto"]
+
+    def create_model(name, pretrained, num_classes):
+        made.update(name=name, pretrained=pretrained)
+        return torch.nn.Linear(4, num_classes)
+
+    fake.create_model = create_model
+    monkeypatch.setitem(sys.modules, "timm", fake)
+    model = build_model("convnext_atto", 3, 32)
+    assert model.out_features == 3 and made == {"name": "convnext_atto", "pretrained": False}
+    with pytest.raises(Exception, match="or, with timm installed, a timm model name"):
+        build_model("no_such_net", 3, 32)

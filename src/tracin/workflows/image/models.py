@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -41,8 +41,12 @@ def build_model(arch: str, num_classes: int, image_size: int = 224) -> nn.Module
         return SmallCNN(num_classes)
     names = torchvision_classifiers()
     if arch not in names:
-        raise TracInError(f"Unknown architecture {arch!r}; choose smallcnn or a torchvision classification model "
-                          f"({', '.join(n for n in names if n in ('resnet18', 'resnet50', 'vit_b_16', 'efficientnet_b0'))}, ...).")
+        timm_model = _timm_model(arch, num_classes, image_size)
+        if timm_model is not None:
+            return timm_model
+        raise TracInError(f"Unknown architecture {arch!r}; choose smallcnn, a torchvision classification model "
+                          f"({', '.join(n for n in names if n in ('resnet18', 'resnet50', 'vit_b_16', 'efficientnet_b0'))}, ...) "
+                          "or, with timm installed, a timm model name.")
     import torchvision
 
     extra = {"image_size": image_size} if arch.startswith("vit_") else {}
@@ -52,6 +56,21 @@ def build_model(arch: str, num_classes: int, image_size: int = 224) -> nn.Module
         reason = str(exc) or "a size it does not accept"
         raise TracInError(f"torchvision cannot build {arch} for {image_size}-pixel images ({reason}); choose an "
                           "--image_size it accepts (a multiple of a ViT's patch size).") from None
+
+
+def _timm_model(arch: str, num_classes: int, image_size: int) -> Optional[nn.Module]:
+    """``arch`` from timm (no pretrained weights) when timm is installed and knows the name, else None."""
+    try:
+        import timm
+    except ImportError:
+        return None
+    if arch not in timm.list_models():
+        return None
+    extra = {"img_size": image_size} if "vit" in arch or "deit" in arch else {}
+    try:
+        return timm.create_model(arch, pretrained=False, num_classes=num_classes, **extra)
+    except (TypeError, AssertionError, ValueError) as exc:
+        raise TracInError(f"timm cannot build {arch} for {image_size}-pixel images ({exc}); choose another --image_size.") from None
 
 
 def load_pretrained(model: nn.Module, path: Path) -> Tuple[List[str], List[str]]:
