@@ -366,3 +366,21 @@ def test_every_test_image_is_reachable_from_the_report(scored):
     assert sum(p.read_text().count("<div class='pair'>") for p in pages) == 9 - first
     assert main(["report", "--results_dir", str(scored), "--quiet"]) == 0  # the default shows all 9: no pages left over
     assert not list(scored.glob("report_tests_*.html"))
+
+
+def test_full_matrix_also_as_csv_and_misprediction_analysis(trained, tmp_path):
+    root, data, ckpt = trained
+    out = tmp_path / "m"
+    assert main(["influence", "--data_dir", str(data), "--checkpoint_dir", str(ckpt), "--output_dir", str(out), "--top_k", "2",
+                 "--train_subset", "10", "--full_matrix", "--quiet"]) == 0
+    matrix, train_idx = np.load(out / "influence_matrix.npy"), np.load(out / "train_indices.npy")
+    rows = list(csv.DictReader(open(out / "influence_scores.csv")))
+    assert len(rows) == matrix.size == 9 * 10
+    first = [r for r in rows if r["test_index"] == rows[0]["test_index"]]
+    assert [int(r["train_index"]) for r in first] == train_idx.tolist()
+    assert np.allclose([float(r["score"]) for r in first], matrix[0], rtol=1e-6)
+    assert main(["report", "--results_dir", str(out), "--quiet"]) == 0
+    analysis = list(csv.DictReader(open(out / "misprediction_influence_analysis.csv")))
+    wrong = [r for r in csv.DictReader(open(out / "predictions_test.csv")) if r["correct"] == "0"]
+    assert len(analysis) == len(wrong)
+    assert all(int(r["proponents_of_predicted_class"]) + int(r["proponents_of_true_class"]) <= 2 for r in analysis)

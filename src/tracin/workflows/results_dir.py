@@ -37,6 +37,7 @@ TOP_CSV = "top_k_influences.csv"
 SELF_NPY, SELF_CSV, SELF_JSON = "self_influence.npy", "self_influence.csv", "self_influence.json"
 SUMMED_LOSS = "summed_loss.npy"
 MATRIX_NPY, MATRIX_CSV, MATRIX_JSON = "influence_matrix.npy", "influence.csv", "influence.json"
+SCORES_CSV = "influence_scores.csv"
 PROGRESS = ".progress"
 
 

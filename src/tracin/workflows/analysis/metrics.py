@@ -193,3 +193,24 @@ def confusion_pairs(res: Results, per_pair: int = 10) -> List[Dict[str, Any]]:
             out.append({"test_label": label, "test_predicted": predicted, "test_images": len(rows), "train_index": j,
                         "file": r["file"], "train_label": r["label"], "appearances": count[j], "summed_score": mass[j]})
     return out
+
+
+def misprediction_influence(res: Results) -> List[Dict[str, Any]]:
+    """Per mispredicted test image: how many of its top-k proponents carry the predicted class (they pull towards
+    the error) or the true one, their summed scores, and the strongest proponent of the wrong class."""
+    rows = []
+    for row, t in enumerate(res.test_indices.tolist()):
+        test = res.test[int(t)]
+        if test["correct"]:
+            continue
+        pros = list(zip(res.pro_indices[row].tolist(), res.pro_values[row].tolist()))
+        toward = [(j, v) for j, v in pros if res.train[j]["label"] == test["predicted"]]
+        true = [(j, v) for j, v in pros if res.train[j]["label"] == test["label"]]
+        top = max(toward, key=lambda jv: jv[1], default=None)
+        rows.append({"test_index": int(t), "file": test["file"], "label": test["label"], "predicted": test["predicted"],
+                     "confidence": test["confidence"], "proponents_of_predicted_class": len(toward),
+                     "proponents_of_true_class": len(true), "score_toward_predicted": float(sum(v for _, v in toward)),
+                     "score_toward_true": float(sum(v for _, v in true)),
+                     "strongest_wrong_class_proponent": res.train[top[0]]["file"] if top else "",
+                     "its_score": float(top[1]) if top else float("nan")})
+    return rows

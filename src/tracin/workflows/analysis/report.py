@@ -13,7 +13,7 @@ from ...io import clear_path, write_bytes, write_csv, write_json
 from . import figures, html
 from .load import Results, load_results
 from .metrics import (Health, class_influencers, class_summary, confusion_pairs, cross_analysis, false_predictions, harmful_images,
-                      health, influence_summary, suspects,
+                      health, influence_summary, misprediction_influence, suspects,
                       mean_influence_per_test, mislabel_candidates, opponent_share)
 
 
@@ -161,6 +161,10 @@ def _tables(res: Results) -> _Analysis:
     write_csv(out / "influence_summary.csv", influence_summary(res),
               ["test_index", "file", "label", "predicted", "mean_influence", "positive_count", "negative_count",
                "positive_mass", "negative_mass", "proponent_label_agreement"])
+    write_csv(out / "misprediction_influence_analysis.csv", misprediction_influence(res),
+              ["test_index", "file", "label", "predicted", "confidence", "proponents_of_predicted_class",
+               "proponents_of_true_class", "score_toward_predicted", "score_toward_true", "strongest_wrong_class_proponent",
+               "its_score"])
     write_csv(out / "confusion_pairs.csv", confusion_pairs(res),
               ["test_label", "test_predicted", "test_images", "train_index", "file", "train_label", "appearances", "summed_score"])
     mislabels = mislabel_candidates(res)

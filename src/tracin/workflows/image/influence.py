@@ -223,6 +223,7 @@ def _write_top_k(run: _Run, result: InfluenceResult, predictions: Dict[str, Tupl
         out.npy(name, array)
     if run.job.full_matrix:
         out.adopt(names.MATRIX_NPY)
+        _write_scores_csv(out, test_idx, train_idx)
     test_pred = predictions["test"][0]
     pred_of_train = dict(zip(train_idx.tolist(), predictions["train"][0].tolist()))
     classes, train_split, test_split = s.class_names, s.train_split, s.test_split
@@ -245,6 +246,27 @@ def _write_top_k(run: _Run, result: InfluenceResult, predictions: Dict[str, Tupl
             {"index": int(i), "file": str(folder.paths[i]), "label": classes[folder.labels[i]], "predicted": classes[int(p)],
              "confidence": float(c), "correct": int(folder.labels[i] == int(p))}
             for i, p, c in zip(idx.tolist(), pred, conf)), ["index", "file", "label", "predicted", "confidence", "correct"])
+
+
+SCORES_CSV_LIMIT = 5_000_000  # rows of influence_scores.csv; a larger matrix stays in influence_matrix.npy only
+
+
+def _write_scores_csv(out: ResultsDir, test_idx: np.ndarray, train_idx: np.ndarray) -> None:
+    """influence_scores.csv, one row per (test image, scored training image), read from the memory-mapped matrix
+    row by row; skipped (with a warning) past SCORES_CSV_LIMIT rows, where the .npy is the usable form."""
+    matrix = np.load(out.file(names.MATRIX_NPY), mmap_mode="r")  # [n_test, n_train]: rows follow test_idx, columns train_idx
+    if len(test_idx) * len(train_idx) > SCORES_CSV_LIMIT:
+        warnings.warn(f"influence_scores.csv would have {len(test_idx) * len(train_idx):,} rows; the scores are in "
+                      f"{names.MATRIX_NPY} only.", stacklevel=2)
+        return
+
+    def rows() -> Iterator[Dict[str, Any]]:
+        for r, t in enumerate(test_idx.tolist()):
+            line = matrix[r]
+            for position, j in enumerate(train_idx.tolist()):
+                yield {"test_index": t, "train_index": j, "score": float(line[position])}
+
+    out.csv(names.SCORES_CSV, rows(), ["test_index", "train_index", "score"])
 
 
 def _write_self_influence(run: _Run, s: np.ndarray, train_pred: np.ndarray) -> None:
