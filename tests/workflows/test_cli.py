@@ -384,3 +384,13 @@ def test_full_matrix_also_as_csv_and_misprediction_analysis(trained, tmp_path):
     wrong = [r for r in csv.DictReader(open(out / "predictions_test.csv")) if r["correct"] == "0"]
     assert len(analysis) == len(wrong)
     assert all(int(r["proponents_of_predicted_class"]) + int(r["proponents_of_true_class"]) <= 2 for r in analysis)
+
+
+def test_the_cross_analysis_has_the_original_columns(scored):
+    assert main(["report", "--results_dir", str(scored), "--quiet"]) == 0
+    rows = list(csv.DictReader(open(scored / "misprediction_cross_analysis.csv")))
+    header = open(scored / "misprediction_cross_analysis.csv").readline().strip().split(",")
+    assert header == ["test_idx", "test_true", "test_pred", "train_idx", "train_true", "train_pred", "influence", "rank", "same_error"]
+    preds = {int(r["index"]): r for r in csv.DictReader(open(scored / "predictions_train.csv"))}
+    assert all(preds[int(r["train_idx"])]["correct"] == "0" and r["same_error"] == str(r["train_pred"] == r["test_pred"])
+               for r in rows)

@@ -101,6 +101,23 @@ def cross_analysis(res: Results) -> Tuple[List[Dict[str, Any]], float]:
     return rows, (sum(same_way.values()) / total if total else 0.0)
 
 
+def cross_pairs(res: Results) -> List[Dict[str, Any]]:
+    """The original tools' cross-analysis table: one row per (mispredicted test image, mispredicted training image among
+    its top-k proponents), with the proponent's score and rank and whether both made the same error (same predicted class)."""
+    rows = []
+    for row, t in enumerate(res.test_indices.tolist()):
+        test = res.test[int(t)]
+        if test["correct"]:
+            continue
+        for rank, (j, v) in enumerate(zip(res.pro_indices[row].tolist(), res.pro_values[row].tolist()), start=1):
+            tr = res.train[j]
+            if not tr["correct"]:
+                rows.append({"test_idx": int(t), "test_true": test["label"], "test_pred": test["predicted"], "train_idx": j,
+                             "train_true": tr["label"], "train_pred": tr["predicted"], "influence": float(v), "rank": rank,
+                             "same_error": tr["predicted"] == test["predicted"]})
+    return rows
+
+
 def class_influencers(res: Results, per_class: int = 10) -> Dict[str, Dict[str, List[Tuple[int, float]]]]:
     """Per test class: the training images with the largest summed proponent score over that class's
     test images ("helpful") and the most negative summed opponent score ("harmful"): (train index, score)."""

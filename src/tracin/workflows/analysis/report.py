@@ -13,7 +13,7 @@ from ...io import clear_path, write_bytes, write_csv, write_json
 from . import figures, html
 from .load import Results, load_results
 from .metrics import (Health, class_influencers, class_summary, confusion_pairs, cross_analysis, false_predictions, harmful_images,
-                      health, influence_summary, misprediction_influence, suspects,
+                      cross_pairs, health, influence_summary, misprediction_influence, suspects,
                       mean_influence_per_test, mislabel_candidates, opponent_share)
 
 
@@ -92,7 +92,7 @@ def _findings(a: _Analysis) -> List[str]:
         out.append("Recommendation: many training images look mislabelled; review mislabel_candidates.csv from the top (or the "
                    "suspected mislabels at the top of this page), relabel or remove them, and retrain.")
     if propagation > 0.2:
-        out.append("Recommendation: mispredicted training images propagate their errors; relabel or remove those in misprediction_cross_analysis.csv and retrain.")
+        out.append("Recommendation: mispredicted training images propagate their errors; relabel or remove those in mispredicted_training_images.csv and retrain.")
     elif wrong_train:
         out.append("Recommendation: check the mispredicted training images in false_predictions.csv for label errors before retraining.")
     return out
@@ -156,8 +156,10 @@ def _tables(res: Results) -> _Analysis:
     figures.image_grid(out / "false_predictions.png", [(r["file"], f"{r['split']} {r['label']}→{r['predicted']}") for r in false_rows],
                        f"False predictions of the final model ({len(false_rows)}, first 100 shown)")
     cross_rows, propagation = cross_analysis(res)
-    write_csv(out / "misprediction_cross_analysis.csv", cross_rows,
+    write_csv(out / "mispredicted_training_images.csv", cross_rows,
               ["train_index", "file", "label", "predicted", "test_topk_appearances", "same_way_mispredicted_tests"])
+    write_csv(out / "misprediction_cross_analysis.csv", cross_pairs(res),
+              ["test_idx", "test_true", "test_pred", "train_idx", "train_true", "train_pred", "influence", "rank", "same_error"])
     write_csv(out / "influence_summary.csv", influence_summary(res),
               ["test_index", "file", "label", "predicted", "mean_influence", "positive_count", "negative_count",
                "positive_mass", "negative_mass", "proponent_label_agreement"])
