@@ -48,12 +48,12 @@ def _image_row(fig, gs_row, items: Sequence[Tuple[str, str]], cols: int, title: 
         if c < len(items):
             path, caption = items[c]
             ax.imshow(thumbnail(path))
-            ax.set_title(caption, fontsize=7)
+            ax.set_title(caption, fontsize=9)
 
 
 @matplotlib.rc_context(PLAIN_TEXT)
 def dashboard(path: Path, overview: Dict[str, Any], pro_values: np.ndarray, opp_values: np.ndarray,
-              mean_per_test: np.ndarray, top_helpful: List[Tuple[str, str]], findings: List[str]) -> Path:
+              per_test: Tuple[np.ndarray, np.ndarray], top_helpful: List[Tuple[str, str]], findings: List[str]) -> Path:
     """analysis_dashboard.png: overview with the health score, influence distributions, mean influence
     per test example (green helps, red hurts), the 10 most helpful training images, key findings."""
     fig = plt.figure(figsize=(16, 13))
@@ -69,20 +69,34 @@ def dashboard(path: Path, overview: Dict[str, Any], pro_values: np.ndarray, opp_
                                                (opp_values, "Top-k opponent scores", "#cf222e")), start=1):
         ax = fig.add_subplot(gs[0, col])
         ax.hist(vals.ravel(), bins=50, color=colr, alpha=0.85)
+        mean = float(vals.mean())
+        ax.axvline(mean, color="black", lw=1.2, ls="--", label=f"mean {mean:+.3g}")
         ax.set(title=title, xlabel="TracIn score", ylabel="count")
+        ax.legend(fontsize=9)
         ax.grid(alpha=0.3)
-    ax = fig.add_subplot(gs[1, :])
-    order = np.argsort(mean_per_test)
-    ax.bar(np.arange(len(order)), mean_per_test[order], color=np.where(mean_per_test[order] >= 0, "#2da44e", "#cf222e"), width=1.0)
-    ax.axhline(0, color="black", lw=0.8)
-    ax.set(title="Mean influence per test example (top-k proponents and opponents; green: net help, red: net harm)",
-           xlabel="test examples, sorted", ylabel="mean score")
+    _net_influence(fig.add_subplot(gs[1, :]), *per_test)
     _image_row(fig, gs[2, :], top_helpful, 10, "The 10 most helpful training images (label, summed proponent score over all test examples)")
     ax = fig.add_subplot(gs[3, :])
     ax.axis("off")
     ax.text(0, 1, "Key findings and recommendations", fontsize=14, weight="bold", va="top")
     ax.text(0, 0.85, "\n".join(f"- {f}" for f in findings), fontsize=10.5, va="top", wrap=True)
     return _save(fig, path)
+
+
+def _net_influence(ax, mean_per_test: np.ndarray, wrong: np.ndarray) -> None:
+    """Each test example's mean top-k score, sorted; wrongly predicted ones in red, with how many have net harm."""
+    order = np.argsort(mean_per_test)
+    ax.bar(np.arange(len(order)), mean_per_test[order], color=np.where(wrong[order], "#cf222e", "#8c959f"), width=1.0)
+    ax.axhline(0, color="black", lw=0.8)
+    harmed = int((mean_per_test < 0).sum())
+    ax.set(title="Net influence per test example: the mean of its top-k proponent and opponent scores (red: predicted wrongly)",
+           xlabel="test examples, sorted by net influence", ylabel="mean score")
+    ax.text(0.01, 0.95, f"{harmed} of {len(order)} test examples have net harm; influence_summary.csv lists each one, "
+                        "report.html shows their opponents", transform=ax.transAxes, va="top", fontsize=10)
+
+
+READABLE = {"n_test": "test images", "test_accuracy": "test accuracy", "mean_influence": "mean net influence",
+            "proponent_label_agreement": "proponents with this label"}
 
 
 @matplotlib.rc_context(PLAIN_TEXT)
@@ -95,7 +109,8 @@ def class_summary_figure(path: Path, name: str, stats: Dict[str, Any], helpful: 
     ax = fig.add_subplot(gs[0, 0])
     ax.axis("off")
     ax.text(0, 1, f"Class {name}", fontsize=15, weight="bold", va="top")
-    ax.text(0, 0.7, "\n".join(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}" for k, v in stats.items()),
+    ax.text(0, 0.7, "\n".join(f"{READABLE.get(k, k)}: {v:.3f}" if isinstance(v, float) else f"{READABLE.get(k, k)}: {v}"
+                               for k, v in stats.items()),
             fontsize=10, va="top", family="monospace")
     ax = fig.add_subplot(gs[0, 1])
     names = list(label_mix)
@@ -117,6 +132,6 @@ def image_grid(path: Path, items: List[Tuple[str, str]], title: str, cols: int =
         ax.axis("off")
         if k < len(items):
             ax.imshow(thumbnail(items[k][0]))
-            ax.set_title(items[k][1], fontsize=7)
+            ax.set_title(items[k][1], fontsize=9)
     fig.suptitle(title, fontsize=12)
     return _save(fig, path)

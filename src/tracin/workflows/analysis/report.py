@@ -8,6 +8,8 @@ from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Tuple
 
+import numpy as np
+
 from ...errors import TracInError
 from ...io import clear_path, write_bytes, write_csv, write_json
 from . import figures, html
@@ -237,7 +239,8 @@ def _dashboard(a: _Analysis, findings: List[str]) -> Any:
                 "Layers / params": f"{len(m['scope'])} / {m['num_parameters']:,}", "Top-k": res.pro_values.shape[1],
                 "Health score": a.data_health.score, "Band": a.data_health.band}
     return figures.dashboard(res.directory / "analysis_dashboard.png", overview, res.pro_values, res.opp_values,
-                             mean_influence_per_test(res), [(path_of[j], f"{label_of[j]} {s:+.3g}") for j, s in top_helpful], findings)
+                             (mean_influence_per_test(res), np.array([not res.test[int(t)]["correct"] for t in res.test_indices])),
+                             [(path_of[j], f"{label_of[j]} {s:+.3g}") for j, s in top_helpful], findings)
 
 
 def _test_pages(out: Path, rest: List[Dict[str, Any]], size: int, offset: int) -> List[Tuple[str, str]]:
