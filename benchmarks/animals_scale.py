@@ -74,7 +74,7 @@ def main() -> None:
     p.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1))
     p.add_argument("--device", default="auto")
     args = p.parse_args()
-    from tracin.workflows.cli import parse_layers
+    from tracin.workflows.parser import parse_layers
     from tracin.config import ScoringConfig
     from tracin.workflows.image.influence import InfluenceJob, run_influence
 

@@ -202,13 +202,18 @@ def reference_matrix(model: nn.Module, checkpoints: Sequence[Tuple[dict, float]]
         to64 = (lambda t: t.double() if t.is_floating_point() else t)
         g_train = per_example_grads(ref, names, to64(train[0]), train[1], loss)
         g_test = per_example_grads(ref, names, to64(test[0]), test[1], loss)
-        if normalize != "none":
-            g_train = g_train / g_train.norm(dim=1, keepdim=True)
-        if normalize == "cosine":
-            g_test = g_test / g_test.norm(dim=1, keepdim=True)
-        m = lr * g_test @ g_train.T
+        m = _scores(g_test, g_train, lr, normalize)
         total = m if total is None else total + m
     return total.detach()
+
+
+def _scores(g_test: torch.Tensor, g_train: torch.Tensor, lr: float, normalize: str) -> torch.Tensor:
+    """lr * <g_test, g_train> [n_test, n_train], the training gradients (and with "cosine" the test ones) unit length."""
+    if normalize != "none":
+        g_train = g_train / g_train.norm(dim=1, keepdim=True)
+    if normalize == "cosine":
+        g_test = g_test / g_test.norm(dim=1, keepdim=True)
+    return lr * g_test @ g_train.T
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -261,12 +266,7 @@ def task_reference_matrix(model: nn.Module, checkpoints: Sequence[Tuple[dict, fl
         if hasattr(task, "on_checkpoint"):
             with torch.no_grad():
                 task.on_checkpoint(ref, index)
-        g_test, g_train = task_per_example_grads(ref, names, task, test64), task_per_example_grads(ref, names, task, train64)
-        if normalize != "none":
-            g_train = g_train / g_train.norm(dim=1, keepdim=True)
-        if normalize == "cosine":
-            g_test = g_test / g_test.norm(dim=1, keepdim=True)
-        m = lr * g_test @ g_train.T
+        m = _scores(task_per_example_grads(ref, names, task, test64), task_per_example_grads(ref, names, task, train64), lr, normalize)
         total = m if total is None else total + m
     return total.detach()
 

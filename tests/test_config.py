@@ -6,7 +6,7 @@ import pytest
 from tracin import TracIn
 from tracin.config import KERNELS, NORMALIZE, PRECISIONS, PRECONDITIONERS, PROJECTIONS, ScoringConfig, fields_with_flags
 from tracin.errors import TracInError
-from tracin.workflows.cli import build_parser, scoring_config
+from tracin.workflows.parser import build_parser, scoring_config
 
 from helpers import MLP, perturbed_checkpoints
 

@@ -1,0 +1,275 @@
+"""The ``tracin`` command line's parser: one sub-command each, the scoring flags generated from
+:class:`tracin.config.ScoringConfig`, and the namespace turned back into a config."""
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Any, List, Optional, Sequence, Union
+
+from ..config import ScoringConfig, fields_with_flags
+from ..errors import TracInError
+from ..version import __version__
+
+
+def _add(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
+    """Add ``--some_flag`` and its dashed twin ``--some-flag``."""
+    names = [name] + ([name.replace("_", "-")] if "_" in name else [])
+    kwargs.setdefault("help", "(default: %(default)s)")  # --help shows the default of every flag
+    parser.add_argument(*names, **kwargs)
+
+
+def parse_layers(text: str) -> Union[str, int, List[str]]:
+    """'last' | 'all' | 'output_bias' | an int N | comma-separated module or parameter names or glob patterns."""
+    if text in ("last", "all", "output_bias"):
+        return text
+    if text.isdigit():
+        return int(text)
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("--layers needs last, all, output_bias, a number or module names")
+    return names
+
+
+AUGMENT_HELP = ("none | crop | flip | crop_flip: random shifts and/or mirrors of the training images while training "
+                "(influence always reads the plain images)")
+LR_SCHEDULE_HELP = "constant | cosine (per epoch, from --learning_rate towards 0)"
+ARCH_HELP = "smallcnn or any torchvision classification model: resnet18, resnet50, vit_b_16, efficientnet_b0, ..."
+# how each scoring setting's flag parses (the rest are strings); names, help and choices come from ScoringConfig
+FLAG_TYPES = {"layers": parse_layers, "exclude": lambda text: [t.strip() for t in text.split(",") if t.strip()], "batch_size": int, "num_workers": int, "seed": int, "projection_dim": int,
+              "sample_rate": float, "damping": float}
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each flag's default."""
+
+
+def _scoring_flags(parser: argparse.ArgumentParser, names: Sequence[str], **defaults: Any) -> None:
+    """Add the flags of the scoring settings ``names`` as :class:`tracin.config.ScoringConfig` declares them
+    (flag, help, choices, default), with per-command ``defaults``; ``stratify_by_choices=`` narrows --stratify_by."""
+    stratify_choices = defaults.pop("stratify_by_choices", None)
+    for name, flag, meta in fields_with_flags():
+        if name not in names:
+            continue
+        choices = list(meta["choices"]) if meta["choices"] else (stratify_choices if name == "stratify_by" else None)
+        _add(parser, flag, dest=name, type=FLAG_TYPES.get(name, str), default=defaults.get(name, meta["default"]),
+             choices=choices, help=meta["help"])
+
+
+def _run_flags(parser: argparse.ArgumentParser, trust: str = "allow checkpoints that need pickled code (runs code from the file)") -> None:
+    """The flags every command that reads checkpoints shares: device, trust, quiet."""
+    _add(parser, "--device", default="auto", help="auto (cuda, then mps, then cpu) or a torch device")
+    _add(parser, "--trust_checkpoint", action="store_true", help=trust)
+    _add(parser, "--quiet", action="store_true", help="no progress bars")
+
+
+def _projection_flags(parser: argparse.ArgumentParser, dim: int) -> None:
+    _add(parser, "--use_projection", action="store_true",
+         help=f"project per-example gradients (approximate, unbiased) to --projection_dim dimensions per layer ({dim} if not given)")
+    _scoring_flags(parser, ["projection_dim", "projection"])
+    parser.set_defaults(projection_default=dim)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tracin", description="TracIn training-data influence for PyTorch models.",
+                                formatter_class=_Formatter)
+    p.add_argument("--version", action="version", version=f"tracin {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in (_train_parser, _influence_parser, _audit_parser, _report_parser, _ranking_parser, _kge_parser,
+                _evaluate_parser, _demo_parser):
+        add(sub)
+    return p
+
+
+def _train_parser(sub) -> None:
+    t = sub.add_parser("train", help="train an image classifier on an image folder, saving checkpoints", formatter_class=_Formatter)
+    _add(t, "--data_dir", type=Path, required=True, help="folder with train/<class>/ and test/<class>/")
+    _add(t, "--arch", default="resnet18", help=ARCH_HELP)
+    _add(t, "--epochs", type=int, default=10)
+    _add(t, "--save_every", type=int, default=1, help="save a checkpoint every K epochs (and after the last)")
+    _add(t, "--checkpoint_dir", type=Path, required=True)
+    _add(t, "--learning_rate", type=float, default=0.01)
+    _add(t, "--batch_size", type=int, default=32)
+    _add(t, "--pretrained", type=Path, help="local weights file to start from (nothing is downloaded)")
+    _add(t, "--image_size", type=int, default=224)
+    _add(t, "--augment", default="none", help=AUGMENT_HELP)
+    _add(t, "--lr_schedule", default="constant", help=LR_SCHEDULE_HELP)
+    _add(t, "--optimizer", choices=["sgd", "adamw"], default="sgd",
+         help="sgd (momentum 0.9) or adamw; with adamw every checkpoint also stores the optimizer state")
+    _add(t, "--seed", type=int, default=0)
+    _add(t, "--device", default="auto")
+    _add(t, "--quiet", action="store_true", help="no progress bars")
+
+
+def _influence_parser(sub) -> None:
+    i = sub.add_parser("influence", help="top-k proponents/opponents (and self-influence) for an image folder", formatter_class=_Formatter)
+    _add(i, "--data_dir", type=Path, required=True)
+    _add(i, "--checkpoint_dir", type=Path, help="checkpoints of 'tracin train'; with --arch: every weights file in it, any name")
+    _add(i, "--output_dir", type=Path, required=True)
+    _own_model_flags(i)
+    _add(i, "--top_k", type=int, default=100)
+    _add(i, "--train_subset", type=int, help="score a seeded random subset of N training images")
+    _add(i, "--test_subset", type=int, help="score a seeded random subset of M test images")
+    _add(i, "--self_influence", action="store_true", help="also compute self-influence of every training image")
+    _add(i, "--memory_budget", type=float, help="working memory in GiB (default: from free memory)")
+    _add(i, "--full_matrix", action="store_true", help="also write influence_matrix.npy [n_test, n_train] (disk-backed, in tiles)")
+    _add(i, "--overwrite", action="store_true", help="discard an interrupted run's progress instead of resuming it")
+    _add(i, "--summed_loss", action="store_true",
+         help="with --self_influence: also rank training images by their loss summed over the checkpoints")
+    _scoring_flags(i, ["layers", "exclude", "batch_size", "seed", "num_workers", "sample_rate", "stratify_by", "precision", "normalize",
+                       "precondition", "damping"], layers="last", batch_size=32, stratify_by_choices=["label"])
+    _projection_flags(i, 1024)
+    _run_flags(i)
+
+
+def _own_model_flags(parser: argparse.ArgumentParser) -> None:
+    """A model trained outside 'tracin train': its architecture, weights and preprocessing."""
+    _add(parser, "--arch", help=f"a model you trained yourself: {ARCH_HELP}, or module:callable building it")
+    _add(parser, "--model_path", type=Path, help="with --arch: its weights file (a state dict or a common wrapper); the model "
+                                                 "whose predictions are reported, and the one checkpoint without --checkpoint_dir")
+    _add(parser, "--learning_rate", type=float, help="with --arch: the learning rate of weights files that store none")
+    _add(parser, "--image_size", type=int, default=224, help="with --arch: the input size the model was trained on")
+    _add(parser, "--num_classes", type=int, help="with --arch: the model's outputs (default: the number of class folders)")
+    _add(parser, "--mean", help="with --arch: per-channel normalisation mean, e.g. 0.485,0.456,0.406 (default: ImageNet's)")
+    _add(parser, "--std", help="with --arch: per-channel normalisation std, e.g. 0.229,0.224,0.225 (default: ImageNet's)")
+
+
+def own_model(a: argparse.Namespace):
+    """The :class:`OwnModel` of the parsed flags, or None for checkpoints of 'tracin train'."""
+    from .image.setup import OwnModel, parse_triple
+
+    if a.arch is None:
+        mine = [f for f in ("model_path", "learning_rate", "num_classes", "mean", "std") if getattr(a, f) is not None]
+        if mine:
+            raise TracInError(f"--{mine[0]} describes a model you trained yourself; add --arch (its architecture).")
+        if a.checkpoint_dir is None:
+            raise TracInError("Give --checkpoint_dir (checkpoints of 'tracin train'), or --arch with --model_path or "
+                              "--checkpoint_dir for a model you trained yourself.")
+        return None
+    return OwnModel(arch=a.arch, model_path=a.model_path, learning_rate=a.learning_rate, image_size=a.image_size,
+                    num_classes=a.num_classes, mean=parse_triple(a.mean) if a.mean else None,
+                    std=parse_triple(a.std) if a.std else None)
+
+
+def _audit_parser(sub) -> None:
+    au = sub.add_parser("audit", help="speed and agreement of fast configurations against the exact scores", formatter_class=_Formatter)
+    _add(au, "--data_dir", type=Path, required=True)
+    _add(au, "--checkpoint_dir", type=Path, required=True)
+    _add(au, "--n_test", type=int, default=20, help="test images to compare on")
+    _add(au, "--projection_dims", type=int, nargs="*", default=[256, 1024])
+    _add(au, "--sample_rates", type=float, nargs="*", default=[0.5])
+    _add(au, "--top", type=int, default=10, help="k of the top-k overlap")
+    _add(au, "--output", type=Path, help="also write the table as JSON here")
+    _scoring_flags(au, ["layers", "batch_size", "seed", "projection"], layers="last", batch_size=32)
+    _run_flags(au)
+
+
+def _report_parser(sub) -> None:
+    r = sub.add_parser("report", help="dashboard, class summaries, image folders, mispredictions, HTML report", formatter_class=_Formatter)
+    _add(r, "--results_dir", type=Path, required=True)
+    _add(r, "--top_n", type=int, default=10, help="helpful/harmful images per class")
+    _add(r, "--html_tests", type=int, default=100, help="test images shown with their proponents in report.html")
+    _add(r, "--gradcam", type=int, default=0, metavar="N", help="Grad-CAM overlays for the first N test images (pip install -e '.[gradcam]')")
+    _add(r, "--quiet", action="store_true", help="no progress lines")
+
+
+def _ranking_parser(sub) -> None:
+    rk = sub.add_parser("ranking", help="self-influence and influence for a pairwise ranking model", formatter_class=_Formatter)
+    _add(rk, "--pairs_train", type=Path, required=True, help="training pairs (.csv or .npz; see the README)")
+    _add(rk, "--pairs_test", type=Path, help="test pairs (needed with --compute_influence)")
+    _add(rk, "--checkpoint_dir", type=Path, required=True)
+    _add(rk, "--checkpoint_prefix", default="model_epoch_", help="checkpoint file names start with this")
+    _add(rk, "--output_dir", type=Path, required=True)
+    _add(rk, "--compute_self_influence", action="store_true")
+    _add(rk, "--compute_influence", action="store_true")
+    _add(rk, "--num_test_samples", type=int, default=5, help="seeded sample of test pairs to explain")
+    _add(rk, "--loss_type", choices=["standard", "ghm"], help="standard: MarginRankingLoss; ghm: GHM ranking loss "
+                                                               "(default: as the checkpoints store it, else standard)")
+    _add(rk, "--margin", type=float, help="MarginRankingLoss margin (default: as the checkpoints store it, else 0)")
+    _add(rk, "--ghm_bins", type=int, help="GHM histogram bins (default: as stored, else 10)")
+    _add(rk, "--ghm_alpha", type=float, help="GHM weight exponent, 1: GHM-C, 0: plain logistic loss (default: as stored, else 1)")
+    _scoring_flags(rk, ["layers", "exclude", "batch_size", "seed"], batch_size=256, seed=42)
+    _run_flags(rk)
+
+
+def _kge_parser(sub) -> None:
+    kg = sub.add_parser("kge", help="influence of training triples on a PyKEEN knowledge-graph model's test triples", formatter_class=_Formatter)
+    _add(kg, "--model_path", type=Path, required=True, help="a checkpoint file, a folder of them, or a pickled PyKEEN model")
+    _add(kg, "--train", type=Path, required=True, help="training triples, head<TAB>relation<TAB>tail labels (.tsv/.txt, .gz ok)")
+    _add(kg, "--test", type=Path, required=True, help="test triples, same format")
+    _add(kg, "--entity_to_id", type=Path, required=True, help="PyKEEN's entity_to_id.tsv(.gz)")
+    _add(kg, "--relation_to_id", type=Path, required=True, help="PyKEEN's relation_to_id.tsv(.gz)")
+    _add(kg, "--output", type=Path, required=True, help="output folder")
+    _add(kg, "--mode", choices=["single", "batch"], default="batch", help="single: one test triple per pass (least memory)")
+    _add(kg, "--test_indices", type=int, nargs="+", help="test triples to explain (default: all)")
+    _add(kg, "--top_k", type=int, default=10)
+    _add(kg, "--self_influence", action="store_true", help="also rank every training triple by self-influence")
+    _add(kg, "--direction", choices=["tail", "both"], default="tail", help="both: add the head side (models with inverse triples)")
+    _add(kg, "--label_smoothing", type=float, default=0.0, help="as the model was trained")
+    _add(kg, "--learning_rate", type=float, help="learning rate of checkpoints that store none")
+    _scoring_flags(kg, ["layers", "exclude", "batch_size", "seed", "sample_rate", "stratify_by"], batch_size=64,
+                   stratify_by_choices=["relation", "head", "tail"])
+    _projection_flags(kg, 256)
+    _run_flags(kg, trust="allow a whole pickled model (runs code from the file)")
+
+
+def _evaluate_parser(sub) -> None:
+    ev = sub.add_parser("evaluate", help="measure attribution quality: mislabel detection, data cleaning", formatter_class=_Formatter)
+    evs = ev.add_subparsers(dest="evaluation", required=True)
+    em = evs.add_parser("mislabel", help="recall and ROC AUC of flipped-label detection against loss and cleanlab baselines",
+                        formatter_class=_Formatter)
+    ec = evs.add_parser("cleaning", help="remove or relabel the top suspects, retrain, compare test accuracy", formatter_class=_Formatter)
+    for e in (em, ec):
+        _add(e, "--data", default="digits", help="digits (embedded), shapes (generated) or an image folder with train/ and test/")
+        _add(e, "--output_dir", type=Path, required=True)
+        _add(e, "--noise_rate", type=float, default=0.1)
+        _add(e, "--noise", choices=["uniform", "asymmetric"], default="uniform")
+        _add(e, "--flip", help="asymmetric map source:target,... by class name (default: digits 2:7,3:8,5:6,6:5,7:1; else pair flips)")
+        _add(e, "--seeds", type=int, nargs="+", default=[0])
+        _add(e, "--arch", default="smallcnn", help=ARCH_HELP)
+        _add(e, "--epochs", type=int, default=12)
+        _add(e, "--save_every", type=int, default=1, help="a checkpoint every K epochs (every epoch detects best: docs/quality.md)")
+        _add(e, "--learning_rate", type=float, default=0.02)
+        _add(e, "--batch_size", type=int, default=32)
+        _add(e, "--image_size", type=int, default=16)
+        _add(e, "--augment", default="none", help=AUGMENT_HELP)
+        _add(e, "--lr_schedule", default="constant", help=LR_SCHEDULE_HELP)
+        _scoring_flags(e, ["layers", "precondition"], layers="last")
+        _add(e, "--device", default="auto")
+        _add(e, "--quiet", action="store_true")
+    _add(em, "--cv_folds", type=int, default=5, help="folds of the cross-validated cleanlab baseline")
+    _add(em, "--no_cleanlab", action="store_true", help="skip the cleanlab baseline (K more trainings per seed)")
+    _add(ec, "--fraction", type=float, default=0.1, help="share of the training set to remove or relabel")
+    _add(ec, "--action", choices=["remove", "relabel"], default="remove")
+
+
+def _demo_parser(sub) -> None:
+    d = sub.add_parser("demo", help="the whole workflow on scikit-learn's digits with injected label noise", formatter_class=_Formatter)
+    _add(d, "--output_dir", type=Path, required=True)
+    _add(d, "--noise_rate", type=float, default=0.1)
+    _add(d, "--seed", type=int, default=0)
+    _add(d, "--device", default="auto")
+    _add(d, "--quiet", action="store_true")
+
+
+def _memory_budget(gib: Optional[float]) -> Optional[int]:
+    if gib is None:
+        return None
+    if not (gib > 0 and math.isfinite(gib)):
+        raise TracInError(f"--memory_budget must be a positive number of GiB, got {gib}.")
+    return int(gib * 2**30)
+
+
+def scoring_config(a: argparse.Namespace) -> ScoringConfig:
+    """The :class:`ScoringConfig` of a parsed scoring command: every setting it has a flag for, the rest default.
+    A flag that does nothing without another is refused rather than ignored."""
+    settings = {name: getattr(a, name) for name, _, _ in fields_with_flags() if hasattr(a, name)}
+    if hasattr(a, "use_projection"):
+        if not a.use_projection and a.projection_dim is not None:
+            raise TracInError("--projection_dim only applies with --use_projection; add --use_projection or drop --projection_dim.")
+        settings["projection_dim"] = (a.projection_dim or a.projection_default) if a.use_projection else None
+    if getattr(a, "stratify_by", None) is not None and getattr(a, "sample_rate", None) is None:
+        raise TracInError("--stratify_by only applies with --sample_rate; add --sample_rate or drop --stratify_by.")
+    if hasattr(a, "memory_budget"):
+        settings["memory_budget"] = _memory_budget(a.memory_budget)
+    return ScoringConfig(progress=not a.quiet, **settings)
