@@ -108,3 +108,27 @@ def test_adamw_checkpoints_carry_the_optimizer_state(tmp_path):
     assert ck.metadata["optimizer"] == "adamw" and state["param_groups"][0]["lr"] == 0.001
     parameters = [k for k in ck.state_dict() if "running_" not in k and "num_batches" not in k]  # not the batch-norm buffers
     assert len(state["state"]) == len(parameters) and all("exp_avg_sq" in s for s in state["state"].values())
+
+
+def test_a_validation_split_chooses_best_model_and_is_not_scored(tmp_path):
+    from tracin.workflows.image.train import validation_split
+
+    fit, val = validation_split([0] * 10 + [1] * 10 + [2] * 1, 0.2, seed=3)
+    assert sorted(fit + val) == list(range(21)) and len(val) == 4 and 20 in fit  # 2 per class; a class's last image stays
+    data = make_image_folder(tmp_path / "data", n_train=10, n_test=2)
+    ck = tmp_path / "ck"
+    assert main(["train", "--data_dir", str(data), "--arch", "smallcnn", "--epochs", "2", "--checkpoint_dir", str(ck),
+                 "--image_size", "12", "--val_fraction", "0.2", "--quiet"]) == 0
+    held = Checkpoint(ck / "checkpoint_epoch_2.pt").metadata["validation_files"]
+    log = list(csv.DictReader(open(ck / "training_log.csv")))
+    assert len(held) == 6 and {"val_accuracy", "test_accuracy"} <= set(log[0])
+    best = Checkpoint(ck / "best_model.pt")
+    first_best = max(log, key=lambda r: (float(r["val_accuracy"]), -int(r["epoch"])))  # ties: the earliest epoch
+    assert best.epoch == int(first_best["epoch"])
+    out = tmp_path / "out"
+    assert main(["influence", "--data_dir", str(data), "--checkpoint_dir", str(ck), "--output_dir", str(out), "--top_k", "2",
+                 "--self_influence", "--quiet"]) == 0
+    scored = {r["train_file"] for r in csv.DictReader(open(out / "self_influence.csv"))}
+    assert len(scored) == 30 - 6 and not scored & {str((data / f).resolve()) for f in held}
+    with pytest.raises(Exception, match=r"--val_fraction must be in \[0, 1\)"):
+        validation_split([0, 1], 1.0, 0)

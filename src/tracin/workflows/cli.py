@@ -19,10 +19,11 @@ def _train(a) -> None:
 
     training = ImageTraining(arch=a.arch, epochs=a.epochs, save_every=a.save_every, learning_rate=a.learning_rate,
                              batch_size=a.batch_size, pretrained=a.pretrained, image_size=a.image_size, seed=a.seed,
-                             augment=a.augment, lr_schedule=a.lr_schedule, optimizer=a.optimizer)
+                             augment=a.augment, lr_schedule=a.lr_schedule, optimizer=a.optimizer, val_fraction=a.val_fraction)
     s = train_image_classifier(a.data_dir, a.checkpoint_dir, training, resolve_device(a.device), progress=not a.quiet)
-    print(f"Saved {len(s.checkpoints)} checkpoints to {a.checkpoint_dir}; best test accuracy {s.best_test_accuracy:.1%} "
-          f"({s.best_model.name}); log {s.log_csv}, curve {s.curve_png}.")
+    chosen = "by validation accuracy" if a.val_fraction > 0 else "the last epoch"
+    print(f"Saved {len(s.checkpoints)} checkpoints to {a.checkpoint_dir}; {s.best_model.name} ({chosen}) has test accuracy "
+          f"{s.best_test_accuracy:.1%}; log {s.log_csv}, curve {s.curve_png}.")
 
 
 def _influence(a) -> None:

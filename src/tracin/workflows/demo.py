@@ -18,7 +18,8 @@ from ..io import write_json
 from ..config import ScoringConfig
 from .image.train import ImageTraining, train_image_classifier
 
-DEMO_TRAINING = {"arch": "smallcnn", "epochs": 12, "save_every": 1, "learning_rate": 0.02, "batch_size": 32, "image_size": 16}
+DEMO_TRAINING = {"arch": "smallcnn", "epochs": 12, "save_every": 1, "learning_rate": 0.02, "batch_size": 32, "image_size": 16,
+                 "val_fraction": 0.0}  # every image trained on and scored; best_model.pt is the last epoch's
 
 
 def run_demo(output_dir: Path, noise_rate: float = 0.1, seed: int = 0, device: str = "auto", progress: bool = True,

@@ -94,6 +94,9 @@ def _train_parser(sub) -> None:
     _add(t, "--image_size", type=int, default=224)
     _add(t, "--augment", default="none", help=AUGMENT_HELP)
     _add(t, "--lr_schedule", default="constant", help=LR_SCHEDULE_HELP)
+    _add(t, "--val_fraction", type=float, default=0.0,
+         help="share of each class held out (not trained on, not scored) to choose best_model.pt by validation accuracy; "
+              "0: best_model.pt is the last epoch's (the test set never chooses)")
     _add(t, "--optimizer", choices=["sgd", "adamw"], default="sgd",
          help="sgd (momentum 0.9) or adamw; with adamw every checkpoint also stores the optimizer state")
     _add(t, "--seed", type=int, default=0)

@@ -38,6 +38,7 @@ class Training(ImageTraining):
     epochs: int = 12
     learning_rate: float = 0.02
     image_size: int = 16
+    val_fraction: float = 0.0  # every training image is trained on and scored (the final test accuracy is reported)
     device: str = "auto"
     layers: object = "last"
     precondition: str = "none"

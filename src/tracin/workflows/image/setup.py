@@ -72,11 +72,22 @@ def image_setup(data_dir: Path, checkpoint_dir: Optional[Path], trust: bool = Fa
             )
     data_dir = Path(data_dir).resolve()  # paths in the outputs then work from any folder
     train_split, _ = scan_split(data_dir, "train", class_names)
+    train_split = without_validation(train_split, data_dir, checkpoints[-1].metadata.get("validation_files", []))
     test_split, _ = scan_split(data_dir, "test", class_names)
     transform = image_transform(image_size, normalization(arch))
     return ImageSetup(checkpoints, arch, class_names, image_size, train_split, test_split,
                       ImageDataset(train_split, transform), ImageDataset(test_split, transform),
                       build_model(arch, len(class_names), image_size))
+
+
+def without_validation(split, data_dir: Path, validation_files) -> Any:
+    """The training split less the images 'tracin train' held out for validation (never trained on, so no
+    training example of the run: they are not scored)."""
+    held = {str(Path(data_dir) / f) for f in validation_files}
+    if not held:
+        return split
+    keep = [i for i, path in enumerate(split.paths) if str(path) not in held]
+    return type(split)([split.paths[i] for i in keep], [split.labels[i] for i in keep], split.skipped)
 
 
 def own_model_setup(data_dir: Path, checkpoint_dir: Optional[Path], trust: bool, own: OwnModel) -> ImageSetup:

@@ -7,12 +7,12 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from ...checkpoints import save_checkpoint
@@ -83,6 +83,7 @@ class ImageTraining:
     augment: str = "none"
     lr_schedule: str = "constant"
     optimizer: str = "sgd"  # sgd (with momentum) | adamw (its state is stored in every checkpoint)
+    val_fraction: float = 0.0  # of each class, held out to choose best_model.pt (0: the last epoch's model)
 
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -97,77 +98,122 @@ def _optimizer(model: nn.Module, training: "ImageTraining") -> torch.optim.Optim
                            weight_decay=training.weight_decay)
 
 
+def validation_split(labels: List[int], fraction: float, seed: int) -> Tuple[List[int], List[int]]:
+    """(fit positions, validation positions) of a training split: ``fraction`` of each class (rounded, never a
+    class's last image), seeded. The validation images choose best_model.pt and are not trained on."""
+    if not 0 <= fraction < 1:
+        raise TracInError(f"--val_fraction must be in [0, 1), got {fraction}.")
+    rng = np.random.default_rng(seed)
+    held: List[int] = []
+    for label in sorted(set(labels)):
+        members = [i for i, y in enumerate(labels) if y == label]
+        take = min(len(members) - 1, int(round(fraction * len(members))))
+        held += rng.permutation(members)[:take].tolist() if take > 0 else []
+    chosen = set(held)
+    return [i for i in range(len(labels)) if i not in chosen], sorted(held)
+
+
+@dataclass
+class _Data:
+    """What a training run reads: the loaders for the optimisation steps and for measuring, the class names, and the
+    validation images' paths relative to the data folder."""
+
+    classes: List[str]
+    steps: DataLoader
+    measure: Dict[str, DataLoader]  # fit, val (when there is a validation split), test
+    validation_files: List[str]
+
+
+def _data(data_dir: Path, training: "ImageTraining") -> _Data:
+    data_dir = Path(data_dir)
+    train_split, classes = scan_split(data_dir, "train")
+    test_split, _ = scan_split(data_dir, "test", classes)
+    fit, val = validation_split(train_split.labels, training.val_fraction, training.seed)
+    size, norm = training.image_size, normalization(training.arch)
+    plain, augmented = image_transform(size, norm), training_transform(size, training.augment, norm)
+    batch = max(training.batch_size, 64)
+    steps = DataLoader(Subset(ImageDataset(train_split, augmented), fit), batch_size=training.batch_size, shuffle=True,
+                       generator=torch.Generator().manual_seed(training.seed))
+    measure = {"train": DataLoader(Subset(ImageDataset(train_split, plain), fit), batch_size=batch),
+               "test": DataLoader(ImageDataset(test_split, plain), batch_size=batch)}
+    if val:
+        measure["val"] = DataLoader(Subset(ImageDataset(train_split, plain), val), batch_size=batch)
+    return _Data(classes, steps, measure, [str(train_split.paths[i].relative_to(data_dir)) for i in val])
+
+
+def _check(training: "ImageTraining") -> None:
+    if training.epochs < 1 or training.save_every < 1 or training.batch_size < 1 or training.image_size < 8:
+        raise TracInError("--epochs, --save_every and --batch_size must be at least 1 and --image_size at least 8.")
+    if not training.learning_rate > 0:
+        raise TracInError(f"--learning_rate must be positive, got {training.learning_rate}.")
+
+
+def _one_epoch(model: nn.Module, opt: torch.optim.Optimizer, loader: DataLoader, device: torch.device, epoch: int) -> int:
+    """One pass of optimisation steps; returns how many were taken."""
+    model.train()
+    steps = 0
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        if not torch.isfinite(loss):
+            raise DataError(f"The training loss became {float(loss.detach())} at epoch {epoch}; lower --learning_rate.")
+        loss.backward()
+        opt.step()
+        steps += 1
+    return steps
+
+
 def train_image_classifier(data_dir: Path, checkpoint_dir: Path, training: ImageTraining,
                            device: torch.device = torch.device("cpu"), progress: bool = True) -> TrainSummary:
-    """Train as ``training`` says: SGD with momentum at a constant learning rate, or one that follows
-    :func:`epoch_learning_rates` (``lr_schedule="cosine"``); a checkpoint every ``save_every`` epochs
-    and after the last one, each with weights, epoch, step, class names, architecture, image size and
-    the learning rate TracIn weights it by: the mean rate of the epochs since the previous checkpoint.
-    ``augment`` (none | crop | flip | crop_flip, :func:`~tracin.workflows.image.folders.training_transform`)
-    applies to the optimisation steps only; accuracies are measured on the plain images. Writes
-    ``best_model.pt`` (best test accuracy), ``training_log.csv`` and ``training_curve.png``."""
-    arch, epochs, save_every, image_size = training.arch, training.epochs, training.save_every, training.image_size
-    learning_rate, batch_size, seed, lr_schedule = training.learning_rate, training.batch_size, training.seed, training.lr_schedule
-    augment, pretrained = training.augment, training.pretrained
-    if epochs < 1 or save_every < 1 or batch_size < 1 or image_size < 8:
-        raise TracInError("--epochs, --save_every and --batch_size must be at least 1 and --image_size at least 8.")
-    if not learning_rate > 0:
-        raise TracInError(f"--learning_rate must be positive, got {learning_rate}.")
-    rates = epoch_learning_rates(learning_rate, epochs, lr_schedule)
-    seed_everything(seed)
-    train_split, class_names = scan_split(Path(data_dir), "train")
-    test_split, _ = scan_split(Path(data_dir), "test", class_names)
-    transform = image_transform(image_size, normalization(arch))
-    augmented = ImageDataset(train_split, training_transform(image_size, augment, normalization(arch)))
-    train_set, test_set = ImageDataset(train_split, transform), ImageDataset(test_split, transform)
-    model = build_model(arch, len(class_names), image_size)
-    if pretrained is not None:
-        load_pretrained(model, Path(pretrained))
+    """Train as ``training`` says: SGD with momentum (or AdamW) at a constant learning rate, or one that follows
+    :func:`epoch_learning_rates` (``lr_schedule="cosine"``); a checkpoint every ``save_every`` epochs and after the
+    last one, each with weights, epoch, step, class names, architecture, image size, the held-out validation files and
+    the learning rate TracIn weights it by: the mean rate of the epochs since the previous checkpoint. ``augment``
+    applies to the optimisation steps only; accuracies are measured on the plain images. ``val_fraction`` of each
+    class is held out (never trained on, and left out of influence scoring) to choose ``best_model.pt`` by
+    validation accuracy; with 0, best_model.pt is the last epoch's. The test set chooses nothing. Writes
+    ``training_log.csv`` and ``training_curve.png`` too."""
+    _check(training)
+    rates = epoch_learning_rates(training.learning_rate, training.epochs, training.lr_schedule)
+    seed_everything(training.seed)
+    data = _data(data_dir, training)
+    model = build_model(training.arch, len(data.classes), training.image_size)
+    if training.pretrained is not None:
+        load_pretrained(model, Path(training.pretrained))
     model.to(device)
     opt = _optimizer(model, training)
-    generator = torch.Generator().manual_seed(seed)
-    train_loader = DataLoader(augmented, batch_size=batch_size, shuffle=True, generator=generator)
-    eval_train = DataLoader(train_set, batch_size=max(batch_size, 64))
-    eval_test = DataLoader(test_set, batch_size=max(batch_size, 64))
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"class_names": class_names, "arch": arch, "image_size": image_size, "seed": seed, "augment": augment,
-            "lr_schedule": lr_schedule, "optimizer": training.optimizer, "run_id": uuid.uuid4().hex}  # discovery refuses checkpoints of mixed runs
-    rows, saved, best_acc, step, last_saved = [], [], -1.0, 0, 0
-    for epoch in tqdm(range(1, epochs + 1), desc="training", unit="epoch", disable=not progress):
+    meta = {"class_names": data.classes, "arch": training.arch, "image_size": training.image_size, "seed": training.seed,
+            "augment": training.augment, "lr_schedule": training.lr_schedule, "optimizer": training.optimizer,
+            "validation_files": data.validation_files, "run_id": uuid.uuid4().hex}  # discovery refuses mixed runs
+    rows, saved, best, step, last_saved = [], [], (-1.0, 0.0), 0, 0
+    for epoch in tqdm(range(1, training.epochs + 1), desc="training", unit="epoch", disable=not progress):
         start = time.perf_counter()
         for group in opt.param_groups:
             group["lr"] = rates[epoch - 1]
-        model.train()
-        for x, y in train_loader:
-            x, y = x.to(device), y.to(device)
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x), y)
-            if not torch.isfinite(loss):
-                raise DataError(f"The training loss became {float(loss.detach())} at epoch {epoch}; lower --learning_rate.")
-            loss.backward()
-            opt.step()
-            step += 1
-        train_loss, train_acc = _evaluate(model, eval_train, device)
-        test_loss, test_acc = _evaluate(model, eval_test, device)
-        rows.append({"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc, "test_loss": test_loss,
-                     "test_accuracy": test_acc, "learning_rate": rates[epoch - 1], "seconds": time.perf_counter() - start})
-        if epoch % save_every == 0 or epoch == epochs:
+        step += _one_epoch(model, opt, data.steps, device, epoch)
+        row = {"epoch": epoch}
+        for name, loader in data.measure.items():
+            row[f"{name}_loss"], row[f"{name}_accuracy"] = _evaluate(model, loader, device)
+        rows.append({**row, "learning_rate": rates[epoch - 1], "seconds": time.perf_counter() - start})
+        if epoch % training.save_every == 0 or epoch == training.epochs:
             span = rates[last_saved:epoch]  # the step sizes of the epochs this checkpoint stands for
             interval_rate = span[0] if len(set(span)) == 1 else float(np.mean(span))
             state = {"optimizer_state_dict": opt.state_dict()} if training.optimizer == "adamw" else {}
             saved.append(save_checkpoint(checkpoint_dir / f"checkpoint_epoch_{epoch}.pt", model.state_dict(),
                                          learning_rate=interval_rate, epoch=epoch, step=step, **meta, **state))
             last_saved = epoch
-        if test_acc > best_acc:
-            best_acc = test_acc
+        chooser = row.get("val_accuracy", float(epoch))  # without a validation split: the latest epoch
+        if chooser > best[0]:
+            best = (chooser, row["test_accuracy"])
             save_checkpoint(checkpoint_dir / "best_model.pt", model.state_dict(), learning_rate=rates[epoch - 1],
                             epoch=epoch, step=step, **meta)
-    log_csv = checkpoint_dir / "training_log.csv"
-    write_csv(log_csv, rows, list(rows[0]))
+    log_csv = write_csv(checkpoint_dir / "training_log.csv", rows, list(rows[0]))
     curve = checkpoint_dir / "training_curve.png"
     _plot_curve(rows, curve)
-    return TrainSummary(saved, checkpoint_dir / "best_model.pt", best_acc, log_csv, curve)
+    return TrainSummary(saved, checkpoint_dir / "best_model.pt", best[1], log_csv, curve)
 
 
 def _plot_curve(rows, path: Path) -> None:
@@ -178,11 +224,11 @@ def _plot_curve(rows, path: Path) -> None:
 
     epochs = [r["epoch"] for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
-    ax1.plot(epochs, [r["train_loss"] for r in rows], label="train")
-    ax1.plot(epochs, [r["test_loss"] for r in rows], label="test")
+    for split in ("train", "val", "test"):
+        if f"{split}_loss" in rows[0]:
+            ax1.plot(epochs, [r[f"{split}_loss"] for r in rows], label=split)
+            ax2.plot(epochs, [r[f"{split}_accuracy"] for r in rows], label=split)
     ax1.set(title="Loss", xlabel="epoch")
-    ax2.plot(epochs, [r["train_accuracy"] for r in rows], label="train")
-    ax2.plot(epochs, [r["test_accuracy"] for r in rows], label="test")
     ax2.set(title="Accuracy", xlabel="epoch", ylim=(0, 1))
     for ax in (ax1, ax2):
         ax.legend()
