@@ -41,8 +41,11 @@ def thumb_tag(path: str, size: int = 96, title: str = "", root: Optional[Path] =
     buffer = io.BytesIO()
     Image.fromarray(thumbnail(path, size)).save(buffer, format="PNG")
     src = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-    return (f'<img src="{src}" width="{size}" height="{size}" alt="{escape(Path(path).name)}" '
-            f'title="{escape(title or shown(path, root))}">')
+    image = (f'<img src="{src}" width="{size}" height="{size}" alt="{escape(Path(path).name)}" '
+             f'title="{escape(title or shown(path, root))}">')
+    if root is None:
+        return image
+    return f'<a href="{escape(Path(shown(path, root)).as_posix())}">{image}</a>'  # the full-size image, relative to the page
 
 
 def card(path: str, caption: str, root: Optional[Path] = None, suspect: bool = False) -> str:
