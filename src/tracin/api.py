@@ -26,6 +26,7 @@ from .layers.precondition import KFAC, check_precondition
 from .layers.projection import Projector
 from .results import InfluenceResult, TopK
 from .tasks import Task, as_task
+from .tasks.classification import as_measurement
 
 
 @dataclass
@@ -87,6 +88,10 @@ class TracIn:
             pass each; :meth:`fit_preconditioner`); exact for that P under every kernel. Linear and Conv layers only.
             It keeps self-influence from growing with the size of a layer's inputs (docs/quality.md).
         damping: K-FAC damping, a fraction of each factor's mean eigenvalue (Kronfluence's heuristic is 0.1).
+        measurement: what the test examples' gradients are of: None or ``"loss"`` (the task's loss, TracIn's own
+            definition), ``"margin"`` (minus the classification margin: true logit less the logsumexp of the others),
+            or a Task / callable ``(model, batch) -> Tensor[B]`` of per-example values where lower is better, as for a
+            loss (a positive score then means the training example helped lower it).
         config: a :class:`tracin.config.ScoringConfig` holding all of the settings above (which are then ignored).
             The keywords are the friendly front; either way ``self.config`` is the one object the run reads.
     """
@@ -114,6 +119,7 @@ class TracIn:
         precondition: str = "none",
         damping: float = 0.1,
         config: Optional[ScoringConfig] = None,
+        measurement: Union[str, Task, Callable, None] = None,
     ):
         config = config if config is not None else ScoringConfig(
             layers=layers, exclude=exclude, kernel=kernel, precision=precision, normalize=normalize, projection_dim=projection_dim,
@@ -124,6 +130,7 @@ class TracIn:
         self.model = model
         self.checkpoints: List[Checkpoint] = _checkpoint_list(checkpoints)
         self.task = as_task(task)
+        self.measurement = as_measurement(measurement)
         self.device = _process_device(device)
         self.handlers = resolve_layers(model, config.layers, config.exclude)
         check_precondition(config.precondition, self.handlers)
@@ -155,7 +162,7 @@ class TracIn:
         """A scheduler for this configuration, entered; ``vectors``: per-example vectors are materialised (stores);
         ``modes``: kernels to repeat. The kernels it used are kept for :meth:`scope`."""
         projector = self.projector.for_vectors() if vectors and self.projector is not None else self.projector
-        target = Target(self.model, self.checkpoints, self.handlers, self.task, self.device)
+        target = Target(self.model, self.checkpoints, self.handlers, self.task, self.device, self.measurement)
         run = Scheduler(target, self.config, Transforms(projector, self.preconditioner, dict(modes or {})))
         try:
             with run:
@@ -258,7 +265,8 @@ class TracIn:
         layers in scope, the data sizes and the checkpoints."""
         rank, world = rank_and_world()
         settings = {k: v for k, v in self.config.to_dict().items() if k not in ("progress", "num_workers", "memory_budget")}
-        key = {**request, "settings": settings, "layers": [h.name for h in self.handlers], "n_train": plan.n_scored,
+        measured = type(self.measurement).__name__ if self.measurement is not None else "loss"
+        key = {**request, "settings": settings, "measurement": measured, "layers": [h.name for h in self.handlers], "n_train": plan.n_scored,
                "n_test": n_test, "world": world, "checkpoints": [[c.name, c.learning_rate] for c in self.checkpoints]}
         return ResumeState(Path(resume_dir) / f"rank{rank}" if world > 1 else Path(resume_dir), key)
 

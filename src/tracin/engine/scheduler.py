@@ -53,6 +53,7 @@ class Target:
     handlers: List[LayerHandler]
     task: Task
     device: torch.device
+    measurement: Optional[Task] = None  # what the test examples' gradients are of (None: the task's loss)
 
 
 @dataclass
@@ -76,6 +77,7 @@ class Scheduler:
 
     def __init__(self, target: Target, config: ScoringConfig, transforms: Optional[Transforms] = None):
         self.model, self.task, self.device = target.model, target.task, target.device
+        self.measurement = target.measurement
         self.checkpoints = list(target.checkpoints)
         self.handlers = list(target.handlers)
         self.config = config
@@ -163,7 +165,9 @@ class Scheduler:
             self.capture.detect(self.model, self.task, self.task.to_device(batch, self.device))
 
     def _factors(self, batch, what: str, first_index: int) -> FactorDict:
-        return self.capture.factors(self.model, self.task, batch, what, first_index)
+        """Factors of a batch: of the task's loss for training examples, of the measurement for test examples."""
+        task = self.measurement if what == "test" and self.measurement is not None else self.task
+        return self.capture.factors(self.model, task, batch, what, first_index)
 
     def fit_preconditioner(self, train: DataLoader) -> None:
         """Fit the K-FAC preconditioner on ``train`` at every checkpoint (one forward and backward pass

@@ -56,6 +56,39 @@ class ClassificationTask(Task):
         return batch[1]
 
 
+class MarginMeasurement(Task):
+    """A measurement for test examples (``TracIn(..., measurement="margin")``): minus the classification margin, the
+    true class's logit less the logsumexp of the other logits, for ``(inputs, labels)`` batches. Lower is better, as
+    for a loss, so a positive score still means the training example helped: it raised the test example's margin."""
+
+    def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        inputs, labels = batch[0], batch[1]
+        logits = model(inputs)
+        true = logits.gather(1, labels.view(-1, 1)).squeeze(1)
+        others = logits.scatter(1, labels.view(-1, 1), float("-inf"))
+        return torch.logsumexp(others, dim=1) - true
+
+    def labels(self, batch: Batch) -> Optional[torch.Tensor]:
+        return batch[1]
+
+
+MEASUREMENTS = {"loss": None, "margin": MarginMeasurement}
+
+
+def as_measurement(measurement) -> Optional[Task]:
+    """``measurement=`` as a task for the test side: None or "loss" (the task's own loss), "margin", a Task, an object
+    with a ``loss`` method or a callable ``(model, batch) -> Tensor[B]`` (lower is better, like a loss)."""
+    from .base import as_task
+
+    if measurement is None or isinstance(measurement, str):
+        if measurement is not None and measurement not in MEASUREMENTS:
+            raise DataError(f"measurement={measurement!r} is not one of {', '.join(MEASUREMENTS)}, a Task or a callable "
+                            "(model, batch) -> per-example values.")
+        kind = MEASUREMENTS.get(measurement) if measurement is not None else None
+        return kind() if kind is not None else None
+    return as_task(measurement)
+
+
 def predict_proba(model: torch.nn.Module, dataset, device: torch.device, batch_size: int, num_workers: int = 0) -> torch.Tensor:
     """Softmax class probabilities [N, classes] of ``model`` (eval mode) on an (input, label) dataset."""
     model.eval().to(device)

@@ -36,7 +36,7 @@ def _influence(a) -> None:
         data_dir=a.data_dir, checkpoint_dir=a.checkpoint_dir, output_dir=a.output_dir, top_k=a.top_k,
         train_subset=a.train_subset, test_subset=a.test_subset, self_influence=a.self_influence, device=a.device,
         trust_checkpoint=a.trust_checkpoint, full_matrix=a.full_matrix, overwrite=a.overwrite, summed_loss=a.summed_loss,
-        own=own_model(a), scoring=scoring_config(a)))
+        measurement=a.measurement, own=own_model(a), scoring=scoring_config(a)))
     if m is None:  # a torchrun rank other than 0: rank 0 reports
         return
     skipped = len(m["data"]["skipped_files"])

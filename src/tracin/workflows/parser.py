@@ -117,6 +117,8 @@ def _influence_parser(sub) -> None:
     _add(i, "--memory_budget", type=float, help="working memory in GiB (default: from free memory)")
     _add(i, "--full_matrix", action="store_true", help="also write influence_matrix.npy [n_test, n_train] (disk-backed, in tiles)")
     _add(i, "--overwrite", action="store_true", help="discard an interrupted run's progress instead of resuming it")
+    _add(i, "--measurement", choices=["loss", "margin"], default="loss",
+         help="what the test images' gradients are of: their loss (TracIn), or minus their classification margin")
     _add(i, "--summed_loss", action="store_true",
          help="with --self_influence: also rank training images by their loss summed over the checkpoints")
     _scoring_flags(i, ["layers", "exclude", "batch_size", "seed", "num_workers", "sample_rate", "stratify_by", "precision", "normalize",

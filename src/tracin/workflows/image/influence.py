@@ -43,6 +43,7 @@ class InfluenceJob:
     full_matrix: bool = False
     overwrite: bool = False
     summed_loss: bool = False
+    measurement: str = "loss"  # what the test images' gradients are of: "loss" or "margin"
     own: Optional[OwnModel] = None  # a model trained outside 'tracin train'
     scoring: ScoringConfig = field(default_factory=lambda: ScoringConfig(layers="last", batch_size=32))
 
@@ -136,7 +137,7 @@ def _set_up(job: InfluenceJob) -> _Run:
     if job.top_k > len(train_idx):
         raise TracInError(f"--top_k {job.top_k} is larger than the training set ({len(train_idx)} images); use --top_k {len(train_idx)} or less.")
     config = job.scoring.replace(progress=job.scoring.progress and rank == 0)
-    tr = TracIn(setup.model, setup.checkpoints, device=job.device, config=config)
+    tr = TracIn(setup.model, setup.checkpoints, device=job.device, config=config, measurement=job.measurement)
     if config.progress:
         print(_scope_line(tr, world), file=sys.stderr)
     progress = Path(job.output_dir) / names.PROGRESS
