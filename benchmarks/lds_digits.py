@@ -119,8 +119,12 @@ CONFIGS = {
     "all layers, K-FAC damping 1": {"precondition": "kfac", "damping": 1.0},
     "last layer, K-FAC damping 0.01": {"layers": "last", "precondition": "kfac", "damping": 0.01},
     "last layer, K-FAC damping 1": {"layers": "last", "precondition": "kfac", "damping": 1.0},
+    "all layers, margin": {"measurement": "margin"},
+    "all layers, K-FAC, margin": {"precondition": "kfac", "measurement": "margin"},
+    "last layer, K-FAC, margin": {"layers": "last", "precondition": "kfac", "measurement": "margin"},
 }
-FINAL_ONLY = {"all layers, final checkpoint": {}, "all layers, K-FAC, final checkpoint": {"precondition": "kfac"}}
+FINAL_ONLY = {"all layers, final checkpoint": {}, "all layers, K-FAC, final checkpoint": {"precondition": "kfac"},
+              "all layers, K-FAC, margin, final checkpoint": {"precondition": "kfac", "measurement": "margin"}}
 
 
 def main() -> None:
@@ -139,7 +143,7 @@ def main() -> None:
     print(f"# digits MLP 64-{HIDDEN}-10, {len(train[0])} train / {len(test[0])} test, {args.subsets} halves x {args.seeds} seeds, "
           f"{args.epochs} epochs; retraining {time.perf_counter() - start:.0f}s; torch {torch.__version__}, {torch.get_num_threads()} threads")
     model, checkpoints = train_full(train, args.epochs, args.lr, seed=0)
-    print(f"{'method':<36} {'LDS':>6} {'95% interval':>16} {'seconds':>8}")
+    print(f"{'method':<44} {'LDS':>6} {'95% interval':>16} {'seconds':>8}")
     rng = np.random.default_rng(0)
     runs = [(name, kwargs, checkpoints) for name, kwargs in CONFIGS.items()]
     runs += [(name, kwargs, checkpoints[-1:]) for name, kwargs in FINAL_ONLY.items()]
@@ -150,7 +154,7 @@ def main() -> None:
         seconds = time.perf_counter() - begin
         values = lds(scores, masks, target.detach())
         low, high = interval(values, rng)
-        print(f"{name:<36} {values.mean():>6.3f} {f'[{low:.3f}, {high:.3f}]':>16} {seconds:>8.2f}")
+        print(f"{name:<44} {values.mean():>6.3f} {f'[{low:.3f}, {high:.3f}]':>16} {seconds:>8.2f}")
 
 
 if __name__ == "__main__":
