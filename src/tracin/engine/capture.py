@@ -134,7 +134,7 @@ class BatchCapture:
         """Decide on ``batch`` (ideally one of several examples) which modules must run exactly: those whose rows are
         not the examples, and those whose parameters are also used outside their forward pass. Scoring then keeps
         one kind of factors per layer for the whole run, even when its first scored batch holds a single example."""
-        if self.checked or self.precision is not None or not any(h.hooked for h in self.handlers):
+        if not self._checking(raw=False):
             return
         size, direct = self._pass(model, task, batch, ("training", 0), True)
         for handler in self.handlers:
@@ -235,9 +235,8 @@ class BatchCapture:
         out: Dict[str, Factors] = {}
         start = 0
         for h in handlers:
-            width = sum(p.numel() for p in h.parameters())
-            factors = GradFactors(G[:, start:start + width])
-            start += width
+            factors = GradFactors(G[:, start:start + h.num_params])
+            start += h.num_params
             projector = self.runs[h.name].projector
             out[h.name] = projector.grads(h.name, factors) if projector is not None else factors
         return out

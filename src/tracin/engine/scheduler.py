@@ -154,11 +154,13 @@ class Scheduler:
         self.stats["checkpoint_loads"] = int(self.stats["checkpoint_loads"]) + 1  # type: ignore[arg-type]
 
     def _detect(self, loader: Optional[DataLoader] = None, batch=None) -> None:
-        """Decide the exact layers at the first checkpoint on ``batch`` (or the loader's first), before any factors are
-        kept (:meth:`BatchCapture.detect`): training batches hold several examples even when a test set holds one."""
+        """Decide the exact layers at the first checkpoint, before any factors are kept (:meth:`BatchCapture.detect`),
+        on the first batch of ``loader`` (the training data: its batches hold several examples even when a test set
+        holds one) when one is given, else on ``batch``."""
         if self.capture.checked:
             return
-        batch = batch if batch is not None else next(iter(loader), None) if loader is not None else None
+        if loader is not None:
+            batch = next(iter(loader), batch)
         if batch is not None:
             if self._loaded != 0:
                 self._load(0)
@@ -224,8 +226,7 @@ class Scheduler:
     def _chunk_examples(self, first_batch) -> int:
         """Test examples per chunk, so that a chunk's factors for every checkpoint fit in half the
         budget. Probes one batch at the first checkpoint (once; a preset plan is kept)."""
-        if not self.capture.checked:  # on the training data when the run has it (a test set may hold one example)
-            self._detect(self._detect_source, None if self._detect_source is not None else first_batch)
+        self._detect(self._detect_source, first_batch)  # on the training data when the run has it
         if "chunk_examples" not in self.plan:
             if self._loaded != 0:
                 self._load(0)
