@@ -19,7 +19,7 @@ KERNELS = ("auto", "ghost", "materialize")
 NORMALIZE = ("none", "cosine", "train")
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 PROJECTIONS = ("gaussian", "rademacher", "sparse")
-PRECONDITIONERS = ("none", "kfac")
+PRECONDITIONERS = ("auto", "kfac", "none")
 LAYER_WORDS = ("all", "last", "output_bias")
 
 
@@ -54,7 +54,9 @@ class ScoringConfig:
         None, "score a seeded random fraction of the training set (approximate)", "--sample_rate")
     stratify_by: Union[str, Callable, None] = _setting(None, "sample each stratum (e.g. label) at --sample_rate", "--stratify_by")
     precondition: str = _setting(
-        "none", "kfac: precondition gradients with a K-FAC inverse Fisher fitted per checkpoint (Linear/Conv layers; exact)",
+        "auto", "kfac: gradients preconditioned with a K-FAC inverse Fisher fitted per checkpoint (Linear/Conv layers; "
+        "exact for it); auto: kfac over the Linear/Conv layers in scope when they hold at least 95%% of its parameters "
+        "(the others, e.g. norm layers, are left out), else none; none: plain TracIn (docs/quality.md)",
         "--precondition", PRECONDITIONERS)
     damping: float = _setting(0.1, "K-FAC damping, a fraction of each factor's mean eigenvalue", "--damping")
     memory_budget: Optional[int] = _setting(

@@ -13,7 +13,7 @@ def test_reduced_precision_is_close_to_exact(precision, tol):
     model, train, test = make_case("cnn", 40, 8)
     ckpts, raw = perturbed_checkpoints(model, [0.1, 0.05])
     want = reference_matrix(model, raw, all_module_names(model), train, test)
-    got = TracIn(model, ckpts, device=DEVICE, batch_size=8, progress=False, precision=precision).influence_matrix(
+    got = TracIn(model, ckpts, device=DEVICE, batch_size=8, progress=False, precision=precision, precondition="none").influence_matrix(
         TensorDataset(*train), TensorDataset(*test))
     assert got.dtype == torch.float32
     assert 1e-6 < rel_err(got, want) < tol  # approximate, but not wildly
@@ -26,7 +26,7 @@ def test_out_of_memory_tiles_are_halved(monkeypatch):
     model, train, test = make_case("mlp", 40, 6)
     ckpts, _ = perturbed_checkpoints(model, [0.1, 0.2])
     train, test = TensorDataset(*train), TensorDataset(*test)
-    tr = TracIn(model, ckpts, device=DEVICE, batch_size=4, progress=False)
+    tr = TracIn(model, ckpts, device=DEVICE, batch_size=4, progress=False, precondition="none")
     want = tr.influence(train, test, top_k=5, self_influence=True)
     original = E.Scheduler._score_tile
 
@@ -54,7 +54,7 @@ def test_unknown_precision_is_refused():
     model, _, _ = make_case("mlp", 4, 2)
     ckpts, _ = perturbed_checkpoints(model, [0.1])
     with pytest.raises(TracInError, match="precision='int8'"):
-        TracIn(model, ckpts, device=DEVICE, precision="int8")
+        TracIn(model, ckpts, device=DEVICE, precision="int8", precondition="none")
 
 
 def test_tiles_after_an_out_of_memory_split_use_the_smaller_size(monkeypatch):
@@ -65,7 +65,7 @@ def test_tiles_after_an_out_of_memory_split_use_the_smaller_size(monkeypatch):
     model, train, test = make_case("mlp", 40, 6)
     ckpts, _ = perturbed_checkpoints(model, [0.1, 0.2])
     train, test = TensorDataset(*train), TensorDataset(*test)
-    tr = TracIn(model, ckpts, device=DEVICE, batch_size=4, memory_budget=4000, progress=False)  # tiles of 12
+    tr = TracIn(model, ckpts, device=DEVICE, batch_size=4, memory_budget=4000, progress=False, precondition="none")  # tiles of 12
     want = tr.influence(train, test, top_k=3)
     original = E.Scheduler._score_tile
     sizes = []
@@ -115,7 +115,7 @@ def test_float32_math_is_set_while_scoring_and_restored(precision, inside):
             x, y = batch
             return torch.nn.functional.cross_entropy(net(x), y, reduction="none")
 
-        tr = TracIn(model, ckpts, task=task, device=DEVICE, batch_size=4, progress=False, precision=precision)
+        tr = TracIn(model, ckpts, task=task, device=DEVICE, batch_size=4, progress=False, precision=precision, precondition="none")
         tr.influence(TensorDataset(*train), TensorDataset(*test), top_k=2)
         assert seen and set(seen) == {inside}
         assert _math_flags() == ("tf32",) * 4
@@ -124,7 +124,7 @@ def test_float32_math_is_set_while_scoring_and_restored(precision, inside):
             raise ValueError("boom")
 
         with pytest.raises(ValueError, match="boom"):
-            TracIn(model, ckpts, task=failing, device=DEVICE, progress=False).self_influence(TensorDataset(*train))
+            TracIn(model, ckpts, task=failing, device=DEVICE, progress=False, precondition="none").self_influence(TensorDataset(*train))
         assert _math_flags() == ("tf32",) * 4
     finally:
         b.cuda.matmul.fp32_precision, b.cudnn.conv.fp32_precision, b.cudnn.rnn.fp32_precision, b.mkldnn.matmul.fp32_precision = before
@@ -142,7 +142,7 @@ def test_fp16_loss_scaling_keeps_small_gradients():
 
     want = reference_matrix(model, raw, all_module_names(model), train, test, loss=small)
     got = TracIn(model, ckpts, task=lambda net, batch: small(net(batch[0]), batch[1]), device=DEVICE, batch_size=8,
-                 progress=False, precision="fp16").influence_matrix(TensorDataset(*train), TensorDataset(*test))
+                 progress=False, precision="fp16", precondition="none").influence_matrix(TensorDataset(*train), TensorDataset(*test))
     assert (got != 0).all()
     assert rel_err(got, want) < 0.02
     assert compare(want.float(), got, top=5)["spearman"] > 0.99
@@ -157,7 +157,7 @@ def test_fp16_gradient_that_is_never_finite_is_refused():
         return (out - out.detach()).abs().sqrt().sum(1) + torch.nn.functional.cross_entropy(out, batch[1], reduction="none")
 
     with pytest.raises(TracInError, match="not finite in fp16 at any loss scale"):
-        TracIn(model, ckpts, task=kinked, device=DEVICE, progress=False, precision="fp16").self_influence(TensorDataset(*train))
+        TracIn(model, ckpts, task=kinked, device=DEVICE, progress=False, precision="fp16", precondition="none").self_influence(TensorDataset(*train))
 
 
 def test_fp16_warns_when_gradients_stay_flushed():
@@ -166,4 +166,4 @@ def test_fp16_warns_when_gradients_stay_flushed():
     ckpts, _ = perturbed_checkpoints(model, [0.1])
     task = lambda net, batch: 1e-40 * torch.nn.functional.cross_entropy(net(batch[0]), batch[1], reduction="none")  # noqa: E731
     with pytest.warns(UserWarning, match=r"fp16: the output-gradients of \d+ example\(s\) of a batch stayed 0"):
-        TracIn(model, ckpts, task=task, device=DEVICE, progress=False, precision="fp16").self_influence(TensorDataset(*train))
+        TracIn(model, ckpts, task=task, device=DEVICE, progress=False, precision="fp16", precondition="none").self_influence(TensorDataset(*train))

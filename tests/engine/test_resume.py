@@ -86,7 +86,7 @@ def test_api_resume_after_interruption(tmp_path, monkeypatch, kind, budget, afte
     model, train, test = make_case("mlp", 30, 5)
     ckpts, _ = perturbed_checkpoints(model, [0.1, 0.2])
     train, test = (TensorDataset if kind == "tensors" else CountingDataset)(*train), TensorDataset(*test)
-    tr = TracIn(model, ckpts, device="cpu", batch_size=3, memory_budget=budget, progress=False)
+    tr = TracIn(model, ckpts, device="cpu", batch_size=3, memory_budget=budget, progress=False, precondition="none")
     clean = tr.influence(train, test, top_k=4, self_influence=True)
     reads_clean = getattr(train, "reads", 0)
     _interrupted(monkeypatch, lambda: tr.influence(train, test, top_k=4, self_influence=True, resume_dir=tmp_path / "p"), after)

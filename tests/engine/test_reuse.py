@@ -11,7 +11,7 @@ def test_cached_test_factors_give_identical_results_with_fewer_loads():
     model, train, test = make_case("cnn", 30, 6)
     ckpts, _ = perturbed_checkpoints(model, [0.1, 0.2])
     train, test = TensorDataset(*train), TensorDataset(*test)
-    tr = TracIn(model, ckpts, device=DEVICE, batch_size=8, progress=False)
+    tr = TracIn(model, ckpts, device=DEVICE, batch_size=8, progress=False, precondition="none")
     plain = tr.influence(train, test, top_k=5)
     loads_plain = tr.last_stats["checkpoint_loads"]
     tr.cache_test(test)
@@ -29,22 +29,22 @@ def test_saved_projected_gradients_score_new_test_sets(tmp_path):
     model, train, test = make_case("mlp", 40, 6)
     ckpts, _ = perturbed_checkpoints(model, [0.1, 0.3])
     train, test = TensorDataset(*train), TensorDataset(*test)
-    tr = TracIn(model, ckpts, device=DEVICE, batch_size=16, progress=False, projection_dim=32, seed=5)
+    tr = TracIn(model, ckpts, device=DEVICE, batch_size=16, progress=False, projection_dim=32, seed=5, precondition="none")
     tr.save_train_gradients(train, tmp_path / "store")
     from_store = tr.influence_from_saved(tmp_path / "store", test, top_k=4)
-    streaming = TracIn(model, ckpts, device=DEVICE, batch_size=16, progress=False, projection_dim=32, seed=5)
+    streaming = TracIn(model, ckpts, device=DEVICE, batch_size=16, progress=False, projection_dim=32, seed=5, precondition="none")
     streaming.projector = tr.projector.for_vectors()  # the store's sizing (k_in * k_out = dim)
     direct = streaming.influence_matrix(train, test)  # same projection, computed the streaming way
     order = direct.argsort(1, descending=True)[:, :4]
     assert torch.equal(from_store.proponents.indices, order)
     assert torch.allclose(from_store.proponents.values, direct.gather(1, order), rtol=1e-4, atol=1e-5)
     # a scorer with another projection seed (or checkpoints) must not reuse the store
-    other = TracIn(model, ckpts, device=DEVICE, progress=False, projection_dim=32, seed=6)
+    other = TracIn(model, ckpts, device=DEVICE, progress=False, projection_dim=32, seed=6, precondition="none")
     with pytest.raises(TracInError, match="different projection"):
         other.influence_from_saved(tmp_path / "store", test, top_k=4)
     moved, _ = perturbed_checkpoints(model, [0.1, 0.3], seed=9)
     with pytest.raises(TracInError, match="different checkpoints"):
-        TracIn(model, moved, device=DEVICE, progress=False, projection_dim=32, seed=5).influence_from_saved(tmp_path / "store", test)
+        TracIn(model, moved, device=DEVICE, progress=False, projection_dim=32, seed=5, precondition="none").influence_from_saved(tmp_path / "store", test)
     with pytest.raises(TracInError, match="no complete gradient store"):
         tr.influence_from_saved(tmp_path / "nothing", test)
 
@@ -53,7 +53,7 @@ def test_exact_store_equals_exact_matrix(tmp_path):
     model, train, test = make_case("cnn", 20, 5)
     ckpts, _ = perturbed_checkpoints(model, [0.1])
     train, test = TensorDataset(*train), TensorDataset(*test)
-    tr = TracIn(model, ckpts, device=DEVICE, progress=False)
+    tr = TracIn(model, ckpts, device=DEVICE, progress=False, precondition="none")
     tr.save_train_gradients(train, tmp_path / "s")
     res = tr.influence_from_saved(tmp_path / "s", test, top_k=20)
     M = tr.influence_matrix(train, test)
@@ -64,4 +64,4 @@ def test_embeddings_cannot_be_saved(tmp_path):
     model, train, _ = make_case("seq", 10, 2)
     ckpts, _ = perturbed_checkpoints(model, [0.1])
     with pytest.raises(UnsupportedModuleError, match="Embedding"):
-        TracIn(model, ckpts, device=DEVICE, progress=False).save_train_gradients(TensorDataset(*train), tmp_path / "s")
+        TracIn(model, ckpts, device=DEVICE, progress=False, precondition="none").save_train_gradients(TensorDataset(*train), tmp_path / "s")

@@ -15,7 +15,7 @@ def _sets(kind="mlp", n_train=41, n_test=9):
 def test_topk_equals_argsort_of_full_matrix():
     model, train, test = _sets()
     ckpts, _ = perturbed_checkpoints(model, [0.1, 0.05, 0.2])
-    tr = TracIn(model, ckpts, device=DEVICE, batch_size=6, progress=False)
+    tr = TracIn(model, ckpts, device=DEVICE, batch_size=6, progress=False, precondition="none")
     M = tr.influence_matrix(train, test)
     res = tr.influence(train, test, top_k=7)
     order = torch.argsort(M, dim=1, descending=True)
@@ -33,9 +33,9 @@ def test_topk_is_of_checkpoint_sum_not_merged_per_checkpoint_lists():
     # for some test example; the engine must return the former.
     model, train, test = _sets()
     ckpts, _ = perturbed_checkpoints(model, [1.0, 1.0, 1.0], scale=1.0)
-    M = TracIn(model, ckpts, device=DEVICE, progress=False).influence_matrix(train, test)
-    per_ckpt = [TracIn(model, [c], device=DEVICE, progress=False).influence_matrix(train, test) for c in ckpts]
-    res = TracIn(model, ckpts, device=DEVICE, progress=False).influence(train, test, top_k=1)
+    M = TracIn(model, ckpts, device=DEVICE, progress=False, precondition="none").influence_matrix(train, test)
+    per_ckpt = [TracIn(model, [c], device=DEVICE, progress=False, precondition="none").influence_matrix(train, test) for c in ckpts]
+    res = TracIn(model, ckpts, device=DEVICE, progress=False, precondition="none").influence(train, test, top_k=1)
     assert torch.equal(res.proponents.indices[:, 0], M.argmax(1))
     assert torch.allclose(sum(per_ckpt), M, atol=1e-5)
     # the case matters: some checkpoint's own best proponent is not the best of the sum
@@ -45,7 +45,7 @@ def test_topk_is_of_checkpoint_sum_not_merged_per_checkpoint_lists():
 def test_self_influence_is_matrix_diagonal(kind):
     model, train, _ = _sets(kind, n_train=17)
     ckpts, _ = perturbed_checkpoints(model, [0.1, 0.3])
-    tr = TracIn(model, ckpts, device=DEVICE, batch_size=4, progress=False)
+    tr = TracIn(model, ckpts, device=DEVICE, batch_size=4, progress=False, precondition="none")
     diag = tr.influence_matrix(train, train).diagonal()
     s = tr.self_influence(train)
     assert torch.allclose(s, diag, rtol=1e-4, atol=1e-6)
@@ -57,12 +57,12 @@ def test_self_influence_is_matrix_diagonal(kind):
 def test_results_do_not_depend_on_batch_size_or_budget(kind):
     model, train, test = _sets(kind)
     ckpts, _ = perturbed_checkpoints(model, [0.1, 0.05])
-    base = TracIn(model, ckpts, device=DEVICE, batch_size=64, progress=False)
+    base = TracIn(model, ckpts, device=DEVICE, batch_size=64, progress=False, precondition="none")
     M = base.influence_matrix(train, test)
     ref = base.influence(train, test, top_k=5)
     assert base.last_stats["tiles"] == 1 and base.last_stats["test_chunks"] == 1
     for bs, budget in [(1, 1), (4, 2_000), (7, 50_000), (13, None)]:
-        tr = TracIn(model, ckpts, device=DEVICE, batch_size=bs, memory_budget=budget, progress=False)
+        tr = TracIn(model, ckpts, device=DEVICE, batch_size=bs, memory_budget=budget, progress=False, precondition="none")
         assert torch.allclose(tr.influence_matrix(train, test), M, rtol=1e-5, atol=1e-5)
         res = tr.influence(train, test, top_k=5)
         assert torch.equal(res.proponents.indices, ref.proponents.indices)
@@ -75,7 +75,7 @@ def test_results_do_not_depend_on_batch_size_or_budget(kind):
 def test_checkpoints_are_loaded_once_per_tile_not_per_batch():
     model, train, test = _sets("mlp", n_train=40, n_test=8)
     ckpts, _ = perturbed_checkpoints(model, [0.1, 0.2, 0.3])
-    tr = TracIn(model, ckpts, device=DEVICE, batch_size=4, progress=False)
+    tr = TracIn(model, ckpts, device=DEVICE, batch_size=4, progress=False, precondition="none")
     tr.influence(train, test, top_k=2)
     stats = tr.last_stats
     C = 3
@@ -97,7 +97,7 @@ def test_raw_test_batches_are_released_once_staged(monkeypatch):
 
     model, train, test = _sets("mlp", n_train=30, n_test=21)
     ckpts, _ = perturbed_checkpoints(model, [0.1, 0.2])
-    ref = TracIn(model, ckpts, device=DEVICE, batch_size=4, progress=False)
+    ref = TracIn(model, ckpts, device=DEVICE, batch_size=4, progress=False, precondition="none")
     M, res_ref = ref.influence_matrix(train, test), ref.influence(train, test, top_k=3)
     alive_at_collate = []
     batches = []
@@ -110,7 +110,7 @@ def test_raw_test_batches_are_released_once_staged(monkeypatch):
         return x, torch.stack([i[1] for i in items])
 
     monkeypatch.setattr(engine, "STAGING_BYTES", 1)
-    tr = TracIn(model, ckpts, device=DEVICE, batch_size=4, progress=False)
+    tr = TracIn(model, ckpts, device=DEVICE, batch_size=4, progress=False, precondition="none")
     res = tr.influence(train, DataLoader(test, batch_size=4, collate_fn=collate), top_k=3)
     assert max(alive_at_collate) <= 1
     n_batches = len(batches)
@@ -127,7 +127,7 @@ def test_dataloader_input_and_kernel_choice():
     g = torch.Generator().manual_seed(0)
     train = TensorDataset(torch.randn(20, 12, generator=g), torch.randint(0, 5, (20,), generator=g))
     ckpts, _ = perturbed_checkpoints(model, [0.1])
-    tr = TracIn(model, ckpts, device=DEVICE, progress=False)
+    tr = TracIn(model, ckpts, device=DEVICE, progress=False, precondition="none")
     a = tr.self_influence(DataLoader(train, batch_size=3))
     b = tr.self_influence(train)
     assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -140,7 +140,7 @@ def test_conv_kernel_choice_follows_shapes():
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(6, 3, 8, 10, generator=g), torch.randint(0, 4, (6,), generator=g))
     ckpts, _ = perturbed_checkpoints(model, [0.1])
-    tr = TracIn(model, ckpts, device=DEVICE, progress=False)
+    tr = TracIn(model, ckpts, device=DEVICE, progress=False, precondition="none")
     tr.influence(data, data, top_k=2)
     kinds = {row["name"]: row["kernel"] for row in tr.scope()}
     assert kinds["conv1"] == "materialize"  # 20 positions, 28 x 8 weights: T^2 (da + dd) > da * dd
@@ -163,7 +163,7 @@ def test_full_matrix_written_to_disk_in_tiles(tmp_path):
 
     model, train, test = _sets("mlp", n_train=41, n_test=9)
     ckpts, _ = perturbed_checkpoints(model, [0.1, 0.05])
-    tr = TracIn(model, ckpts, device=DEVICE, batch_size=4, memory_budget=3_000, progress=False)
+    tr = TracIn(model, ckpts, device=DEVICE, batch_size=4, memory_budget=3_000, progress=False, precondition="none")
     res = tr.influence(train, test, top_k=3, matrix_path=tmp_path / "m.npy")
     assert tr.last_stats["tiles"] > 1
     on_disk = np.load(tmp_path / "m.npy", mmap_mode="r")
@@ -171,7 +171,7 @@ def test_full_matrix_written_to_disk_in_tiles(tmp_path):
     assert np.allclose(on_disk, M.numpy(), rtol=1e-5, atol=1e-6)
     assert torch.equal(res.proponents.indices, M.argsort(1, descending=True)[:, :3])
     assert not list(tmp_path.glob(".*tmp"))
-    sampled = TracIn(model, ckpts, device=DEVICE, progress=False, sample_rate=0.5, seed=1)
+    sampled = TracIn(model, ckpts, device=DEVICE, progress=False, sample_rate=0.5, seed=1, precondition="none")
     sampled.influence(train, test, top_k=2, matrix_path=tmp_path / "s.npy")
     s = np.load(tmp_path / "s.npy")
     cols = sampled.last_stats["sampled_indices"]

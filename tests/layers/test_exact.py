@@ -15,7 +15,7 @@ def test_matrix_matches_reference(kind, kernel):
     model, train, test = make_case(kind)
     ckpts, raw = perturbed_checkpoints(model, [0.1, 0.05, 0.02])
     want = reference_matrix(model, raw, all_module_names(model), train, test)
-    tr = TracIn(model, ckpts, layers="all", device=DEVICE, batch_size=8, progress=False, kernel=kernel)
+    tr = TracIn(model, ckpts, layers="all", device=DEVICE, batch_size=8, progress=False, kernel=kernel, precondition="none")
     got = tr.influence_matrix(TensorDataset(*train), TensorDataset(*test))
     assert got.shape == want.shape
     assert rel_err(got, want) <= TOL
@@ -26,7 +26,7 @@ def test_self_influence_is_reference_diagonal(kind):
     model, train, _ = make_case(kind)
     ckpts, raw = perturbed_checkpoints(model, [0.3, 0.1])
     want = reference_matrix(model, raw, all_module_names(model), train, train).diagonal()
-    tr = TracIn(model, ckpts, device=DEVICE, batch_size=5, progress=False)
+    tr = TracIn(model, ckpts, device=DEVICE, batch_size=5, progress=False, precondition="none")
     got = tr.self_influence(TensorDataset(*train))
     assert rel_err(got, want) <= TOL
 
@@ -36,7 +36,7 @@ def test_layer_selection(layers, modules):
     model, train, test = make_case("mlp")
     ckpts, raw = perturbed_checkpoints(model, [0.1, 0.2])
     want = reference_matrix(model, raw, modules, train, test)
-    tr = TracIn(model, ckpts, layers=layers, device=DEVICE, progress=False)
+    tr = TracIn(model, ckpts, layers=layers, device=DEVICE, progress=False, precondition="none")
     assert [h.name for h in tr.handlers] == modules
     assert rel_err(tr.influence_matrix(TensorDataset(*train), TensorDataset(*test)), want) <= TOL
 
@@ -48,7 +48,7 @@ def test_frozen_parameters_are_out_of_scope():
     ckpts, raw = perturbed_checkpoints(model, [0.1])
     want = reference_matrix(model, raw, ["fc1", "head"], train, test)
     assert scope_names(model, ["fc1", "head"]) == ["fc1.bias", "head.weight", "head.bias"]
-    got = TracIn(model, ckpts, device=DEVICE, progress=False).influence_matrix(TensorDataset(*train), TensorDataset(*test))
+    got = TracIn(model, ckpts, device=DEVICE, progress=False, precondition="none").influence_matrix(TensorDataset(*train), TensorDataset(*test))
     assert rel_err(got, want) <= TOL
     assert model.fc1.weight.requires_grad is False and model.fc1.bias.requires_grad is True
 
@@ -68,12 +68,12 @@ def test_parameter_selection(layers, scope):
     modules = sorted({n.rsplit(".", 1)[0] for n in scope}, key=["fc1", "fc2", "head"].index)
     assert scope_names(ref, modules) == scope
     want = reference_matrix(ref, raw, modules, train, test)
-    tr = TracIn(model, ckpts, layers=layers, device=DEVICE, progress=False)
+    tr = TracIn(model, ckpts, layers=layers, device=DEVICE, progress=False, precondition="none")
     assert rel_err(tr.influence_matrix(TensorDataset(*train), TensorDataset(*test)), want) <= TOL
     assert tr.num_parameters == sum(p.numel() for n, p in model.named_parameters() if n in scope)
     assert all(p.requires_grad for p in model.parameters())
     if layers == ["head.bias"]:
-        assert [(h.name, h.param_names) for h in TracIn(model, ckpts, layers="output_bias", progress=False).handlers] == [("head", ["bias"])]
+        assert [(h.name, h.param_names) for h in TracIn(model, ckpts, layers="output_bias", progress=False, precondition="none").handlers] == [("head", ["bias"])]
 
 
 def test_module_called_twice_sums_over_calls():
@@ -93,7 +93,7 @@ def test_module_called_twice_sums_over_calls():
     ckpts, raw = perturbed_checkpoints(model, [0.1, 0.3])
     want = reference_matrix(model, raw, ["shared", "head"], train, test)
     for kernel in ("ghost", "materialize"):
-        got = TracIn(model, ckpts, device=DEVICE, progress=False, kernel=kernel).influence_matrix(
+        got = TracIn(model, ckpts, device=DEVICE, progress=False, kernel=kernel, precondition="none").influence_matrix(
             TensorDataset(*train), TensorDataset(*test))
         assert rel_err(got, want) <= TOL
 
@@ -103,7 +103,7 @@ def test_model_state_is_restored():
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ckpts, _ = perturbed_checkpoints(model, [0.1])
-    TracIn(model, ckpts, device=DEVICE, progress=False).self_influence(TensorDataset(*train))
+    TracIn(model, ckpts, device=DEVICE, progress=False, precondition="none").self_influence(TensorDataset(*train))
     assert model.training
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
@@ -121,6 +121,6 @@ def test_other_device_conv_gradient_path_matches_reference(kind, monkeypatch):
     model, train, test = make_case(kind)
     ckpts, raw = perturbed_checkpoints(model, [0.1, 0.05])
     want = reference_matrix(model, raw, all_module_names(model), train, test)
-    tr = TracIn(model, ckpts, device=DEVICE, batch_size=8, progress=False, kernel="materialize")
+    tr = TracIn(model, ckpts, device=DEVICE, batch_size=8, progress=False, kernel="materialize", precondition="none")
     assert rel_err(tr.influence_matrix(TensorDataset(*train), TensorDataset(*test)), want) <= TOL
     assert rel_err(tr.self_influence(TensorDataset(*train)), reference_matrix(model, raw, all_module_names(model), train, train).diagonal()) <= TOL

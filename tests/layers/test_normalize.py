@@ -13,12 +13,12 @@ def test_normalized_matrix_matches_reference(kind, normalize):
     model, train, test = make_case(kind, 17, 5)
     ckpts, raw = perturbed_checkpoints(model, [0.1, 0.05])
     want = reference_matrix(model, raw, all_module_names(model), train, test, normalize=normalize)
-    tr = TracIn(model, ckpts, device=DEVICE, batch_size=4, memory_budget=4_000, progress=False, normalize=normalize)
+    tr = TracIn(model, ckpts, device=DEVICE, batch_size=4, memory_budget=4_000, progress=False, normalize=normalize, precondition="none")
     got = tr.influence_matrix(TensorDataset(*train), TensorDataset(*test))
     assert rel_err(got, want) <= 1e-4
     res = tr.influence(TensorDataset(*train), TensorDataset(*test), top_k=3, self_influence=True)
     assert torch.equal(res.proponents.indices, got.argsort(1, descending=True)[:, :3])
-    # self-influence stays the plain TracIn(z, z)
+    # self-influence stays the plain TracIn(z, z, precondition="none")
     plain = reference_matrix(model, raw, all_module_names(model), train, train).diagonal()
     assert rel_err(res.self_influence, plain) <= 1e-4
 
@@ -26,7 +26,7 @@ def test_normalized_matrix_matches_reference(kind, normalize):
 def test_cosine_scores_are_bounded_by_the_learning_rate_sum():
     model, train, test = make_case("mlp", 20, 4)
     ckpts, _ = perturbed_checkpoints(model, [0.1, 0.3])
-    M = TracIn(model, ckpts, device=DEVICE, progress=False, normalize="cosine").influence_matrix(
+    M = TracIn(model, ckpts, device=DEVICE, progress=False, normalize="cosine", precondition="none").influence_matrix(
         TensorDataset(*train), TensorDataset(*test))
     assert M.abs().max() <= 0.4 + 1e-5
 
@@ -36,7 +36,7 @@ def test_normalized_store_matches_streaming(tmp_path):
     ckpts, _ = perturbed_checkpoints(model, [0.1, 0.2])
     train, test = TensorDataset(*train), TensorDataset(*test)
     for normalize in ("cosine", "train"):
-        tr = TracIn(model, ckpts, device=DEVICE, progress=False, normalize=normalize)
+        tr = TracIn(model, ckpts, device=DEVICE, progress=False, normalize=normalize, precondition="none")
         tr.save_train_gradients(train, tmp_path / normalize)
         stored = tr.influence_from_saved(tmp_path / normalize, test, top_k=30)
         M = tr.influence_matrix(train, test)
@@ -47,4 +47,4 @@ def test_unknown_normalization_is_refused():
     model, _, _ = make_case("mlp", 4, 2)
     ckpts, _ = perturbed_checkpoints(model, [0.1])
     with pytest.raises(TracInError, match="normalize='l2'"):
-        TracIn(model, ckpts, device=DEVICE, normalize="l2")
+        TracIn(model, ckpts, device=DEVICE, normalize="l2", precondition="none")

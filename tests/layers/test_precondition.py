@@ -32,7 +32,7 @@ def test_kfac_matrix_and_self_influence_match_reference(kind, kernel):
     got = tr.influence_matrix(TensorDataset(*train), TensorDataset(*test))
     assert rel_err(got, want) <= TOL
     assert rel_err(tr.self_influence(TensorDataset(*train)), want_self) <= TOL
-    plain = TracIn(model, ckpts, layers=layers, device=DEVICE, batch_size=8, progress=False)
+    plain = TracIn(model, ckpts, layers=layers, device=DEVICE, batch_size=8, progress=False, precondition="none")
     assert rel_err(plain.influence_matrix(TensorDataset(*train), TensorDataset(*test)), want) > 0.1  # it does change scores
 
 
@@ -74,7 +74,7 @@ def test_cached_test_and_saved_gradients_need_a_fitted_preconditioner(tmp_path):
     fresh.fit_preconditioner(TensorDataset(*train))
     saved = fresh.influence_from_saved(tmp_path / "store", test_set, top_k=3)
     assert torch.equal(saved.proponents.indices, want.topk(3, dim=1).indices)
-    plain = TracIn(model, ckpts, layers=layers, device=DEVICE, batch_size=8, progress=False)
+    plain = TracIn(model, ckpts, layers=layers, device=DEVICE, batch_size=8, progress=False, precondition="none")
     with pytest.raises(TracInError, match="different precondition"):
         plain.influence_from_saved(tmp_path / "store", test_set, top_k=3)
 
@@ -83,13 +83,27 @@ def test_bad_settings_are_refused():
     model, _, ckpts, _, _, _ = case("cnn")
     with pytest.raises(TracInError, match=r"covers Linear and Conv layers only, but bn1 \(BatchNorm2d\)"):
         TracIn(model, ckpts, layers="all", device=DEVICE, progress=False, precondition="kfac")
-    with pytest.raises(TracInError, match="precondition='shampoo' is not one of none, kfac"):
+    with pytest.raises(TracInError, match="precondition='shampoo' is not one of auto, kfac, none"):
         TracIn(model, ckpts, layers="last", device=DEVICE, progress=False, precondition="shampoo")
     for bad in (0, -1.0, float("nan"), float("inf")):
         with pytest.raises(TracInError, match="damping must be a positive number"):
             ScoringConfig(damping=bad)
     with pytest.raises(TracInError, match="fit_preconditioner needs precondition='kfac'"):
-        TracIn(model, ckpts, layers="last", device=DEVICE, progress=False).fit_preconditioner(TensorDataset(torch.zeros(2, 3, 8, 10)))
+        TracIn(model, ckpts, layers="last", device=DEVICE, progress=False, precondition="none").fit_preconditioner(TensorDataset(torch.zeros(2, 3, 8, 10)))
+
+
+def test_auto_is_kfac_over_linear_and_conv_layers_unless_others_carry_the_parameters():
+    """The default: the CNN's batch and group norms (a few parameters) are left out and named; a model whose embedding holds
+    most of its parameters gets plain TracIn."""
+    model, layers, ckpts, raw, train, test = case("cnn")
+    want = kfac_reference_matrix(model, raw, CNN_LAYERS, train, test, damping=0.1)
+    tr = TracIn(model, ckpts, device=DEVICE, batch_size=8, progress=False)
+    assert rel_err(tr.influence_matrix(TensorDataset(*train), TensorDataset(*test)), want) <= TOL
+    assert [row["name"] for row in tr.scope()] == CNN_LAYERS
+    assert tr.preconditioner.describe()["left_out"] == ["bn1", "gn"]
+    embedded = torch.nn.Sequential(torch.nn.Embedding(500, 16), torch.nn.Flatten(), torch.nn.Linear(32, 3))
+    plain = TracIn(embedded, perturbed_checkpoints(embedded, [0.1])[0], device=DEVICE, progress=False)
+    assert plain.preconditioner is None and len(plain.scope()) == 2
 
 
 def test_whitener_inverts_the_damped_factor_and_leaves_a_zero_factor_alone():

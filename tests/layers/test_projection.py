@@ -29,8 +29,8 @@ def test_factor_projection_is_unbiased_for_a_linear_layer():
     # LoGra-style P_out G P_in^T with the bias column: unbiased for the exact ghost score.
     model, train, test = make_case("mlp", 12, 3)
     ckpts, _ = perturbed_checkpoints(model, [0.1])
-    exact = TracIn(model, ckpts, layers="last", device=DEVICE, progress=False).influence_matrix(TensorDataset(*train), TensorDataset(*test))
-    runs = torch.stack([TracIn(model, ckpts, layers="last", device=DEVICE, progress=False, projection_dim=6, seed=s)
+    exact = TracIn(model, ckpts, layers="last", device=DEVICE, progress=False, precondition="none").influence_matrix(TensorDataset(*train), TensorDataset(*test))
+    runs = torch.stack([TracIn(model, ckpts, layers="last", device=DEVICE, progress=False, projection_dim=6, seed=s, precondition="none")
                         .influence_matrix(TensorDataset(*train), TensorDataset(*test)) for s in range(300)])
     se = runs.std(0) / np.sqrt(len(runs))
     assert ((runs.mean(0) - exact).abs() <= 5 * se + 1e-6).float().mean() >= 0.97
@@ -39,7 +39,7 @@ def test_factor_projection_is_unbiased_for_a_linear_layer():
 def test_projection_is_deterministic_given_a_seed_and_differs_across_seeds():
     model, train, test = make_case("cnn")
     ckpts, _ = perturbed_checkpoints(model, [0.1, 0.2])
-    run = lambda seed: TracIn(model, ckpts, device=DEVICE, progress=False, projection_dim=16, seed=seed).influence_matrix(  # noqa: E731
+    run = lambda seed: TracIn(model, ckpts, device=DEVICE, progress=False, projection_dim=16, seed=seed, precondition="none").influence_matrix(  # noqa: E731
         TensorDataset(*train), TensorDataset(*test))
     first, again = run(3), run(3)
     if DEVICE == "cpu":
@@ -54,11 +54,11 @@ def test_agreement_improves_with_dimension():
     model = MLP(d_in=40, hidden=64, classes=8)
     train, test = random_sets(200, 10, 40, 8, seed=1)
     ckpts, _ = perturbed_checkpoints(model, [0.1, 0.1])
-    exact = TracIn(model, ckpts, device=DEVICE, progress=False).influence_matrix(train, test)
+    exact = TracIn(model, ckpts, device=DEVICE, progress=False, precondition="none").influence_matrix(train, test)
     errors = []
     # ghost-form layers (here: all) keep k_in + k_out = dim; widths are 41+64, 65+64 and 65+8
     for dim in (4, 16, 40, 80, 130):
-        approx = TracIn(model, ckpts, device=DEVICE, progress=False, projection_dim=dim, seed=0).influence_matrix(train, test)
+        approx = TracIn(model, ckpts, device=DEVICE, progress=False, projection_dim=dim, seed=0, precondition="none").influence_matrix(train, test)
         errors.append(float((approx - exact).norm() / exact.norm()))
     assert errors[0] > errors[1] > errors[2] > errors[3]
     assert errors[3] < 0.5 * errors[1]
@@ -68,10 +68,10 @@ def test_agreement_improves_with_dimension():
 def test_projection_covers_every_layer_kind_and_small_layers_stay_exact():
     model, train, test = make_case("seq")
     ckpts, _ = perturbed_checkpoints(model, [0.1])
-    exact = TracIn(model, ckpts, device=DEVICE, progress=False).influence_matrix(TensorDataset(*train), TensorDataset(*test))
-    huge = TracIn(model, ckpts, device=DEVICE, progress=False, projection_dim=10**6).influence_matrix(TensorDataset(*train), TensorDataset(*test))
+    exact = TracIn(model, ckpts, device=DEVICE, progress=False, precondition="none").influence_matrix(TensorDataset(*train), TensorDataset(*test))
+    huge = TracIn(model, ckpts, device=DEVICE, progress=False, projection_dim=10**6, precondition="none").influence_matrix(TensorDataset(*train), TensorDataset(*test))
     assert torch.allclose(huge, exact, rtol=1e-5, atol=1e-5)  # every layer fits: nothing is projected
-    small = TracIn(model, ckpts, device=DEVICE, progress=False, projection_dim=4).influence_matrix(TensorDataset(*train), TensorDataset(*test))
+    small = TracIn(model, ckpts, device=DEVICE, progress=False, projection_dim=4, precondition="none").influence_matrix(TensorDataset(*train), TensorDataset(*test))
     assert small.shape == exact.shape and torch.isfinite(small).all() and not torch.allclose(small, exact)
 
 
@@ -105,9 +105,9 @@ def test_stratified_sampling_keeps_proportions_and_indices():
 def test_sampled_influence_reports_full_set_indices():
     model, train, test = make_case("mlp", 40, 5)
     ckpts, _ = perturbed_checkpoints(model, [0.1])
-    full = TracIn(model, ckpts, device=DEVICE, progress=False)
+    full = TracIn(model, ckpts, device=DEVICE, progress=False, precondition="none")
     M = full.influence_matrix(TensorDataset(*train), TensorDataset(*test))
-    tr = TracIn(model, ckpts, device=DEVICE, progress=False, sample_rate=0.5, stratify_by="label", seed=2)
+    tr = TracIn(model, ckpts, device=DEVICE, progress=False, sample_rate=0.5, stratify_by="label", seed=2, precondition="none")
     res = tr.influence(TensorDataset(*train), TensorDataset(*test), top_k=4)
     sampled = torch.as_tensor(tr.last_stats["sampled_indices"])
     assert len(sampled) < 40

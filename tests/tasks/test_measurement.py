@@ -27,10 +27,10 @@ def reference(model, raw, train, test, measurement):
 def test_the_margin_measurement_matches_the_reference(kind):
     model, train, test = make_case(kind)
     ckpts, raw = perturbed_checkpoints(model, [0.1, 0.05])
-    tr = TracIn(model, ckpts, layers="all", device=DEVICE, batch_size=8, progress=False, measurement="margin")
+    tr = TracIn(model, ckpts, layers="all", device=DEVICE, batch_size=8, progress=False, measurement="margin", precondition="none")
     got = tr.influence_matrix(TensorDataset(*train), TensorDataset(*test))
     assert rel_err(got, reference(model, raw, train, test, MarginMeasurement())) <= 1e-4
-    plain = TracIn(model, ckpts, layers="all", device=DEVICE, batch_size=8, progress=False)
+    plain = TracIn(model, ckpts, layers="all", device=DEVICE, batch_size=8, progress=False, precondition="none")
     assert not torch.allclose(got, plain.influence_matrix(TensorDataset(*train), TensorDataset(*test)))
     # self-influence stays the training loss's own
     assert torch.allclose(tr.self_influence(TensorDataset(*train)), plain.self_influence(TensorDataset(*train)))
@@ -47,11 +47,11 @@ def test_a_callable_measurement_and_a_bad_name():
         def loss(self, model, batch):
             return logit_of_class_2(model, batch)
 
-    tr = TracIn(model, ckpts, layers="all", device=DEVICE, progress=False, measurement=logit_of_class_2)
+    tr = TracIn(model, ckpts, layers="all", device=DEVICE, progress=False, measurement=logit_of_class_2, precondition="none")
     got = tr.influence_matrix(TensorDataset(*train), TensorDataset(*test))
     assert rel_err(got, reference(model, raw, train, test, Logit2())) <= 1e-4
     with pytest.raises(TracInError, match="measurement='accuracy' is not one of loss, margin"):
-        TracIn(model, ckpts, progress=False, measurement="accuracy")
+        TracIn(model, ckpts, progress=False, measurement="accuracy", precondition="none")
 
 
 def test_the_influence_command_takes_a_measurement(tmp_path):

@@ -39,7 +39,7 @@ def test_ranking_matches_reference(loss_type):
     train, test = make_pairs(21, 0), make_pairs(6, 1)
     ckpts, raw = perturbed_checkpoints(model, [0.1, 0.05, 0.02], scale=0.5)
     task = RankingTask(loss_type, margin=0.3, ghm_bins=5, ghm_alpha=0.8, train=train, batch_size=8)
-    tr = TracIn(model, ckpts, layers="all", task=task, batch_size=5, progress=False)
+    tr = TracIn(model, ckpts, layers="all", task=task, batch_size=5, progress=False, precondition="none")
     got = tr.influence_matrix(train, test)
     want = task_reference_matrix(model, raw, all_modules(model), task, [train[i] for i in range(len(train))],
                                  [test[i] for i in range(len(test))])
@@ -71,9 +71,9 @@ def test_ghm_task_reused_with_other_checkpoints_recomputes_its_histograms():
     first, _ = perturbed_checkpoints(model, [0.1, 0.05], seed=1, scale=0.5)
     second, _ = perturbed_checkpoints(model, [0.1, 0.05], seed=2, scale=0.5)
     shared = RankingTask("ghm", ghm_bins=4, train=train)
-    TracIn(model, first, task=shared, progress=False).influence_matrix(train, test)
-    reused = TracIn(model, second, task=shared, progress=False).influence_matrix(train, test)
-    fresh = TracIn(model, second, task=RankingTask("ghm", ghm_bins=4, train=train), progress=False).influence_matrix(train, test)
+    TracIn(model, first, task=shared, progress=False, precondition="none").influence_matrix(train, test)
+    reused = TracIn(model, second, task=shared, progress=False, precondition="none").influence_matrix(train, test)
+    fresh = TracIn(model, second, task=RankingTask("ghm", ghm_bins=4, train=train), progress=False, precondition="none").influence_matrix(train, test)
     assert torch.allclose(reused, fresh)
 
 

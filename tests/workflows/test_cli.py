@@ -271,14 +271,22 @@ def test_kfac_preconditioned_influence(trained, tmp_path, capsys):
     root, data, ckpt = trained
     out = root / "kfac"
     assert main(["influence", "--data_dir", str(data), "--checkpoint_dir", str(ckpt), "--output_dir", str(out), "--top_k", "3",
-                 "--self_influence", "--precondition", "kfac", "--damping", "0.2", "--quiet"]) == 0
+                 "--self_influence", "--self_influence_layers", "same", "--precondition", "kfac", "--damping", "0.2", "--quiet"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["precondition"] == {"precondition": "kfac", "damping": 0.2, "fisher": "empirical", "fit_examples": 24}
+    assert manifest["precondition"] == {"precondition": "kfac", "damping": 0.2, "fisher": "empirical", "fit_examples": 24,
+                                       "left_out": []}
     split = scan_split(data, "train", ["cat", "dog", "fox"])[0]
     train = ImageDataset(split, image_transform(16, normalization("smallcnn")))
     want = TracIn(build_model("smallcnn", 3), Checkpoint.discover(ckpt, "checkpoint_epoch_*"), layers="last", device="cpu",
                   progress=False, precondition="kfac", damping=0.2).self_influence(train)
     assert np.allclose(np.load(out / "self_influence.npy"), want.numpy(), rtol=1e-5)
+    detector = root / "detector"  # the default mislabel ranking: K-FAC over the output layer's bias
+    assert main(["influence", "--data_dir", str(data), "--checkpoint_dir", str(ckpt), "--output_dir", str(detector), "--top_k", "3",
+                 "--self_influence", "--damping", "0.2", "--quiet"]) == 0
+    want = TracIn(build_model("smallcnn", 3), Checkpoint.discover(ckpt, "checkpoint_epoch_*"), layers="output_bias", device="cpu",
+                  progress=False, precondition="kfac", damping=0.2).self_influence(train)
+    assert np.allclose(np.load(detector / "self_influence.npy"), want.numpy(), rtol=1e-5)
+    assert not np.allclose(np.load(detector / "self_influence.npy"), np.load(out / "self_influence.npy"), rtol=0.1)
     base = ["influence", "--data_dir", str(data), "--checkpoint_dir", str(ckpt), "--output_dir", str(tmp_path / "o"), "--quiet",
             "--top_k", "3", "--precondition", "kfac"]
     code, err = _err(capsys, base + ["--layers", "all"])

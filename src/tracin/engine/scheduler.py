@@ -90,6 +90,9 @@ class Scheduler:
         self.stats: Dict[str, object] = {"checkpoint_loads": 0, "tiles": 0, "test_chunks": 0}
         self.plan: Dict[str, int] = {}  # chunk_examples and tile_limit in use; preset to repeat a run's tiling
         self._max_elements = max(2**16, min(DEFAULT_MAX_ELEMENTS, self.budget // 16))
+        self._sides: Dict[str, str] = {}  # what -> the preconditioner's side (empty: both sides whitened)
+        self._kept: Optional[Dict[Tuple[int, int], FactorDict]] = None  # (checkpoint, first example) -> raw fit factors
+        self._kept_bytes = 0
 
     def _layer_runs(self) -> Dict[str, LayerRun]:
         """Each handler's settings for this run: the forced or repeated kernel, and the transforms."""
@@ -169,14 +172,56 @@ class Scheduler:
     def _factors(self, batch, what: str, first_index: int) -> FactorDict:
         """Factors of a batch: of the task's loss for training examples, of the measurement for test examples."""
         task = self.measurement if what == "test" and self.measurement is not None else self.task
+        if self.preconditioner is not None:
+            self.preconditioner.side = self._sides.get(what, "both")
+            kept = self._kept.get((self._loaded, first_index)) if self._kept and self.preconditioner.side == "key" else None
+            if kept is not None:  # the fit pass computed this batch's raw factors at this checkpoint already
+                with torch.no_grad():
+                    return {h.name: None if kept.get(h.name) is None else h.transform(kept[h.name], self.runs[h.name])
+                            for h in self.handlers if h.hooked}
         return self.capture.factors(self.model, task, batch, what, first_index)
 
-    def fit_preconditioner(self, train: DataLoader) -> None:
+    def fit_preconditioner(self, train: DataLoader, keep: bool = False) -> bool:
         """Fit the K-FAC preconditioner on ``train`` at every checkpoint (one forward and backward pass
-        each; the data read once when every checkpoint's statistics fit in a quarter of the budget)."""
+        each; the data read once when every checkpoint's statistics fit in a quarter of the budget).
+
+        ``keep``: also keep the fit pass's raw training factors while they fit in a quarter of the budget, so the
+        next :meth:`influence` pairs them (on the unwhitened side) instead of running that pass again.
+        Returns False when ``precondition="auto"`` found a layer K-FAC cannot cover and the run is plain instead."""
         assert self.preconditioner is not None
+        if self.config.precondition == "auto" and not self._kfac_applies(train):
+            return False
+        self._kept, self._kept_bytes = ({} if keep else None), 0
         self.preconditioner.fit(_FitSource(self, train))
         self._loaded = None  # the next load selects the fitted whiteners
+        return True
+
+    def _kfac_applies(self, train: DataLoader) -> bool:
+        """For ``precondition="auto"``: decide the exact layers first (on the first training batch); when a layer
+        needs exact per-example passes, which K-FAC does not cover, the run goes on as plain TracIn (with a warning)."""
+        for run in self.runs.values():
+            run.preconditioner = None
+        self._detect(train)
+        exact = [name for name, run in self.runs.items() if run.mode == EXACT]
+        if exact:
+            warnings.warn(f"precondition='auto' scores plain TracIn: {exact[0]!r} needs exact per-example passes, which "
+                          "K-FAC does not cover (precondition='none' says so up front; exclude= the layer to keep K-FAC).",
+                          stacklevel=3)
+            self.preconditioner = None
+            return False
+        for run in self.runs.values():
+            run.preconditioner = self.preconditioner
+        return True
+
+    def _keep(self, first: int, raw: FactorDict) -> None:
+        """Keep one fit batch's raw factors (:meth:`fit_preconditioner`), or give up keeping once over budget."""
+        if self._kept is None:
+            return
+        self._kept_bytes += sum(t.numel() * t.element_size() for r in raw.values() if r is not None for t in r[:2])
+        if self._kept_bytes > self.budget // 4:
+            self._kept = None
+        else:
+            self._kept[(self._loaded, first)] = raw
 
     # -- kernels over blocks -----------------------------------------------------------------
     def _pair(self, test: FactorDict, train: FactorDict) -> Optional[torch.Tensor]:
@@ -308,8 +353,23 @@ class Scheduler:
         n_test_total = sum(rows.stop - rows.start for rows, _ in cached) if cached is not None else dataset_size(test)  # type: ignore[arg-type]
         bar = tqdm(total=n_train * C * n_test_total, desc="TracIn train stream", unit="pair", unit_scale=True,
                    disable=not self.progress, leave=False)
-        n_test = 0
         self.stats["test_chunks"] = 0
+        one_sided = cached is None and not with_self and self.normalize == "none"
+        self._sides = {"test": "query", "training": "key"} if one_sided else {}
+        try:
+            n_test = self._stream(chunks, train, sink, self_scores, hook, bar)
+        finally:
+            self._sides, self._kept = {}, None
+        bar.close()
+        self.stats["seconds"] = time.perf_counter() - start
+        self.stats["n_train"], self.stats["n_test"] = n_train, n_test
+        return self_scores
+
+    def _stream(self, chunks, train: DataLoader, sink: TileSink, self_scores: Optional[torch.Tensor],
+                hook: Optional[ProgressHook], bar) -> int:
+        """The body of :meth:`influence`: every test chunk against the training tiles; returns the test examples seen.
+        (A test chunk's factors are computed as the chunk is reached, so the preconditioner's sides hold throughout.)"""
+        n_train, C, n_test = dataset_size(train), len(self.checkpoints), 0
         for chunk_index, (rows, cache) in enumerate(chunks):
             m = rows.stop - rows.start
             n_test += m
@@ -336,10 +396,7 @@ class Scheduler:
                         hook.tile_done(rows, part_first + scores.shape[1], want_self, dict(self.plan))
             if hook is not None:
                 hook.chunk_done(rows)
-        bar.close()
-        self.stats["seconds"] = time.perf_counter() - start
-        self.stats["n_train"], self.stats["n_test"] = n_train, n_test
-        return self_scores
+        return n_test
 
     def _score_tile(self, tile: List[Tuple[int, object]], cache: list, m: int, with_self: bool):
         """Checkpoint-summed scores [m, n_tile] of one tile, and its self-influence [n_tile] (or None)."""
@@ -501,5 +558,6 @@ class _FitSource:
 
     def raw_factors(self, first: int, batch: object) -> Tuple[int, FactorDict]:
         run = self.run
-        return run.task.batch_size(batch), run.capture.factors(
-            run.model, run.task, run.task.to_device(batch, run.device), "training", first, raw=True)
+        factors = run.capture.factors(run.model, run.task, run.task.to_device(batch, run.device), "training", first, raw=True)
+        run._keep(first, factors)
+        return run.task.batch_size(batch), factors

@@ -20,6 +20,7 @@ from .base import Call, LayerHandler, LayerRun, zero_delta_like
 from .factors import Factors, GhostFactors, GradFactors, weight_gradients
 
 
+RawFactors = Tuple[torch.Tensor, torch.Tensor, bool, bool]  # A [B, g, T, da], D [B, g, T, dd], bias in scope, ghost form
 UNFOLD_BYTES = 256 * 2**20  # unfolded patches per chunk of examples, materialised conv gradients off the CPU
 
 
@@ -77,9 +78,10 @@ class _FactorLayer(LayerHandler):
         """A weight gradient [g, dd, da] in the parameter's own layout."""
         return W.reshape(weight.shape)
 
-    def ghost_factors(self, calls: List[Call]) -> Tuple[torch.Tensor, torch.Tensor, bool]:
-        """The raw factors (A, D, bias in scope) the K-FAC preconditioner is fitted on."""
-        return self._ghost_all(calls)
+    def ghost_factors(self, calls: List[Call]) -> RawFactors:
+        """The raw factors (A, D, bias in scope) the K-FAC preconditioner is fitted on, and whether the raw shapes
+        call for the ghost kernel (what :meth:`transform` sizes projections for)."""
+        return (*self._ghost_all(calls), choose_mode(*self._shapes(calls[0])) == "ghost")
 
     def factors(self, calls: List[Call], run: LayerRun) -> Factors:
         if run.projector is not None or run.preconditioner is not None:
@@ -103,10 +105,12 @@ class _FactorLayer(LayerHandler):
         return GradFactors(total)
 
     def _transformed(self, calls: List[Call], run: LayerRun) -> Factors:
-        """Precondition and/or project both factors (projections sized for the kernel the raw shapes
-        call for), then pick ghost or materialised on the resulting shapes."""
-        ghost_form = choose_mode(*self._shapes(calls[0])) == "ghost"
-        A, D, ones = self._ghost_all(calls)
+        return self.transform(self.ghost_factors(calls), run)
+
+    def transform(self, raw: RawFactors, run: LayerRun) -> Factors:
+        """Precondition and/or project raw factors (:meth:`ghost_factors`; projections sized for the kernel the raw
+        shapes call for), then pick ghost or materialised on the resulting shapes."""
+        A, D, ones, ghost_form = raw
         if run.preconditioner is not None:
             A, D, ones = run.preconditioner.apply(self.name, A, D, ones)
         if run.projector is not None:

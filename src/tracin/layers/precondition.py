@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 
 from ..errors import TracInError
 
-Whiteners = Dict[str, Tuple[torch.Tensor, torch.Tensor]]  # layer -> (W_in [g, da, da], W_out [g, dd, dd])
+# layer -> (W_in [g, da, da], W_out [g, dd, dd], P_in = W_in W_in^T, P_out = W_out W_out^T: the damped inverses)
+Whiteners = Dict[str, Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 def check_precondition(precondition: str, handlers: Sequence) -> None:
@@ -38,6 +39,26 @@ def check_precondition(precondition: str, handlers: Sequence) -> None:
                 f"precondition='kfac' covers Linear and Conv layers only, but {', '.join(other[:3])}"
                 f"{' and more' if len(other) > 3 else ''} {'is' if len(other) == 1 else 'are'} in scope; choose layers "
                 "without them (e.g. layers='last' / --layers last) or precondition='none'.")
+
+
+AUTO_SHARE = 0.95  # precondition="auto" uses K-FAC when the layers it covers hold this share of the scope's parameters
+
+
+def resolve_precondition(precondition: str, handlers: Sequence) -> Tuple[str, list, List[str]]:
+    """(the preconditioner a run uses, "kfac" or "none"; the layer handlers it scores; the layers ``"auto"`` left out).
+
+    ``"auto"`` (the default, chosen by the counterfactual evidence in docs/quality.md) is K-FAC over the Linear and
+    Conv layers in scope when they hold at least :data:`AUTO_SHARE` of its parameters (the rest, typically
+    normalisation layers' scales and shifts, are left out); otherwise plain TracIn over the whole scope (e.g. a
+    model whose embeddings carry most of its parameters). ``"kfac"`` refuses other layers; ``"none"`` is plain."""
+    if precondition != "auto":
+        check_precondition(precondition, handlers)
+        return precondition, list(handlers), []
+    covered = [h for h in handlers if h.kronecker]
+    total = sum(h.num_params for h in handlers)
+    if covered and sum(h.num_params for h in covered) >= AUTO_SHARE * total:
+        return "kfac", covered, [h.name for h in handlers if not h.kronecker]
+    return "none", list(handlers), []
 
 
 def with_ones(A: torch.Tensor, ones: bool) -> torch.Tensor:
@@ -56,9 +77,11 @@ class CovarianceSums:
 
     def add(self, name: str, A: torch.Tensor, D: torch.Tensor, ones: bool) -> None:
         """One batch of one layer: A [B, g, T, da] (bias implicit when ``ones``), D [B, g, T, dd]."""
-        a = with_ones(A, ones).to(self.dtype).transpose(0, 1).flatten(1, 2)  # [g, B*T, da]
-        d = D.to(self.dtype).transpose(0, 1).flatten(1, 2)
-        s_in, s_out = a.transpose(1, 2) @ a, d.transpose(1, 2) @ d
+        work = torch.promote_types(A.dtype, torch.float32)  # half-precision factors are summed in float32 at least
+        a = with_ones(A, ones).to(work).transpose(0, 1).flatten(1, 2)  # [g, B*T, da]
+        d = D.to(work).transpose(0, 1).flatten(1, 2)
+        # one batch's products in the factors' precision (float32 rounding, far below the damping), summed in self.dtype
+        s_in, s_out = (a.transpose(1, 2) @ a).to(self.dtype), (d.transpose(1, 2) @ d).to(self.dtype)
         if name in self.sums:
             self.sums[name][0] += s_in
             self.sums[name][1] += s_out
@@ -89,26 +112,36 @@ class CovarianceSums:
         return sum(t.numel() * t.element_size() for pair in self.sums.values() for t in pair)
 
     def whiteners(self, damping: float, device: torch.device, dtype: torch.dtype) -> Whiteners:
-        """The whiteners of each layer's factors, from the statistics summed over every rank."""
+        """The whiteners of each layer's factors and their products (the damped inverses), from the statistics summed
+        over every rank."""
         self.all_reduce()
         assert self.count > 0, "loaders refuse an empty training set before a fit starts"
-        return {name: tuple(whitener(s / self.count, damping).to(device, dtype) for s in pair)  # type: ignore[misc]
-                for name, pair in self.sums.items()}
+        out: Whiteners = {}
+        for name, pair in self.sums.items():
+            W_in, W_out = (whitener(s / self.count, damping) for s in pair)  # float64: the inverses are formed before rounding
+            factors = (W_in, W_out, W_in @ W_in.transpose(1, 2), W_out @ W_out.transpose(1, 2))
+            out[name] = tuple(t.to(device, dtype) for t in factors)  # type: ignore[assignment]
+        return out
 
 
 def whitener(S: torch.Tensor, damping: float) -> torch.Tensor:
-    """W [g, d, d] with W W^T = (S + l I)^-1, l = damping * mean eigenvalue of S [g, d, d] (per group);
-    the identity for a group whose S is zero (its layer's factors are all zero, so are its scores)."""
+    """W [g, d, d] with W W^T = (S + l I)^-1, l = damping * mean eigenvalue of S [g, d, d] (its trace / d, per group):
+    W = L^-T for the Cholesky factor L of S + l I (an eigendecomposition when rounding makes that fail); the
+    identity for a group whose S is zero (its layer's factors are all zero, so are its scores)."""
     S = S.detach().to("cpu", torch.float64)
     S = (S + S.transpose(1, 2)) / 2
-    values, vectors = torch.linalg.eigh(S)
-    values = values.clamp_min(0)
-    lam = damping * values.mean(dim=1, keepdim=True)
+    d = S.shape[-1]
+    lam = damping * torch.diagonal(S, dim1=1, dim2=2).sum(-1).clamp_min(0) / d  # [g]
     zero = lam <= 0
-    scale = torch.where(zero, torch.ones_like(values), (values + torch.where(zero, torch.ones_like(lam), lam)).rsqrt())
-    W = vectors * scale.unsqueeze(1)
-    eye = torch.eye(S.shape[-1], dtype=S.dtype).expand_as(W)
-    return torch.where(zero.unsqueeze(-1), eye, W)
+    eye = torch.eye(d, dtype=S.dtype).expand_as(S)
+    damped = S + torch.where(zero, torch.ones_like(lam), lam)[:, None, None] * eye
+    L, info = torch.linalg.cholesky_ex(damped)
+    if bool((info != 0).any()):
+        values, vectors = torch.linalg.eigh(damped)
+        W = vectors * values.clamp_min(torch.finfo(S.dtype).tiny).rsqrt().unsqueeze(1)
+    else:
+        W = torch.linalg.solve_triangular(L, eye, upper=False).transpose(1, 2)
+    return torch.where(zero[:, None, None], eye, W)
 
 
 class FitData(Protocol):
@@ -129,7 +162,7 @@ class FitData(Protocol):
         """Load checkpoint ``c``; (first example index, raw batch) over the data."""
 
     def raw_factors(self, first: int, batch: object) -> Tuple[int, Dict]:
-        """(batch size, {layer: (A, D, bias in scope) or None}) at the loaded checkpoint."""
+        """(batch size, {layer: (A, D, bias in scope, ...) or None}) at the loaded checkpoint."""
 
 
 class KFAC:
@@ -143,13 +176,16 @@ class KFAC:
         self.per_checkpoint: Optional[List[Whiteners]] = None
         self.current: Whiteners = {}
         self.fit_examples = 0
+        self.left_out: List[str] = []  # layers of the requested scope that precondition="auto" left out
+        self.side = "both"  # which side of a pairing :meth:`apply` transforms (the engine sets it per pass)
 
     @property
     def fitted(self) -> bool:
         return self.per_checkpoint is not None
 
     def describe(self) -> Dict[str, object]:
-        return {"precondition": "kfac", "damping": self.damping, "fisher": "empirical", "fit_examples": self.fit_examples}
+        return {"precondition": "kfac", "damping": self.damping, "fisher": "empirical", "fit_examples": self.fit_examples,
+                "left_out": list(self.left_out)}
 
     def fit(self, data: "FitData") -> None:
         """Fit the whiteners of every checkpoint on ``data`` (:class:`FitData`). Statistics are summed in
@@ -168,7 +204,7 @@ class KFAC:
             size, factors = data.raw_factors(first, batch)
             for name, pair in factors.items():
                 if pair is not None:
-                    sums[c].add(name, *pair)
+                    sums[c].add(name, *pair[:3])
             sums[c].count += size
             bar.update(size)
 
@@ -197,11 +233,18 @@ class KFAC:
         self.current = self.per_checkpoint[checkpoint] if self.per_checkpoint is not None else {}
 
     def apply(self, name: str, A: torch.Tensor, D: torch.Tensor, ones: bool) -> Tuple[torch.Tensor, torch.Tensor, bool]:
-        """Whitened factors (A' [B, g, T, da + ones], D' [B, g, T, dd], no implicit bias) of one layer."""
+        """Transformed factors (A' [B, g, T, da + ones], D' [B, g, T, dd], no implicit bias) of one layer, as
+        :attr:`side` asks: ``"both"`` whitens them (A W_in, D W_out: the pairing of two whitened sides is g^T P g');
+        ``"query"`` applies the whole inverse to one side (A W_in W_in^T, D W_out W_out^T) and ``"key"`` leaves the
+        other side as it is, which gives the same g^T P g' while only the (few) query examples are transformed."""
+        if self.side == "key":
+            return with_ones(A, ones), D, False
         if name not in self.current:
             raise TracInError(f"Layer {name!r} never ran while K-FAC was fitted on the training data, so it has no "
                               "preconditioner; fit on data that reaches it (fit_preconditioner) or leave it out of layers.")
-        W_in, W_out = self.current[name]
+        W_in, W_out, P_in, P_out = self.current[name]
+        if self.side == "query":
+            W_in, W_out = P_in, P_out
         A = torch.einsum("bgti,gij->bgtj", with_ones(A, ones), W_in.to(A.device, A.dtype))
         D = torch.einsum("bgti,gij->bgtj", D, W_out.to(D.device, D.dtype))
         return A, D, False

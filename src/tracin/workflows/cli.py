@@ -34,7 +34,8 @@ def _influence(a) -> None:
                           "--summed_loss.")
     m = run_influence(InfluenceJob(
         data_dir=a.data_dir, checkpoint_dir=a.checkpoint_dir, output_dir=a.output_dir, top_k=a.top_k,
-        train_subset=a.train_subset, test_subset=a.test_subset, self_influence=a.self_influence, device=a.device,
+        train_subset=a.train_subset, test_subset=a.test_subset, self_influence=a.self_influence,
+        self_influence_layers=a.self_influence_layers, device=a.device,
         trust_checkpoint=a.trust_checkpoint, full_matrix=a.full_matrix, overwrite=a.overwrite, summed_loss=a.summed_loss,
         measurement=a.measurement, own=own_model(a), scoring=scoring_config(a)))
     if m is None:  # a torchrun rank other than 0: rank 0 reports
@@ -100,6 +101,13 @@ def _kge(a) -> None:
 
 
 def _evaluate(a) -> None:
+    if a.evaluation == "lds":
+        from .evaluation.lds import LDSSetting, run_lds
+
+        setting = LDSSetting(data=a.data, model=a.model, optimizer=a.optimizer, epochs=a.epochs, learning_rate=a.learning_rate,
+                             subsets=a.subsets, seeds=a.seeds, n_test=a.n_test)
+        print(run_lds(setting, a.methods, a.output_dir, log=(lambda _: None) if a.quiet else print))
+        return
     from .evaluation.common import Noise, Training
     from .image.noise import parse_flip_map
 

@@ -114,6 +114,9 @@ def _influence_parser(sub) -> None:
     _add(i, "--train_subset", type=int, help="score a seeded random subset of N training images")
     _add(i, "--test_subset", type=int, help="score a seeded random subset of M test images")
     _add(i, "--self_influence", action="store_true", help="also compute self-influence of every training image")
+    _add(i, "--self_influence_layers", choices=["output_bias", "same"], default="output_bias",
+         help="output_bias: K-FAC over the output layer's bias, the best mislabel detector measured (docs/quality.md); "
+              "same: the influence scope and settings, in the same pass")
     _add(i, "--memory_budget", type=float, help="working memory in GiB (default: from free memory)")
     _add(i, "--full_matrix", action="store_true", help="also write influence_matrix.npy [n_test, n_train] (disk-backed, in tiles)")
     _add(i, "--overwrite", action="store_true", help="discard an interrupted run's progress instead of resuming it")
@@ -219,7 +222,7 @@ def _kge_parser(sub) -> None:
 
 
 def _evaluate_parser(sub) -> None:
-    ev = sub.add_parser("evaluate", help="measure attribution quality: mislabel detection, data cleaning", formatter_class=_Formatter)
+    ev = sub.add_parser("evaluate", help="measure attribution quality: mislabel detection, data cleaning, LDS", formatter_class=_Formatter)
     evs = ev.add_subparsers(dest="evaluation", required=True)
     em = evs.add_parser("mislabel", help="recall and ROC AUC of flipped-label detection against loss and cleanlab baselines",
                         formatter_class=_Formatter)
@@ -246,6 +249,24 @@ def _evaluate_parser(sub) -> None:
     _add(em, "--no_cleanlab", action="store_true", help="skip the cleanlab baseline (K more trainings per seed)")
     _add(ec, "--fraction", type=float, default=0.1, help="share of the training set to remove or relabel")
     _add(ec, "--action", choices=["remove", "relabel"], default="remove")
+    _lds_parser(evs)
+
+
+def _lds_parser(evs) -> None:
+    el = evs.add_parser("lds", help="linear datamodeling score: retrain on random halves, correlate with summed scores",
+                        formatter_class=_Formatter)
+    _add(el, "--data", default="digits", choices=["digits", "mnist1d"], help="digits (scikit-learn) or mnist1d (generated offline)")
+    _add(el, "--model", default="mlp", choices=["mlp", "cnn"], help="an MLP or a small CNN without normalisation layers")
+    _add(el, "--optimizer", default="sgd", choices=["sgd", "adamw"], help="sgd: momentum 0.9; adamw: torch's defaults")
+    _add(el, "--epochs", type=int, default=20)
+    _add(el, "--learning_rate", type=float, help="default: 0.05 (sgd), 0.003 (adamw)")
+    _add(el, "--subsets", type=int, default=100, help="random halves of the training set, each retrained")
+    _add(el, "--seeds", type=int, default=3, help="retrainings per half, averaged")
+    _add(el, "--n_test", type=int, default=100)
+    _add(el, "--methods", nargs="+", default=["default", "plain"],
+         help="method presets to score (default: tracin's defaults; plain: precondition none; kfac_last, cosine, margin, final)")
+    _add(el, "--output_dir", type=Path, required=True, help="where the table (lds.csv) and the retraining cache go")
+    _add(el, "--quiet", action="store_true")
 
 
 def _demo_parser(sub) -> None:

@@ -46,6 +46,10 @@ class InfluenceJob:
     measurement: str = "loss"  # what the test images' gradients are of: "loss" or "margin"
     own: Optional[OwnModel] = None  # a model trained outside 'tracin train'
     scoring: ScoringConfig = field(default_factory=lambda: ScoringConfig(layers="last", batch_size=32))
+    # what self-influence (the mislabel ranking) is scored over: "output_bias" (K-FAC over the output layer's bias,
+    # the best detector measured in docs/quality.md; the last layer when the model has no output bias) or "same"
+    # (the influence scope and settings, in the same pass)
+    self_influence_layers: str = "output_bias"
 
 
 @dataclass
@@ -194,12 +198,25 @@ def _score(run: _Run, hashes: List[str]) -> InfluenceResult:
     volatile = ("progress", "num_workers", "overwrite", "device", "memory_budget")
     key = {"parameters": {k: str(v) for k, v in job_parameters(job).items() if k not in volatile},
            "checkpoints": hashes, "images": images}
-    result = run.tr.influence(run.train_set, run.test_set, top_k=job.top_k, self_influence=job.self_influence,
+    same = job.self_influence and job.self_influence_layers == "same"
+    result = run.tr.influence(run.train_set, run.test_set, top_k=job.top_k, self_influence=same,
                               matrix_path=run.out.file(names.MATRIX_NPY) if job.full_matrix else None,
                               resume_dir=run.out.progress, resume_key=key, keep_progress=True)
     if run.tr.config.progress and result.stats.get("resumed_from_tile"):
         print(f"Resumed an interrupted run after {result.stats['resumed_from_tile']} committed tiles.", file=sys.stderr)
+    if job.self_influence and not same:
+        result.self_influence = _detector(run).self_influence(run.train_set)
     return result
+
+
+def _detector(run: _Run) -> TracIn:
+    """The self-influence scorer of ``--self_influence_layers output_bias``: K-FAC over the output layer's bias (the
+    last layer's parameters when it has no bias), unprojected and unnormalised, on the run's checkpoints."""
+    config = run.tr.config.replace(layers="output_bias", precondition="kfac", projection_dim=None, normalize="none", exclude=())
+    try:
+        return TracIn(run.setup.model, run.setup.checkpoints, device=run.job.device, config=config)
+    except TracInError:  # no trainable bias on the output layer
+        return TracIn(run.setup.model, run.setup.checkpoints, device=run.job.device, config=config.replace(layers="last"))
 
 
 def _predict(run: _Run) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
