@@ -41,7 +41,7 @@ def _setup(n_train: int, n_test: int, device, make_data, mlp, train_with_checkpo
     paths = train_with_checkpoints(model, x[:n_train], y[:n_train], folder, 3, device)
     model.eval()
     # warm-up (thread pools, allocator) so the first timed method is not charged for it
-    TracIn(model, Checkpoint.discover(folder), device=device, progress=False).influence_matrix(
+    TracIn(model, Checkpoint.discover(folder), device=device, progress=False, precondition="none").influence_matrix(
         TensorDataset(x[:64], y[:64]), TensorDataset(x[:2], y[:2]))
     return model, TensorDataset(x[:n_train], y[:n_train]), (x[n_train:], y[n_train:]), paths
 
@@ -73,7 +73,7 @@ def lastlayer(device, helpers, batch_size: int = 256, test_sizes=(32, 1024)) -> 
             tx, ty = tx_all[:n_test], ty_all[:n_test]
             test = TensorDataset(tx, ty)
             exact, t_ours = timed(lambda: TracIn(model, Checkpoint.discover(tmp), layers="last", device=device,
-                                                  batch_size=batch_size, progress=False).influence_matrix(train, test), device)
+                                                  batch_size=batch_size, progress=False, precondition="none").influence_matrix(train, test), device)
             rows.append({"method": f"tracin last layer (exact, bias incl.), {n_test} test", "seconds": t_ours,
                          "max_rel_diff": 0.0, **compare(exact, exact)})
             model.to(device)
@@ -131,7 +131,7 @@ def lastlayer_sweep(device, helpers, batch_size: int = 256, test_sizes=(32, 1024
             ours, theirs = [], []
             for _ in range(repeats):
                 exact, t = timed(lambda: TracIn(model, Checkpoint.discover(tmp), layers="last", device=device,
-                                                 batch_size=batch_size, progress=False).influence_matrix(train, test), device)
+                                                 batch_size=batch_size, progress=False, precondition="none").influence_matrix(train, test), device)
                 ours.append(t)
                 model.to(device)
                 peer, t = timed(lambda: TracInCPFast(model, model[3], on_device(train, device), [str(p) for p in paths], load,
@@ -153,11 +153,11 @@ def projection(device, helpers, batch_size: int = 256) -> List[Dict]:
         for n_test in (32, 1024):
             test = TensorDataset(tx[:n_test], ty[:n_test])
             exact, t_exact = timed(lambda: TracIn(model, ckpts, device=device, batch_size=batch_size,
-                                                   progress=False).influence_matrix(train, test), device)
+                                                   progress=False, precondition="none").influence_matrix(train, test), device)
             rows.append({"method": f"exact, {n_test} test", "seconds": t_exact, **compare(exact, exact)})
             for kind in ("gaussian", "rademacher", "sparse"):
                 approx, t = timed(lambda: TracIn(model, ckpts, device=device, batch_size=batch_size, progress=False,
-                                                  projection_dim=1024, projection=kind, seed=0).influence_matrix(train, test), device)
+                                                  projection_dim=1024, projection=kind, seed=0, precondition="none").influence_matrix(train, test), device)
                 rows.append({"method": f"projection 1024 {kind}, {n_test} test", "seconds": t, "speedup": t_exact / t,
                              **compare(exact, approx)})
     return rows
@@ -184,11 +184,11 @@ def projection_conv(device, helpers, batch_size: int = 64) -> List[Dict]:
         ckpts = Checkpoint.discover(tmp)
         test = TensorDataset(tx, ty)
         exact, t_exact = timed(lambda: TracIn(model, ckpts, device=device, batch_size=batch_size,
-                                               progress=False).influence_matrix(train, test), device)
+                                               progress=False, precondition="none").influence_matrix(train, test), device)
         rows.append({"method": "exact (conv layers materialised)", "seconds": t_exact, **compare(exact, exact)})
         for dim in (1024, 4096):
             approx, t = timed(lambda: TracIn(model, ckpts, device=device, batch_size=batch_size, progress=False,
-                                              projection_dim=dim, seed=0).influence_matrix(train, test), device)
+                                              projection_dim=dim, seed=0, precondition="none").influence_matrix(train, test), device)
             rows.append({"method": f"projection {dim} gaussian", "seconds": t, "speedup": t_exact / t, **compare(exact, approx)})
     return rows
 
@@ -200,10 +200,10 @@ def selfinfluence(device, helpers, batch_size: int = 256, with_slow_peer: bool =
     with tempfile.TemporaryDirectory() as tmp:
         model, train, _, paths = _setup(50_000, 1, device, *helpers, Path(tmp))
         ckpts = Checkpoint.discover(tmp)
-        exact_all, t_all = timed(lambda: TracIn(model, ckpts, device=device, batch_size=batch_size, progress=False).self_influence(train), device)
+        exact_all, t_all = timed(lambda: TracIn(model, ckpts, device=device, batch_size=batch_size, progress=False, precondition="none").self_influence(train), device)
         rows.append({"method": "tracin all layers (exact)", "seconds": t_all})
         exact_last, t_last = timed(lambda: TracIn(model, ckpts, layers="last", device=device, batch_size=batch_size,
-                                                   progress=False).self_influence(train), device)
+                                                   progress=False, precondition="none").self_influence(train), device)
         rows.append({"method": "tracin last layer (exact)", "seconds": t_last})
         model.to(device)
         fast = lambda: TracInCPFast(model, model[3], on_device(train, device), [str(p) for p in paths], captum_loader(device),  # noqa: E731
@@ -231,7 +231,7 @@ def scaling(device, helpers, out_png: Path, batch_size: int = 256) -> List[Dict]
     with tempfile.TemporaryDirectory() as tmp:
         model, train, (tx, ty), _ = _setup(32_768, 1024, device, *helpers, Path(tmp))
         ckpts = Checkpoint.discover(tmp)
-        tr = TracIn(model, ckpts, device=device, batch_size=batch_size, progress=False)
+        tr = TracIn(model, ckpts, device=device, batch_size=batch_size, progress=False, precondition="none")
         for n in (1024, 4096, 16_384, 32_768):
             sub = TensorDataset(*train[:n])
             _, t = timed(lambda: tr.influence(sub, TensorDataset(tx[:32], ty[:32]), top_k=10), device)

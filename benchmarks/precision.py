@@ -47,7 +47,7 @@ def accuracy(device: torch.device) -> list:
         ckpts, raw = perturbed_checkpoints(model, [0.1, 0.05])
         want = reference_matrix(model, raw, all_module_names(model), train, test)
         for precision in PRECISIONS:
-            got = TracIn(model, ckpts, device=device, batch_size=8, progress=False, precision=precision).influence_matrix(
+            got = TracIn(model, ckpts, device=device, batch_size=8, progress=False, precision=precision, precondition="none").influence_matrix(
                 TensorDataset(*train), TensorDataset(*test))
             rows.append({"model": kind, "precision": precision, "max_rel_err": rel_err(got, want),
                          "spearman": compare(want.float(), got, top=5)["spearman"]})
@@ -63,7 +63,7 @@ def speed(device: torch.device, n_train: int, n_test: int, batch_size: int, repe
         train_with_checkpoints(model, x[:n_train], y[:n_train], Path(tmp), 3, device)
         model.eval()
         ckpts = Checkpoint.discover(tmp)
-        scorers = {p: TracIn(model, ckpts, device=device, batch_size=batch_size, progress=False, precision=p) for p in PRECISIONS}
+        scorers = {p: TracIn(model, ckpts, device=device, batch_size=batch_size, progress=False, precision=p, precondition="none") for p in PRECISIONS}
         matrices = {p: tr.influence_matrix(train, test) for p, tr in scorers.items()}  # also warms every path up
         times = {p: [] for p in PRECISIONS}
         for _ in range(repeats):

@@ -89,7 +89,7 @@ def one(T, mode):
         scores = peer(model, ckpts, train, test)
     else:
         extra = {"projection_dim": 256} if mode == "projected" else {}
-        tr = TracIn(model, ckpts, layers="all", exclude=EXCLUDE, batch_size=8, progress=False, **extra)
+        tr = TracIn(model, ckpts, layers="all", exclude=EXCLUDE, batch_size=8, progress=False, **extra, precondition="none")
         scores = tr.influence_matrix(train, test)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base

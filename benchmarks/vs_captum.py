@@ -104,7 +104,7 @@ def run_workload(name: str, n_train: int, n_test: int, n_ckpt: int, device: torc
 
         def ours_matrix():  # checkpoint discovery and loading included in the time
             tr = TracIn(model, Checkpoint.discover(tmp), layers="all", device=device, batch_size=batch_size, progress=False,
-                        precision=precision)
+                        precision=precision, precondition="none")
             return tr, tr.influence_matrix(train, test)
 
         def captum_matrix():
