@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tracin import TracIn
 from tracin.workflows.image.setup import image_setup
-from tracin.layers.precondition import kfac_layers
+from tracin.engine.scope import kfac_layers
 
 
 def main() -> None:

@@ -107,3 +107,20 @@ def test_functions_are_short_and_take_few_parameters():
                     wide.append(f"{name}.{node.name} ({count})")
     assert not long, f"functions over 80 lines: {long}"
     assert not wide, f"parameter lists over 8: {wide}"
+
+
+SCRIPTS = sorted(p for folder in ("benchmarks", "examples") for p in (SRC.parents[1] / folder).glob("*.py"))
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_benchmarks_and_examples_import_names_the_package_has(script):
+    """Scripts outside the tests are not run by them; a name moved in the package must not leave them broken."""
+    import importlib
+    import importlib.util
+
+    for node in ast.walk(ast.parse(script.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "tracin":
+            module = importlib.import_module(node.module)
+            missing = [a.name for a in node.names
+                       if not hasattr(module, a.name) and importlib.util.find_spec(f"{node.module}.{a.name}") is None]
+            assert not missing, f"{script.name} imports {missing} from {node.module}, which has no such name"
