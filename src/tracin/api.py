@@ -242,7 +242,7 @@ class TracIn:
         sink = TopKSink(top_k, plan.offset, state, disk)
         cache = self._cached_test if self._cached_test is not None and self._cached_test.dataset is test_dataset else None
         with self._scheduler(modes=cache.modes if cache is not None else None) as run:
-            self._fitted(run, plan.loader, keep=cache is None and not self_influence)
+            self._fitted(run, plan.loader, keep=run.one_sided(self_influence, cache is not None))
             if state is not None and state.plan:
                 run.plan.update(state.plan)
             selfs = run.influence(plan.loader, test, sink, with_self=self_influence, cached=cache.chunks if cache else None,
@@ -342,7 +342,7 @@ class TracIn:
         test = self._test_loader(test_dataset)
         acc = MatrixAccumulator(dataset_size(test), plan.n_local)
         with self._scheduler() as run:
-            self._fitted(run, plan.loader, keep=True)
+            self._fitted(run, plan.loader, keep=run.one_sided(with_self=False, cached=False))
             run.influence(plan.loader, test, acc.update)
         self.last_stats = dict(run.stats)
         return plan.spread(torch.cat(all_gather(acc.matrix), dim=1))

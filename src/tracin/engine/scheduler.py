@@ -12,6 +12,7 @@ batches sees every checkpoint in turn.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
@@ -22,6 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .capture import EXACT, BatchCapture
+from .preconditioning import Preconditioning
 from ..checkpoints import Checkpoint, weights_for
 from .loaders import dataset_size, loader_from, numbered_batches
 from .resume import ProgressHook
@@ -90,9 +92,7 @@ class Scheduler:
         self.stats: Dict[str, object] = {"checkpoint_loads": 0, "tiles": 0, "test_chunks": 0}
         self.plan: Dict[str, int] = {}  # chunk_examples and tile_limit in use; preset to repeat a run's tiling
         self._max_elements = max(2**16, min(DEFAULT_MAX_ELEMENTS, self.budget // 16))
-        self._sides: Dict[str, str] = {}  # what -> the preconditioner's side (empty: both sides whitened)
-        self._kept: Optional[Dict[Tuple[int, int], FactorDict]] = None  # (checkpoint, first example) -> raw fit factors
-        self._kept_bytes = 0
+        self.preconditioning = Preconditioning(self, self.preconditioner) if self.preconditioner is not None else None
 
     def _layer_runs(self) -> Dict[str, LayerRun]:
         """Each handler's settings for this run: the forced or repeated kernel, and the transforms."""
@@ -172,13 +172,10 @@ class Scheduler:
     def _factors(self, batch, what: str, first_index: int) -> FactorDict:
         """Factors of a batch: of the task's loss for training examples, of the measurement for test examples."""
         task = self.measurement if what == "test" and self.measurement is not None else self.task
-        if self.preconditioner is not None:
-            self.preconditioner.side = self._sides.get(what, "both")
-            kept = self._kept.get((self._loaded, first_index)) if self._kept and self.preconditioner.side == "key" else None
+        if self.preconditioning is not None:
+            kept = self.preconditioning.factors(what, self._loaded, first_index)  # type: ignore[arg-type]
             if kept is not None:  # the fit pass computed this batch's raw factors at this checkpoint already
-                with torch.no_grad():
-                    return {h.name: None if kept.get(h.name) is None else h.transform(kept[h.name], self.runs[h.name])
-                            for h in self.handlers if h.hooked}
+                return kept
         return self.capture.factors(self.model, task, batch, what, first_index)
 
     def fit_preconditioner(self, train: DataLoader, keep: bool = False) -> bool:
@@ -188,40 +185,17 @@ class Scheduler:
         ``keep``: also keep the fit pass's raw training factors while they fit in a quarter of the budget, so the
         next :meth:`influence` pairs them (on the unwhitened side) instead of running that pass again.
         Returns False when ``precondition="auto"`` found a layer K-FAC cannot cover and the run is plain instead."""
-        assert self.preconditioner is not None
-        if self.config.precondition == "auto" and not self._kfac_applies(train):
+        assert self.preconditioning is not None
+        if not self.preconditioning.fit(train, keep):
+            self.preconditioner = self.preconditioning = None
             return False
-        self._kept, self._kept_bytes = ({} if keep else None), 0
-        self.preconditioner.fit(_FitSource(self, train))
         self._loaded = None  # the next load selects the fitted whiteners
         return True
 
-    def _kfac_applies(self, train: DataLoader) -> bool:
-        """For ``precondition="auto"``: decide the exact layers first (on the first training batch); when a layer
-        needs exact per-example passes, which K-FAC does not cover, the run goes on as plain TracIn (with a warning)."""
-        for run in self.runs.values():
-            run.preconditioner = None
-        self._detect(train)
-        exact = [name for name, run in self.runs.items() if run.mode == EXACT]
-        if exact:
-            warnings.warn(f"precondition='auto' scores plain TracIn: {exact[0]!r} needs exact per-example passes, which "
-                          "K-FAC does not cover (precondition='none' says so up front; exclude= the layer to keep K-FAC).",
-                          stacklevel=3)
-            self.preconditioner = None
-            return False
-        for run in self.runs.values():
-            run.preconditioner = self.preconditioner
-        return True
-
-    def _keep(self, first: int, raw: FactorDict) -> None:
-        """Keep one fit batch's raw factors (:meth:`fit_preconditioner`), or give up keeping once over budget."""
-        if self._kept is None:
-            return
-        self._kept_bytes += sum(t.numel() * t.element_size() for r in raw.values() if r is not None for t in r[:2])
-        if self._kept_bytes > self.budget // 4:
-            self._kept = None
-        else:
-            self._kept[(self._loaded, first)] = raw
+    def one_sided(self, with_self: bool, cached: bool) -> bool:
+        """Whether an influence pass applies the preconditioner to the test side only, pairing the fit pass's own
+        training factors: not with self-influence, normalised scores or cached test factors (both sides whitened)."""
+        return self.preconditioning is not None and not (with_self or cached) and self.normalize == "none"
 
     # -- kernels over blocks -----------------------------------------------------------------
     def _pair(self, test: FactorDict, train: FactorDict) -> Optional[torch.Tensor]:
@@ -354,12 +328,9 @@ class Scheduler:
         bar = tqdm(total=n_train * C * n_test_total, desc="TracIn train stream", unit="pair", unit_scale=True,
                    disable=not self.progress, leave=False)
         self.stats["test_chunks"] = 0
-        one_sided = cached is None and not with_self and self.normalize == "none"
-        self._sides = {"test": "query", "training": "key"} if one_sided else {}
-        try:
+        one_sided = self.one_sided(with_self, cached is not None)
+        with self.preconditioning.pairing(one_sided) if self.preconditioning is not None else nullcontext():
             n_test = self._stream(chunks, train, sink, self_scores, hook, bar)
-        finally:
-            self._sides, self._kept = {}, None
         bar.close()
         self.stats["seconds"] = time.perf_counter() - start
         self.stats["n_train"], self.stats["n_test"] = n_train, n_test
@@ -539,25 +510,3 @@ class Scheduler:
             count += b
         if tile:
             yield tile
-
-
-class _FitSource:
-    """A scheduler's training data as the K-FAC fit reads it (:class:`tracin.layers.precondition.FitData`)."""
-
-    def __init__(self, run: Scheduler, train: DataLoader):
-        self.run, self.train = run, train
-        self.checkpoints, self.device, self.dtype = len(run.checkpoints), run.device, run.dtype
-        self.budget_bytes, self.total, self.progress = run.budget // 4, dataset_size(train), run.progress
-
-    def at_checkpoints(self) -> Iterator[Tuple[int, int, object]]:
-        return self.run._at_checkpoints(self.train)
-
-    def at_checkpoint(self, c: int) -> Iterator[Tuple[int, object]]:
-        self.run._load(c)
-        return self.run._numbered(self.train)
-
-    def raw_factors(self, first: int, batch: object) -> Tuple[int, FactorDict]:
-        run = self.run
-        factors = run.capture.factors(run.model, run.task, run.task.to_device(batch, run.device), "training", first, raw=True)
-        run._keep(first, factors)
-        return run.task.batch_size(batch), factors
