@@ -55,7 +55,8 @@ def test_cnn_targets_on_mnist1d_shapes():
     setting = LDSSetting(data="mnist1d", model="cnn", **TINY)
     (x, y), (xt, yt) = lds.load_data(setting)
     assert x.shape == (4000, 1, 40) and xt.shape == (5, 1, 40) and y.dtype == torch.long
-    masks, target = lds.targets(LDSSetting(data="digits", model="cnn", **TINY), log=lambda _: None)
+    digits_cnn = LDSSetting(data="digits", model="cnn", **TINY)
+    masks, target = lds.targets(digits_cnn, lds.load_data(digits_cnn), log=lambda _: None)
     assert masks.shape == (6, 1200) and target.shape == (6, 5) and torch.isfinite(target).all()
 
 

@@ -201,13 +201,15 @@ def margins(build: Callable[[], nn.Module], params: Dict[str, torch.Tensor], tes
     return logits.gather(2, index).squeeze(2) - torch.logsumexp(logits.scatter(2, index, float("-inf")), dim=2)
 
 
-def targets(setting: LDSSetting, cache_dir: Optional[Path] = None, log: Callable[[str], None] = print) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(masks [subsets, n_train] bool, target margins [subsets, n_test]), retrained or read from ``cache_dir``."""
+def targets(setting: LDSSetting, data: Tuple[Tensors, Tensors], cache_dir: Optional[Path] = None,
+            log: Callable[[str], None] = print) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(masks [subsets, n_train] bool, target margins [subsets, n_test]) on ``data`` (:func:`load_data`'s train and
+    test), retrained or read from ``cache_dir``."""
     path = Path(cache_dir) / f"lds_{setting.data}_{setting.model}_{setting.optimizer}_{setting.key()}.npz" if cache_dir else None
     if path is not None and path.exists():
         with np.load(path, allow_pickle=False) as cached:
             return torch.from_numpy(cached["masks"]), torch.from_numpy(cached["targets"])
-    train, test = load_data(setting)
+    train, test = data
     build = model_factory(setting)
     masks = torch.rand(setting.subsets, len(train[0]), generator=torch.Generator().manual_seed(setting.seed + 1)) < 0.5
     start = time.perf_counter()
@@ -255,8 +257,8 @@ def evaluate(setting: LDSSetting, methods: Dict[str, Dict], cache_dir: Optional[
              log: Callable[[str], None] = print) -> List[LDSRow]:
     """The LDS of each method (a name -> :class:`tracin.TracIn` keywords; ``"checkpoints": "final"`` scores the
     last checkpoint only) on ``setting``; retrained targets from ``cache_dir`` when there."""
-    masks, target = targets(setting, cache_dir, log)
     train, test = load_data(setting)
+    masks, target = targets(setting, (train, test), cache_dir, log)
     model, checkpoints = train_full(setting, model_factory(setting), train)
     rows = []
     for name, keywords in methods.items():
