@@ -7,7 +7,8 @@ checkpoint is loaded once and applied to all of the tile's batches, and the tile
 (summed over checkpoints, each weighted by its learning rate) are handed to the accumulators —
 so top-k lists are exact top-k of the checkpoint-summed TracIn score. Passes over the training
 data alone (self-influence, gradient stores, the K-FAC fit) also read it once: each group of raw
-batches sees every checkpoint in turn.
+batches sees every checkpoint in turn. The test side lives in :mod:`tracin.engine.chunks`, the K-FAC
+preconditioner's part in the passes in :mod:`tracin.engine.preconditioning`.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .capture import EXACT, BatchCapture
+from . import chunks
 from .preconditioning import Preconditioning
 from ..checkpoints import Checkpoint, weights_for
 from .loaders import dataset_size, loader_from, numbered_batches
@@ -30,14 +32,13 @@ from .resume import ProgressHook
 from ..config import ScoringConfig
 from ..device import default_memory_budget, set_float32_math
 from ..errors import TracInError
-from .blocks import FactorDict, batch_bytes, factor_bytes, factor_rows, merge_blocks
+from .blocks import FactorDict, batch_bytes, factor_bytes
 from ..layers.base import LayerHandler, LayerRun
 from ..layers.factors import DEFAULT_MAX_ELEMENTS
 from ..layers.precondition import KFAC
 from ..layers.projection import Projector
 from ..tasks.base import Task
 
-STAGING_BYTES = 1 << 30  # raw test batches held in host memory before their factors are computed
 TileSink = Callable[[slice, torch.Tensor, int], None]  # (test rows, scores [m, n_tile], first train index)
 
 
@@ -220,78 +221,9 @@ class Scheduler:
         return squared.clamp_min(torch.finfo(self.dtype).tiny).sqrt()
 
     # -- passes --------------------------------------------------------------------------------
-    def _stage(self, staged: List[Tuple[int, object]], per_checkpoint: List[List[FactorDict]]) -> None:
-        """Test factors of the ``staged`` raw batches at every checkpoint (each loaded once), appended
-        to ``per_checkpoint``; the raw batches are released."""
-        if not staged:
-            return
-        for c, factors in enumerate(per_checkpoint):
-            self._load(c)
-            for first, batch in staged:
-                factors.append(self._factors(self.task.to_device(batch, self.device), "test", first))
-        staged.clear()
-
-    def _chunk_cache(self, per_checkpoint: List[List[FactorDict]]) -> list:
-        """For each checkpoint: the chunk's test factors merged into few blocks (row offset within the
-        chunk, factors), and the test gradients' norms [m] when scores are cosine-normalised."""
-        cache = []
-        for per_batch in per_checkpoint:
-            norms = None
-            if self.normalize == "cosine":
-                norms = self._norms(torch.cat([self._self(f, factor_rows(f)) for f in per_batch]))
-            cache.append((merge_blocks(per_batch), norms))
-        return cache
-
-    def _chunk_examples(self, first_batch) -> int:
-        """Test examples per chunk, so that a chunk's factors for every checkpoint fit in half the
-        budget. Probes one batch at the first checkpoint (once; a preset plan is kept)."""
-        self._detect(self._detect_source, first_batch)  # on the training data when the run has it
-        if "chunk_examples" not in self.plan:
-            if self._loaded != 0:
-                self._load(0)
-            probe = self._factors(self.task.to_device(first_batch, self.device), "test", 0)
-            per_test = factor_bytes(probe) / max(1, self.task.batch_size(first_batch))
-            self.plan["chunk_examples"] = max(1, int(self.budget * 0.5 // max(1.0, len(self.checkpoints) * per_test)))
-        return self.plan["chunk_examples"]
-
     def test_chunks(self, test: DataLoader, skip: Optional[Callable[[int], bool]] = None) -> Iterator[Tuple[slice, Optional[list]]]:
-        """(rows, cache) for each chunk of the test set, reading ``test`` once; ``cache`` is
-        :meth:`_chunk_cache`'s per-checkpoint factors, or None for a chunk whose first row ``skip``
-        names (finished by an interrupted run: its factors are not computed).
-
-        Raw test batches wait in host memory only until at most ``STAGING_BYTES`` of them are
-        staged; then every checkpoint is loaded once and their factors are computed, so a test set
-        of any size needs memory for its factors, not for its decoded inputs."""
-        chunk_examples = start = end = staged_bytes = 0
-        finished = False  # the current chunk was finished by an interrupted run
-        staged: List[Tuple[int, object]] = []
-        per_checkpoint: List[List[FactorDict]] = [[] for _ in self.checkpoints]
-
-        def close() -> Tuple[slice, Optional[list]]:
-            self._stage(staged, per_checkpoint)
-            return slice(start, end), (None if finished else self._chunk_cache(per_checkpoint))
-
-        for first, batch in self._numbered(test):
-            b = self.task.batch_size(batch)
-            new_chunk = not chunk_examples
-            if new_chunk:
-                chunk_examples = self._chunk_examples(batch)
-            elif first > start and first + b - start > chunk_examples:
-                yield close()
-                per_checkpoint = [[] for _ in self.checkpoints]
-                start, staged_bytes, new_chunk = first, 0, True
-            if new_chunk:
-                finished = skip is not None and skip(start)
-            end = first + b
-            if finished:
-                continue
-            staged.append((first, batch))
-            staged_bytes += batch_bytes(batch)
-            if staged_bytes > STAGING_BYTES:
-                self._stage(staged, per_checkpoint)
-                staged_bytes = 0
-        if end > start:
-            yield close()
+        """(rows, cache) for each chunk of the test set, reading ``test`` once (:func:`tracin.engine.chunks.test_chunks`)."""
+        return chunks.test_chunks(self, test, skip)
 
     def cache_test(self, test: DataLoader) -> List[Tuple[slice, list]]:
         """Every test chunk's factors for every checkpoint, computed now (for reuse across calls)."""
@@ -320,7 +252,7 @@ class Scheduler:
         n_train = dataset_size(train)
         C = len(self.checkpoints)
         skip = hook.chunk_finished if hook is not None else None
-        chunks = iter(cached) if cached is not None else self.test_chunks(test, skip)  # type: ignore[arg-type]
+        stream = iter(cached) if cached is not None else self.test_chunks(test, skip)  # type: ignore[arg-type]
         self_scores = None
         if with_self:
             self_scores = initial_self.to(self.device) if initial_self is not None else torch.zeros(n_train, device=self.device, dtype=self.dtype)
@@ -330,18 +262,18 @@ class Scheduler:
         self.stats["test_chunks"] = 0
         one_sided = self.one_sided(with_self, cached is not None)
         with self.preconditioning.pairing(one_sided) if self.preconditioning is not None else nullcontext():
-            n_test = self._stream(chunks, train, sink, self_scores, hook, bar)
+            n_test = self._stream(stream, train, sink, self_scores, hook, bar)
         bar.close()
         self.stats["seconds"] = time.perf_counter() - start
         self.stats["n_train"], self.stats["n_test"] = n_train, n_test
         return self_scores
 
-    def _stream(self, chunks, train: DataLoader, sink: TileSink, self_scores: Optional[torch.Tensor],
+    def _stream(self, stream, train: DataLoader, sink: TileSink, self_scores: Optional[torch.Tensor],
                 hook: Optional[ProgressHook], bar) -> int:
         """The body of :meth:`influence`: every test chunk against the training tiles; returns the test examples seen.
         (A test chunk's factors are computed as the chunk is reached, so the preconditioner's sides hold throughout.)"""
         n_train, C, n_test = dataset_size(train), len(self.checkpoints), 0
-        for chunk_index, (rows, cache) in enumerate(chunks):
+        for chunk_index, (rows, cache) in enumerate(stream):
             m = rows.stop - rows.start
             n_test += m
             self.stats["test_chunks"] = chunk_index + 1
@@ -458,13 +390,13 @@ class Scheduler:
 
     def _groups(self, loader: DataLoader) -> Iterator[List[Tuple[int, object]]]:
         """Consecutive raw batches (index of the first example, batch) in host-memory groups of about
-        ``STAGING_BYTES`` (at least one batch), so a pass over every checkpoint reads the data once."""
+        ``chunks.STAGING_BYTES`` (at least one batch), so a pass over every checkpoint reads the data once."""
         group: List[Tuple[int, object]] = []
         size = 0
         for first, batch in self._numbered(loader):
             group.append((first, batch))
             size += batch_bytes(batch)
-            if size > STAGING_BYTES:
+            if size > chunks.STAGING_BYTES:
                 yield group
                 group, size = [], 0
         if group:

@@ -1,0 +1,93 @@
+"""The test side of an influence pass: the test set in chunks, each chunk's factors computed once per checkpoint.
+
+A chunk is sized so that its factors for every checkpoint fit in half the memory budget (probed on the first batch);
+raw test batches are staged in host memory up to ``STAGING_BYTES`` and then run through every checkpoint, each loaded
+once. ``run`` is the :class:`tracin.engine.scheduler.Scheduler` whose model, checkpoints and plan are used.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator, List, Optional, Tuple
+
+import torch
+from torch.utils.data import DataLoader
+
+from .blocks import FactorDict, batch_bytes, factor_bytes, factor_rows, merge_blocks
+
+STAGING_BYTES = 1 << 30  # raw test batches held in host memory before their factors are computed
+
+
+def _stage(run, staged: List[Tuple[int, object]], per_checkpoint: List[List[FactorDict]]) -> None:
+    """Test factors of the ``staged`` raw batches at every checkpoint (each loaded once), appended
+    to ``per_checkpoint``; the raw batches are released."""
+    if not staged:
+        return
+    for c, factors in enumerate(per_checkpoint):
+        run._load(c)
+        for first, batch in staged:
+            factors.append(run._factors(run.task.to_device(batch, run.device), "test", first))
+    staged.clear()
+
+
+def _chunk_cache(run, per_checkpoint: List[List[FactorDict]]) -> list:
+    """For each checkpoint: the chunk's test factors merged into few blocks (row offset within the
+    chunk, factors), and the test gradients' norms [m] when scores are cosine-normalised."""
+    cache = []
+    for per_batch in per_checkpoint:
+        norms = None
+        if run.normalize == "cosine":
+            norms = run._norms(torch.cat([run._self(f, factor_rows(f)) for f in per_batch]))
+        cache.append((merge_blocks(per_batch), norms))
+    return cache
+
+
+def _chunk_examples(run, first_batch) -> int:
+    """Test examples per chunk, so that a chunk's factors for every checkpoint fit in half the
+    budget. Probes one batch at the first checkpoint (once; a preset plan is kept)."""
+    run._detect(run._detect_source, first_batch)  # on the training data when the run has it
+    if "chunk_examples" not in run.plan:
+        if run._loaded != 0:
+            run._load(0)
+        probe = run._factors(run.task.to_device(first_batch, run.device), "test", 0)
+        per_test = factor_bytes(probe) / max(1, run.task.batch_size(first_batch))
+        run.plan["chunk_examples"] = max(1, int(run.budget * 0.5 // max(1.0, len(run.checkpoints) * per_test)))
+    return run.plan["chunk_examples"]
+
+
+def test_chunks(run, test: DataLoader, skip: Optional[Callable[[int], bool]] = None) -> Iterator[Tuple[slice, Optional[list]]]:
+    """(rows, cache) for each chunk of the test set, reading ``test`` once; ``cache`` is
+    :func:`_chunk_cache`'s per-checkpoint factors, or None for a chunk whose first row ``skip``
+    names (finished by an interrupted run: its factors are not computed).
+
+    Raw test batches wait in host memory only until at most ``STAGING_BYTES`` of them are
+    staged; then every checkpoint is loaded once and their factors are computed, so a test set
+    of any size needs memory for its factors, not for its decoded inputs."""
+    chunk_examples = start = end = staged_bytes = 0
+    finished = False  # the current chunk was finished by an interrupted run
+    staged: List[Tuple[int, object]] = []
+    per_checkpoint: List[List[FactorDict]] = [[] for _ in run.checkpoints]
+
+    def close() -> Tuple[slice, Optional[list]]:
+        _stage(run, staged, per_checkpoint)
+        return slice(start, end), (None if finished else _chunk_cache(run, per_checkpoint))
+
+    for first, batch in run._numbered(test):
+        b = run.task.batch_size(batch)
+        new_chunk = not chunk_examples
+        if new_chunk:
+            chunk_examples = _chunk_examples(run, batch)
+        elif first > start and first + b - start > chunk_examples:
+            yield close()
+            per_checkpoint = [[] for _ in run.checkpoints]
+            start, staged_bytes, new_chunk = first, 0, True
+        if new_chunk:
+            finished = skip is not None and skip(start)
+        end = first + b
+        if finished:
+            continue
+        staged.append((first, batch))
+        staged_bytes += batch_bytes(batch)
+        if staged_bytes > STAGING_BYTES:
+            _stage(run, staged, per_checkpoint)
+            staged_bytes = 0
+    if end > start:
+        yield close()
