@@ -7,7 +7,7 @@ from helpers import CNN, CountingDataset, DEVICE, kfac_reference_matrix, MLP, pe
 from tracin import TracIn
 from tracin.errors import TracInError
 from tracin.config import ScoringConfig
-from tracin.layers.precondition import whitener
+from tracin.layers.precondition import CovarianceSums, fit_whiteners, whitener
 
 TOL = 1e-4
 CNN_LAYERS = ["conv1", "conv2", "conv3", "fc"]  # conv2: grouped, dilated, reflect-padded, no bias
@@ -115,6 +115,25 @@ def test_whitener_inverts_the_damped_factor_and_leaves_a_zero_factor_alone():
     want = torch.linalg.inv(S + lam[:, None, None] * torch.eye(5, dtype=S.dtype))
     assert torch.allclose(W @ W.transpose(1, 2), want, rtol=1e-10, atol=1e-12)
     assert torch.equal(whitener(torch.zeros(1, 3, 3), 0.1), torch.eye(3, dtype=torch.float64).unsqueeze(0))
+
+
+def test_whiteners_of_all_checkpoints_at_once_equal_one_checkpoint_at_a_time():
+    """The batched fit groups a layer's factors by shape over the checkpoints; one checkpoint lacks a layer."""
+    g = torch.Generator().manual_seed(1)
+    sums = [CovarianceSums(torch.float64, torch.device("cpu")) for _ in range(3)]
+    for c, s in enumerate(sums):
+        for name, da in (("a", 4), ("b", 6)) if c != 1 else (("a", 4),):
+            s.add(name, torch.randn(7, 1, 2, da, generator=g), torch.randn(7, 1, 2, 3, generator=g), ones=name == "b")
+        s.count = 7
+    together = fit_whiteners(sums, 0.1, torch.device("cpu"), torch.float64)
+    assert [sorted(w) for w in together] == [["a", "b"], ["a"], ["a", "b"]]
+    for c, s in enumerate(sums):
+        alone = fit_whiteners([s], 0.1, torch.device("cpu"), torch.float64)[0]
+        for name, (W_in, W_out, P_in, P_out) in alone.items():
+            assert torch.allclose(P_in, W_in @ W_in.transpose(1, 2)) and torch.allclose(P_out, W_out @ W_out.transpose(1, 2))
+            want = torch.linalg.inv(s.sums[name][0][0] / 7 + 0.1 * torch.diagonal(s.sums[name][0][0] / 7).mean() * torch.eye(P_in.shape[-1], dtype=torch.float64))
+            assert torch.allclose(P_in[0], want, rtol=1e-10, atol=1e-12)
+            assert all(torch.allclose(x, y, rtol=1e-12, atol=1e-14) for x, y in zip(together[c][name], alone[name]))
 
 
 class Branchy(torch.nn.Module):

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from .blocks import FactorDict
 from .capture import EXACT
 from .loaders import dataset_size
-from ..layers.precondition import KFAC
+from ..layers.precondition import KFAC, with_ones
 
 
 class Preconditioning:
@@ -110,5 +110,7 @@ class FitSource:
     def raw_factors(self, first: int, batch: object) -> Tuple[int, FactorDict]:
         run = self.run
         factors = run.capture.factors(run.model, run.task, run.task.to_device(batch, run.device), "training", first, raw=True)
+        # the bias column made explicit once, for the statistics and for the kept copy alike (each would copy A)
+        factors = {name: None if r is None else (with_ones(r[0], r[2]), r[1], False, *r[3:]) for name, r in factors.items()}
         self.owner.keep(run._loaded, first, factors)
         return run.task.batch_size(batch), factors

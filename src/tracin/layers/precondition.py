@@ -111,17 +111,31 @@ class CovarianceSums:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for pair in self.sums.values() for t in pair)
 
-    def whiteners(self, damping: float, device: torch.device, dtype: torch.dtype) -> Whiteners:
-        """The whiteners of each layer's factors and their products (the damped inverses), from the statistics summed
-        over every rank."""
-        self.all_reduce()
-        assert self.count > 0, "loaders refuse an empty training set before a fit starts"
-        out: Whiteners = {}
-        for name, pair in self.sums.items():
-            W_in, W_out = (whitener(s / self.count, damping) for s in pair)  # float64: the inverses are formed before rounding
-            factors = (W_in, W_out, W_in @ W_in.transpose(1, 2), W_out @ W_out.transpose(1, 2))
-            out[name] = tuple(t.to(device, dtype) for t in factors)  # type: ignore[assignment]
-        return out
+
+def fit_whiteners(sums: Sequence["CovarianceSums"], damping: float, device: torch.device, dtype: torch.dtype) -> List[Whiteners]:
+    """The whiteners of each layer's factors and their products (the damped inverses) for each checkpoint's
+    statistics in ``sums`` (each summed over every rank first). A layer's factors of all the checkpoints are
+    inverted in one batched call (per checkpoint and layer the calls cost more than the arithmetic on small layers)."""
+    for s in sums:
+        s.all_reduce()
+        assert s.count > 0, "loaders refuse an empty training set before a fit starts"
+    out: List[Whiteners] = [{} for _ in sums]
+    names = {name: None for s in sums for name in s.sums}  # every layer, in the order first met
+    for name in names:
+        for side in (0, 1):
+            # checkpoints grouped by this factor's shape (a data-dependent layer may be absent from some)
+            groups: Dict[Tuple[int, ...], List[int]] = {}
+            for c, s in enumerate(sums):
+                if name in s.sums:
+                    groups.setdefault(tuple(s.sums[name][side].shape), []).append(c)
+            for shape, members in groups.items():
+                stacked = torch.stack([sums[c].sums[name][side] / sums[c].count for c in members])  # [n, g, d, d]
+                W = whitener(stacked.flatten(0, 1), damping).view(stacked.shape)  # float64: inverses before rounding
+                W, P = W.to(device, dtype), (W @ W.transpose(-1, -2)).to(device, dtype)
+                for i, c in enumerate(members):
+                    out[c].setdefault(name, [None] * 4)
+                    out[c][name][side], out[c][name][side + 2] = W[i], P[i]
+    return [{name: tuple(f) for name, f in w.items()} for w in out]  # type: ignore[misc]
 
 
 def whitener(S: torch.Tensor, damping: float) -> torch.Tensor:
@@ -215,7 +229,7 @@ class KFAC:
                 break
             add(c, first, batch)
         if fits:
-            fitted = [s.whiteners(self.damping, device, dtype) for s in sums]
+            fitted = fit_whiteners(sums, self.damping, device, dtype)
         else:
             bar.reset()
             fitted = []
@@ -223,7 +237,7 @@ class KFAC:
                 sums[c] = CovarianceSums(stats_dtype, device)
                 for first, batch in data.at_checkpoint(c):
                     add(c, first, batch)
-                fitted.append(sums[c].whiteners(self.damping, device, dtype))
+                fitted += fit_whiteners(sums[c:c + 1], self.damping, device, dtype)
                 sums[c].sums.clear()
         bar.close()
         self.fit_examples = sums[-1].count
