@@ -5,8 +5,8 @@ settings (digits and mnist1d, an MLP and a small CNN each) and two AdamW ones, t
     python benchmarks/lds_settings.py --output_dir O        # about 10 minutes on 2 CPU cores; retrainings cached in O
 
 Prints one Markdown table per setting: LDS, its 95% bootstrap interval and the scoring seconds of each method, and
-the default's time over plain TracIn's. Peers (Captum, TRAK, kronfluence, dattri) are not run here: they are not
-installed on the development machine (Captum's TracInCP computes plain TracIn, the `plain` row).
+the default's time over plain TracIn's. The peers (Captum, TRAK, kronfluence, dattri) on the same work:
+benchmarks/lds_peers.py; alternatives to K-FAC that were measured and not adopted: benchmarks/lds_preconditioners.py.
 """
 import argparse
 from pathlib import Path
