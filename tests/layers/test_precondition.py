@@ -174,3 +174,33 @@ def test_fit_self_influence_and_stores_read_the_data_once(budget, reads_per_exam
     saved = tr.influence_from_saved(tmp_path / "store", TensorDataset(*test), top_k=3)
     want = kfac_reference_matrix(model, raw, layers, train, test, damping=0.1)
     assert rel_err(saved.proponents.values, want.topk(3, dim=1).values) <= TOL
+
+
+@pytest.mark.parametrize("budget, train_examples_run", [(None, 8 + 2 * 21), (1000, 8 + 21 + 2 * 21 + 2 * 21)])
+def test_influence_pairs_the_fit_pass_training_factors_while_they_fit_the_budget(budget, train_examples_run):
+    """Two checkpoints, 21 training examples; the first batch (8) is probed once for the layers' modes. Budget
+    enough: the fit runs the examples at each checkpoint and the influence pass pairs those factors (no second
+    run). Budget of 1000 bytes: the fit judges after checkpoint 0's group that the statistics do not fit (21) and
+    reads once per checkpoint (2 x 21); keeping the factors would pass the budget, which the first batch already
+    shows, so the influence pass runs the examples again (2 x 21). The scores are the reference's either way."""
+    model, layers, ckpts, raw, train, test = case("mlp")
+    want = kfac_reference_matrix(model, raw, layers, train, test, damping=0.1)
+    seen = []
+    model.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].shape[0]))
+    tr = TracIn(model, ckpts, layers=layers, device=DEVICE, batch_size=8, progress=False, precondition="kfac",
+                memory_budget=budget)
+    assert rel_err(tr.influence_matrix(TensorDataset(*train), TensorDataset(*test)), want) <= TOL
+    assert sum(b for b in seen if b in (8, 5)) == train_examples_run  # training batches of 8, 8, 5; the test's is 6
+
+
+def test_keeping_the_fit_factors_is_given_up_at_the_first_batch_when_the_whole_fit_would_not_fit():
+    from types import SimpleNamespace
+
+    from tracin.engine.preconditioning import Preconditioning
+
+    raw = {"fc": (torch.zeros(10, 1, 1, 25), torch.zeros(10, 1, 1, 25), False, True)}  # 10 examples, 2,000 bytes
+    for budget, kept in ((4 * 2000 * 50, True), (4 * 2000 * 50 - 4, False)):  # 50 batches' worth over the whole fit
+        owner = Preconditioning(SimpleNamespace(budget=budget), kfac=None)
+        owner.kept, owner.expected_examples = {}, 500
+        owner.keep(0, 0, raw)
+        assert (owner.kept is not None) == kept and owner.kept_bytes == (2000 if kept else 0)

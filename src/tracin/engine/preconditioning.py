@@ -31,6 +31,7 @@ class Preconditioning:
         self.sides: Dict[str, str] = {}  # what ("test" / "training") -> the side it is on (empty: both whitened)
         self.kept: Optional[Dict[Tuple[int, int], FactorDict]] = None  # (checkpoint, first example) -> raw fit factors
         self.kept_bytes = 0
+        self.expected_examples = 0
 
     def fit(self, train: DataLoader, keep: bool) -> bool:
         """Fit on ``train`` at every checkpoint; ``keep``: keep the pass's raw factors for a one-sided influence pass
@@ -38,6 +39,7 @@ class Preconditioning:
         if self.run.config.precondition == "auto" and not self._applies(train):
             return False
         self.kept, self.kept_bytes = ({} if keep else None), 0
+        self.expected_examples = dataset_size(train) * len(self.run.checkpoints)  # batches kept over the whole fit
         self.kfac.fit(FitSource(self, train))
         return True
 
@@ -59,10 +61,17 @@ class Preconditioning:
         return True
 
     def keep(self, checkpoint: int, first: int, raw: FactorDict) -> None:
-        """Keep one fit batch's raw factors, or give up keeping once they pass a quarter of the budget."""
+        """Keep one fit batch's raw factors, or give up keeping once they pass a quarter of the budget (at the first
+        batch already when the whole fit, at that batch's bytes per example, would pass it)."""
         if self.kept is None:
             return
-        self.kept_bytes += sum(t.numel() * t.element_size() for r in raw.values() if r is not None for t in r[:2])
+        size = sum(t.numel() * t.element_size() for r in raw.values() if r is not None for t in r[:2])
+        if not self.kept:  # the first batch: when the whole fit at its rate would not fit, give up before keeping any
+            examples = next((r[0].shape[0] for r in raw.values() if r is not None), 1)
+            if size * self.expected_examples / max(1, examples) > self.run.budget // 4:
+                self.kept = None
+                return
+        self.kept_bytes += size
         if self.kept_bytes > self.run.budget // 4:
             self.kept = None
         else:
