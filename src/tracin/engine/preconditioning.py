@@ -39,7 +39,7 @@ class Preconditioning:
         if self.run.config.precondition == "auto" and not self._applies(train):
             return False
         self.kept, self.kept_bytes = ({} if keep else None), 0
-        self.expected_examples = dataset_size(train) * len(self.run.checkpoints)  # batches kept over the whole fit
+        self.expected_examples = dataset_size(train) * len(self.run.checkpoints)  # factor rows a whole fit would keep
         self.kfac.fit(FitSource(self, train))
         return True
 
