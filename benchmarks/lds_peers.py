@@ -31,6 +31,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from tracin import TracIn
+from tracin.tasks.classification import class_margin
 from tracin.workflows.evaluation.lds import LDSRow, LDSRun, LDSSetting, format_row, model_factory, prepare
 
 SETTINGS = {"digits:mlp": LDSSetting(data="digits", model="mlp"), "mnist1d:mlp": LDSSetting(data="mnist1d", model="mlp"),
@@ -51,12 +52,6 @@ class Run:
         model = self.build()
         model.load_state_dict(state)
         return model.eval()
-
-
-def margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """[N] true logit minus the logsumexp of the others (the LDS target's own quantity)."""
-    index = labels.view(-1, 1)
-    return logits.gather(1, index).squeeze(1) - torch.logsumexp(logits.scatter(1, index, float("-inf")), dim=1)
 
 
 def run_tracin(run: Run, keywords: Dict) -> torch.Tensor:
@@ -116,7 +111,7 @@ def run_kronfluence(run: Run) -> torch.Tensor:
 
         def compute_measurement(self, batch, model):
             x, y = batch
-            return -margin(model(x), y).sum()
+            return -class_margin(model(x), y).sum()
 
     task = Classification()
     model = prepare_model(run.fresh(run.states[-1]), task)

@@ -56,17 +56,20 @@ class ClassificationTask(Task):
         return batch[1]
 
 
+def class_margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[...] the true class's logit less the logsumexp of the other logits; logits [..., classes], labels [...]
+    (class indices, broadcast to the logits' leading shape)."""
+    index = labels.expand(logits.shape[:-1]).unsqueeze(-1)
+    return logits.gather(-1, index).squeeze(-1) - torch.logsumexp(logits.scatter(-1, index, float("-inf")), dim=-1)
+
+
 class MarginMeasurement(Task):
     """A measurement for test examples (``TracIn(..., measurement="margin")``): minus the classification margin, the
     true class's logit less the logsumexp of the other logits, for ``(inputs, labels)`` batches. Lower is better, as
     for a loss, so a positive score still means the training example helped: it raised the test example's margin."""
 
     def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        inputs, labels = batch[0], batch[1]
-        logits = model(inputs)
-        true = logits.gather(1, labels.view(-1, 1)).squeeze(1)
-        others = logits.scatter(1, labels.view(-1, 1), float("-inf"))
-        return torch.logsumexp(others, dim=1) - true
+        return -class_margin(model(batch[0]), batch[1])
 
     def labels(self, batch: Batch) -> Optional[torch.Tensor]:
         return batch[1]

@@ -34,6 +34,7 @@ from torch.utils.data import TensorDataset
 from ...api import TracIn
 from ...checkpoints import Checkpoint
 from ...errors import DataError, TracInError
+from ...tasks.classification import class_margin
 from ...io import write_bytes, write_csv
 
 Tensors = Tuple[torch.Tensor, torch.Tensor]  # inputs [N, ...], labels [N]
@@ -197,8 +198,7 @@ def margins(build: Callable[[], nn.Module], params: Dict[str, torch.Tensor], tes
     x, y = test
     with torch.no_grad():
         logits = vmap(lambda p: functional_call(template, p, (x,)))(params)  # [M, n_test, classes]
-    index = y.view(1, -1, 1).expand(logits.shape[0], -1, 1)
-    return logits.gather(2, index).squeeze(2) - torch.logsumexp(logits.scatter(2, index, float("-inf")), dim=2)
+    return class_margin(logits, y)
 
 
 def targets(setting: LDSSetting, data: Tuple[Tensors, Tensors], cache_dir: Optional[Path] = None,
