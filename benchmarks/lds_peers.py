@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from tracin import TracIn
 from tracin.tasks.classification import class_margin
-from tracin.workflows.evaluation.lds import LDSRow, LDSRun, LDSSetting, format_row, model_factory, prepare
+from tracin.workflows.evaluation.lds import LDSRow, LDSRun, LDSSetting, format_row, prepare
 
 SETTINGS = {"digits:mlp": LDSSetting(data="digits", model="mlp"), "mnist1d:mlp": LDSSetting(data="mnist1d", model="mlp"),
             "digits:cnn": LDSSetting(data="digits", model="cnn"), "mnist1d:cnn": LDSSetting(data="mnist1d", model="cnn")}
@@ -45,13 +45,7 @@ class Run:
         self.lds, self.work_dir = lds, work_dir
         self.setting, self.train, self.test = lds.setting, lds.train, lds.test
         self.model, self.checkpoints = lds.model, lds.checkpoints
-        self.build = model_factory(lds.setting)
         self.states = [c.source["model_state_dict"] for c in lds.checkpoints]
-
-    def fresh(self, state: Dict[str, torch.Tensor]) -> nn.Module:
-        model = self.build()
-        model.load_state_dict(state)
-        return model.eval()
 
 
 def run_tracin(run: Run, keywords: Dict) -> torch.Tensor:
@@ -72,7 +66,7 @@ def run_captum(run: Run) -> torch.Tensor:
         model.load_state_dict(payload["model_state_dict"])
         return payload["learning_rate"]
 
-    captum = TracInCP(run.fresh(run.states[-1]), TensorDataset(*run.train), paths, load,
+    captum = TracInCP(run.lds.model_at(-1), TensorDataset(*run.train), paths, load,
                       loss_fn=nn.CrossEntropyLoss(reduction="sum"), batch_size=500, sample_wise_grads_per_batch=True)
     return captum.influence(run.test)
 
@@ -80,7 +74,7 @@ def run_captum(run: Run) -> torch.Tensor:
 def run_trak(run: Run) -> torch.Tensor:
     from trak import TRAKer
 
-    model = run.fresh(run.states[-1])
+    model = run.lds.model_at(-1)
     traker = TRAKer(model=model, task="image_classification", train_set_size=len(run.train[0]),
                     save_dir=str(run.work_dir / "trak"), device="cpu", proj_dim=512, use_half_precision=False,
                     logging_level=40)
@@ -114,7 +108,7 @@ def run_kronfluence(run: Run) -> torch.Tensor:
             return -class_margin(model(x), y).sum()
 
     task = Classification()
-    model = prepare_model(run.fresh(run.states[-1]), task)
+    model = prepare_model(run.lds.model_at(-1), task)
     analyzer = Analyzer("lds", model, task, cpu=True, disable_tqdm=True, output_dir=str(run.work_dir / "kronfluence"))
     train, test = TensorDataset(*run.train), TensorDataset(*run.test)
     analyzer.fit_all_factors("ekfac", dataset=train, per_device_batch_size=500,
@@ -129,7 +123,7 @@ def run_dattri(run: Run, regularization: float) -> torch.Tensor:
     from dattri.algorithm.influence_function import IFAttributorCG
     from dattri.task import AttributionTask
 
-    model = run.fresh(run.states[-1])
+    model = run.lds.model_at(-1)
 
     def loss(params, data):
         x, y = data  # one example (vmapped per-example gradients) or a batch (the Hessian)

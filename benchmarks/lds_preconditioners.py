@@ -33,7 +33,7 @@ from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
 from tracin import Checkpoint, TracIn
-from tracin.workflows.evaluation.lds import LDSRow, LDSRun, LDSSetting, format_row, model_factory, prepare
+from tracin.workflows.evaluation.lds import LDSRow, LDSRun, LDSSetting, format_row, prepare
 
 SETTINGS = [LDSSetting(data="digits", model="mlp"), LDSSetting(data="mnist1d", model="mlp"),
             LDSSetting(data="digits", model="mlp", optimizer="adamw"), LDSSetting(data="digits", model="cnn", optimizer="adamw")]
@@ -67,12 +67,9 @@ class Run:
     def __init__(self, lds: LDSRun):
         self.lds, self.setting, self.train, self.test = lds, lds.setting, lds.train, lds.test
         self.model, self.checkpoints = lds.model, lds.checkpoints
-        self.build = model_factory(lds.setting)
 
     def at(self, c: int) -> nn.Module:
-        model = self.build().double()
-        model.load_state_dict(self.checkpoints[c].source["model_state_dict"])
-        return model
+        return self.lds.model_at(c).double()
 
     def factors(self, c: int) -> Tuple[Factors, Factors]:
         model, (x, y), (xt, yt) = self.at(c), self.train, self.test

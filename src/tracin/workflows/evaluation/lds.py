@@ -271,6 +271,12 @@ class LDSRun:
         values = lds_values(scores, self.masks, self.target)
         return LDSRow(method, float(np.nan_to_num(values).mean()), *bootstrap_interval(values), seconds)
 
+    def model_at(self, index: int) -> nn.Module:
+        """A fresh model holding checkpoint ``index``'s weights, in eval mode (for tools that take a model)."""
+        model = model_factory(self.setting)()
+        model.load_state_dict(self.checkpoints[index].source["model_state_dict"])
+        return model.eval()
+
     def warm_up(self) -> None:
         """Score the first checkpoint once, untimed, at full size: a process's first scoring of each shape pays one-time
         costs (kernel selection, thread pools; about 1-2 s on the digits CNN) that would otherwise land on whichever
