@@ -93,7 +93,7 @@ def test_raw_test_batches_are_released_once_staged(monkeypatch):
     import gc
     import weakref
 
-    from tracin.engine import chunks
+    from tracin.engine import blocks
 
     model, train, test = _sets("mlp", n_train=30, n_test=21)
     ckpts, _ = perturbed_checkpoints(model, [0.1, 0.2])
@@ -109,7 +109,7 @@ def test_raw_test_batches_are_released_once_staged(monkeypatch):
         batches.append(weakref.ref(x))
         return x, torch.stack([i[1] for i in items])
 
-    monkeypatch.setattr(chunks, "STAGING_BYTES", 1)
+    monkeypatch.setattr(blocks, "STAGING_BYTES", 1)
     tr = TracIn(model, ckpts, device=DEVICE, batch_size=4, progress=False, precondition="none")
     res = tr.influence(train, DataLoader(test, batch_size=4, collate_fn=collate), top_k=3)
     assert max(alive_at_collate) <= 1

@@ -9,6 +9,8 @@ import torch
 
 from ..layers.factors import Factors
 
+STAGING_BYTES = 1 << 30  # raw batches held in host memory at once: staged test batches, a group of training batches
+
 FactorDict = Dict[str, Optional[Factors]]
 
 

@@ -1,8 +1,8 @@
 """The test side of an influence pass: the test set in chunks, each chunk's factors computed once per checkpoint.
 
 A chunk is sized so that its factors for every checkpoint fit in half the memory budget (probed on the first batch);
-raw test batches are staged in host memory up to ``STAGING_BYTES`` and then run through every checkpoint, each loaded
-once. ``run`` is the :class:`tracin.engine.scheduler.Scheduler` whose model, checkpoints and plan are used.
+raw test batches are staged in host memory up to ``blocks.STAGING_BYTES`` and then run through every checkpoint,
+each loaded once. ``run`` is the :class:`tracin.engine.scheduler.Scheduler` whose model, checkpoints and plan are used.
 """
 from __future__ import annotations
 
@@ -11,9 +11,8 @@ from typing import Callable, Iterator, List, Optional, Tuple
 import torch
 from torch.utils.data import DataLoader
 
+from . import blocks
 from .blocks import FactorDict, batch_bytes, factor_bytes, factor_rows, merge_blocks
-
-STAGING_BYTES = 1 << 30  # raw test batches held in host memory before their factors are computed
 
 
 def _stage(run, staged: List[Tuple[int, object]], per_checkpoint: List[List[FactorDict]]) -> None:
@@ -58,7 +57,7 @@ def test_chunks(run, test: DataLoader, skip: Optional[Callable[[int], bool]] = N
     :func:`_chunk_cache`'s per-checkpoint factors, or None for a chunk whose first row ``skip``
     names (finished by an interrupted run: its factors are not computed).
 
-    Raw test batches wait in host memory only until at most ``STAGING_BYTES`` of them are
+    Raw test batches wait in host memory only until at most ``blocks.STAGING_BYTES`` of them are
     staged; then every checkpoint is loaded once and their factors are computed, so a test set
     of any size needs memory for its factors, not for its decoded inputs."""
     chunk_examples = start = end = staged_bytes = 0
@@ -86,7 +85,7 @@ def test_chunks(run, test: DataLoader, skip: Optional[Callable[[int], bool]] = N
             continue
         staged.append((first, batch))
         staged_bytes += batch_bytes(batch)
-        if staged_bytes > STAGING_BYTES:
+        if staged_bytes > blocks.STAGING_BYTES:
             _stage(run, staged, per_checkpoint)
             staged_bytes = 0
     if end > start:

@@ -7,8 +7,9 @@ checkpoint is loaded once and applied to all of the tile's batches, and the tile
 (summed over checkpoints, each weighted by its learning rate) are handed to the accumulators —
 so top-k lists are exact top-k of the checkpoint-summed TracIn score. Passes over the training
 data alone (self-influence, gradient stores, the K-FAC fit) also read it once: each group of raw
-batches sees every checkpoint in turn. The test side lives in :mod:`tracin.engine.chunks`, the K-FAC
-preconditioner's part in the passes in :mod:`tracin.engine.preconditioning`.
+batches sees every checkpoint in turn. The test side lives in :mod:`tracin.engine.chunks`, the training side
+(groups read once for every checkpoint, tiles) in :mod:`tracin.engine.training`, the K-FAC preconditioner's part
+in the passes in :mod:`tracin.engine.preconditioning`.
 """
 from __future__ import annotations
 
@@ -24,10 +25,10 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .capture import EXACT, BatchCapture
-from . import chunks
+from . import chunks, training
 from .preconditioning import Preconditioning
 from ..checkpoints import Checkpoint, weights_for
-from .loaders import dataset_size, loader_from, numbered_batches
+from .loaders import dataset_size, numbered_batches
 from .resume import ProgressHook
 from ..config import ScoringConfig
 from ..device import default_memory_budget, set_float32_math
@@ -283,7 +284,7 @@ class Scheduler:
             cache_bytes = sum(factor_bytes(f) for blocks, _ in cache for _, f in blocks)
             want_self = self_scores if chunk_index == 0 else None
             done_until = hook.next_train(rows) if hook is not None else 0
-            for tile in self._tiles(train, m, cache_bytes, skip_until=done_until):
+            for tile in training.tiles(self, train, m, cache_bytes, skip_until=done_until):
                 tile_first, n_tile = self._span(tile)
                 if tile_first + n_tile <= done_until:  # committed by the interrupted run
                     bar.update(n_tile * C * m)
@@ -348,7 +349,7 @@ class Scheduler:
             return self._scored_parts(tile[:half], cache, m, with_self) + self._scored_parts(tile[half:], cache, m, with_self)
 
     def self_influence(self, train: DataLoader) -> torch.Tensor:
-        """TracIn(z, z) for every training example, [n_train]; the data read once (:meth:`_at_checkpoints`)."""
+        """TracIn(z, z) for every training example, [n_train]; the data read once (:func:`tracin.engine.training.at_checkpoints`)."""
         start = time.perf_counter()
         n_train = dataset_size(train)
         out = torch.zeros(n_train, device=self.device, dtype=self.dtype)
@@ -365,7 +366,7 @@ class Scheduler:
 
     def vectors(self, loader: DataLoader, what: str, write: Callable[[int, int, torch.Tensor], None]) -> int:
         """Per-example gradient vectors (projected when a projector is set), the data read once
-        (:meth:`_at_checkpoints`): ``write(checkpoint index, first example index, vectors [B, D])``. Returns D."""
+        (:func:`tracin.engine.training.at_checkpoints`): ``write(checkpoint index, first example index, vectors [B, D])``. Returns D."""
         dim = 0
         bar = tqdm(total=dataset_size(loader) * len(self.checkpoints), desc=f"{what} gradients", unit="ex",
                    disable=not self.progress, leave=False)
@@ -388,57 +389,7 @@ class Scheduler:
         """(index of the batch's first example, batch) for each batch (:func:`numbered_batches`)."""
         return numbered_batches(loader, self.task.batch_size, first)
 
-    def _groups(self, loader: DataLoader) -> Iterator[List[Tuple[int, object]]]:
-        """Consecutive raw batches (index of the first example, batch) in host-memory groups of about
-        ``chunks.STAGING_BYTES`` (at least one batch), so a pass over every checkpoint reads the data once."""
-        group: List[Tuple[int, object]] = []
-        size = 0
-        for first, batch in self._numbered(loader):
-            group.append((first, batch))
-            size += batch_bytes(batch)
-            if size > chunks.STAGING_BYTES:
-                yield group
-                group, size = [], 0
-        if group:
-            yield group
-
     def _at_checkpoints(self, loader: DataLoader) -> Iterator[Tuple[int, int, object]]:
-        """(checkpoint index, index of the batch's first example, raw batch) for every batch at every
-        checkpoint, with that checkpoint loaded. Each group of raw batches (:meth:`_groups`) sees every
-        checkpoint in turn, so the data is read once and each checkpoint loaded once per group."""
-        for group in self._groups(loader):
-            for c in range(len(self.checkpoints)):
-                self._load(c)
-                for first, batch in group:
-                    yield c, first, batch
-
-    def _tiles(self, train: DataLoader, m: int, cache_bytes: int, skip_until: int = 0):
-        """Groups of consecutive train batches (moved to the device) sized from the budget, or from
-        ``self.plan["tile_limit"]`` when preset. Batches before ``skip_until`` (scored by an interrupted
-        run) are not read when the loader can start there (:func:`tracin.engine.loaders.loader_from`), else
-        read but not moved."""
-        free = max(0, self.budget - cache_bytes)
-        tile: List[Tuple[int, object]] = []
-        count = 0
-        resumed = loader_from(train, skip_until)
-        source, offset = (resumed, skip_until) if resumed is not None else (train, 0)
-        if skip_until and resumed is not None:
-            self.stats["resumed_from"] = skip_until
-        for first, batch in self._numbered(source, offset):
-            b = self.task.batch_size(batch)
-            if first + b > skip_until:
-                batch = self.task.to_device(batch, self.device)
-            if tile and first == skip_until:  # a resumed run restarts its tiles where the last one ended
-                yield tile
-                tile, count = [], 0
-            if "tile_limit" not in self.plan:
-                per_example = 3 * m * torch.finfo(self.dtype).bits // 8 + batch_bytes(batch) / max(1, b)
-                self.plan["tile_limit"] = max(1, int(free // max(1.0, per_example)))
-            # read every time: an out-of-memory split lowers it for the tiles that follow
-            if tile and count + b > self.plan["tile_limit"]:
-                yield tile
-                tile, count = [], 0
-            tile.append((first, batch))
-            count += b
-        if tile:
-            yield tile
+        """(checkpoint index, first example index, raw batch) for every batch at every checkpoint, the data read once
+        (:func:`tracin.engine.training.at_checkpoints`)."""
+        return training.at_checkpoints(self, loader)
