@@ -222,6 +222,30 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 
+def inverse_tolerance(matrices: torch.Tensor, slack: float = 10.0) -> float:
+    """A relative (Frobenius) error bound for inverses of ``matrices`` [..., d, d] computed by any stable method in
+    their dtype on any BLAS: slack * d * condition number * machine epsilon (a backward-stable inverse has relative
+    error of order cond * eps; d covers the accumulation). Derived from the data, not from what one machine printed."""
+    cond = float(torch.linalg.cond(matrices).max())
+    return slack * matrices.shape[-1] * cond * torch.finfo(matrices.dtype).eps
+
+
+FLOAT32_TOL = 1e-4  # float32 sums of up to ~10^3 products in any order, on any BLAS: 10^3 * 1.2e-7 ~ 1e-4 of the scale
+
+
+def close(got, want, tol: float = FLOAT32_TOL) -> bool:
+    """Whether float32 results computed in another order (tiles, chunks, ranks, BLAS kernels) agree: every entry
+    within ``tol`` of the larger of its own size and the largest entry's (tensors or arrays; NaN equals NaN)."""
+    got, want = np.asarray(torch.as_tensor(got).double()), np.asarray(torch.as_tensor(want).double())
+    scale = float(np.nanmax(np.abs(want))) if want.size and not np.isnan(want).all() else 0.0
+    return bool(np.allclose(got, want, rtol=tol, atol=tol * scale, equal_nan=True))
+
+
+def matrix_rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """||got - want|| / ||want|| over the last two dimensions, the largest over the rest."""
+    return float((torch.linalg.matrix_norm(got - want) / torch.linalg.matrix_norm(want)).max())
+
+
 def task_per_example_grads(model: nn.Module, names: Sequence[str], task, items: Sequence) -> torch.Tensor:
     """[n, P] per-example gradients of ``task.loss`` on one-example batches (a naive loop of
     torch.func.grad over functional_call; works for any task, e.g. ranking pairs or triples)."""

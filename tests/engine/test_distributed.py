@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from helpers import make_image_folder
+from helpers import close, make_image_folder
 from tracin.workflows.cli import main
 from tracin.engine.distributed import merge_topk, shard_range
 
@@ -60,7 +60,7 @@ def test_torchrun_two_processes_match_one(tmp_path, flags):
     # same batches and the same thread count as torchrun's workers (1): bit-for-bit the same numbers
     for name in ("top_k_influences_values.npy", "top_k_opponents_values.npy", "self_influence.npy"):
         a, b = np.load(tmp_path / "one" / name), np.load(tmp_path / "two" / name)
-        assert (np.allclose(a, b, rtol=1e-5, atol=0) if kfac else np.array_equal(a, b)), name
+        assert (close(a, b) if kfac else np.array_equal(a, b)), name
     one = list(csv.DictReader(open(tmp_path / "one" / "self_influence.csv")))
     two = list(csv.DictReader(open(tmp_path / "two" / "self_influence.csv")))
     assert [r["train_file"] for r in one] == [r["train_file"] for r in two]
@@ -128,4 +128,4 @@ def test_torchrun_kfac_fit_with_a_layer_only_some_ranks_reach(tmp_path):
                          env={**os.environ, "GLOO_SOCKET_IFNAME": "lo"})
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-8000:]
     assert "fit examples 16" in one.stdout and "fit examples 16" in two.stdout
-    assert np.allclose(np.load(tmp_path / "one.npy"), np.load(tmp_path / "two.npy"), rtol=1e-5, atol=0)
+    assert close(np.load(tmp_path / "one.npy"), np.load(tmp_path / "two.npy"))

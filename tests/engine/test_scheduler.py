@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from helpers import CNN, DEVICE, make_case, MLP, perturbed_checkpoints
+from helpers import close, CNN, DEVICE, make_case, MLP, perturbed_checkpoints
 from tracin import TracIn
 
 
@@ -20,10 +20,10 @@ def test_topk_equals_argsort_of_full_matrix():
     res = tr.influence(train, test, top_k=7)
     order = torch.argsort(M, dim=1, descending=True)
     assert torch.equal(res.proponents.indices, order[:, :7])
-    assert torch.allclose(res.proponents.values, M.gather(1, order[:, :7]))
+    assert close(res.proponents.values, M.gather(1, order[:, :7]))
     order_neg = torch.argsort(M, dim=1)
     assert torch.equal(res.opponents.indices, order_neg[:, :7])
-    assert torch.allclose(res.opponents.values, M.gather(1, order_neg[:, :7]))
+    assert close(res.opponents.values, M.gather(1, order_neg[:, :7]))
     assert (res.proponents.values[:, :-1] >= res.proponents.values[:, 1:]).all()
     assert (res.opponents.values[:, :-1] <= res.opponents.values[:, 1:]).all()
 
@@ -37,7 +37,7 @@ def test_topk_is_of_checkpoint_sum_not_merged_per_checkpoint_lists():
     per_ckpt = [TracIn(model, [c], device=DEVICE, progress=False, precondition="none").influence_matrix(train, test) for c in ckpts]
     res = TracIn(model, ckpts, device=DEVICE, progress=False, precondition="none").influence(train, test, top_k=1)
     assert torch.equal(res.proponents.indices[:, 0], M.argmax(1))
-    assert torch.allclose(sum(per_ckpt), M, atol=1e-5)
+    assert close(sum(per_ckpt), M)
     # the case matters: some checkpoint's own best proponent is not the best of the sum
     assert any(bool((m.argmax(1) != M.argmax(1)).any()) for m in per_ckpt)
 
@@ -48,9 +48,9 @@ def test_self_influence_is_matrix_diagonal(kind):
     tr = TracIn(model, ckpts, device=DEVICE, batch_size=4, progress=False, precondition="none")
     diag = tr.influence_matrix(train, train).diagonal()
     s = tr.self_influence(train)
-    assert torch.allclose(s, diag, rtol=1e-4, atol=1e-6)
+    assert close(s, diag)
     both = tr.influence(train, train, top_k=3, self_influence=True)
-    assert torch.allclose(both.self_influence, s, rtol=1e-5, atol=1e-6)
+    assert close(both.self_influence, s)
 
 
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
@@ -63,11 +63,11 @@ def test_results_do_not_depend_on_batch_size_or_budget(kind):
     assert base.last_stats["tiles"] == 1 and base.last_stats["test_chunks"] == 1
     for bs, budget in [(1, 1), (4, 2_000), (7, 50_000), (13, None)]:
         tr = TracIn(model, ckpts, device=DEVICE, batch_size=bs, memory_budget=budget, progress=False, precondition="none")
-        assert torch.allclose(tr.influence_matrix(train, test), M, rtol=1e-5, atol=1e-5)
+        assert close(tr.influence_matrix(train, test), M)
         res = tr.influence(train, test, top_k=5)
         assert torch.equal(res.proponents.indices, ref.proponents.indices)
         assert torch.equal(res.opponents.indices, ref.opponents.indices)
-        assert torch.allclose(res.proponents.values, ref.proponents.values, rtol=1e-5, atol=1e-5)
+        assert close(res.proponents.values, ref.proponents.values)
         if budget is not None and budget <= 2_000:
             assert tr.last_stats["tiles"] > 1 and tr.last_stats["test_chunks"] > 1
 
@@ -118,8 +118,8 @@ def test_raw_test_batches_are_released_once_staged(monkeypatch):
     # one probe load, every checkpoint once per staged batch, then once per checkpoint per tile
     assert tr.last_stats["checkpoint_loads"] == 1 + 2 * n_batches + 2 * tr.last_stats["tiles"]
     assert torch.equal(res.proponents.indices, res_ref.proponents.indices)
-    assert torch.allclose(res.proponents.values, res_ref.proponents.values, rtol=1e-5, atol=1e-6)
-    assert torch.allclose(tr.influence_matrix(train, DataLoader(test, batch_size=4)), M, rtol=1e-5, atol=1e-6)
+    assert close(res.proponents.values, res_ref.proponents.values)
+    assert close(tr.influence_matrix(train, DataLoader(test, batch_size=4)), M)
 
 
 def test_dataloader_input_and_kernel_choice():
@@ -130,7 +130,7 @@ def test_dataloader_input_and_kernel_choice():
     tr = TracIn(model, ckpts, device=DEVICE, progress=False, precondition="none")
     a = tr.self_influence(DataLoader(train, batch_size=3))
     b = tr.self_influence(train)
-    assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert close(a, b)
     assert {row["name"]: row["kernel"] for row in tr.scope()} == {"fc1": "ghost", "fc2": "ghost", "head": "ghost"}
     assert tr.num_parameters == sum(p.numel() for p in model.parameters())
 
@@ -168,11 +168,11 @@ def test_full_matrix_written_to_disk_in_tiles(tmp_path):
     assert tr.last_stats["tiles"] > 1
     on_disk = np.load(tmp_path / "m.npy", mmap_mode="r")
     M = tr.influence_matrix(train, test)
-    assert np.allclose(on_disk, M.numpy(), rtol=1e-5, atol=1e-6)
+    assert close(on_disk, M.numpy())
     assert torch.equal(res.proponents.indices, M.argsort(1, descending=True)[:, :3])
     assert not list(tmp_path.glob(".*tmp"))
     sampled = TracIn(model, ckpts, device=DEVICE, progress=False, sample_rate=0.5, seed=1, precondition="none")
     sampled.influence(train, test, top_k=2, matrix_path=tmp_path / "s.npy")
     s = np.load(tmp_path / "s.npy")
     cols = sampled.last_stats["sampled_indices"]
-    assert np.isnan(s).sum() == 9 * (41 - len(cols)) and np.allclose(s[:, cols], M.numpy()[:, cols], rtol=1e-5, atol=1e-6)
+    assert np.isnan(s).sum() == 9 * (41 - len(cols)) and close(s[:, cols], M.numpy()[:, cols])

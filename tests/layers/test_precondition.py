@@ -3,7 +3,8 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from helpers import CNN, CountingDataset, DEVICE, kfac_reference_matrix, MLP, perturbed_checkpoints, rel_err
+from helpers import (CNN, CountingDataset, DEVICE, inverse_tolerance, kfac_reference_matrix, matrix_rel_err, MLP,
+                     perturbed_checkpoints, rel_err)
 from tracin import TracIn
 from tracin.errors import TracInError
 from tracin.config import ScoringConfig
@@ -112,8 +113,8 @@ def test_whitener_inverts_the_damped_factor_and_leaves_a_zero_factor_alone():
     S = X.transpose(1, 2) @ X / 30
     W = whitener(S, 0.1)
     lam = 0.1 * torch.diagonal(S, dim1=1, dim2=2).mean(1)
-    want = torch.linalg.inv(S + lam[:, None, None] * torch.eye(5, dtype=S.dtype))
-    assert torch.allclose(W @ W.transpose(1, 2), want, rtol=1e-10, atol=1e-12)
+    damped = S + lam[:, None, None] * torch.eye(5, dtype=S.dtype)
+    assert matrix_rel_err(W @ W.transpose(1, 2), torch.linalg.inv(damped)) <= inverse_tolerance(damped)
     assert torch.equal(whitener(torch.zeros(1, 3, 3), 0.1), torch.eye(3, dtype=torch.float64).unsqueeze(0))
 
 
@@ -130,10 +131,16 @@ def test_whiteners_of_all_checkpoints_at_once_equal_one_checkpoint_at_a_time():
     for c, s in enumerate(sums):
         alone = fit_whiteners([s], 0.1, torch.device("cpu"), torch.float64)[0]
         for name, (W_in, W_out, P_in, P_out) in alone.items():
-            assert torch.allclose(P_in, W_in @ W_in.transpose(1, 2)) and torch.allclose(P_out, W_out @ W_out.transpose(1, 2))
-            want = torch.linalg.inv(s.sums[name][0][0] / 7 + 0.1 * torch.diagonal(s.sums[name][0][0] / 7).mean() * torch.eye(P_in.shape[-1], dtype=torch.float64))
-            assert torch.allclose(P_in[0], want, rtol=1e-10, atol=1e-12)
-            assert all(torch.allclose(x, y, rtol=1e-12, atol=1e-14) for x, y in zip(together[c][name], alone[name]))
+            S_in = s.sums[name][0][0] / 7
+            # the statistics are products of float32 factors, symmetric only to float32 rounding (~1e-8 relative, which
+            # a BLAS with other kernels leaves elsewhere); the whitener inverts the symmetric part, and so does this
+            S_in = (S_in + S_in.T) / 2
+            damped = S_in + 0.1 * torch.diagonal(S_in).mean() * torch.eye(P_in.shape[-1], dtype=torch.float64)
+            tol = inverse_tolerance(damped)  # the output factors' damped inverses are as well conditioned or better here
+            assert matrix_rel_err(P_in, W_in @ W_in.transpose(1, 2)) <= tol and matrix_rel_err(P_out, W_out @ W_out.transpose(1, 2)) <= tol
+            assert matrix_rel_err(P_in[0], torch.linalg.inv(damped)) <= tol
+            # batched and one-at-a-time factorisations may take different BLAS paths: equal to the same bound
+            assert all(matrix_rel_err(x, y) <= tol for x, y in zip(together[c][name], alone[name]))
 
 
 class Branchy(torch.nn.Module):

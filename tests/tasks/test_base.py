@@ -1,6 +1,5 @@
 """Task: an abstract base, and the duck-typed and callable tasks the API accepts."""
 import pytest
-import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
@@ -8,7 +7,7 @@ from tracin import Task, TracIn
 from tracin.errors import DataError, TracInError
 from tracin.tasks import as_task
 
-from helpers import DEVICE, make_case, perturbed_checkpoints
+from helpers import close, DEVICE, make_case, perturbed_checkpoints
 
 
 class LossOnly:
@@ -32,7 +31,7 @@ def test_a_duck_typed_task_scores_like_the_default():
     train, test = TensorDataset(*train), TensorDataset(*test)
     want = TracIn(model, ckpts, device=DEVICE, batch_size=8, progress=False).influence_matrix(train, test)
     got = TracIn(model, ckpts, task=LossOnly(), device=DEVICE, batch_size=8, progress=False).influence_matrix(train, test)
-    assert torch.allclose(got, want, rtol=1e-5, atol=1e-7)
+    assert close(got, want)
     task = CustomSizes()
     TracIn(model, ckpts, task=task, device=DEVICE, batch_size=8, progress=False).self_influence(train)
     assert task.seen >= 2  # its own on_checkpoint is called at every checkpoint

@@ -8,7 +8,7 @@ import torch
 
 pytest.importorskip("pykeen")
 
-from helpers import perturbed_checkpoints, rel_err, task_reference_matrix  # noqa: E402
+from helpers import close, perturbed_checkpoints, rel_err, task_reference_matrix  # noqa: E402
 from tracin import TracIn  # noqa: E402
 from tracin.workflows.cli import main  # noqa: E402
 from tracin.errors import DataError, TracInError  # noqa: E402
@@ -116,8 +116,7 @@ def test_kge_cli_end_to_end_single_equals_batch(trained):
     assert _cli(files, root / "ck", root / "single", "--test_indices", "0", "3", "--top_k", "4", "--mode", "single") == 0
     for name in ("top_k_influences_indices.npy", "top_k_opponents_indices.npy"):
         assert np.array_equal(np.load(root / "batch" / name), np.load(root / "single" / name))
-    assert np.allclose(np.load(root / "batch" / "top_k_influences_values.npy"), np.load(root / "single" / "top_k_influences_values.npy"),
-                       rtol=1e-5, atol=1e-9)
+    assert close(np.load(root / "batch" / "top_k_influences_values.npy"), np.load(root / "single" / "top_k_influences_values.npy"))
     explained = json.loads((root / "batch" / "kge_influence.json").read_text())
     assert len(explained) == 2
     entry = next(iter(explained.values()))

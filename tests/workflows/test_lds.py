@@ -2,6 +2,8 @@
 import numpy as np
 import pytest
 import torch
+
+from helpers import close
 from scipy.stats import spearmanr
 
 from tracin.errors import TracInError
@@ -33,7 +35,7 @@ def test_the_stacked_optimizer_steps_as_torch_does(optimizer, torch_optimizer):
         weight.grad = grad.clone()
         opt.step()
         stacked = stepper(stacked, {"w": grad.unsqueeze(0)})
-    assert torch.allclose(stacked["w"][0], weight.detach(), rtol=1e-5, atol=1e-6)
+    assert close(stacked["w"][0], weight.detach())
 
 
 def test_evaluate_scores_methods_and_reuses_the_retrained_targets(tmp_path, monkeypatch):
