@@ -84,6 +84,26 @@ def test_no_import_circles_and_at_most_eight_floors():
     assert max(depth.values()) <= 8, sorted(depth.items(), key=lambda kv: -kv[1])[:5]
 
 
+def test_no_import_circles_through_imports_inside_functions():
+    floors(graph(False))  # raises on a circle, lazy imports included
+
+
+def private_accesses(source: str):
+    """``obj._name`` on anything but ``self`` / ``cls`` (dunder names aside): another object's private state."""
+    return [f"{node.lineno}: {ast.unparse(node)}" for node in ast.walk(ast.parse(source))
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+            and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))]
+
+
+def test_no_module_reads_another_objects_private_attributes():
+    found = {name: hits for name, path in MODULES.items() if (hits := private_accesses(path.read_text()))}
+    assert not found, found
+
+
+def test_the_private_access_check_can_fail():
+    assert private_accesses("run._load(0)\nself._ok = 1\nx.__class__") == ["1: run._load"]
+
+
 def test_a_circle_is_found():  # the checker itself can fail
     with pytest.raises(AssertionError, match="import circle"):
         floors({"a": {"b"}, "b": {"a"}})

@@ -59,4 +59,34 @@ def test_an_infinite_memory_budget_is_one_clear_line(capsys):
 
     code = main(["influence", "--data_dir", "d", "--checkpoint_dir", "c", "--output_dir", "o", "--memory_budget", "inf"])
     err = capsys.readouterr().err
-    assert code == 2 and "--memory_budget must be a positive number of GiB, got inf." in err and "Traceback" not in err
+    assert code == 2 and "--memory-budget: must be a positive number of GiB, got 'inf'" in err and "Traceback" not in err
+
+
+def test_the_facade_takes_its_settings_by_keyword_only_and_never_mixed_with_a_config():
+    model = MLP()
+    ckpts, _ = perturbed_checkpoints(model, [0.1])
+    with pytest.raises(TypeError):
+        TracIn(model, ckpts, None, "cpu")  # task and device (and every setting) are keyword-only
+    with pytest.raises(TracInError, match=r"either as config= or as keywords, not both \(layers= was passed"):
+        TracIn(model, ckpts, config=ScoringConfig(), layers="last")
+    with pytest.raises(TracInError, match="'projection_dims' is not a scoring setting; the settings are batch_size"):
+        TracIn(model, ckpts, projection_dims=64)
+    tr = TracIn(model, ckpts, device="cpu", layers="last", measurement="margin", progress=False)
+    assert tr.config.layers == "last" and tr.config.measurement == "margin" and type(tr.measurement).__name__ == "MarginMeasurement"
+    assert ScoringConfig(measurement=len).to_dict()["measurement"] == "len"
+    with pytest.raises(TracInError, match="measurement='gap' is not one of loss, margin"):
+        ScoringConfig(measurement="gap")
+
+
+def test_every_pass_keeps_its_own_statistics():
+    from torch.utils.data import TensorDataset
+    import torch
+
+    model = MLP()
+    ckpts, _ = perturbed_checkpoints(model, [0.1])
+    data = TensorDataset(torch.randn(6, 12), torch.randint(0, 5, (6,)))
+    tr = TracIn(model, ckpts, device="cpu", progress=False, precondition="none")
+    tr.self_influence(data)
+    result = tr.influence(data, data, top_k=2)
+    assert [p["pass"] for p in tr.passes] == ["self_influence", "influence"]
+    assert result.stats is tr.passes[-1] and tr.last_stats is tr.passes[-1] and "seconds" in tr.passes[0] and tr.passes[1]["n_train"] == 6

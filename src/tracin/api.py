@@ -5,13 +5,13 @@ import os
 from pathlib import Path
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from .checkpoints import Checkpoint
-from .config import LayerSpec, ScoringConfig
+from .config import ScoringConfig
 from .device import resolve_device
 from .engine.accumulate import DiskMatrix, MatrixAccumulator, TopKSink
 from .engine.distributed import all_gather, merge_topk, rank_and_world
@@ -25,8 +25,8 @@ from .errors import TracInError
 from .layers.precondition import KFAC, resolve_precondition
 from .layers.projection import Projector
 from .results import InfluenceResult, TopK
-from .tasks import Task, as_task
-from .tasks.classification import as_measurement
+from .tasks.arguments import as_measurement, as_task
+from .tasks.base import Task
 
 
 @dataclass
@@ -50,13 +50,19 @@ class TracIn:
         model: the network; its weights are replaced by each checkpoint's while scoring and restored afterwards.
             It is scored in eval mode (dropout off, batch norm on its running statistics).
         checkpoints: :class:`Checkpoint` objects, or a directory to :meth:`Checkpoint.discover`.
+        task: a :class:`Task` or a callable ``(model, batch) -> Tensor[B]`` of per-example losses;
+            None means classification with cross-entropy on ``(inputs, labels)`` batches.
+        device: ``"auto"`` (cuda, then mps, then cpu), or any torch device.
+        config: a :class:`tracin.config.ScoringConfig` holding every setting below; or give them as keywords
+            (``TracIn(model, ckpts, layers="last", precondition="none")``), which build that config. Not both: a
+            keyword passed with ``config=`` is refused, as is a name that is no setting. Either way ``self.config``
+            is the one object the run reads.
+
+    Settings (keyword-only; :class:`tracin.config.ScoringConfig` declares, defaults and checks each):
         layers: ``"all"``, ``"last"``, ``"output_bias"`` (the last module's bias alone), an int N (the last
             N parameterised modules), or module or parameter names / glob patterns (``"fc"``, ``"fc.bias"``).
         exclude: module or parameter names / glob patterns to leave out of ``layers`` (``["encoder.pos_embedding",
             "*.bias"]``).
-        task: a :class:`Task` or a callable ``(model, batch) -> Tensor[B]`` of per-example losses;
-            None means classification with cross-entropy on ``(inputs, labels)`` batches.
-        device: ``"auto"`` (cuda, then mps, then cpu), or any torch device.
         batch_size: examples per forward/backward pass.
         memory_budget: bytes of working memory for cached test factors and score tiles; by default
             half the device's free memory (a quarter of free host memory on cpu).
@@ -97,54 +103,44 @@ class TracIn:
             definition), ``"margin"`` (minus the classification margin: true logit less the logsumexp of the others),
             or a Task / callable ``(model, batch) -> Tensor[B]`` of per-example values where lower is better, as for a
             loss (a positive score then means the training example helped lower it).
-        config: a :class:`tracin.config.ScoringConfig` holding all of the settings above (which are then ignored).
-            The keywords are the friendly front; either way ``self.config`` is the one object the run reads.
     """
 
     def __init__(
         self,
         model: nn.Module,
         checkpoints: Union[Sequence[Checkpoint], str, "os.PathLike[str]"],
-        layers: LayerSpec = "all",
-        exclude: Sequence[str] = (),
+        *,
         task: Union[Task, Callable, None] = None,
         device: Union[str, torch.device] = "auto",
-        batch_size: int = 256,
-        memory_budget: Optional[int] = None,
-        progress: bool = True,
-        kernel: str = "auto",
-        num_workers: int = 0,
-        projection_dim: Optional[int] = None,
-        projection: str = "gaussian",
-        seed: int = 0,
-        sample_rate: Optional[float] = None,
-        stratify_by: Union[str, Callable, None] = None,
-        precision: str = "fp32",
-        normalize: str = "none",
-        precondition: str = "auto",
-        damping: float = 0.1,
         config: Optional[ScoringConfig] = None,
-        measurement: Union[str, Task, Callable, None] = None,
+        **settings: Any,
     ):
-        config = config if config is not None else ScoringConfig(
-            layers=layers, exclude=exclude, kernel=kernel, precision=precision, normalize=normalize, projection_dim=projection_dim,
-            projection=projection, sample_rate=sample_rate, stratify_by=stratify_by, precondition=precondition,
-            damping=damping, memory_budget=memory_budget, batch_size=batch_size, num_workers=num_workers, seed=seed,
-            progress=progress)
-        self.config = config
+        if config is not None and settings:
+            raise TracInError(f"Give the settings either as config= or as keywords, not both ({next(iter(settings))}= was "
+                              "passed with config=); use config.replace(...) to change a config.")
+        self.config = config if config is not None else ScoringConfig.from_settings(settings)
         self.model = model
         self.checkpoints: List[Checkpoint] = _checkpoint_list(checkpoints)
         self.task = as_task(task)
-        self.measurement = as_measurement(measurement)
+        self.measurement = as_measurement(self.config.measurement)
         self.device = _process_device(device)
-        precondition, self.handlers, left_out = resolve_precondition(config.precondition, resolve_layers(model, config.layers, config.exclude))
-        self.projector = Projector(config.projection_dim, config.projection, config.seed) if config.projection_dim is not None else None
-        self.preconditioner = KFAC(config.damping) if precondition == "kfac" else None
-        if self.preconditioner is not None:
-            self.preconditioner.left_out = left_out
-        self.last_stats: Dict[str, object] = {}
+        scope = resolve_layers(model, self.config.layers, self.config.exclude)
+        precondition, self.handlers, left_out = resolve_precondition(self.config.precondition, scope)
+        c = self.config
+        self.projector = Projector(c.projection_dim, c.projection, c.seed) if c.projection_dim is not None else None
+        self.preconditioner = KFAC(c.damping, left_out) if precondition == "kfac" else None
+        self.passes: List[Dict[str, object]] = []  # each scoring pass's statistics, in order ({"pass": name, ...})
         self._cached_test: Optional[_TestCache] = None
         self._modes: Dict[str, Optional[str]] = {}  # the kernel each layer used in the last run
+
+    @property
+    def last_stats(self) -> Dict[str, object]:
+        """The statistics of the latest scoring pass (every pass's are in :attr:`passes`)."""
+        return self.passes[-1] if self.passes else {}
+
+    def _record(self, name: str, stats: Dict[str, object]) -> Dict[str, object]:
+        self.passes.append({"pass": name, **stats})
+        return self.passes[-1]
 
     # -- introspection ---------------------------------------------------------------------------
     @property
@@ -247,24 +243,27 @@ class TracIn:
                 run.plan.update(state.plan)
             selfs = run.influence(plan.loader, test, sink, with_self=self_influence, cached=cache.chunks if cache else None,
                                   hook=state, initial_self=state.self_scores if state is not None else None)
-        self.last_stats = dict(run.stats)
+        stats = self._record("influence", run.stats)
         if disk is not None:
             disk.finish()
         results = sink.results()
         if state is not None:
-            self.last_stats["resumed_from_tile"] = state.tiles - int(run.stats["tiles"])  # type: ignore[arg-type]
+            stats["resumed_from_tile"] = state.tiles - int(run.stats["tiles"])  # type: ignore[arg-type]
             if not keep_progress:
                 state.finish()
         pv, pi, nv, ni = merge_topk(all_gather(results), top_k)
         assert pv.shape[0] == n_test
+        _check_finite("influence", pv, nv)
         if plan.sampled is not None:
-            self.last_stats["sampled_indices"] = plan.sampled
+            stats["sampled_indices"] = plan.sampled
         self_scores = torch.cat(all_gather(selfs.cpu())) if selfs is not None else None
+        if self_scores is not None:
+            _check_finite("self-influence", self_scores)
         return InfluenceResult(
             proponents=TopK(pv, plan.to_full(pi)),
             opponents=TopK(nv, plan.to_full(ni)),
             self_influence=plan.spread(self_scores) if self_scores is not None else None,
-            stats=self.last_stats,
+            stats=stats,
         )
 
     def _resume_state(self, resume_dir: Union[str, Path], request: Dict[str, object], plan: TrainPlan, n_test: int) -> ResumeState:
@@ -273,8 +272,7 @@ class TracIn:
         layers in scope, the data sizes and the checkpoints."""
         rank, world = rank_and_world()
         settings = {k: v for k, v in self.config.to_dict().items() if k not in ("progress", "num_workers", "memory_budget")}
-        measured = type(self.measurement).__name__ if self.measurement is not None else "loss"
-        key = {**request, "settings": settings, "measurement": measured, "layers": [h.name for h in self.handlers], "n_train": plan.n_scored,
+        key = {**request, "settings": settings, "layers": [h.name for h in self.handlers], "n_train": plan.n_scored,
                "n_test": n_test, "world": world, "checkpoints": [[c.name, c.learning_rate] for c in self.checkpoints]}
         return ResumeState(Path(resume_dir) / f"rank{rank}" if world > 1 else Path(resume_dir), key)
 
@@ -344,8 +342,10 @@ class TracIn:
         with self._scheduler() as run:
             self._fitted(run, plan.loader, keep=run.one_sided(with_self=False, cached=False))
             run.influence(plan.loader, test, acc.update)
-        self.last_stats = dict(run.stats)
-        return plan.spread(torch.cat(all_gather(acc.matrix), dim=1))
+        self._record("influence_matrix", run.stats)
+        matrix = torch.cat(all_gather(acc.matrix), dim=1)
+        _check_finite("influence", matrix)
+        return plan.spread(matrix)
 
     def self_influence(self, train_dataset: DataSource) -> torch.Tensor:
         """TracIn(z, z) for every training example, [n_train] (on the CPU). High values flag
@@ -354,8 +354,10 @@ class TracIn:
         with self._scheduler() as run:
             self._fitted(run, plan.loader)
             out = run.self_influence(plan.loader)
-        self.last_stats = dict(run.stats)
-        return plan.spread(torch.cat(all_gather(out.cpu())))
+        self._record("self_influence", run.stats)
+        scores = torch.cat(all_gather(out.cpu()))
+        _check_finite("self-influence", scores)
+        return plan.spread(scores)
 
 
 def _checkpoint_list(checkpoints: Union[Sequence[Checkpoint], str, "os.PathLike[str]"]) -> List[Checkpoint]:
@@ -379,6 +381,17 @@ def _process_device(device: Union[str, torch.device]) -> torch.device:
     if world > 1 and device == "auto" and torch.cuda.is_available():
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank % torch.cuda.device_count()))}"
     return resolve_device(device)
+
+
+def _check_finite(what: str, *scores: torch.Tensor) -> None:
+    """Refuse scores that are NaN or infinite rather than rank them (a NaN would sort as the top proponent, or read as
+    an example left out by sampling)."""
+    bad = sum(int((~torch.isfinite(s)).sum()) for s in scores)
+    if bad:
+        raise TracInError(
+            f"{bad} {what} scores are NaN or infinite: the gradients overflowed float32 at some checkpoint (weights, inputs "
+            "or learning rates too large), or the K-FAC damping is too small for the factors' conditioning (raise "
+            "damping= / --damping; 0.1 is the default). Nothing was ranked.")
 
 
 def _check_top_k(top_k: object, plan: TrainPlan) -> None:

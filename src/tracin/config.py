@@ -20,7 +20,8 @@ NORMALIZE = ("none", "cosine", "train")
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 PROJECTIONS = ("gaussian", "rademacher", "sparse")
 PRECONDITIONERS = ("auto", "kfac", "none")
-LAYER_WORDS = ("all", "last", "output_bias")
+LAYER_WORDS = ("all", "last", "output_bias")  # the layer selections that are words (see tracin.engine.scope)
+MEASUREMENTS = ("loss", "margin")  # the measurements that are words; a Task or callable may be given instead
 
 
 def _setting(default: Any, help: str, flag: Optional[str] = None, choices: Optional[Tuple[str, ...]] = None) -> Any:
@@ -59,16 +60,29 @@ class ScoringConfig:
         "(the others, e.g. norm layers, are left out), else none; none: plain TracIn (docs/quality.md)",
         "--precondition", PRECONDITIONERS)
     damping: float = _setting(0.1, "K-FAC damping, a fraction of each factor's mean eigenvalue", "--damping")
+    measurement: Union[str, Callable, None] = _setting(
+        None, "what the test examples' gradients are of: loss (the task's loss, TracIn's own definition; the default) or "
+        "margin (minus the classification margin); the library also takes a Task or a callable (model, batch) -> "
+        "per-example values, lower is better", "--measurement", MEASUREMENTS)
     memory_budget: Optional[int] = _setting(
-        None, "working memory in bytes (the command line takes GiB); default: from free memory", None)
+        None, "working memory in GiB on the command line, in bytes in the library (default: from free memory)", "--memory_budget")
     batch_size: int = _setting(256, "examples per forward/backward pass", "--batch_size")
     num_workers: int = _setting(0, "DataLoader worker processes (0: load in this process)", "--num_workers")
     seed: int = _setting(0, "seed of projections and sampling", "--seed")
     progress: bool = _setting(True, "progress bars", None)
 
     def __post_init__(self) -> None:
-        for check in (_check_layers, _check_choices, _check_numbers, _check_sampling):
+        for check in (_check_layers, _check_choices, _check_numbers, _check_sampling, _check_measurement):
             check(self)
+
+    @classmethod
+    def from_settings(cls, settings: Dict[str, Any]) -> "ScoringConfig":
+        """A config from keyword ``settings`` (the :class:`tracin.TracIn` front), refusing a name that is no setting."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise TracInError(f"{unknown[0]!r} is not a scoring setting; the settings are {', '.join(sorted(known))}.")
+        return cls(**settings)
 
     def replace(self, **changes: Any) -> "ScoringConfig":
         """A copy with ``changes`` applied (and validated)."""
@@ -77,8 +91,9 @@ class ScoringConfig:
     def to_dict(self) -> Dict[str, Any]:
         """JSON-able settings (a callable ``stratify_by`` by its name), for manifests and fingerprints."""
         out = asdict_shallow(self)
-        if callable(out["stratify_by"]):
-            out["stratify_by"] = getattr(out["stratify_by"], "__name__", "callable")
+        for name in ("stratify_by", "measurement"):
+            if out[name] is not None and not isinstance(out[name], str):
+                out[name] = getattr(out[name], "__name__", type(out[name]).__name__)
         out["layers"] = list(out["layers"]) if isinstance(out["layers"], (list, tuple)) else out["layers"]
         out["exclude"] = [out["exclude"]] if isinstance(out["exclude"], str) else list(out["exclude"])
         return out
@@ -129,6 +144,16 @@ def _check_numbers(c: ScoringConfig) -> None:
     budget = c.memory_budget
     if budget is not None and (not isinstance(budget, (int, float)) or not budget > 0 or math.isinf(budget)):
         raise TracInError(f"memory_budget must be a positive, finite number of bytes, got {budget!r}.")
+
+
+def _check_measurement(c: ScoringConfig) -> None:
+    m = c.measurement
+    if isinstance(m, str) and m not in MEASUREMENTS:
+        raise TracInError(f"measurement={m!r} is not one of {', '.join(MEASUREMENTS)}, a Task or a callable "
+                          "(model, batch) -> per-example values.")
+    if m is not None and not isinstance(m, str) and not callable(m) and not callable(getattr(m, "loss", None)):
+        raise TracInError(f"measurement must be 'loss', 'margin', a Task or a callable (model, batch) -> per-example "
+                          f"values, got {type(m).__name__}.")
 
 
 def _check_sampling(c: ScoringConfig) -> None:

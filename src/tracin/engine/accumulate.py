@@ -3,16 +3,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, Optional, Tuple
+from typing import Dict, Optional, Protocol, Tuple
 
 import numpy as np
 import torch
 
 from ..errors import TracInError
 from ..io import clear_path
-
-if TYPE_CHECKING:
-    from .resume import ResumeState
 
 
 class TopKAccumulator:
@@ -46,16 +43,32 @@ class TopKAccumulator:
         """(proponent values, proponent indices, opponent values, opponent indices), each [m, k]."""
         return self.pos_values, self.pos_indices, -self.neg_values, self.neg_indices
 
+    def restore(self, lists: "TopKLists") -> None:
+        """Continue from an earlier :meth:`result` (e.g. an interrupted run's): lists of this accumulator's shape."""
+        pv, pi, nv, ni = lists
+        dtype, device = self.pos_values.dtype, self.pos_values.device
+        self.pos_values, self.pos_indices = pv.to(device, dtype), pi.to(device)
+        self.neg_values, self.neg_indices = -nv.to(device, dtype), ni.to(device)
+
 
 TopKLists = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # TopKAccumulator.result()
 
 
+class TopKProgress(Protocol):
+    """An interrupted run's top-k progress as :class:`TopKSink` resumes it (:class:`tracin.engine.resume.ResumeState`)."""
+
+    done: Dict[int, TopKLists]  # first row of each finished test chunk -> its final lists
+
+    def accumulator(self, rows: slice, m: int, k: int, device: torch.device, dtype: torch.dtype) -> TopKAccumulator:
+        """The running top-k of the test chunk at ``rows`` (restored when the chunk was under way)."""
+
+
 class TopKSink:
     """The scheduler's sink for top-k runs: one :class:`TopKAccumulator` per test chunk (restored from ``state``,
-    a :class:`tracin.engine.resume.ResumeState`, when a resumed run had the chunk under way), and each tile
+    a :class:`TopKProgress`, when a resumed run had the chunk under way), and each tile
     also written to ``disk`` when the full matrix is asked for. ``offset``: this process's first training index."""
 
-    def __init__(self, k: int, offset: int, state: Optional["ResumeState"] = None, disk: Optional["DiskMatrix"] = None):
+    def __init__(self, k: int, offset: int, state: Optional[TopKProgress] = None, disk: Optional["DiskMatrix"] = None):
         self.k, self.offset, self.state, self.disk = k, offset, state, disk
         self.parts: Dict[int, TopKAccumulator] = {}
 

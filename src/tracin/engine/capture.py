@@ -15,9 +15,16 @@ from torch import nn
 from ..errors import DataError, TracInError
 from ..layers.base import Call, LayerHandler, LayerRun
 from ..layers.factors import Factors, GradFactors
+from ..layers.precondition import Whitening
 from ..tasks.base import Batch, Task, first_tensor
 
 EXACT = "exact"  # the LayerRun mode of parameters scored by per-example backward passes
+
+
+def version(tensor: torch.Tensor) -> int:
+    """A tensor's in-place version counter (shared by its views and ``detach()``), which PyTorch names only privately
+    (``Tensor._version``): an in-place change of a recorded tensor shows as a new version."""
+    return int(getattr(tensor, "_version"))
 
 
 class LossScale:
@@ -88,7 +95,7 @@ class BatchCapture:
             detached = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
             first = detached[0] if detached else None
             # detach() shares the version counter, so a later in-place change of the input shows.
-            call = Call(args=detached, input_version=first._version if isinstance(first, torch.Tensor) else 0,
+            call = Call(args=detached, input_version=version(first) if isinstance(first, torch.Tensor) else 0,
                         output_shape=output.shape)
 
             def store(grad: torch.Tensor, call: Call = call) -> None:
@@ -98,7 +105,7 @@ class BatchCapture:
             # (ReLU(inplace=True), +=) rewrites the tensor.
             output.register_hook(store)
             self.calls[name].append(call)
-            self.outputs[name].append((output, output._version))
+            self.outputs[name].append((output, version(output)))
 
         return hook
 
@@ -113,15 +120,16 @@ class BatchCapture:
             self.outputs[name] = []
 
     def factors(self, model: nn.Module, task: Task, batch: Batch, what: str, first_index: int,
-                raw: bool = False) -> Dict[str, Optional[Factors]]:
+                raw: bool = False, whitening: Optional[Whitening] = None) -> Dict[str, Optional[Factors]]:
         """Per-layer factors for ``batch`` (``None`` for a layer the forward pass never reached);
-        ``raw``: each layer's untransformed (A, D, bias in scope) instead, for fitting a preconditioner.
+        ``raw``: each layer's untransformed (A, D, bias in scope) instead, for fitting a preconditioner;
+        ``whitening``: the loaded checkpoint's K-FAC whiteners on this batch's side, for preconditioned layers.
         Layers in ``"exact"`` mode get materialised per-example gradients from per-example backward passes."""
         size, direct = self._pass(model, task, batch, (what, first_index), self._checking(raw))
         out: Dict[str, Optional[Factors]] = {}
         for handler in self.handlers:
             if handler.hooked:
-                out[handler.name] = self._module_factors(handler, size, raw, direct)
+                out[handler.name] = self._module_factors(handler, size, (raw, whitening), direct)
         if direct is not None:
             self.checked = True
         self.reset()
@@ -177,9 +185,11 @@ class BatchCapture:
             return None
         return {h.name: [next(grads) for _ in h.param_names] for h in hooked}
 
-    def _module_factors(self, handler: LayerHandler, size: int, raw: bool,
+    def _module_factors(self, handler: LayerHandler, size: int, how: Tuple[bool, Optional[Whitening]],
                         direct: Optional[Dict[str, List[Optional[torch.Tensor]]]]) -> Optional[Factors]:
-        """One hooked module's factors from its recorded calls, or None when it did not run (or runs exactly)."""
+        """One hooked module's factors from its recorded calls (``how``: raw, or transformed with this whitening), or
+        None when it did not run (or runs exactly)."""
+        raw, whitening = how
         calls = self.calls[handler.name]
         run = self.runs[handler.name]
         if run.mode == EXACT or not self._decide(handler, size, direct) or not calls:
@@ -187,7 +197,7 @@ class BatchCapture:
         if self.precision is not None:
             self._cast_calls(calls)
         with torch.no_grad():
-            return handler.ghost_factors(calls) if raw else handler.factors(calls, run)
+            return handler.ghost_factors(calls) if raw else handler.factors(calls, run, whitening)
 
     def _decide(self, handler: LayerHandler, size: int, direct: Optional[Dict[str, List[Optional[torch.Tensor]]]]) -> bool:
         """Whether the handler's kernel can score this batch; if not, switch it to exact per-example passes."""
@@ -311,8 +321,8 @@ class BatchCapture:
         owners: List[Optional[Call]] = []
         for handler in self.handlers:
             rewritten = False
-            for call, (output, version) in zip(self.calls[handler.name], self.outputs[handler.name]):
-                if output._version == version:
+            for call, (output, recorded) in zip(self.calls[handler.name], self.outputs[handler.name]):
+                if version(output) == recorded:
                     targets.append(output)
                     owners.append(call)
                 else:
@@ -359,7 +369,7 @@ def _check_loss(loss: torch.Tensor, size: int, what: str, first_index: int) -> N
 def _check_inputs_unchanged(handler: LayerHandler, calls: List[Call]) -> None:
     for call in calls:
         first = call.args[0]
-        if isinstance(first, torch.Tensor) and first._version != call.input_version:
+        if isinstance(first, torch.Tensor) and version(first) != call.input_version:
             raise TracInError(
                 f"The input of module {handler.name!r} was modified in place after the module ran, so its recorded "
                 "activations are wrong; make the op after it out-of-place (e.g. inplace=False)."

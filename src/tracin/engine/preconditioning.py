@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import warnings
 from contextlib import contextmanager
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Protocol, Tuple
 
 import torch
 from torch.utils.data import DataLoader
@@ -19,14 +19,47 @@ from torch.utils.data import DataLoader
 from .blocks import FactorDict
 from .capture import EXACT
 from .loaders import dataset_size
-from ..layers.precondition import KFAC, with_ones
+from ..config import ScoringConfig
+from ..layers.base import LayerHandler, LayerRun
+from ..layers.precondition import KFAC, Whitening, with_ones
+from ..tasks.base import Task
+
+
+class FitRun(Protocol):
+    """What the K-FAC part of a pass reads of the run it serves (the scheduler provides it)."""
+
+    config: ScoringConfig
+    handlers: List[LayerHandler]
+    runs: Dict[str, LayerRun]  # layer name -> its settings for this run
+    checkpoints: list
+    device: torch.device
+    dtype: torch.dtype
+    budget: int
+    progress: bool
+    task: Task
+    loaded: Optional[int]  # the checkpoint the model holds
+
+    def detect(self, loader: Optional[DataLoader] = None, batch: object = None) -> None:
+        """Decide the exact layers on the first batch of ``loader`` (or on ``batch``)."""
+
+    def load(self, index: int) -> None:
+        """Load checkpoint ``index`` into the model."""
+
+    def numbered(self, loader: DataLoader, first: int = 0) -> Iterator[Tuple[int, object]]:
+        """(index of the batch's first example, raw batch) over ``loader``."""
+
+    def at_checkpoints(self, loader: DataLoader) -> Iterator[Tuple[int, int, object]]:
+        """(checkpoint, first example index, raw batch) with that checkpoint loaded, the data read once."""
+
+    def raw_factors(self, batch: object, first_index: int) -> FactorDict:
+        """Untransformed (A, D, bias in scope, ...) per layer of a batch on the device, at the loaded checkpoint."""
 
 
 class Preconditioning:
-    """A scheduler's K-FAC preconditioner for one run: its fit, the fit pass's kept training factors, and which
-    side of a pairing it transforms. ``run`` is the :class:`tracin.engine.scheduler.Scheduler` it serves."""
+    """A run's K-FAC preconditioner in its passes: the fit, the fit pass's kept training factors, and which side of a
+    pairing each kind of batch is on. ``run`` (a :class:`FitRun`) is the scheduler it serves."""
 
-    def __init__(self, run, kfac: KFAC):
+    def __init__(self, run: FitRun, kfac: KFAC):
         self.run, self.kfac = run, kfac
         self.sides: Dict[str, str] = {}  # what ("test" / "training") -> the side it is on (empty: both whitened)
         self.kept: Optional[Dict[Tuple[int, int], FactorDict]] = None  # (checkpoint, first example) -> raw fit factors
@@ -35,7 +68,7 @@ class Preconditioning:
 
     def fit(self, train: DataLoader, keep: bool) -> bool:
         """Fit on ``train`` at every checkpoint; ``keep``: keep the pass's raw factors for a one-sided influence pass
-        (:meth:`factors`). False when ``precondition="auto"`` met a layer K-FAC cannot cover: the run is plain."""
+        (:meth:`kept_factors`). False when ``precondition="auto"`` met a layer K-FAC cannot cover: the run is plain."""
         if self.run.config.precondition == "auto" and not self._applies(train):
             return False
         self.kept, self.kept_bytes = ({} if keep else None), 0
@@ -49,7 +82,7 @@ class Preconditioning:
         runs = self.run.runs.values()
         for layer_run in runs:
             layer_run.preconditioner = None
-        self.run._detect(train)
+        self.run.detect(train)
         exact = [name for name, layer_run in self.run.runs.items() if layer_run.mode == EXACT]
         if exact:
             warnings.warn(f"precondition='auto' scores plain TracIn: {exact[0]!r} needs exact per-example passes, which "
@@ -87,21 +120,23 @@ class Preconditioning:
         finally:
             self.sides, self.kept = {}, None
 
-    def factors(self, what: str, checkpoint: int, first: int) -> Optional[FactorDict]:
-        """Set the side ``what`` is on; return the kept factors of the batch at ``first`` when that side is the
-        untransformed one and the fit pass kept them at this checkpoint, else None (the batch must be run)."""
-        self.kfac.side = self.sides.get(what, "both")
-        kept = self.kept.get((checkpoint, first)) if self.kept and self.kfac.side == "key" else None
+    def whitening(self, what: str, checkpoint: int) -> Whitening:
+        """The whiteners of ``checkpoint`` for a batch of ``what`` (``"test"`` / ``"training"``) on its side."""
+        return self.kfac.whitening(checkpoint, self.sides.get(what, "both"))
+
+    def kept_factors(self, whitening: Whitening, checkpoint: int, first: int, runs: Dict[str, LayerRun]) -> Optional[FactorDict]:
+        """The kept factors of the batch at ``first`` when ``whitening`` is the untransformed side (``"key"``) and the
+        fit pass kept them at this checkpoint, as each layer's ``runs`` entry asks; else None (the batch must be run)."""
+        kept = self.kept.get((checkpoint, first)) if self.kept and whitening.side == "key" else None
         if kept is None:
             return None
-        run = self.run
         with torch.no_grad():
-            return {h.name: None if kept.get(h.name) is None else h.transform(kept[h.name], run.runs[h.name])
-                    for h in run.handlers if h.hooked}
+            return {h.name: None if kept.get(h.name) is None else h.transform(kept[h.name], runs[h.name], whitening)
+                    for h in self.run.handlers if h.hooked}
 
 
 class FitSource:
-    """A scheduler's training data as the K-FAC fit reads it (:class:`tracin.layers.precondition.FitData`)."""
+    """A run's training data as the K-FAC fit reads it (:class:`tracin.layers.precondition.FitData`)."""
 
     def __init__(self, owner: Preconditioning, train: DataLoader):
         run = owner.run
@@ -110,16 +145,17 @@ class FitSource:
         self.budget_bytes, self.total, self.progress = run.budget // 4, dataset_size(train), run.progress
 
     def at_checkpoints(self) -> Iterator[Tuple[int, int, object]]:
-        return self.run._at_checkpoints(self.train)
+        return self.run.at_checkpoints(self.train)
 
     def at_checkpoint(self, c: int) -> Iterator[Tuple[int, object]]:
-        self.run._load(c)
-        return self.run._numbered(self.train)
+        self.run.load(c)
+        return self.run.numbered(self.train)
 
     def raw_factors(self, first: int, batch: object) -> Tuple[int, FactorDict]:
         run = self.run
-        factors = run.capture.factors(run.model, run.task, run.task.to_device(batch, run.device), "training", first, raw=True)
+        factors = run.raw_factors(run.task.to_device(batch, run.device), first)
         # the bias column made explicit once, for the statistics and for the kept copy alike (each would copy A)
         factors = {name: None if r is None else (with_ones(r[0], r[2]), r[1], False, *r[3:]) for name, r in factors.items()}
-        self.owner.keep(run._loaded, first, factors)
+        assert run.loaded is not None
+        self.owner.keep(run.loaded, first, factors)
         return run.task.batch_size(batch), factors

@@ -84,6 +84,8 @@ class ResumeState:
             if current is not None:
                 self.current = {"rows": int(current["rows"]), "next": int(current["next"]), "topk": _lists(tensors, "current")}
             self.self_scores = tensors.get("self")
+            for lists in [*self.done.values(), *([self.current["topk"]] if self.current is not None else [])]:
+                self._check_range(lists)
         except (KeyError, TypeError, ValueError) as exc:
             raise _tampered(self.directory / STATE, f"its contents disagree ({type(exc).__name__}: {exc})") from None
 
@@ -96,12 +98,23 @@ class ResumeState:
         if rows.start not in self.accumulators:
             acc = TopKAccumulator(m, k, device, dtype)
             if self.current is not None and self.current["rows"] == rows.start:
-                pv, pi, nv, ni = (t.to(device) for t in self.current["topk"])
-                if pv.shape != (m, k) or pi.shape != (m, k):
-                    raise _tampered(self.directory / STATE, f"its running top-k is {tuple(pv.shape)} for a chunk of {m} x top {k}")
-                acc.pos_values, acc.pos_indices, acc.neg_values, acc.neg_indices = pv.to(dtype), pi, -nv.to(dtype), ni
+                lists = self.current["topk"]
+                self._check_lists(lists, m, k)
+                acc.restore(lists)
             self.accumulators[rows.start] = acc
         return self.accumulators[rows.start]
+
+    def _check_lists(self, lists: TopKLists, m: int, k: int) -> None:
+        """Refuse saved top-k lists that are not [m, k]."""
+        for t in lists:
+            if tuple(t.shape) != (m, k):
+                raise _tampered(self.directory / STATE, f"its top-k lists are {tuple(t.shape)} for a chunk of {m} x top {k}")
+
+    def _check_range(self, lists: TopKLists) -> None:
+        limit = self.config.get("n_train")
+        for t in (lists[1], lists[3]):
+            if t.numel() and (int(t.min()) < 0 or (isinstance(limit, int) and int(t.max()) >= limit)):
+                raise _tampered(self.directory / STATE, f"its top-k lists name training examples outside 0..{limit}")
 
     # -- the scheduler's progress hook -------------------------------------------------------------
     def chunk_finished(self, first_row: int) -> bool:

@@ -121,8 +121,8 @@ class Scheduler:
         model.to(self.device).eval()
         self.dtype = self.handlers[0].parameters()[0].dtype
         self.runs = self._layer_runs()
-        self._loaded: Optional[int] = None  # the checkpoint whose weights the model holds
-        self._detect_source: Optional[DataLoader] = None  # the training data the exact layers are decided on
+        self.loaded: Optional[int] = None  # the checkpoint whose weights the model holds
+        self.detect_source: Optional[DataLoader] = None  # the training data the exact layers are decided on
         self.capture = BatchCapture(self.handlers, self.runs, self.precision)
         self._restore_math = set_float32_math(self.float32_math)
         return self
@@ -149,16 +149,14 @@ class Scheduler:
             return weights
         return [{k: v.to(self.device) for k, v in w.items()} for w in weights]
 
-    def _load(self, index: int) -> None:
+    def load(self, index: int) -> None:
         self.model.load_state_dict(self._weights[index], strict=True)
-        self._loaded = index
-        if self.preconditioner is not None:
-            self.preconditioner.select(index)
+        self.loaded = index
         with torch.no_grad():
             self.task.on_checkpoint(self.model, index)
         self.stats["checkpoint_loads"] = int(self.stats["checkpoint_loads"]) + 1  # type: ignore[arg-type]
 
-    def _detect(self, loader: Optional[DataLoader] = None, batch=None) -> None:
+    def detect(self, loader: Optional[DataLoader] = None, batch=None) -> None:
         """Decide the exact layers at the first checkpoint, before any factors are kept (:meth:`BatchCapture.detect`),
         on the first batch of ``loader`` (the training data: its batches hold several examples even when a test set
         holds one) when one is given, else on ``batch``."""
@@ -167,18 +165,27 @@ class Scheduler:
         if loader is not None:
             batch = next(iter(loader), batch)
         if batch is not None:
-            if self._loaded != 0:
-                self._load(0)
+            if self.loaded != 0:
+                self.load(0)
             self.capture.detect(self.model, self.task, self.task.to_device(batch, self.device))
 
-    def _factors(self, batch, what: str, first_index: int) -> FactorDict:
-        """Factors of a batch: of the task's loss for training examples, of the measurement for test examples."""
+    def factors(self, batch, what: str, first_index: int) -> FactorDict:
+        """Factors of a batch (on the device) at the loaded checkpoint: of the task's loss for training examples, of
+        the measurement for test examples; preconditioned as the batch's side of a pairing asks."""
         task = self.measurement if what == "test" and self.measurement is not None else self.task
+        whitening = None
         if self.preconditioning is not None:
-            kept = self.preconditioning.factors(what, self._loaded, first_index)  # type: ignore[arg-type]
+            assert self.loaded is not None
+            whitening = self.preconditioning.whitening(what, self.loaded)
+            kept = self.preconditioning.kept_factors(whitening, self.loaded, first_index, self.runs)
             if kept is not None:  # the fit pass computed this batch's raw factors at this checkpoint already
                 return kept
-        return self.capture.factors(self.model, task, batch, what, first_index)
+        return self.capture.factors(self.model, task, batch, what, first_index, whitening=whitening)
+
+    def raw_factors(self, batch, first_index: int) -> FactorDict:
+        """Each layer's untransformed (A, D, bias in scope, ...) for a training batch (on the device) at the loaded
+        checkpoint, as a preconditioner is fitted on."""
+        return self.capture.factors(self.model, self.task, batch, "training", first_index, raw=True)
 
     def fit_preconditioner(self, train: DataLoader, keep: bool = False) -> bool:
         """Fit the K-FAC preconditioner on ``train`` at every checkpoint (one forward and backward pass
@@ -191,7 +198,7 @@ class Scheduler:
         if not self.preconditioning.fit(train, keep):
             self.preconditioner = self.preconditioning = None
             return False
-        self._loaded = None  # the next load selects the fitted whiteners
+        self.loaded = None  # the next load selects the fitted whiteners
         return True
 
     def one_sided(self, with_self: bool, cached: bool) -> bool:
@@ -200,7 +207,7 @@ class Scheduler:
         return self.preconditioning is not None and not (with_self or cached) and self.normalize == "none"
 
     # -- kernels over blocks -----------------------------------------------------------------
-    def _pair(self, test: FactorDict, train: FactorDict) -> Optional[torch.Tensor]:
+    def pair(self, test: FactorDict, train: FactorDict) -> Optional[torch.Tensor]:
         total = None
         for name, t in test.items():
             r = train.get(name)
@@ -210,14 +217,14 @@ class Scheduler:
             total = s if total is None else total.add_(s)
         return total
 
-    def _self(self, train: FactorDict, size: int) -> torch.Tensor:
+    def self_scores(self, train: FactorDict, size: int) -> torch.Tensor:
         total = torch.zeros(size, device=self.device, dtype=self.dtype)
         for f in train.values():
             if f is not None:
                 total += f.self_scores(self._max_elements)
         return total
 
-    def _norms(self, squared: torch.Tensor) -> torch.Tensor:
+    def norms(self, squared: torch.Tensor) -> torch.Tensor:
         """Gradient norms from squared norms, kept away from zero."""
         return squared.clamp_min(torch.finfo(self.dtype).tiny).sqrt()
 
@@ -247,9 +254,9 @@ class Scheduler:
         chunks and tiles a resumed run has already finished; ``initial_self`` is the partial self-influence
         of a resumed run."""
         start = time.perf_counter()
-        self._detect_source = train  # decided at the probe, which loads the first checkpoint anyway
+        self.detect_source = train  # decided at the probe, which loads the first checkpoint anyway
         if cached is not None:
-            self._detect(train)
+            self.detect(train)
         n_train = dataset_size(train)
         C = len(self.checkpoints)
         skip = hook.chunk_finished if hook is not None else None
@@ -308,17 +315,17 @@ class Scheduler:
         scores = torch.zeros(m, n_tile, device=self.device, dtype=self.dtype)
         selfs = torch.zeros(n_tile, device=self.device, dtype=self.dtype) if with_self else None
         for c, ckpt in enumerate(self.checkpoints):
-            self._load(c)
+            self.load(c)
             lr = float(ckpt.learning_rate)  # type: ignore[arg-type]
             blocks, test_norms = cache[c]
             for first, batch in tile:
-                factors = self._factors(batch, "training", first)
+                factors = self.factors(batch, "training", first)
                 b = self.task.batch_size(batch)
                 cols = slice(first - tile_first, first - tile_first + b)
-                sq = self._self(factors, b) if selfs is not None or self.normalize != "none" else None
-                train_norms = self._norms(sq) if self.normalize != "none" else None
+                sq = self.self_scores(factors, b) if selfs is not None or self.normalize != "none" else None
+                train_norms = self.norms(sq) if self.normalize != "none" else None
                 for offset, block in blocks:
-                    s = self._pair(block, factors)
+                    s = self.pair(block, factors)
                     if s is not None:
                         if train_norms is not None:
                             s = s / train_norms
@@ -354,11 +361,11 @@ class Scheduler:
         n_train = dataset_size(train)
         out = torch.zeros(n_train, device=self.device, dtype=self.dtype)
         bar = tqdm(total=n_train * len(self.checkpoints), desc="TracIn self-influence", unit="ex", disable=not self.progress, leave=False)
-        for c, first, batch in self._at_checkpoints(train):
-            self._detect(batch=batch)  # at the first batch, with the first checkpoint loaded
+        for c, first, batch in self.at_checkpoints(train):
+            self.detect(batch=batch)  # at the first batch, with the first checkpoint loaded
             b = self.task.batch_size(batch)
-            factors = self._factors(self.task.to_device(batch, self.device), "training", first)
-            out[first:first + b].add_(self._self(factors, b), alpha=float(self.checkpoints[c].learning_rate))  # type: ignore[arg-type]
+            factors = self.factors(self.task.to_device(batch, self.device), "training", first)
+            out[first:first + b].add_(self.self_scores(factors, b), alpha=float(self.checkpoints[c].learning_rate))  # type: ignore[arg-type]
             bar.update(b)
         bar.close()
         self.stats["seconds"] = time.perf_counter() - start
@@ -370,9 +377,9 @@ class Scheduler:
         dim = 0
         bar = tqdm(total=dataset_size(loader) * len(self.checkpoints), desc=f"{what} gradients", unit="ex",
                    disable=not self.progress, leave=False)
-        for c, first, batch in self._at_checkpoints(loader):
-            self._detect(batch=batch)
-            factors = self._factors(self.task.to_device(batch, self.device), what, first)
+        for c, first, batch in self.at_checkpoints(loader):
+            self.detect(batch=batch)
+            factors = self.factors(self.task.to_device(batch, self.device), what, first)
             vec = torch.cat([f.to_vector() for f in factors.values() if f is not None], dim=1)
             dim = vec.shape[1]
             write(c, first, vec)
@@ -385,11 +392,11 @@ class Scheduler:
         """(index of the tile's first training example, number of examples in the tile)."""
         return tile[0][0], tile[-1][0] + self.task.batch_size(tile[-1][1]) - tile[0][0]
 
-    def _numbered(self, loader: DataLoader, first: int = 0):
+    def numbered(self, loader: DataLoader, first: int = 0):
         """(index of the batch's first example, batch) for each batch (:func:`numbered_batches`)."""
         return numbered_batches(loader, self.task.batch_size, first)
 
-    def _at_checkpoints(self, loader: DataLoader) -> Iterator[Tuple[int, int, object]]:
+    def at_checkpoints(self, loader: DataLoader) -> Iterator[Tuple[int, int, object]]:
         """(checkpoint index, first example index, raw batch) for every batch at every checkpoint, the data read once
         (:func:`tracin.engine.training.at_checkpoints`)."""
         return training.at_checkpoints(self, loader)

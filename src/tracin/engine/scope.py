@@ -113,6 +113,14 @@ def _excluded(selected: List[Tuple[str, nn.Module, List[str]]], exclude: Sequenc
     patterns = [exclude] if isinstance(exclude, str) else list(exclude)
     if not patterns:
         return selected
+    def hits(p: str, name: str, names: List[str]) -> bool:
+        return name == p or fnmatchcase(name, p) or name.startswith(p + ".") or any(_matches_parameter(name, n, p) for n in names)
+
+    idle = [p for p in patterns if not any(hits(p, name, names) for name, _, names in selected)]
+    if idle:
+        shown = ", ".join(name for name, _, _ in selected[:8]) + (" ..." if len(selected) > 8 else "")
+        raise TracInError(f"exclude pattern {idle[0]!r} matches nothing in the layers in scope ({shown}), so it would "
+                          "change nothing; fix the pattern or drop it.")
     kept = []
     for name, module, names in selected:
         module_out = any(name == p or fnmatchcase(name, p) or name.startswith(p + ".") for p in patterns)

@@ -9,6 +9,7 @@ from torch import nn
 
 if TYPE_CHECKING:  # annotations only: handlers are below the factor kernels in no import chain
     from .factors import Factors
+    from .precondition import Whitening
 
 
 @dataclass
@@ -31,7 +32,8 @@ class LayerRun:
         parameters are scored by per-example backward passes instead (set by the engine when the module's
         parameters turn out to be used outside its own forward pass, or broadcast across the batch).
     projector: a :class:`tracin.layers.projection.Projector` when gradients are projected.
-    preconditioner: a fitted :class:`tracin.layers.precondition.KFAC` when they are preconditioned.
+    preconditioner: the :class:`tracin.layers.precondition.KFAC` that preconditions the layer in this run (its
+        whiteners reach the handler with each batch as a ``Whitening``), or None.
     """
 
     mode: Optional[str] = None
@@ -91,8 +93,10 @@ class LayerHandler:
         calling them functionally, a weight tied elsewhere, a broadcast). None: the handler cannot tell."""
         return None
 
-    def factors(self, calls: List[Call], run: LayerRun) -> Factors:
-        """Factors for the batch from this module's captured calls (at least one), as ``run`` asks."""
+    def factors(self, calls: List[Call], run: LayerRun, whitening: Optional["Whitening"] = None) -> Factors:
+        """Factors for the batch from this module's captured calls (at least one), as ``run`` asks; ``whitening``: the
+        loaded checkpoint's K-FAC whiteners for this batch's side of a pairing (used by handlers with ``kronecker``
+        when ``run.preconditioner`` is set; others ignore it)."""
         raise NotImplementedError
 
 

@@ -49,7 +49,7 @@ class EmbeddingHandler(LayerHandler):
         d = f.D.shape[-1]
         return [f.D.new_zeros(self.module.weight.shape).index_add_(0, f.idx.reshape(-1), f.D.reshape(-1, d))]
 
-    def factors(self, calls: List[Call], run: LayerRun) -> Union[IndexFactors, GradFactors]:
+    def factors(self, calls: List[Call], run: LayerRun, whitening: object = None) -> Union[IndexFactors, GradFactors]:
         factors = self._index_factors(calls)
         idx, D = factors.idx, factors.D
         if run.mode is None:  # dense only where it is no larger than the index factors

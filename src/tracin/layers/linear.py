@@ -8,7 +8,7 @@ and the bias gradient ``sum_t D[:, j, t]``. The bias is the implicit ones column
 """
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,9 @@ from ..device import cudnn_conv_uses_tf32
 from ..errors import UnsupportedModuleError
 from .base import Call, LayerHandler, LayerRun, zero_delta_like
 from .factors import Factors, GhostFactors, GradFactors, weight_gradients
+
+if TYPE_CHECKING:  # annotations only
+    from .precondition import Whitening
 
 
 RawFactors = Tuple[torch.Tensor, torch.Tensor, bool, bool]  # A [B, g, T, da], D [B, g, T, dd], bias in scope, ghost form
@@ -83,9 +86,9 @@ class _FactorLayer(LayerHandler):
         call for the ghost kernel (what :meth:`transform` sizes projections for)."""
         return (*self._ghost_all(calls), choose_mode(*self._shapes(calls[0])) == "ghost")
 
-    def factors(self, calls: List[Call], run: LayerRun) -> Factors:
+    def factors(self, calls: List[Call], run: LayerRun, whitening: Optional[Whitening] = None) -> Factors:
         if run.projector is not None or run.preconditioner is not None:
-            return self._transformed(calls, run)
+            return self.transform(self.ghost_factors(calls), run, whitening)
         weight, bias = self.in_scope("weight"), self.in_scope("bias")
         if run.mode is None:
             run.mode = choose_mode(*self._shapes(calls[0]))
@@ -104,21 +107,35 @@ class _FactorLayer(LayerHandler):
             total = G if total is None else total + G
         return GradFactors(total)
 
-    def _transformed(self, calls: List[Call], run: LayerRun) -> Factors:
-        return self.transform(self.ghost_factors(calls), run)
-
-    def transform(self, raw: RawFactors, run: LayerRun) -> Factors:
-        """Precondition and/or project raw factors (:meth:`ghost_factors`; projections sized for the kernel the raw
-        shapes call for), then pick ghost or materialised on the resulting shapes."""
+    def transform(self, raw: RawFactors, run: LayerRun, whitening: Optional[Whitening] = None) -> Factors:
+        """Precondition (with this batch's ``whitening`` when the run preconditions the layer) and/or project raw factors
+        (:meth:`ghost_factors`; projections sized for the kernel the raw shapes call for), then pick ghost or
+        materialised on the resulting shapes."""
         A, D, ones, ghost_form = raw
         if run.preconditioner is not None:
-            A, D, ones = run.preconditioner.apply(self.name, A, D, ones)
+            assert whitening is not None, f"{self.name}: a preconditioned layer's batch comes with its whiteners"
+            A, D, ones = whitening.apply(self.name, A, D, ones)
         if run.projector is not None:
             A, D, ones = run.projector.ghost(self.name, A, D, ones, ghost_form=ghost_form)
         if run.mode is None:
             run.mode = choose_mode(A.shape[2], A.shape[3] + int(ones), D.shape[3])
         factors = GhostFactors(A, D, ones=ones)
         return factors if run.mode == "ghost" else GradFactors(factors.to_vector())
+
+
+def conv_padding(conv: nn.Module) -> List[int]:
+    """``F.pad``'s argument for a convolution's padding (last dimension first, left then right): its int or tuple
+    padding on both sides, none for ``"valid"``, and for ``"same"`` dilation * (kernel - 1) split with the extra unit
+    on the right, as PyTorch pads it."""
+    dims = len(conv.kernel_size)
+    if conv.padding == "valid":
+        return [0] * 2 * dims
+    if conv.padding == "same":
+        totals = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+        sides = [(t // 2, t - t // 2) for t in totals]
+    else:
+        sides = [(p, p) for p in conv.padding]
+    return [side for pair in reversed(sides) for side in pair]
 
 
 class LinearHandler(_FactorLayer):
@@ -179,7 +196,7 @@ class ConvHandler(_FactorLayer):
         x = call.args[0]
         if x.dim() == (2 if isinstance(conv, nn.Conv1d) else 3):
             raise UnsupportedModuleError(f"Module {self.name!r} was called on an unbatched input; give it a batch dimension.")
-        pad = conv._reversed_padding_repeated_twice
+        pad = conv_padding(conv)
         if any(pad):
             x = F.pad(x, pad, mode="constant" if conv.padding_mode == "zeros" else conv.padding_mode)
         return x

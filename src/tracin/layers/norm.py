@@ -36,7 +36,7 @@ class NormHandler(LayerHandler):
         params = self.parameters()
         return [part.reshape(p.shape) for part, p in zip(summed.split([p.numel() for p in params]), params)]
 
-    def factors(self, calls: List[Call], run: LayerRun) -> GradFactors:
+    def factors(self, calls: List[Call], run: LayerRun, whitening: object = None) -> GradFactors:
         run.mode = "materialize"
         factors = GradFactors(self._per_example(calls))
         return run.projector.grads(self.name, factors) if run.projector is not None else factors

@@ -17,6 +17,7 @@ image folders that size works against finding flipped labels (docs/quality.md).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Protocol, Sequence, Tuple
 
 import torch
@@ -179,19 +180,47 @@ class FitData(Protocol):
         """(batch size, {layer: (A, D, bias in scope, ...) or None}) at the loaded checkpoint."""
 
 
-class KFAC:
-    """Per-checkpoint K-FAC preconditioner. The scheduler fits it (one extra forward and backward pass
-    over the training data per checkpoint) and selects the loaded checkpoint's whiteners; layer
-    handlers transform their factors with :meth:`apply`."""
+SIDES = ("both", "query", "key")  # how a batch's factors take part in a pairing (see Whitening.apply)
 
-    def __init__(self, damping: float = 0.1):
-        """``damping``: validated by :class:`tracin.config.ScoringConfig`."""
+
+@dataclass(frozen=True)
+class Whitening:
+    """One checkpoint's fitted whiteners as one batch's factors meet them: ``side`` ``"both"`` (both sides of every
+    pairing whitened), ``"query"`` (this side gets the whole inverse) or ``"key"`` (this side stays as it is)."""
+
+    whiteners: Whiteners
+    side: str = "both"
+
+    def apply(self, name: str, A: torch.Tensor, D: torch.Tensor, ones: bool) -> Tuple[torch.Tensor, torch.Tensor, bool]:
+        """Transformed factors (A' [B, g, T, da + ones], D' [B, g, T, dd], no implicit bias) of one layer: ``"both"``
+        whitens them (A W_in, D W_out: the pairing of two whitened sides is g^T P g'); ``"query"`` applies the whole
+        inverse (A W_in W_in^T, D W_out W_out^T) and ``"key"`` leaves them as they are, which gives the same g^T P g'
+        while only the (few) query examples are transformed."""
+        if self.side == "key":
+            return with_ones(A, ones), D, False
+        if name not in self.whiteners:
+            raise TracInError(f"Layer {name!r} never ran while K-FAC was fitted on the training data, so it has no "
+                              "preconditioner; fit on data that reaches it (fit_preconditioner) or leave it out of layers.")
+        W_in, W_out, P_in, P_out = self.whiteners[name]
+        if self.side == "query":
+            W_in, W_out = P_in, P_out
+        A = torch.einsum("bgti,gij->bgtj", with_ones(A, ones), W_in.to(A.device, A.dtype))
+        D = torch.einsum("bgti,gij->bgtj", D, W_out.to(D.device, D.dtype))
+        return A, D, False
+
+
+class KFAC:
+    """Per-checkpoint K-FAC preconditioner: the engine fits it (one extra forward and backward pass over the training
+    data per checkpoint); :meth:`whitening` hands one checkpoint's whiteners, for one side of a pairing, to the layer
+    handlers with each batch. Once fitted it holds no run state."""
+
+    def __init__(self, damping: float = 0.1, left_out: Sequence[str] = ()):
+        """``damping``: validated by :class:`tracin.config.ScoringConfig`; ``left_out``: layers of the requested scope
+        that ``precondition="auto"`` leaves out (recorded in :meth:`describe`)."""
         self.damping = float(damping)
         self.per_checkpoint: Optional[List[Whiteners]] = None
-        self.current: Whiteners = {}
         self.fit_examples = 0
-        self.left_out: List[str] = []  # layers of the requested scope that precondition="auto" left out
-        self.side = "both"  # which side of a pairing :meth:`apply` transforms (the engine sets it per pass)
+        self.left_out: List[str] = list(left_out)
 
     @property
     def fitted(self) -> bool:
@@ -201,6 +230,10 @@ class KFAC:
         return {"precondition": "kfac", "damping": self.damping, "fisher": "empirical", "fit_examples": self.fit_examples,
                 "left_out": list(self.left_out)}
 
+    def whitening(self, checkpoint: int, side: str = "both") -> Whitening:
+        """The whiteners of ``checkpoint`` (fitted first) for a batch on ``side`` of a pairing (:data:`SIDES`)."""
+        assert self.per_checkpoint is not None, "the engine fits the preconditioner before any pass uses it"
+        return Whitening(self.per_checkpoint[checkpoint], side)
     def fit(self, data: "FitData") -> None:
         """Fit the whiteners of every checkpoint on ``data`` (:class:`FitData`). Statistics are summed in
         float64 (float32 on MPS) and over the ranks of an initialised process group.
@@ -242,23 +275,3 @@ class KFAC:
         bar.close()
         self.fit_examples = sums[-1].count
         self.per_checkpoint = fitted
-
-    def select(self, checkpoint: int) -> None:
-        self.current = self.per_checkpoint[checkpoint] if self.per_checkpoint is not None else {}
-
-    def apply(self, name: str, A: torch.Tensor, D: torch.Tensor, ones: bool) -> Tuple[torch.Tensor, torch.Tensor, bool]:
-        """Transformed factors (A' [B, g, T, da + ones], D' [B, g, T, dd], no implicit bias) of one layer, as
-        :attr:`side` asks: ``"both"`` whitens them (A W_in, D W_out: the pairing of two whitened sides is g^T P g');
-        ``"query"`` applies the whole inverse to one side (A W_in W_in^T, D W_out W_out^T) and ``"key"`` leaves the
-        other side as it is, which gives the same g^T P g' while only the (few) query examples are transformed."""
-        if self.side == "key":
-            return with_ones(A, ones), D, False
-        if name not in self.current:
-            raise TracInError(f"Layer {name!r} never ran while K-FAC was fitted on the training data, so it has no "
-                              "preconditioner; fit on data that reaches it (fit_preconditioner) or leave it out of layers.")
-        W_in, W_out, P_in, P_out = self.current[name]
-        if self.side == "query":
-            W_in, W_out = P_in, P_out
-        A = torch.einsum("bgti,gij->bgtj", with_ones(A, ones), W_in.to(A.device, A.dtype))
-        D = torch.einsum("bgti,gij->bgtj", D, W_out.to(D.device, D.dtype))
-        return A, D, False

@@ -12,11 +12,11 @@ TracIn's gradients are those of ``loss[i]`` with respect to the parameters in sc
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 
-from ..errors import DataError, TracInError
+from ..errors import DataError
 
 Batch = Any
 
@@ -122,20 +122,3 @@ class DuckTask(Task):
 
     def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         return self.inner.loss(model, batch)
-
-
-def as_task(task: Union[Task, Callable, None]) -> Task:
-    """Normalise the ``task`` argument: None means classification with cross-entropy; an object with a
-    ``loss`` method (duck typing) or a callable is wrapped."""
-    if task is None:
-        from .classification import DefaultTask
-
-        return DefaultTask()
-    if isinstance(task, Task):
-        return task
-    if callable(getattr(task, "loss", None)):
-        return DuckTask(task)
-    if callable(task):
-        return CallableTask(task)
-    raise TracInError(f"task must be a Task, an object with a loss(model, batch) method or a callable (model, batch) -> "
-                      f"per-example loss, got {type(task).__name__}.")

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 from ..checkpoints import Checkpoint
 from ..errors import DataError
 from .base import Batch, Task
+from .hf import HFTask
 
 
 class DefaultTask(Task):
@@ -19,8 +20,6 @@ class DefaultTask(Task):
     (Hugging Face models and data) :class:`tracin.tasks.hf.HFTask` with its defaults."""
 
     def __init__(self):
-        from .hf import HFTask
-
         self.tuples, self.dicts = ClassificationTask(), HFTask()
 
     def _for(self, batch: Batch) -> Task:
@@ -73,23 +72,6 @@ class MarginMeasurement(Task):
 
     def labels(self, batch: Batch) -> Optional[torch.Tensor]:
         return batch[1]
-
-
-MEASUREMENTS = {"loss": None, "margin": MarginMeasurement}
-
-
-def as_measurement(measurement) -> Optional[Task]:
-    """``measurement=`` as a task for the test side: None or "loss" (the task's own loss), "margin", a Task, an object
-    with a ``loss`` method or a callable ``(model, batch) -> Tensor[B]`` (lower is better, like a loss)."""
-    from .base import as_task
-
-    if measurement is None or isinstance(measurement, str):
-        if measurement is not None and measurement not in MEASUREMENTS:
-            raise DataError(f"measurement={measurement!r} is not one of {', '.join(MEASUREMENTS)}, a Task or a callable "
-                            "(model, batch) -> per-example values.")
-        kind = MEASUREMENTS.get(measurement) if measurement is not None else None
-        return kind() if kind is not None else None
-    return as_task(measurement)
 
 
 def predict_proba(model: torch.nn.Module, dataset, device: torch.device, batch_size: int, num_workers: int = 0) -> torch.Tensor:

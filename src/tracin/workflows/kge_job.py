@@ -15,7 +15,7 @@ from ..config import ScoringConfig
 from ..errors import TracInError
 from ..tasks.kge import KGETask, TripleData, load_kge, read_mapping, read_triples, triple_labels
 from . import results_dir as names
-from .results_dir import ResultsDir, RunRecord, job_parameters
+from .results_dir import pass_stats, ResultsDir, RunRecord, job_parameters
 
 KGE_JSON, KGE_CSV = "kge_influence.json", "kge_influence.csv"
 
@@ -83,7 +83,7 @@ def run_kge(job: KGEJob) -> Dict[str, Any]:
             out.self_influence_tables([_key(t) for t in train_labels], tr.self_influence(train_set).numpy())
         data = {"n_train": len(train), "n_test": len(test), "test_indices": chosen, "num_entities": n_ent,
                 "num_relations": model.num_relations, "model_class": type(model).__name__}
-        record = RunRecord(job_parameters(job), data, {"total_s": time.perf_counter() - start}, tr.last_stats)
+        record = RunRecord(job_parameters(job), data, {"total_s": time.perf_counter() - start}, pass_stats(tr))
         return out.finish("kge", tr, record)
 
 

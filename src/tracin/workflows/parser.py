@@ -5,23 +5,49 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Union
+from typing import Any, List, Sequence, Union
 
-from ..config import ScoringConfig, fields_with_flags
+from ..config import LAYER_WORDS, ScoringConfig, fields_with_flags
 from ..errors import TracInError
 from ..version import __version__
 
 
+# the help of flags that several commands share, where a command does not give its own
+COMMON_HELP = {
+    "--data_dir": "image folder with train/<class>/ and test/<class>/ sub-folders",
+    "--output_dir": "folder for the results (created; a rerun replaces what it held)",
+    "--checkpoint_dir": "folder of checkpoints",
+    "--results_dir": "a results folder written by tracin influence",
+    "--top_k": "proponents and opponents kept per test example",
+    "--epochs": "training epochs",
+    "--learning_rate": "SGD or AdamW learning rate",
+    "--batch_size": "examples per step",
+    "--image_size": "images are resized to this square size",
+    "--seed": "random seed (data order, initialisation, noise)",
+    "--seeds": "random seeds, one run each",
+    "--device": "auto (cuda, then mps, then cpu) or a torch device",
+    "--quiet": "no progress bars",
+    "--noise_rate": "share of training labels flipped",
+    "--noise": "uniform: to any other class; asymmetric: by --flip",
+    "--n_test": "test examples scored",
+    "--compute_self_influence": "rank every training pair by self-influence",
+    "--compute_influence": "proponents and opponents of --num_test_samples test pairs",
+    "--projection_dims": "projection sizes to compare with the exact scores",
+    "--sample_rates": "training-set sampling rates to compare with the exact scores",
+    "--action": "remove the suspects, or relabel them with the model's prediction",
+}
+
+
 def _add(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
-    """Add ``--some_flag`` and its dashed twin ``--some-flag``."""
+    """Add ``--some_flag`` and its dashed twin ``--some-flag``; the formatter adds each default to the help."""
     names = [name] + ([name.replace("_", "-")] if "_" in name else [])
-    kwargs.setdefault("help", "(default: %(default)s)")  # --help shows the default of every flag
+    kwargs.setdefault("help", COMMON_HELP.get(name, name.lstrip("-").replace("_", " ")))
     parser.add_argument(*names, **kwargs)
 
 
 def parse_layers(text: str) -> Union[str, int, List[str]]:
     """'last' | 'all' | 'output_bias' | an int N | comma-separated module or parameter names or glob patterns."""
-    if text in ("last", "all", "output_bias"):
+    if text in LAYER_WORDS:
         return text
     if text.isdigit():
         return int(text)
@@ -31,17 +57,41 @@ def parse_layers(text: str) -> Union[str, int, List[str]]:
     return names
 
 
+def gib_to_bytes(text: str) -> int:
+    """--memory_budget's GiB as bytes."""
+    try:
+        gib = float(text)
+    except ValueError:
+        gib = float("nan")
+    if not (gib > 0 and math.isfinite(gib)):
+        raise argparse.ArgumentTypeError(f"must be a positive number of GiB, got {text!r}")
+    return int(gib * 2**30)
+
+
 AUGMENT_HELP = ("none | crop | flip | crop_flip: random shifts and/or mirrors of the training images while training "
                 "(influence always reads the plain images)")
 LR_SCHEDULE_HELP = "constant | cosine (per epoch, from --learning_rate towards 0)"
 ARCH_HELP = "smallcnn or any torchvision classification model: resnet18, resnet50, vit_b_16, efficientnet_b0, ..."
 # how each scoring setting's flag parses (the rest are strings); names, help and choices come from ScoringConfig
 FLAG_TYPES = {"layers": parse_layers, "exclude": lambda text: [t.strip() for t in text.split(",") if t.strip()], "batch_size": int, "num_workers": int, "seed": int, "projection_dim": int,
-              "sample_rate": float, "damping": float}
+              "sample_rate": float, "damping": float, "memory_budget": gib_to_bytes}
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows each flag's default."""
+class _Parser(argparse.ArgumentParser):
+    """A parser whose errors are one line (what is wrong, and where the flags are listed), exit code 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"tracin: error: {message} (see '{self.prog} --help').\n")
+
+
+class _Formatter(argparse.HelpFormatter):
+    """--help shows each flag's default once: not where the help already says it, nor for switches or unset flags."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def _scoring_flags(parser: argparse.ArgumentParser, names: Sequence[str], **defaults: Any) -> None:
@@ -71,7 +121,7 @@ def _projection_flags(parser: argparse.ArgumentParser, dim: int) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tracin", description="TracIn training-data influence for PyTorch models.",
+    p = _Parser(prog="tracin", description="TracIn training-data influence for PyTorch models.",
                                 formatter_class=_Formatter)
     p.add_argument("--version", action="version", version=f"tracin {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
@@ -117,15 +167,13 @@ def _influence_parser(sub) -> None:
     _add(i, "--self_influence_layers", choices=["output_bias", "same"], default="output_bias",
          help="output_bias: K-FAC over the output layer's bias, the best mislabel detector measured (docs/quality.md); "
               "same: the influence scope and settings, in the same pass")
-    _add(i, "--memory_budget", type=float, help="working memory in GiB (default: from free memory)")
     _add(i, "--full_matrix", action="store_true", help="also write influence_matrix.npy [n_test, n_train] (disk-backed, in tiles)")
     _add(i, "--overwrite", action="store_true", help="discard an interrupted run's progress instead of resuming it")
-    _add(i, "--measurement", choices=["loss", "margin"], default="loss",
-         help="what the test images' gradients are of: their loss (TracIn), or minus their classification margin")
     _add(i, "--summed_loss", action="store_true",
          help="with --self_influence: also rank training images by their loss summed over the checkpoints")
     _scoring_flags(i, ["layers", "exclude", "batch_size", "seed", "num_workers", "sample_rate", "stratify_by", "precision", "normalize",
-                       "precondition", "damping"], layers="last", batch_size=32, stratify_by_choices=["label"])
+                       "precondition", "damping", "measurement", "memory_budget"], layers="last", batch_size=32,
+                   stratify_by_choices=["label"])
     _projection_flags(i, 1024)
     _run_flags(i)
 
@@ -136,10 +184,12 @@ def _own_model_flags(parser: argparse.ArgumentParser) -> None:
     _add(parser, "--model_path", type=Path, help="with --arch: its weights file (a state dict or a common wrapper); the model "
                                                  "whose predictions are reported, and the one checkpoint without --checkpoint_dir")
     _add(parser, "--learning_rate", type=float, help="with --arch: the learning rate of weights files that store none")
-    _add(parser, "--image_size", type=int, default=224, help="with --arch: the input size the model was trained on")
+    _add(parser, "--image_size", type=int, default=224, help="with --arch: the input size the model was trained on (must match training)")
     _add(parser, "--num_classes", type=int, help="with --arch: the model's outputs (default: the number of class folders)")
-    _add(parser, "--mean", help="with --arch: per-channel normalisation mean, e.g. 0.485,0.456,0.406 (default: ImageNet's)")
-    _add(parser, "--std", help="with --arch: per-channel normalisation std, e.g. 0.229,0.224,0.225 (default: ImageNet's)")
+    _add(parser, "--mean", help="with --arch: the normalisation mean used in training, one number or one per channel, e.g. "
+                                "0.5 or 0.485,0.456,0.406 (default: ImageNet's; must match training)")
+    _add(parser, "--std", help="with --arch: the normalisation std used in training, one number or one per channel, e.g. "
+                               "0.5 or 0.229,0.224,0.225 (default: ImageNet's; must match training)")
 
 
 def own_model(a: argparse.Namespace):
@@ -278,14 +328,6 @@ def _demo_parser(sub) -> None:
     _add(d, "--quiet", action="store_true")
 
 
-def _memory_budget(gib: Optional[float]) -> Optional[int]:
-    if gib is None:
-        return None
-    if not (gib > 0 and math.isfinite(gib)):
-        raise TracInError(f"--memory_budget must be a positive number of GiB, got {gib}.")
-    return int(gib * 2**30)
-
-
 def scoring_config(a: argparse.Namespace) -> ScoringConfig:
     """The :class:`ScoringConfig` of a parsed scoring command: every setting it has a flag for, the rest default.
     A flag that does nothing without another is refused rather than ignored."""
@@ -296,6 +338,4 @@ def scoring_config(a: argparse.Namespace) -> ScoringConfig:
         settings["projection_dim"] = (a.projection_dim or a.projection_default) if a.use_projection else None
     if getattr(a, "stratify_by", None) is not None and getattr(a, "sample_rate", None) is None:
         raise TracInError("--stratify_by only applies with --sample_rate; add --sample_rate or drop --stratify_by.")
-    if hasattr(a, "memory_budget"):
-        settings["memory_budget"] = _memory_budget(a.memory_budget)
     return ScoringConfig(progress=not a.quiet, **settings)

@@ -14,7 +14,7 @@ from ..api import TracIn
 from ..checkpoints import Checkpoint
 from ..config import ScoringConfig
 from ..errors import TracInError
-from .results_dir import ResultsDir, RunRecord, job_parameters
+from .results_dir import pass_stats, ResultsDir, RunRecord, job_parameters
 from ..tasks.ranking import LOSS_SETTINGS, RankingTask, model_from_checkpoint, read_pairs
 
 @dataclass
@@ -83,5 +83,5 @@ def run_ranking(job: RankingJob) -> Dict[str, Any]:
             matrix = tr.influence_matrix(train, Subset(test, chosen.tolist())).numpy()
             out.influence_tables(train.pair_ids, [test.pair_ids[i] for i in chosen], matrix)
             data.update(n_test=len(test), test_indices=chosen.tolist())
-        record = RunRecord(job_parameters(job), data, {"total_s": time.perf_counter() - start}, tr.last_stats)
+        record = RunRecord(job_parameters(job), data, {"total_s": time.perf_counter() - start}, pass_stats(tr))
         return out.finish("ranking", tr, record)
