@@ -14,6 +14,7 @@ pickled code to load is refused with a :class:`~tracin.errors.CheckpointError`.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -219,9 +220,10 @@ class Checkpoint:
             self.learning_rate = _number(stored if stored is not None else self.default_learning_rate,
                                          f"Checkpoint {self.name}'s stored {key or 'learning rate'}", float)
         rate = _number(self.learning_rate, f"Checkpoint {self.name}'s learning rate", float)
-        if not math.isfinite(rate) or rate < 0:
+        if not math.isfinite(rate) or rate < 0 or rate >= MAX_LEARNING_RATE:
             raise CheckpointError(f"Checkpoint {self.name} has an invalid learning rate {self.learning_rate}; it must be a "
-                                  "finite, non-negative number.")
+                                  f"finite, non-negative number below {MAX_LEARNING_RATE:g} (check the stored value, or pass "
+                                  "--learning_rate).")
         self.learning_rate = rate
         if self.epoch is None and meta.get("epoch") is not None:
             self.epoch = _number(meta["epoch"], f"Checkpoint {self.name}'s stored epoch", int)
@@ -263,12 +265,14 @@ class Checkpoint:
                  else cls(p, learning_rate=learning_rate, trust=trust, default_learning_rate=default_learning_rate)
                  for p in sorted(files, key=lambda p: natural_key(p.name))]
         check_one_run(found, f"Checkpoint folder {folder}")
+        found = distinct_weights(found)
         for key in ("epoch", "step"):
             if all(getattr(c, key) is not None for c in found):
                 return sorted(found, key=lambda c: getattr(c, key))
         return found
 
 
+MAX_LEARNING_RATE = 1e6  # far above any optimizer's; larger stored values are corrupt and would overflow float32 scores
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 
@@ -285,16 +289,60 @@ def _trainer_checkpoint(path: Path, learning_rate: Optional[float], default: Opt
     rate = learning_rate
     state_file = path / "trainer_state.json"
     if rate is None and state_file.is_file():
-        try:
-            history = json.loads(state_file.read_text()).get("log_history", [])
-        except (json.JSONDecodeError, AttributeError):
-            raise CheckpointError(f"{state_file} is not valid JSON; restore it or pass --learning_rate.") from None
-        logged = [h for h in history if isinstance(h, dict) and "learning_rate" in h and (step is None or h.get("step", 0) <= step)]
-        rate = logged[-1]["learning_rate"] if logged else None
+        rate = _logged_rate(state_file, step)
     checkpoint = Checkpoint(weights, learning_rate=rate, step=step, name=path.name, default_learning_rate=default)
     if rate is not None and learning_rate is None:
         checkpoint.metadata["learning_rate_source"] = "file"
     return checkpoint
+
+
+def _logged_rate(state_file: Path, step: Optional[int]) -> Optional[float]:
+    """The learning rate a Trainer's ``trainer_state.json`` logged last at or before ``step`` (None when it logged none);
+    a file that is not the Trainer's JSON is one clear error."""
+    try:
+        history = json.loads(state_file.read_text(encoding="utf-8")).get("log_history", [])
+    except (ValueError, AttributeError):  # not JSON, not UTF-8, or not an object
+        raise CheckpointError(f"{state_file} is not a Trainer state (JSON with a log_history list); restore it or pass "
+                              "--learning_rate.") from None
+    if not isinstance(history, list):
+        raise CheckpointError(f"{state_file}'s log_history is a {type(history).__name__}, not a list; restore it or pass "
+                              "--learning_rate.")
+
+    def number(value: Any) -> Optional[float]:
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    logged = [h for h in history if isinstance(h, dict) and number(h.get("learning_rate")) is not None]
+    if step is not None:
+        logged = [h for h in logged if number(h.get("step", 0)) is not None and number(h.get("step", 0)) <= step]  # type: ignore[operator]
+    return number(logged[-1]["learning_rate"]) if logged else None
+
+
+def weights_digest(checkpoint: "Checkpoint") -> str:
+    """A SHA-256 of a checkpoint's weights (names, dtypes, shapes and values), whatever file format holds them."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(checkpoint.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def distinct_weights(checkpoints: List["Checkpoint"]) -> List["Checkpoint"]:
+    """``checkpoints`` less copies: one whose weights equal an earlier one's at the same (or an unrecorded) epoch and
+    step, such as ``best_model.pt`` beside the epoch file it copies, which would double that checkpoint's share of every
+    score. Each drop is warned about; equal weights saved at different epochs are kept (training may not have moved)."""
+    seen: Dict[str, List["Checkpoint"]] = {}
+    kept = []
+    for ck in checkpoints:
+        twins = seen.setdefault(weights_digest(ck), [])
+        copy_of = next((t for t in twins if all(None in (getattr(t, k), getattr(ck, k)) or getattr(t, k) == getattr(ck, k)
+                                                 for k in ("epoch", "step"))), None)
+        if copy_of is not None:
+            warnings.warn(f"{ck.name} holds the same weights as {copy_of.name}; counting them once.", stacklevel=3)
+            continue
+        twins.append(ck)
+        kept.append(ck)
+    return kept
 
 
 def check_one_run(checkpoints: List["Checkpoint"], where: str) -> None:

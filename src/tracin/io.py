@@ -7,6 +7,8 @@
 * CSV cells a spreadsheet would evaluate as a formula (text starting with ``=``, ``+``, ``-``, ``@``, a tab
   or a carriage return) are written with a leading apostrophe, as OWASP advises; a cell that starts with
   an apostrophe gets one more, and :func:`read_csv` removes exactly one, so every value reads back as it was.
+* The file gets the permissions an ordinary ``open()`` would give it (0666 less the process's umask; 0644 under
+  the usual 022), not the owner-only 0600 of a temporary file, so colleagues and web servers can read results.
 * A write that the file system refuses (read-only folder, full disk) is one clear
   :class:`~tracin.errors.DataError`.
 """
@@ -38,6 +40,8 @@ def write_bytes(path: Path, data: bytes) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # O_EXCL: a new file
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
@@ -49,6 +53,16 @@ def write_bytes(path: Path, data: bytes) -> Path:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
     return path
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the system says it (Linux), else by setting and restoring."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/self/status") as status:
+            return int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def unwritable(path: Path, exc: OSError) -> DataError:

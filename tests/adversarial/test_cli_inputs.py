@@ -148,14 +148,14 @@ def test_a_decompression_bomb_and_a_named_pipe_are_skipped(trained, tmp_path, ca
 
 
 def test_mathtext_and_colliding_class_names_make_a_report(tmp_path):
-    data = make_image_folder(tmp_path / "data", classes=("$x^", "a b", "a_b"), n_train=4, n_test=1)
+    data = make_image_folder(tmp_path / "data", classes=("$x^", "a b", "a_b", "$\\foo$"), n_train=4, n_test=1)
     ck, out = tmp_path / "ck", tmp_path / "out"
     assert main(["train", "--data_dir", str(data), "--arch", "smallcnn", "--epochs", "1", "--checkpoint_dir", str(ck),
                  "--image_size", "12", "--quiet"]) == 0
     assert main(influence(data, ck, out)) == 0
     assert main(["report", "--results_dir", str(out)]) == 0
     folders = sorted(p.name for p in (out / "top_influences").iterdir())
-    assert len(folders) == 3 and len(list(out.glob("*_summary.png"))) == 3, folders
+    assert len(folders) == 4 and len(list(out.glob("*_summary.png"))) == 4, folders
 
 
 @pytest.mark.parametrize("meta, match", [
@@ -216,7 +216,7 @@ def test_a_garbage_best_model_is_refused_before_scoring(trained, tmp_path, capsy
     (["--summed_loss"], "--summed_loss ranks training images beside their self-influence"),
     (["--projection_dim", "64"], "--projection_dim only applies with --use_projection"),
     (["--stratify_by", "label"], "--stratify_by only applies with --sample_rate"),
-    (["--memory_budget", "inf"], "--memory_budget must be a positive number of GiB"),
+    (["--memory_budget", "inf"], "--memory-budget: must be a positive number of GiB"),
 ])
 def test_flags_that_do_nothing_alone_are_refused(trained, tmp_path, capsys, extra, match):
     root, data, ck = trained
@@ -292,3 +292,128 @@ def test_a_16_bit_image_is_scaled_not_clipped(tmp_path):
         assert img.mode.startswith("I")
         x = image_transform(16, ((0, 0, 0), (1, 1, 1)))(img)
     assert 0.4 < float(x.mean()) < 0.6 and float((x > 0.99).float().mean()) < 0.1
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    """Results are readable by group and others under the usual umask 022 (a temporary file's 0600 is not kept)."""
+    import os
+    import stat
+
+    from tracin.io import write_bytes
+
+    previous = os.umask(0o022)
+    try:
+        shared = write_bytes(tmp_path / "shared.json", b"{}")
+        os.umask(0o077)
+        private = write_bytes(tmp_path / "private.json", b"{}")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o644 and stat.S_IMODE(private.stat().st_mode) == 0o600
+
+
+def own(data, ck, out, *extra):
+    """An own-model influence run on the trained run's last weights."""
+    return ["influence", "--data_dir", str(data), "--arch", "smallcnn", "--model_path", str(ck / "checkpoint_epoch_2.pt"),
+            "--output_dir", str(out), "--top_k", "3", "--image_size", "12", "--quiet", *extra]
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--image_size", "0"], "--image_size must be between 1 and 8192 pixels"),
+    (["--num_classes", "0"], "--num_classes must be at least 1"),
+    (["--std", "inf"], "is not one or three comma-separated finite numbers"),
+    (["--mean", "0.5,0.5"], "is not one or three comma-separated finite numbers"),
+    (["--exclude", "nothing_like_this"], "exclude pattern 'nothing_like_this' matches nothing in the layers in scope"),
+    (["--damping", "1e-12", "--layers", "all"], "scores are NaN or infinite"),
+])
+def test_own_model_flags_out_of_range(trained, tmp_path, capsys, extra, match):
+    root, data, ck = trained
+    one_line_error(capsys, own(data, ck, tmp_path / "out", *extra), match)
+
+
+@pytest.mark.parametrize("arch, match", [
+    (":build", "names no module or no callable"),
+    ("os:", "names no module or no callable"),
+    ("os:sep", "sep is a str, not a callable"),
+    ("no_such_module_here:build", "cannot import build from no_such_module_here"),
+    ("json:loads", "building the model failed (TypeError"),
+])
+def test_an_arch_that_builds_no_model(trained, tmp_path, capsys, arch, match):
+    root, data, ck = trained
+    argv = own(data, ck, tmp_path / "out")
+    argv[argv.index("smallcnn")] = arch
+    one_line_error(capsys, argv, match)
+
+
+def test_a_users_module_never_shadows_an_installed_package(trained, tmp_path, capsys, monkeypatch):
+    """--arch module:callable searches the working folder after the installed packages, for that import only."""
+    import json as real_json
+    import sys
+
+    root, data, ck = trained
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "json.py").write_text("raise SystemExit('planted module ran')\n")
+    (tmp_path / "mynet.py").write_text("from tracin.workflows.image.models import build_model\n"
+                                       "def build(num_classes):\n    return build_model('smallcnn', num_classes, 12)\n")
+    argv = own(data, ck, tmp_path / "out")
+    argv[argv.index("smallcnn")] = "mynet:build"
+    assert main(argv) == 0
+    assert sys.modules["json"] is real_json and str(tmp_path) not in sys.path
+
+
+def test_a_copy_of_a_checkpoint_is_counted_once(trained, tmp_path):
+    root, data, ck = trained
+    folder = tmp_path / "ck"
+    shutil.copytree(ck, folder)
+    with pytest.warns(UserWarning, match="holds the same weights as"):
+        found = Checkpoint.discover(folder)
+    assert len(found) == 2  # best_model.pt is the last epoch's weights
+
+
+def test_a_learning_rate_too_large_for_float32(trained, tmp_path, capsys):
+    root, data, ck = trained
+    bad = tmp_path / "ck"
+    shutil.copytree(ck, bad)
+    original = Checkpoint(bad / "checkpoint_epoch_2.pt")
+    meta = {k: v for k, v in original.metadata.items() if k != "learning_rate"}
+    save_checkpoint(bad / "checkpoint_epoch_2.pt", original.state_dict(), 1e308, **meta)
+    one_line_error(capsys, influence(data, bad, tmp_path / "out"), "invalid learning rate 1e+308")
+
+
+@pytest.mark.parametrize("state, match", [
+    (b"\xff\xfe not utf-8 \x80", "is not a Trainer state"),
+    (b'{"log_history": 5}', "log_history is a int, not a list"),
+    (b'{"log_history": [{"learning_rate": 0.1, "step": "ten"}]}', None),
+    (b'{"log_history": [{"learning_rate": "fast", "step": 1}]}', None),
+])
+def test_a_damaged_trainer_state(tmp_path, state, match):
+    from tracin.errors import CheckpointError
+
+    from helpers import MLP
+
+    folder = tmp_path / "run" / "checkpoint-10"
+    folder.mkdir(parents=True)
+    save_checkpoint(folder / "model.safetensors", MLP().state_dict(), 0.1)
+    (folder / "trainer_state.json").write_bytes(state)
+    if match is None:  # unusable entries are skipped: the weights file's own learning rate serves
+        assert Checkpoint.discover(tmp_path / "run")[0].learning_rate == 0.1
+    else:
+        with pytest.raises(CheckpointError, match=match):
+            Checkpoint.discover(tmp_path / "run")
+
+
+def test_two_trainings_into_one_checkpoint_folder_and_a_validation_share_that_holds_nothing(trained, tmp_path, capsys):
+    from tracin.workflows.results_dir import LOCK, folder_lock
+
+    root, data, ck = trained
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    held = folder_lock(busy / LOCK)  # another run training into the folder
+    try:
+        one_line_error(capsys, ["train", "--data_dir", str(data), "--arch", "smallcnn", "--epochs", "1", "--checkpoint_dir",
+                                str(busy), "--image_size", "12", "--quiet"], "Another tracin run is writing into")
+    finally:
+        held.close()
+    assert not list(busy.glob("*.pt"))
+    one_line_error(capsys, ["train", "--data_dir", str(data), "--arch", "smallcnn", "--epochs", "1", "--checkpoint_dir",
+                            str(tmp_path / "val"), "--image_size", "12", "--quiet", "--val_fraction", "0.01"],
+                   "--val_fraction 0.01 holds out no image")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import make_image_folder
+from helpers import close, make_image_folder
 from tracin import Checkpoint, TracIn
 from tracin.workflows.cli import main
 from tracin.workflows.image.folders import ImageDataset, image_transform, scan_split
@@ -100,6 +100,22 @@ def test_influence_and_report(trained, scored):
     assert [r["file"] for r in mislabels] == [r["train_file"] for r in selfs]
     page = (out / "report.html").read_text()
     assert page.count("<div class='pair'>") == 9 and "Health score" in page
+    assert {"report.html", "top_influences", "gradcam", "analysis_dashboard.png"} <= set(summary["outputs"])
+
+
+def test_a_rerun_of_influence_removes_the_old_report(trained, tmp_path):
+    """The report describes the results it was made from: new results take the old report's files away."""
+    root, data, ckpt = trained
+    out = tmp_path / "rerun"
+    args = ["influence", "--data_dir", str(data), "--checkpoint_dir", str(ckpt), "--output_dir", str(out), "--top_k", "3",
+            "--quiet", "--test_subset", "3"]
+    assert main(args) == 0 and main(["report", "--results_dir", str(out), "--quiet"]) == 0
+    (out / "notes.txt").write_text("mine")  # a file the user put there is none of the report's
+    assert (out / "report.html").is_file() and (out / "top_influences").is_dir()
+    assert main(args) == 0
+    left = {p.name for p in out.iterdir()}
+    assert not left & {"report.html", "report_summary.json", "top_influences", "analysis_dashboard.png", "negative"}
+    assert "notes.txt" in left and "manifest.json" in left
 
 
 def test_subsets_map_indices_to_the_full_training_set(trained):
@@ -150,7 +166,7 @@ def test_bad_input_messages(trained, tmp_path, capsys):
     assert code == 2 and "num_workers must be 0 (load in this process) or more, got -1." in err and "Traceback" not in err
     for budget in ("0", "-1"):
         code, err = _err(capsys, base + ["--memory_budget", budget])
-        assert code == 2 and f"--memory_budget must be a positive number of GiB, got {float(budget)}." in err
+        assert code == 2 and f"--memory-budget: must be a positive number of GiB, got '{budget}'" in err
     # report counts out of range
     for flag in (["--top_n", "0"], ["--html_tests", "-1"], ["--gradcam", "-1"]):
         code, err = _err(capsys, ["report", "--results_dir", str(tmp_path)] + flag)
@@ -244,7 +260,7 @@ def test_summed_loss_beside_self_influence(trained):
         with torch.no_grad():
             want = want + torch.cat([F.cross_entropy(model(x), y, reduction="none") for x, y in DataLoader(train, batch_size=7)])
     got = np.load(out / "summed_loss.npy")
-    assert np.allclose(got, want.double().numpy(), rtol=1e-5)
+    assert close(got, want.double().numpy())
     rows = {int(r["train_index"]): r for r in csv.DictReader(open(out / "self_influence.csv"))}
     assert all(abs(float(rows[i]["summed_loss"]) - got[i]) <= 1e-6 * abs(got[i]) + 1e-9 for i in rows)
     assert sorted(int(r["summed_loss_rank"]) for r in rows.values()) == list(range(1, len(rows) + 1))
@@ -279,13 +295,13 @@ def test_kfac_preconditioned_influence(trained, tmp_path, capsys):
     train = ImageDataset(split, image_transform(16, normalization("smallcnn")))
     want = TracIn(build_model("smallcnn", 3), Checkpoint.discover(ckpt, "checkpoint_epoch_*"), layers="last", device="cpu",
                   progress=False, precondition="kfac", damping=0.2).self_influence(train)
-    assert np.allclose(np.load(out / "self_influence.npy"), want.numpy(), rtol=1e-5)
+    assert close(np.load(out / "self_influence.npy"), want.numpy())
     detector = root / "detector"  # the default mislabel ranking: K-FAC over the output layer's bias
     assert main(["influence", "--data_dir", str(data), "--checkpoint_dir", str(ckpt), "--output_dir", str(detector), "--top_k", "3",
                  "--self_influence", "--damping", "0.2", "--quiet"]) == 0
     want = TracIn(build_model("smallcnn", 3), Checkpoint.discover(ckpt, "checkpoint_epoch_*"), layers="output_bias", device="cpu",
                   progress=False, precondition="kfac", damping=0.2).self_influence(train)
-    assert np.allclose(np.load(detector / "self_influence.npy"), want.numpy(), rtol=1e-5)
+    assert close(np.load(detector / "self_influence.npy"), want.numpy())
     assert not np.allclose(np.load(detector / "self_influence.npy"), np.load(out / "self_influence.npy"), rtol=0.1)
     base = ["influence", "--data_dir", str(data), "--checkpoint_dir", str(ckpt), "--output_dir", str(tmp_path / "o"), "--quiet",
             "--top_k", "3", "--precondition", "kfac"]
@@ -386,7 +402,7 @@ def test_full_matrix_also_as_csv_and_misprediction_analysis(trained, tmp_path):
     assert len(rows) == matrix.size == 9 * 10
     first = [r for r in rows if r["test_index"] == rows[0]["test_index"]]
     assert [int(r["train_index"]) for r in first] == train_idx.tolist()
-    assert np.allclose([float(r["score"]) for r in first], matrix[0], rtol=1e-6)
+    assert close([float(r["score"]) for r in first], matrix[0])
     assert main(["report", "--results_dir", str(out), "--quiet"]) == 0
     analysis = list(csv.DictReader(open(out / "misprediction_influence_analysis.csv")))
     wrong = [r for r in csv.DictReader(open(out / "predictions_test.csv")) if r["correct"] == "0"]

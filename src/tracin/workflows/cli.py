@@ -26,6 +26,11 @@ def _train(a) -> None:
           f"{s.best_test_accuracy:.1%}; log {s.log_csv}, curve {s.curve_png}.")
 
 
+def count(n: int, noun: str) -> str:
+    """'1 checkpoint', '3 checkpoints'."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _influence(a) -> None:
     from .image.influence import InfluenceJob, run_influence
 
@@ -37,13 +42,16 @@ def _influence(a) -> None:
         train_subset=a.train_subset, test_subset=a.test_subset, self_influence=a.self_influence,
         self_influence_layers=a.self_influence_layers, device=a.device,
         trust_checkpoint=a.trust_checkpoint, full_matrix=a.full_matrix, overwrite=a.overwrite, summed_loss=a.summed_loss,
-        measurement=a.measurement, own=own_model(a), scoring=scoring_config(a)))
+        own=own_model(a), scoring=scoring_config(a)))
     if m is None:  # a torchrun rank other than 0: rank 0 reports
         return
     skipped = len(m["data"]["skipped_files"])
-    print(f"Scored {m['data']['n_train']} training x {m['data']['n_test']} test images over {len(m['checkpoints'])} checkpoints, "
-          f"{len(m['scope'])} layers ({m['num_parameters']:,} parameters) in {m['timings']['influence_s']:.1f}s on {m['device']}."
+    print(f"Scored {m['data']['n_train']} training x {m['data']['n_test']} test images over {count(len(m['checkpoints']), 'checkpoint')}, "
+          f"{count(len(m['scope']), 'layer')} ({m['num_parameters']:,} parameters) in {m['timings']['influence_s']:.1f}s on {m['device']}."
           + (f" Skipped {skipped} unreadable images (listed in the manifest)." if skipped else ""))
+    accuracy = m["data"]["accuracy"]
+    print(f"The final model gets {accuracy['test']:.1%} of the scored test images and {accuracy['train']:.1%} of the scored "
+          "training images right.")
     print(f"Results in {a.output_dir}; next: tracin report --results_dir {a.output_dir}")
 
 
@@ -82,7 +90,7 @@ def _ranking(a) -> None:
         compute_influence=a.compute_influence, num_test_samples=a.num_test_samples, loss_type=a.loss_type, margin=a.margin,
         ghm_bins=a.ghm_bins, ghm_alpha=a.ghm_alpha, device=a.device, trust_checkpoint=a.trust_checkpoint,
         scoring=scoring_config(a)))
-    print(f"Scored {m['data']['n_train']} training pairs over {len(m['checkpoints'])} checkpoints in "
+    print(f"Scored {m['data']['n_train']} training pairs over {count(len(m['checkpoints']), 'checkpoint')} in "
           f"{m['timings']['total_s']:.1f}s; wrote {', '.join(m['outputs'])} to {a.output_dir}.")
 
 
@@ -141,7 +149,12 @@ def _demo(a) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # a flag's error (one line, printed): its exit code; --help and --version still exit
+        if not exc.code:
+            raise
+        return int(exc.code) if isinstance(exc.code, int) else 2
     previous = warnings.formatwarning
     warnings.formatwarning = lambda msg, *rest, **kw: f"tracin: warning: {msg}\n"
     try:

@@ -39,6 +39,17 @@ SUMMED_LOSS = "summed_loss.npy"
 MATRIX_NPY, MATRIX_CSV, MATRIX_JSON = "influence_matrix.npy", "influence.csv", "influence.json"
 SCORES_CSV = "influence_scores.csv"
 PROGRESS = ".progress"
+REPORT_SUMMARY = "report_summary.json"  # written by 'tracin report', with the names of every file it wrote
+
+
+def report_outputs(path: Path) -> List[str]:
+    """The files and folders the last 'tracin report' wrote into the results folder ``path`` (plain names only,
+    never a path elsewhere), from its summary; none when there is no readable summary."""
+    try:
+        listed = json.loads((Path(path) / REPORT_SUMMARY).read_text()).get("outputs", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [str(n) for n in listed if isinstance(n, str) and Path(n).name == n and n not in (MANIFEST, STAGING, LOCK, PROGRESS)]
 
 
 def predictions_csv(split: str) -> str:
@@ -89,8 +100,8 @@ class ResultsDir:
             raise DataError(f"The output folder {self.path} is a file; give a folder (new or holding tracin results).")
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            self._lock = _lock(self.path / LOCK)
-            if not self.keep_partial:
+            self._lock = folder_lock(self.path / LOCK)
+            if not self.keep_partial or self.staging.is_symlink():  # a link planted there is removed, never followed
                 clear_path(self.staging)
             self.staging.mkdir(exist_ok=True)
         except OSError as exc:
@@ -172,6 +183,7 @@ class ResultsDir:
                 stale = [str(n) for n in json.loads(old.read_text()).get("outputs", [])]
             except (json.JSONDecodeError, AttributeError):
                 stale = []
+        stale += [*report_outputs(self.path), REPORT_SUMMARY]  # a report of the old results no longer describes these
         try:
             old.unlink(missing_ok=True)
             for name in manifest["outputs"]:
@@ -217,6 +229,11 @@ class RunRecord:
         self.hashes, self.extra = hashes, extra or {}
 
 
+def pass_stats(tr: "TracIn") -> Dict[str, Any]:
+    """The manifest's engine statistics of a job that ran several passes: each pass's, in order."""
+    return {"passes": [{k: v for k, v in p.items() if k not in ("layer_modes", "sampled_indices")} for p in tr.passes]}
+
+
 def job_parameters(job: Any) -> Dict[str, Any]:
     """A job dataclass's fields for the manifest, its scoring settings flattened beside them."""
     params = {k: asdict(v) if is_dataclass(v) else v for k, v in vars(job).items() if k != "scoring"}
@@ -224,7 +241,7 @@ def job_parameters(job: Any) -> Dict[str, Any]:
     return {**params, **(scoring.to_dict() if scoring is not None else {})}
 
 
-def _lock(path: Path) -> Any:
+def folder_lock(path: Path) -> Any:
     """An exclusive lock on ``path`` (held while the returned file is open), or one clear error when another
     run holds it. Where the platform has no ``fcntl`` no lock is taken."""
     try:
@@ -239,7 +256,7 @@ def _lock(path: Path) -> Any:
     except OSError:
         handle.close()
         raise DataError(f"Another tracin run is writing into {path.parent} (it holds {path.name}); wait for it to finish "
-                        "or choose another output folder.") from None
+                        "or choose another folder.") from None
     return handle
 
 

@@ -1,6 +1,7 @@
 """PNG figures: the analysis dashboard, per-class summaries and image grids (matplotlib, Agg)."""
 from __future__ import annotations
 
+import textwrap
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Dict, List, Sequence, Tuple
@@ -33,6 +34,10 @@ def thumbnail(path: str, size: int = THUMB) -> np.ndarray:
 
 
 def _save(fig, path: Path) -> Path:
+    """Write the figure with every text in it plain: class names and file names are never mathtext (a name such as
+    ``$\\foo$`` would crash the drawing), whichever artist made the text."""
+    for text in fig.findobj(matplotlib.text.Text):
+        text.set_parse_math(False)
     return write_figure(path, fig, dpi=90)
 
 
@@ -79,7 +84,8 @@ def dashboard(path: Path, overview: Dict[str, Any], pro_values: np.ndarray, opp_
     ax = fig.add_subplot(gs[3, :])
     ax.axis("off")
     ax.text(0, 1, "Key findings and recommendations", fontsize=14, weight="bold", va="top")
-    ax.text(0, 0.85, "\n".join(f"- {f}" for f in findings), fontsize=10.5, va="top", wrap=True)
+    # wrapped here: matplotlib's own wrapping measures the text as mathtext whatever parse_math says
+    ax.text(0, 0.85, "\n".join(textwrap.fill(f"- {f}", 110, subsequent_indent="  ") for f in findings), fontsize=10.5, va="top")
     return _save(fig, path)
 
 

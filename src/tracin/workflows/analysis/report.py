@@ -1,6 +1,7 @@
 """``tracin report``: every figure, table and folder of the analysis, from a results directory."""
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from collections import Counter
@@ -13,6 +14,7 @@ import numpy as np
 from ...errors import TracInError
 from ...io import clear_path, write_bytes, write_csv, write_json
 from . import figures, html
+from ..results_dir import REPORT_SUMMARY, report_outputs
 from .load import Results, load_results
 from .metrics import (Health, class_influencers, class_summary, confusion_pairs, cross_analysis, false_predictions, harmful_images,
                       cross_pairs, health, influence_summary, misprediction_influence, suspects,
@@ -111,6 +113,7 @@ def build_report(results_dir: Path, top_n: int = 10, html_tests: int = 100, grad
                           f"and {gradcam}.")
     res = load_results(Path(results_dir))
     out = res.directory
+    before, previous = set(os.listdir(out)), set(report_outputs(out))
     cams = []
     if gradcam > 0:
         say(f"Grad-CAM overlays of {gradcam} test images")
@@ -146,7 +149,9 @@ def build_report(results_dir: Path, top_n: int = 10, html_tests: int = 100, grad
                "error_propagation_rate": analysis.propagation,
                "false_predictions": {"train": sum(r["split"] == "train" for r in false_rows), "test": sum(r["split"] == "test" for r in false_rows)},
                "findings": findings, "report": str(out / "report.html")}
-    write_json(out / "report_summary.json", summary)
+    after = set(os.listdir(out))  # what this report wrote, and what an earlier one wrote and this one rewrote
+    summary["outputs"] = sorted(((after - before) | (previous & after)) - {REPORT_SUMMARY})
+    write_json(out / REPORT_SUMMARY, summary)
     return summary
 
 

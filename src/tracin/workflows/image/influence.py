@@ -43,7 +43,6 @@ class InfluenceJob:
     full_matrix: bool = False
     overwrite: bool = False
     summed_loss: bool = False
-    measurement: str = "loss"  # what the test images' gradients are of: "loss" or "margin"
     own: Optional[OwnModel] = None  # a model trained outside 'tracin train'
     scoring: ScoringConfig = field(default_factory=lambda: ScoringConfig(layers="last", batch_size=32))
     # what self-influence (the mislabel ranking) is scored over: "output_bias" (K-FAC over the output layer's bias,
@@ -64,6 +63,7 @@ class _Run:
     out: ResultsDir
     final: Checkpoint  # the model whose predictions are reported
     timings: Dict[str, float] = field(default_factory=dict)
+    accuracy: Dict[str, float] = field(default_factory=dict)  # split -> share of its scored images the final model gets right
 
     @property
     def train_set(self) -> Subset:
@@ -120,6 +120,7 @@ def _run_influence(job: InfluenceJob) -> Optional[Dict[str, Any]]:
         run.timings["influence_s"] = time.perf_counter() - t_start - run.timings["scan_s"]
         predictions = _predict(run)
         run.timings["predictions_s"] = time.perf_counter() - t_start - run.timings["scan_s"] - run.timings["influence_s"]
+        run.accuracy = _accuracy(run, predictions)
         _write_top_k(run, result, predictions)
         if result.self_influence is not None:
             _write_self_influence(run, result.self_influence.numpy(), predictions["train"][0])
@@ -141,7 +142,7 @@ def _set_up(job: InfluenceJob) -> _Run:
     if job.top_k > len(train_idx):
         raise TracInError(f"--top_k {job.top_k} is larger than the training set ({len(train_idx)} images); use --top_k {len(train_idx)} or less.")
     config = job.scoring.replace(progress=job.scoring.progress and rank == 0)
-    tr = TracIn(setup.model, setup.checkpoints, device=job.device, config=config, measurement=job.measurement)
+    tr = TracIn(setup.model, setup.checkpoints, device=job.device, config=config)
     if config.progress:
         print(_scope_line(tr, world), file=sys.stderr)
     progress = Path(job.output_dir) / names.PROGRESS
@@ -160,6 +161,23 @@ def _check_folders(job: InfluenceJob) -> None:
     if data.is_dir() and out.resolve().is_relative_to(data.resolve()):
         raise TracInError(f"--output_dir {out} is inside --data_dir {data}, where its images would be read as data on the "
                           "next run; choose a folder outside it.")
+
+
+def _accuracy(run: _Run, predictions: Dict[str, Any]) -> Dict[str, float]:
+    """The final model's accuracy on the scored images of each split; a warning when the test accuracy is near chance,
+    which for a model that trained well means the images are not prepared as in its training."""
+    s = run.setup
+    accuracy = {}
+    for split, idx, folder in (("train", run.train_idx, s.train_split), ("test", run.test_idx, s.test_split)):
+        labels = np.asarray([folder.labels[i] for i in idx.tolist()])
+        accuracy[split] = float((np.asarray(predictions[split][0]) == labels).mean()) if len(labels) else float("nan")
+    chance = 1 / max(1, len(s.class_names))
+    if len(s.class_names) > 1 and accuracy["test"] <= 1.5 * chance:
+        fix = ("--image_size, --mean and --std must match how the model was trained" if run.job.own is not None
+               else "the model may not have trained")
+        warnings.warn(f"The final model gets {accuracy['test']:.0%} of the scored test images right, near chance "
+                      f"({chance:.0%}); {fix}. The scores and the report describe the model as it runs here.", stacklevel=2)
+    return accuracy
 
 
 def _prediction_model(job: InfluenceJob, setup: ImageSetup) -> Checkpoint:
@@ -244,7 +262,8 @@ def _write_top_k(run: _Run, result: InfluenceResult, predictions: Dict[str, Tupl
         _write_scores_csv(out, test_idx, train_idx)
     test_pred = predictions["test"][0]
     pred_of_train = dict(zip(train_idx.tolist(), predictions["train"][0].tolist()))
-    classes, train_split, test_split = s.class_names, s.train_split, s.test_split
+    train_split, test_split = s.train_split, s.test_split
+    classes = output_names(s.class_names, predictions)
 
     def rows() -> Iterator[Dict[str, Any]]:
         for row, t in enumerate(test_idx.tolist()):
@@ -264,6 +283,13 @@ def _write_top_k(run: _Run, result: InfluenceResult, predictions: Dict[str, Tupl
             {"index": int(i), "file": str(folder.paths[i]), "label": classes[folder.labels[i]], "predicted": classes[int(p)],
              "confidence": float(c), "correct": int(folder.labels[i] == int(p))}
             for i, p, c in zip(idx.tolist(), pred, conf)), ["index", "file", "label", "predicted", "confidence", "correct"])
+
+
+def output_names(class_names: List[str], predictions: Dict[str, Any]) -> List[str]:
+    """A name for every output the model predicted: the class folders', then ``output N`` for outputs beyond them
+    (a model built with more outputs than there are class folders)."""
+    top = max((int(np.max(p)) for p, _ in predictions.values() if len(p)), default=-1)
+    return list(class_names) + [f"output {i}" for i in range(len(class_names), top + 1)]
 
 
 SCORES_CSV_LIMIT = 5_000_000  # rows of influence_scores.csv; a larger matrix stays in influence_matrix.npy only
@@ -300,7 +326,8 @@ def _write_self_influence(run: _Run, s: np.ndarray, train_pred: np.ndarray) -> N
             setup.model, setup.checkpoints, run.train_set, tr.device, tr.config.batch_size, tr.config.num_workers))
         out.npy(names.SUMMED_LOSS, loss_total)
         extra = {"summed_loss": loss_total, "summed_loss_rank": descending_ranks(np.where(np.isfinite(s), loss_total, np.nan))[1]}
-    paths, labels, classes = setup.train_split.paths, setup.train_split.labels, setup.class_names
+    paths, labels = setup.train_split.paths, setup.train_split.labels
+    classes = output_names(setup.class_names, {"train": (train_pred, None)})
     out.csv(names.SELF_CSV, (
         {"train_index": int(train_idx[p]), "train_file": str(paths[train_idx[p]]), "label": classes[labels[train_idx[p]]],
          "predicted": classes[int(train_pred[p])], "score": float(s[p]), "rank": int(rank_of[p]),
@@ -312,7 +339,7 @@ def _write_manifest(run: _Run, result: InfluenceResult, hashes: List[str]) -> Di
     s = run.setup
     data = {"data_dir": str(Path(run.job.data_dir).resolve()), "class_names": s.class_names, "arch": s.arch,
             "image_size": s.image_size, "n_train_total": len(s.train), "n_test_total": len(s.test),
-            "n_train": len(run.train_idx), "n_test": len(run.test_idx),
+            "n_train": len(run.train_idx), "n_test": len(run.test_idx), "accuracy": run.accuracy,
             "skipped_files": [{"file": f, "reason": r} for f, r in s.train_split.skipped + s.test_split.skipped]}
     final = run.final
     final_hash = hashes[-1] if final is s.checkpoints[-1] else file_sha256(Path(final.source))

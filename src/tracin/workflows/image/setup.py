@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -98,7 +99,12 @@ def own_model_setup(data_dir: Path, checkpoint_dir: Optional[Path], trust: bool,
     data_dir = Path(data_dir).resolve()
     train_split, class_names = scan_split(data_dir, "train")
     test_split, _ = scan_split(data_dir, "test", class_names)
-    outputs = own.num_classes or len(class_names)
+    if own.num_classes is not None and own.num_classes < 1:
+        raise TracInError(f"--num_classes must be at least 1 (the model's outputs), got {own.num_classes}.")
+    if not 1 <= own.image_size <= 8192:
+        raise TracInError(f"--image_size must be between 1 and 8192 pixels (the size the model was trained on), got "
+                          f"{own.image_size}.")
+    outputs = own.num_classes if own.num_classes is not None else len(class_names)
     if outputs < len(class_names):
         raise TracInError(f"--num_classes {outputs} is fewer than the {len(class_names)} class folders; give at least "
                           f"{len(class_names)}.")
@@ -106,8 +112,8 @@ def own_model_setup(data_dir: Path, checkpoint_dir: Optional[Path], trust: bool,
                    else [Checkpoint(own.model_path, trust=trust, default_learning_rate=own.learning_rate)])
     mean, std = normalization(own.arch)
     mean, std = tuple(own.mean or mean), tuple(own.std or std)
-    if len(mean) != 3 or len(std) != 3 or not all(s > 0 for s in std):
-        raise TracInError("--mean and --std take three numbers each (one per colour channel), the std positive.")
+    if not all(math.isfinite(v) for v in mean + std) or not all(s > 0 for s in std):
+        raise TracInError("--mean and --std take finite numbers (one, or three: one per colour channel), the std positive.")
     transform = image_transform(own.image_size, (mean, std))
     return ImageSetup(checkpoints, own.arch, class_names, own.image_size, train_split, test_split,
                       ImageDataset(train_split, transform), ImageDataset(test_split, transform),
@@ -119,27 +125,54 @@ def own_model(arch: str, num_classes: int, image_size: int) -> torch.nn.Module:
     :func:`build_model`."""
     if ":" not in arch:
         return build_model(arch, num_classes, image_size)
-    module_name, _, attr = arch.partition(":")
-    if os.getcwd() not in sys.path:  # the user's own module, next to where the command runs
-        sys.path.insert(0, os.getcwd())
+    builder = _user_builder(arch)
+    takes_classes = "num_classes" in _parameters(builder)
     try:
-        builder = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise TracInError(f"--arch {arch}: cannot import {attr} from {module_name} ({exc}); give module:callable of an "
-                          "importable module (the current folder is on the path).") from None
-    takes_classes = "num_classes" in inspect.signature(builder).parameters if callable(builder) else False
-    model = builder(num_classes=num_classes) if takes_classes else builder()
+        model = builder(num_classes=num_classes) if takes_classes else builder()
+    except Exception as exc:  # the user's own code: its failure named in one line
+        raise TracInError(f"--arch {arch}: building the model failed ({type(exc).__name__}: {exc}).") from None
     if not isinstance(model, torch.nn.Module):
         raise TracInError(f"--arch {arch} returned a {type(model).__name__}, not a torch.nn.Module.")
     return model
 
 
+def _user_builder(arch: str):
+    """The callable ``module:callable`` names. The module is imported with the current folder at the end of the
+    import path, for that import only, so it never shadows an installed package (importing it runs its code)."""
+    module_name, _, attr = arch.partition(":")
+    if not module_name or not attr:
+        raise TracInError(f"--arch {arch!r} names no module or no callable; give module:callable, e.g. mymodels:build.")
+    added = os.getcwd() not in sys.path
+    if added:
+        sys.path.append(os.getcwd())
+    try:
+        builder = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise TracInError(f"--arch {arch}: cannot import {attr} from {module_name} ({exc}); give module:callable of an "
+                          "importable module (the current folder is searched after the installed packages).") from None
+    finally:
+        if added:
+            sys.path.remove(os.getcwd())
+    if not callable(builder):
+        raise TracInError(f"--arch {arch}: {attr} is a {type(builder).__name__}, not a callable that builds the model.")
+    return builder
+
+
+def _parameters(builder) -> Sequence[str]:
+    """The names ``builder`` takes (none known for a callable whose signature cannot be read)."""
+    try:
+        return list(inspect.signature(builder).parameters)
+    except (TypeError, ValueError):
+        return []
+
+
 def parse_triple(text: str) -> Tuple[float, float, float]:
-    """'0.5,0.5,0.5' -> (0.5, 0.5, 0.5), for --mean and --std."""
+    """'0.5,0.5,0.5' -> (0.5, 0.5, 0.5), and one number for all three channels ('0.5'), for --mean and --std."""
     try:
         values = tuple(float(v) for v in text.split(","))
     except ValueError:
         values = ()
-    if len(values) != 3:
-        raise TracInError(f"{text!r} is not three comma-separated numbers (one per colour channel).")
+    values = values * 3 if len(values) == 1 else values
+    if len(values) != 3 or not all(math.isfinite(v) for v in values):
+        raise TracInError(f"{text!r} is not one or three comma-separated finite numbers (one per colour channel).")
     return values  # type: ignore[return-value]

@@ -20,6 +20,7 @@ from ...io import write_csv, write_figure
 from .folders import ImageDataset, image_transform, scan_split, training_transform
 from ...errors import DataError, TracInError
 from .models import build_model, load_pretrained, normalization
+from ..results_dir import LOCK, folder_lock
 
 CHECKPOINT_PATTERN = "checkpoint_epoch_*"
 
@@ -109,6 +110,9 @@ def validation_split(labels: List[int], fraction: float, seed: int) -> Tuple[Lis
         members = [i for i, y in enumerate(labels) if y == label]
         take = min(len(members) - 1, int(round(fraction * len(members))))
         held += rng.permutation(members)[:take].tolist() if take > 0 else []
+    if fraction > 0 and not held:
+        raise TracInError(f"--val_fraction {fraction} holds out no image (a share of each class, rounded, never its last "
+                          "image); raise it, or use 0 to keep the last epoch's model as best_model.pt.")
     chosen = set(held)
     return [i for i in range(len(labels)) if i not in chosen], sorted(held)
 
@@ -185,6 +189,18 @@ def train_image_classifier(data_dir: Path, checkpoint_dir: Path, training: Image
     opt = _optimizer(model, training)
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    lock = folder_lock(checkpoint_dir / LOCK)  # a second run into this folder is refused, never mixed in
+    try:
+        return _train(model, opt, data, checkpoint_dir, (training, rates, device, progress))
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _train(model: nn.Module, opt: torch.optim.Optimizer, data: _Data, checkpoint_dir: Path, how: Tuple) -> TrainSummary:
+    """The epochs of :func:`train_image_classifier` (``how``: the training settings, each epoch's rate, the device and
+    whether to show progress), with the checkpoint folder locked."""
+    training, rates, device, progress = how
     meta = {"class_names": data.classes, "arch": training.arch, "image_size": training.image_size, "seed": training.seed,
             "augment": training.augment, "lr_schedule": training.lr_schedule, "optimizer": training.optimizer,
             "validation_files": data.validation_files, "run_id": uuid.uuid4().hex}  # discovery refuses mixed runs
