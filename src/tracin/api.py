@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from .engine.distributed import all_gather, merge_topk, rank_and_world
 from .engine.loaders import DataSource, dataset_size, make_loader
 from .engine.resume import ResumeState
 from .engine.sampling import TrainPlan, plan_training
+from .engine.capture import EXACT
 from .engine.scheduler import Scheduler, Target, Transforms
 from .engine.scope import resolve_layers
 from .engine.store import StoreWriter, describe, open_store, score_store
@@ -124,8 +126,9 @@ class TracIn:
         self.task = as_task(task)
         self.measurement = as_measurement(self.config.measurement)
         self.device = _process_device(device)
-        scope = resolve_layers(model, self.config.layers, self.config.exclude)
-        precondition, self.handlers, left_out = resolve_precondition(self.config.precondition, scope)
+        self._scope = resolve_layers(model, self.config.layers, self.config.exclude)  # the requested layers
+        precondition, self.handlers, left_out = resolve_precondition(self.config.precondition, self._scope)
+        self._auto_pending = self.config.precondition == "auto" and precondition == "kfac"  # decided on training data
         c = self.config
         self.projector = Projector(c.projection_dim, c.projection, c.seed) if c.projection_dim is not None else None
         self.preconditioner = KFAC(c.damping, left_out) if precondition == "kfac" else None
@@ -160,9 +163,12 @@ class TracIn:
 
     # -- scoring ---------------------------------------------------------------------------------
     @contextmanager
-    def _scheduler(self, vectors: bool = False, modes: Optional[Dict[str, Optional[str]]] = None) -> Iterator[Scheduler]:
+    def _scheduler(self, vectors: bool = False, modes: Optional[Dict[str, Optional[str]]] = None,
+                   train=None) -> Iterator[Scheduler]:
         """A scheduler for this configuration, entered; ``vectors``: per-example vectors are materialised (stores);
-        ``modes``: kernels to repeat. The kernels it used are kept for :meth:`scope`."""
+        ``modes``: kernels to repeat; ``train``: the run's training loader, on which ``precondition="auto"`` is decided
+        first (:meth:`_decide_auto`). The kernels it used are kept for :meth:`scope`."""
+        self._decide_auto(train)
         projector = self.projector.for_vectors() if vectors and self.projector is not None else self.projector
         target = Target(self.model, self.checkpoints, self.handlers, self.task, self.device, self.measurement)
         run = Scheduler(target, self.config, Transforms(projector, self.preconditioner, dict(modes or {})))
@@ -172,6 +178,25 @@ class TracIn:
         finally:
             self._modes = {name: mode for name, mode in run.stats.get("layer_modes", {}).items()}  # type: ignore[union-attr]
 
+    def _decide_auto(self, train_loader) -> None:
+        """``precondition="auto"``, decided once, here, on the first training batch: K-FAC over the layers it covers,
+        unless one of them needs exact per-example passes (which K-FAC does not cover); then plain TracIn over the
+        whole requested scope, the layers K-FAC would have left out included, said once."""
+        if not self._auto_pending or train_loader is None:
+            return
+        self._auto_pending = False
+        kfac, self.preconditioner = self.preconditioner, None
+        with self._scheduler() as run:
+            run.detect(train_loader)
+            exact = [name for name, mode in run.modes().items() if mode == EXACT]
+        if not exact:
+            self.preconditioner = kfac
+            return
+        self.handlers = self._scope
+        warnings.warn(f"precondition='auto' scores plain TracIn over every requested layer: {exact[0]!r} needs exact "
+                      "per-example passes, which K-FAC does not cover (precondition='none' says so up front; exclude= the "
+                      "layer to keep K-FAC).", stacklevel=4)
+
     def _fitted(self, run: Scheduler, train_loader=None, keep: bool = False) -> None:
         """Fit the preconditioner on ``train_loader`` unless it is fitted (or none is used); ``keep``: the influence
         pass that follows reuses the fit pass's factors (:meth:`Scheduler.fit_preconditioner`)."""
@@ -180,8 +205,7 @@ class TracIn:
         if train_loader is None:
             raise TracInError("precondition='kfac' needs its preconditioner fitted on training data first; call "
                               "fit_preconditioner(train_dataset) (or score a training set with this object) before this.")
-        if not run.fit_preconditioner(train_loader, keep):
-            self.preconditioner = None  # "auto" met a layer K-FAC does not cover: this object scores plain TracIn from now on
+        run.fit_preconditioner(train_loader, keep)
 
     def fit_preconditioner(self, train_dataset: DataSource) -> None:
         """Fit (or refit) the K-FAC preconditioner on ``train_dataset`` at every checkpoint. Scoring methods
@@ -190,8 +214,9 @@ class TracIn:
         if self.preconditioner is None:
             raise TracInError("fit_preconditioner needs precondition='kfac'.")
         self.preconditioner.per_checkpoint = None
-        with self._scheduler() as run:
-            self._fitted(run, self._plan(train_dataset).loader)
+        loader = self._plan(train_dataset).loader
+        with self._scheduler(train=loader) as run:
+            self._fitted(run, loader)
 
     def _plan(self, train_dataset: DataSource) -> TrainPlan:
         c = self.config
@@ -237,7 +262,7 @@ class TracIn:
                 if matrix_path is not None else None)
         sink = TopKSink(top_k, plan.offset, state, disk)
         cache = self._cached_test if self._cached_test is not None and self._cached_test.dataset is test_dataset else None
-        with self._scheduler(modes=cache.modes if cache is not None else None) as run:
+        with self._scheduler(modes=cache.modes if cache is not None else None, train=plan.loader) as run:
             self._fitted(run, plan.loader, keep=run.one_sided(self_influence, cache is not None))
             if state is not None and state.plan:
                 run.plan.update(state.plan)
@@ -305,7 +330,7 @@ class TracIn:
         Use with ``projection_dim`` unless the layers in scope are small: D is the gradient size."""
         train = make_loader(train_dataset, self.config.batch_size, "training", self.config.num_workers)
         writer = StoreWriter(Path(directory), len(self.checkpoints), dataset_size(train))
-        with self._scheduler(vectors=True) as run:
+        with self._scheduler(vectors=True, train=train) as run:
             self._fitted(run, train)
             run.vectors(train, "training", writer)
         writer.finish(self._store_description())
@@ -339,7 +364,7 @@ class TracIn:
         plan = self._plan(train_dataset)
         test = self._test_loader(test_dataset)
         acc = MatrixAccumulator(dataset_size(test), plan.n_local)
-        with self._scheduler() as run:
+        with self._scheduler(train=plan.loader) as run:
             self._fitted(run, plan.loader, keep=run.one_sided(with_self=False, cached=False))
             run.influence(plan.loader, test, acc.update)
         self._record("influence_matrix", run.stats)
@@ -351,7 +376,7 @@ class TracIn:
         """TracIn(z, z) for every training example, [n_train] (on the CPU). High values flag
         surprising examples — mislabelled ones rank near the top."""
         plan = self._plan(train_dataset)
-        with self._scheduler() as run:
+        with self._scheduler(train=plan.loader) as run:
             self._fitted(run, plan.loader)
             out = run.self_influence(plan.loader)
         self._record("self_influence", run.stats)

@@ -68,6 +68,9 @@ def natural_key(text: str) -> list:
 
 def _read_file(path: Path, trust: bool = False) -> Dict[str, Any]:
     """Load a checkpoint file into a dict: weights only, unless ``trust`` allows pickled code."""
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a weights file; give the weights file in it (or the folder as "
+                              "--checkpoint_dir).")
     if not path.is_file():
         raise CheckpointError(f"Checkpoint file {path} does not exist; check the path.")
     if path.suffix == ".safetensors":
@@ -93,26 +96,29 @@ def _read_file(path: Path, trust: bool = False) -> Dict[str, Any]:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
         text = str(exc)
-        if "Unsupported global" in text or "GLOBAL" in text or _pickles_code(path):  # a class or function to import
-            if trust:
-                return _read_pickled(path)
+        if trust:  # the user vouched for the file: a full load, whose own failure is named
+            return _read_pickled(path)
+        if "Unsupported global" in text or _pickles_code(path):  # a class or function to import
             raise CheckpointError(
                 f"Checkpoint file {path} needs pickled Python code to load, which could run arbitrary code; "
                 "tracin only loads weights (torch.load weights_only=True): re-save it as a state dict or .safetensors, "
                 "or pass --trust_checkpoint (trust=True) if you trust its source."
             ) from exc
-        raise CheckpointError(f"Checkpoint file {path} is corrupt or not a PyTorch checkpoint ({text.splitlines()[0] if text else type(exc).__name__}); re-save it.") from exc
+        first = text.splitlines()[0][:120] if text else ""
+        why = type(exc).__name__ if not first or "weights_only" in first or first.isdigit() else first  # not torch's advice
+        raise CheckpointError(f"Checkpoint file {path} is corrupt or not a PyTorch checkpoint ({why}); re-save it.") from exc
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"Checkpoint file {path} holds a {type(obj).__name__}, not a dict of weights; save model.state_dict() instead.")
     return dict(obj)
 
 
-_CODE_OPS = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX", "BUILD"}
+_IMPORT_OPS = {"GLOBAL", "STACK_GLOBAL", "INST"}  # opcodes that import a class or function
 
 
 def _pickles_code(path: Path) -> bool:
-    """Whether ``path`` is a well-formed pickle (plain, or the data.pkl inside a torch.save zip) that imports
-    or calls something: read with pickletools, which executes nothing."""
+    """Whether ``path`` is a well-formed pickle (plain, or the data.pkl inside a torch.save zip) that imports a class
+    or function: read to its end with pickletools, which executes nothing (text that happens to start like a pickle
+    is not well formed, so it is a corrupt file, not pickled code)."""
     import pickletools
     import zipfile
 
@@ -123,7 +129,8 @@ def _pickles_code(path: Path) -> bool:
                 data = archive.read(name) if name else b""
         else:
             data = path.read_bytes()
-        return any(op.name in _CODE_OPS for op, _, _ in pickletools.genops(data))
+        ops = [op.name for op, _, _ in pickletools.genops(data)]  # raises unless the whole pickle is well formed
+        return any(name in _IMPORT_OPS for name in ops)
     except Exception:  # not a pickle at all: a corrupt file, not pickled code
         return False
 
@@ -261,7 +268,7 @@ class Checkpoint:
             raise CheckpointError(
                 f"No checkpoint files ({', '.join(CHECKPOINT_SUFFIXES)}) matching {pattern!r} in {folder}; train first or fix the path."
             )
-        found = [_trainer_checkpoint(p, learning_rate, default_learning_rate) if p.is_dir()
+        found = [trainer_checkpoint(p, learning_rate, default_learning_rate) if p.is_dir()
                  else cls(p, learning_rate=learning_rate, trust=trust, default_learning_rate=default_learning_rate)
                  for p in sorted(files, key=lambda p: natural_key(p.name))]
         check_one_run(found, f"Checkpoint folder {folder}")
@@ -276,12 +283,22 @@ MAX_LEARNING_RATE = 1e6  # far above any optimizer's; larger stored values are c
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 
+def checkpoint_at(path: PathLike, trust: bool = False, learning_rate: Optional[float] = None,
+                  default_learning_rate: Optional[float] = None) -> "Checkpoint":
+    """The checkpoint at ``path``: a weights file, or a Hugging Face Trainer ``checkpoint-N/`` folder (its weights and
+    the learning rate its trainer_state.json logged)."""
+    path = Path(path)
+    if path.is_dir() and any((path / w).is_file() for w in HF_WEIGHTS):
+        return trainer_checkpoint(path, learning_rate, default_learning_rate)
+    return Checkpoint(path, learning_rate=learning_rate, trust=trust, default_learning_rate=default_learning_rate)
+
+
 def _trainer_folders(folder: Path) -> List[Path]:
     """Hugging Face Trainer checkpoint folders (``checkpoint-N/`` holding model weights) in ``folder``."""
     return [p for p in folder.glob("checkpoint-*") if p.is_dir() and any((p / w).is_file() for w in HF_WEIGHTS)]
 
 
-def _trainer_checkpoint(path: Path, learning_rate: Optional[float], default: Optional[float]) -> "Checkpoint":
+def trainer_checkpoint(path: Path, learning_rate: Optional[float], default: Optional[float]) -> "Checkpoint":
     """A Hugging Face Trainer folder as a :class:`Checkpoint`: its weights (weights-only), the step in its name, and
     the learning rate its ``trainer_state.json`` logged last at or before that step."""
     weights = next(path / w for w in HF_WEIGHTS if (path / w).is_file())

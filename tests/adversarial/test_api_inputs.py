@@ -84,3 +84,32 @@ def test_a_task_that_is_neither_a_task_nor_callable():
     model = MLP()
     with pytest.raises(TracInError, match="task must be a Task, an object with a loss"):
         TracIn(model, [Checkpoint(model.state_dict(), learning_rate=0.1)], task=42)
+
+
+class _Dicts(torch.utils.data.Dataset):
+    def __init__(self, n: int):
+        self.items = [{"x": torch.randn(4), "labels": torch.tensor(i % 3)} for i in range(n)]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def test_dict_batches_on_a_plain_model_and_the_margin_on_dicts():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    ckpts = [Checkpoint(model.state_dict(), learning_rate=0.1)]
+    with pytest.raises(DataError, match=r"Dict batches are scored as Hugging Face inputs.*pass task="):
+        TracIn(model, ckpts, device="cpu", progress=False).self_influence(_Dicts(4))
+    task = lambda m, b: torch.nn.functional.cross_entropy(m(b["x"]), b["labels"], reduction="none")  # noqa: E731
+    with pytest.raises(DataError, match="measurement='margin' reads \\(inputs, labels\\) batches, got a dict"):
+        TracIn(model, ckpts, task=task, measurement="margin", device="cpu", progress=False).influence_matrix(_Dicts(4), _Dicts(2))
+
+
+def test_kfac_statistics_that_overflow_are_one_error():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    ckpts = [Checkpoint(model.state_dict(), learning_rate=0.1)]
+    huge = TensorDataset(torch.full((6, 4), 1e20), torch.zeros(6, dtype=torch.long))
+    with pytest.raises(TracInError, match="The K-FAC statistics of layer '0' cannot be inverted"):
+        TracIn(model, ckpts, device="cpu", progress=False).self_influence(huge)

@@ -242,6 +242,7 @@ def test_a_second_run_into_a_busy_folder_is_refused(trained, tmp_path, capsys):
     ("column", "damaged or were changed"),
     ("type", "damaged or were changed"),
     ("index", "damaged or were changed"),
+    ("nan", "top-k scores hold NaN or infinite values"),
 ])
 def test_a_changed_results_folder_given_to_report(trained, tmp_path, capsys, damage, match):
     root, data, ck = trained
@@ -252,6 +253,9 @@ def test_a_changed_results_folder_given_to_report(trained, tmp_path, capsys, dam
         preds.write_text("\n".join(",".join(line.split(",")[:4]) for line in preds.read_text().splitlines()))
     elif damage == "type":
         np.save(out / "test_indices.npy", np.array(["a", "b"]))
+    elif damage == "nan":
+        values = np.load(out / "top_k_influences_values.npy")
+        np.save(out / "top_k_influences_values.npy", np.full_like(values, np.nan))
     else:
         np.save(out / "top_k_influences_indices.npy", np.full((2, 3), 999))
     one_line_error(capsys, ["report", "--results_dir", str(out)], match)
@@ -417,3 +421,35 @@ def test_two_trainings_into_one_checkpoint_folder_and_a_validation_share_that_ho
     one_line_error(capsys, ["train", "--data_dir", str(data), "--arch", "smallcnn", "--epochs", "1", "--checkpoint_dir",
                             str(tmp_path / "val"), "--image_size", "12", "--quiet", "--val_fraction", "0.01"],
                    "--val_fraction 0.01 holds out no image")
+
+
+def test_messages_that_say_what_the_file_is(trained, tmp_path, capsys):
+    root, data, ck = trained
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    shutil.copy(ck / "checkpoint_epoch_1.pt", folder / "a.pth")
+    one_line_error(capsys, influence(data, folder, tmp_path / "o1"), "none written by 'tracin train'; for a model you "
+                                                                     "trained yourself add --arch")
+    argv = own(data, ck, tmp_path / "o2")
+    argv[argv.index("--model_path") + 1] = str(folder)
+    one_line_error(capsys, argv, "is a folder, not a weights file")
+    text = tmp_path / "weights.txt"
+    text.write_text("hello\n")
+    argv[argv.index("--model_path") + 1] = str(text)
+    line = one_line_error(capsys, argv, "is corrupt or not a PyTorch checkpoint")
+    assert "pickled" not in line and "weights_only" not in line
+
+
+def test_a_trainer_checkpoint_folder_as_the_model_path(trained, tmp_path):
+    import json
+
+    root, data, ck = trained
+    folder = tmp_path / "run" / "checkpoint-5"
+    folder.mkdir(parents=True)
+    save_checkpoint(folder / "model.safetensors", Checkpoint(ck / "checkpoint_epoch_2.pt").state_dict(), 0.05)
+    (folder / "trainer_state.json").write_text(json.dumps({"log_history": [{"learning_rate": 0.07, "step": 5}]}))
+    argv = own(data, ck, tmp_path / "out")
+    argv[argv.index("--model_path") + 1] = str(folder)
+    assert main(argv) == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert [c["learning_rate"] for c in manifest["checkpoints"]] == [0.07]

@@ -57,3 +57,17 @@ def test_cli_fast_flags_and_audit(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "projection 32 gaussian" in printed and "Spearman" in printed
     assert [r["config"] for r in json.loads(report.read_text())] == ["exact", "projection 32 gaussian", "sample 0.5"]
+
+
+def test_the_audit_seed_seeds_the_projections():
+    torch.manual_seed(0)
+    model = MLP(d_in=30, hidden=40, classes=6)
+    train, test = random_sets(60, 12, 30, 6, seed=0)
+    ckpts, _ = perturbed_checkpoints(model, [0.1])
+
+    def spearman(seed):
+        rows = audit(model, ckpts, train, test, {"p": {"projection_dim": 8}}, n_test=12, device="cpu", progress=False,
+                     precondition="none", seed=seed)
+        return rows[1]["spearman"]
+
+    assert spearman(1) == spearman(1) and spearman(1) != spearman(2)

@@ -299,12 +299,31 @@ def test_module_whose_rows_are_not_the_examples_is_scored_exactly():
     model = Folded()  # its rows are not the examples: scored exactly by per-example passes instead
     data = _data()
     tr = TracIn(model, _ck(model), device="cpu", progress=False)
-    with pytest.warns(UserWarning, match="precondition='auto' scores plain TracIn: 'halves' needs exact per-example passes"):
+    with pytest.warns(UserWarning, match="precondition='auto' scores plain TracIn over every requested layer: 'halves' needs exact"):
         got = tr.self_influence(data)  # the default (K-FAC) does not cover it: plain TracIn, said once
     want = task_reference_matrix(model, [(model.state_dict(), 0.1)], None, ClassificationTask(), [data[i] for i in range(6)],
                                  [data[i] for i in range(6)]).diagonal()
     assert tr.scope()[0]["kernel"] == "exact" and torch.allclose(got.double(), want, rtol=1e-4)
     assert tr.preconditioner is None
+
+    class FoldedNormed(Folded):
+        """The same, with a LayerNorm that K-FAC would leave out: once K-FAC is declined it is scored too."""
+
+        def __init__(self):
+            super().__init__()
+            self.norm, self.head = nn.LayerNorm(5), nn.Linear(5, 60)  # Linear layers hold 97% of the parameters
+
+        def forward(self, x):
+            return self.head(self.norm(super().forward(x)))
+
+    normed = FoldedNormed()
+    tr = TracIn(normed, _ck(normed), device="cpu", progress=False)
+    assert [row["name"] for row in tr.scope()] == ["halves", "head"]  # K-FAC planned: the norm layer left out
+    with pytest.warns(UserWarning, match="plain TracIn over every requested layer"):
+        got = tr.self_influence(data)
+    want = task_reference_matrix(normed, [(normed.state_dict(), 0.1)], None, ClassificationTask(), [data[i] for i in range(6)],
+                                 [data[i] for i in range(6)]).diagonal()
+    assert [row["name"] for row in tr.scope()] == ["halves", "norm", "head"] and torch.allclose(got.double(), want, rtol=1e-4)
 
     class Broadcast(nn.Module):
         """Position embeddings looked up once per batch: with a first batch of one example the rows look right."""

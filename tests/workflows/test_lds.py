@@ -73,3 +73,24 @@ def test_command_writes_the_table_and_refuses_unknown_methods(tmp_path, capsys):
     assert "Unknown LDS method 'trak'; choose from default, plain" in err and "Traceback" not in err
     with pytest.raises(TracInError, match="subsets must be a positive integer"):
         LDSSetting(subsets=1)
+
+
+def test_settings_and_caches_that_cannot_give_an_lds(tmp_path):
+    from tracin.errors import TracInError
+    from tracin.workflows.evaluation.lds import LDSSetting, _read_cache, load_data
+
+    with pytest.raises(TracInError, match="--learning_rate must be a positive number, got -0.1"):
+        LDSSetting(learning_rate=-0.1)
+    with pytest.raises(TracInError, match="--n_test 100000 is more than the 597 test examples of digits"):
+        load_data(LDSSetting(n_test=100000))
+    said = []
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"not an npz")
+    assert _read_cache(garbage, (4, 10), (4, 3), said.append) is None and "cannot be read" in said[-1]
+    shaped = tmp_path / "shaped.npz"
+    np.savez(shaped, masks=np.ones((4, 9), dtype=bool), targets=np.zeros((4, 3)))
+    assert _read_cache(shaped, (4, 10), (4, 3), said.append) is None and "not (4, 10) and (4, 3)" in said[-1]
+    good = tmp_path / "good.npz"
+    np.savez(good, masks=np.ones((4, 10), dtype=bool), targets=np.zeros((4, 3)))
+    masks, target = _read_cache(good, (4, 10), (4, 3), said.append)
+    assert masks.shape == (4, 10) and target.shape == (4, 3)

@@ -9,7 +9,6 @@ cached test factors and gradient stores whiten both sides (``"both"``).
 """
 from __future__ import annotations
 
-import warnings
 from contextlib import contextmanager
 from typing import Dict, Iterator, List, Optional, Protocol, Tuple
 
@@ -17,9 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .blocks import FactorDict
-from .capture import EXACT
 from .loaders import dataset_size
-from ..config import ScoringConfig
 from ..layers.base import LayerHandler, LayerRun
 from ..layers.precondition import KFAC, Whitening, with_ones
 from ..tasks.base import Task
@@ -28,9 +25,7 @@ from ..tasks.base import Task
 class FitRun(Protocol):
     """What the K-FAC part of a pass reads of the run it serves (the scheduler provides it)."""
 
-    config: ScoringConfig
     handlers: List[LayerHandler]
-    runs: Dict[str, LayerRun]  # layer name -> its settings for this run
     checkpoints: list
     device: torch.device
     dtype: torch.dtype
@@ -38,9 +33,6 @@ class FitRun(Protocol):
     progress: bool
     task: Task
     loaded: Optional[int]  # the checkpoint the model holds
-
-    def detect(self, loader: Optional[DataLoader] = None, batch: object = None) -> None:
-        """Decide the exact layers on the first batch of ``loader`` (or on ``batch``)."""
 
     def load(self, index: int) -> None:
         """Load checkpoint ``index`` into the model."""
@@ -66,32 +58,12 @@ class Preconditioning:
         self.kept_bytes = 0
         self.expected_examples = 0
 
-    def fit(self, train: DataLoader, keep: bool) -> bool:
+    def fit(self, train: DataLoader, keep: bool) -> None:
         """Fit on ``train`` at every checkpoint; ``keep``: keep the pass's raw factors for a one-sided influence pass
-        (:meth:`kept_factors`). False when ``precondition="auto"`` met a layer K-FAC cannot cover: the run is plain."""
-        if self.run.config.precondition == "auto" and not self._applies(train):
-            return False
+        (:meth:`kept_factors`)."""
         self.kept, self.kept_bytes = ({} if keep else None), 0
         self.expected_examples = dataset_size(train) * len(self.run.checkpoints)  # factor rows a whole fit would keep
         self.kfac.fit(FitSource(self, train))
-        return True
-
-    def _applies(self, train: DataLoader) -> bool:
-        """For ``precondition="auto"``: decide the exact layers first (on the first training batch; with K-FAC on they
-        would be refused); when a layer needs exact per-example passes, which K-FAC does not cover, say so once."""
-        runs = self.run.runs.values()
-        for layer_run in runs:
-            layer_run.preconditioner = None
-        self.run.detect(train)
-        exact = [name for name, layer_run in self.run.runs.items() if layer_run.mode == EXACT]
-        if exact:
-            warnings.warn(f"precondition='auto' scores plain TracIn: {exact[0]!r} needs exact per-example passes, which "
-                          "K-FAC does not cover (precondition='none' says so up front; exclude= the layer to keep K-FAC).",
-                          stacklevel=4)
-            return False
-        for layer_run in runs:
-            layer_run.preconditioner = self.kfac
-        return True
 
     def keep(self, checkpoint: int, first: int, raw: FactorDict) -> None:
         """Keep one fit batch's raw factors, or give up keeping once they pass a quarter of the budget (at the first

@@ -187,19 +187,15 @@ class Scheduler:
         checkpoint, as a preconditioner is fitted on."""
         return self.capture.factors(self.model, self.task, batch, "training", first_index, raw=True)
 
-    def fit_preconditioner(self, train: DataLoader, keep: bool = False) -> bool:
+    def fit_preconditioner(self, train: DataLoader, keep: bool = False) -> None:
         """Fit the K-FAC preconditioner on ``train`` at every checkpoint (one forward and backward pass
         each; the data read once when every checkpoint's statistics fit in a quarter of the budget).
 
         ``keep``: also keep the fit pass's raw training factors while they fit in a quarter of the budget, so the
-        next :meth:`influence` pairs them (on the unwhitened side) instead of running that pass again.
-        Returns False when ``precondition="auto"`` found a layer K-FAC cannot cover and the run is plain instead."""
+        next :meth:`influence` pairs them (on the unwhitened side) instead of running that pass again."""
         assert self.preconditioning is not None
-        if not self.preconditioning.fit(train, keep):
-            self.preconditioner = self.preconditioning = None
-            return False
+        self.preconditioning.fit(train, keep)
         self.loaded = None  # the next load selects the fitted whiteners
-        return True
 
     def one_sided(self, with_self: bool, cached: bool) -> bool:
         """Whether an influence pass applies the preconditioner to the test side only, pairing the fit pass's own

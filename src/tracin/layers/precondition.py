@@ -17,6 +17,7 @@ image folders that size works against finding flipped labels (docs/quality.md).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Protocol, Sequence, Tuple
 
@@ -131,12 +132,26 @@ def fit_whiteners(sums: Sequence["CovarianceSums"], damping: float, device: torc
                     groups.setdefault(tuple(s.sums[name][side].shape), []).append(c)
             for shape, members in groups.items():
                 stacked = torch.stack([sums[c].sums[name][side] / sums[c].count for c in members])  # [n, g, d, d]
-                W = whitener(stacked.flatten(0, 1), damping).view(stacked.shape)  # float64: inverses before rounding
+                W = _layer_whitener(name, stacked, damping)
                 W, P = W.to(device, dtype), (W @ W.transpose(-1, -2)).to(device, dtype)
                 for i, c in enumerate(members):
                     out[c].setdefault(name, [None] * 4)
                     out[c][name][side], out[c][name][side + 2] = W[i], P[i]
     return [{name: tuple(f) for name, f in w.items()} for w in out]  # type: ignore[misc]
+
+
+def _layer_whitener(name: str, stacked: torch.Tensor, damping: float) -> torch.Tensor:
+    """:func:`whitener` of one layer's factors [n, g, d, d] (float64: inverses before rounding); factors that are not
+    finite or that no decomposition can invert are one clear error naming the layer."""
+    scale = float(stacked.abs().max()) if stacked.numel() else 0.0
+    try:
+        if not math.isfinite(scale):
+            raise torch.linalg.LinAlgError("not finite")
+        return whitener(stacked.flatten(0, 1), damping).view(stacked.shape)
+    except torch.linalg.LinAlgError:
+        raise TracInError(f"The K-FAC statistics of layer {name!r} cannot be inverted (entries up to {scale:.3g}): its "
+                          "inputs or gradients are far outside float32's comfortable range; rescale the inputs, or score "
+                          "with precondition='none' (--precondition none).") from None
 
 
 def whitener(S: torch.Tensor, damping: float) -> torch.Tensor:

@@ -68,6 +68,9 @@ class MarginMeasurement(Task):
     for a loss, so a positive score still means the training example helped: it raised the test example's margin."""
 
     def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        if isinstance(batch, Mapping) or not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            raise DataError(f"measurement='margin' reads (inputs, labels) batches, got a {type(batch).__name__}; pass a "
+                            "callable measurement (model, batch) -> per-example values for other batches.")
         return -class_margin(model(batch[0]), batch[1])
 
     def labels(self, batch: Batch) -> Optional[torch.Tensor]:

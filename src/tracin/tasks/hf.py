@@ -44,7 +44,15 @@ class HFTask(Task):
                             f"{type(batch).__name__}; use a collator or datasets' set_format('torch').")
         kind = self.kind if self.kind != "auto" else _causal_or(model, None)
         labels = self._labels(batch, kind)
-        output = model(**{k: v for k, v in batch.items() if k != "labels"})
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        try:
+            output = model(**inputs)
+        except TypeError as exc:
+            if not any(str(k) in str(exc) for k in inputs) and "argument" not in str(exc):
+                raise
+            raise DataError(f"Dict batches are scored as Hugging Face inputs, model(**batch) without 'labels', and this "
+                            f"model does not take them ({exc}); pass task= (a Task, or a callable (model, batch) -> "
+                            "per-example loss) for another model.") from None
         logits = getattr(output, "logits", None)
         if logits is None:
             logits = output[0] if isinstance(output, (tuple, list)) else output
@@ -62,7 +70,8 @@ class HFTask(Task):
             mask = batch.get("attention_mask")
             labels = labels.masked_fill(mask == 0, IGNORE) if mask is not None else labels
         if labels is None:
-            raise DataError("The batch has no 'labels' entry; add the labels to the dataset (or collator) under 'labels'.")
+            raise DataError("The dict batch has no 'labels' entry, so it cannot be scored as Hugging Face inputs; add the "
+                            "labels under 'labels', or pass task= (a callable (model, batch) -> per-example loss).")
         return labels
 
     def _per_token(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

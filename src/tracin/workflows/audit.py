@@ -9,13 +9,14 @@ configuration scored (sampling leaves the others out).
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, List, Mapping, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Subset
 
 from ..api import TracIn
+from ..config import ScoringConfig
 from ..engine.loaders import DataSource, dataset_size, make_loader
 from ..errors import TracInError
 
@@ -44,20 +45,25 @@ def compare(exact: torch.Tensor, approx: torch.Tensor, top: int = 10) -> Dict[st
 
 
 def audit(model: torch.nn.Module, checkpoints: Sequence, train: DataSource, test: DataSource,
-          configs: Mapping[str, Mapping[str, Any]], n_test: int = 20, top: int = 10, seed: int = 0,
-          **common: Any) -> List[Dict[str, Any]]:
+          configs: Mapping[str, Mapping[str, Any]], n_test: int = 20, top: int = 10, device: str = "auto",
+          **settings: Any) -> List[Dict[str, Any]]:
     """One row per configuration (the exact one first): name, seconds, speed-up, top-k overlap,
-    Spearman, Pearson. ``configs`` maps a name to extra :class:`TracIn` keywords
-    (e.g. ``{"proj1024": {"projection_dim": 1024}}``); ``common`` keywords apply to every run."""
+    Spearman, Pearson. ``configs`` maps a name to changes of the base settings (e.g.
+    ``{"proj1024": {"projection_dim": 1024}}``); the base is ``config=`` (a :class:`ScoringConfig`) or the
+    ``settings`` keywords, as :class:`TracIn` takes them, and its seed draws the test sample and seeds every projection."""
+    config: Optional[ScoringConfig] = settings.pop("config", None)
+    if config is not None and settings:
+        raise TracInError("Give audit's base settings either as config= or as keywords, not both.")
+    base = config if config is not None else ScoringConfig.from_settings(settings)
     loader = make_loader(test, 1, "test")
     n = dataset_size(loader)
     if n_test < 1:
         raise TracInError(f"n_test must be at least 1, got {n_test}.")
-    rows = np.sort(np.random.default_rng(seed).choice(n, size=min(n_test, n), replace=False))
+    rows = np.sort(np.random.default_rng(base.seed).choice(n, size=min(n_test, n), replace=False))
     sample = Subset(loader.dataset, rows.tolist())
 
     def timed(extra: Mapping[str, Any]):
-        tr = TracIn(model, checkpoints, **{**common, **extra})
+        tr = TracIn(model, checkpoints, device=device, config=base.replace(**extra))
         start = time.perf_counter()
         matrix = tr.influence_matrix(train, sample)
         return matrix, time.perf_counter() - start

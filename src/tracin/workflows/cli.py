@@ -63,8 +63,8 @@ def _audit(a) -> None:
     s = image_setup(a.data_dir, a.checkpoint_dir, a.trust_checkpoint)
     configs = {f"projection {d} {a.projection}": {"projection_dim": d, "projection": a.projection} for d in a.projection_dims}
     configs.update({f"sample {r:g}": {"sample_rate": r} for r in a.sample_rates})
-    rows = audit(s.model, s.checkpoints, s.train, s.test, configs, n_test=a.n_test, top=a.top, seed=a.seed,
-                 layers=a.layers, device=a.device, batch_size=a.batch_size, progress=not a.quiet)
+    rows = audit(s.model, s.checkpoints, s.train, s.test, configs, n_test=a.n_test, top=a.top, device=a.device,
+                 config=scoring_config(a))
     print(f"Audit on {min(a.n_test, len(s.test))} test images x {len(s.train)} training images, layers={a.layers}:")
     print(format_table(rows, a.top))
     if a.output:

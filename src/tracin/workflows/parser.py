@@ -218,7 +218,7 @@ def _audit_parser(sub) -> None:
     _add(au, "--sample_rates", type=float, nargs="*", default=[0.5])
     _add(au, "--top", type=int, default=10, help="k of the top-k overlap")
     _add(au, "--output", type=Path, help="also write the table as JSON here")
-    _scoring_flags(au, ["layers", "batch_size", "seed", "projection"], layers="last", batch_size=32)
+    _scoring_flags(au, ["layers", "batch_size", "seed", "projection", "precondition"], layers="last", batch_size=32)
     _run_flags(au)
 
 

@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 from torch import nn
 
-from ...checkpoints import Checkpoint
+from ...checkpoints import Checkpoint, weights_for
 from ..image.folders import image_transform
 from ...errors import TracInError
 from ..image.models import SmallCNN, build_model, normalization
@@ -41,7 +41,8 @@ def gradcam_overlays(res: Results, n_tests: int = 3, n_proponents: int = 5) -> L
     data = res.manifest["data"]
     arch, size, classes = data["arch"], int(data["image_size"]), res.class_names
     model = build_model(arch, len(classes), size)
-    model.load_state_dict(Checkpoint(res.manifest["prediction_model"]["file"], learning_rate=0.0).state_dict())
+    # the weights as influence read them: a wrapper's prefix (module., model.) stripped, shapes checked
+    model.load_state_dict(weights_for(model, Checkpoint(res.manifest["prediction_model"]["file"], learning_rate=0.0)))
     model.eval()
     transform = image_transform(size, normalization(arch))
     written = []

@@ -60,6 +60,8 @@ def _check(res: Results) -> None:
     if res.test_indices.shape != (n,) or res.pro_indices.shape != (n, k) or res.opp_values.shape != res.opp_indices.shape \
             or res.opp_values.shape[0] != n:
         raise ValueError("the top-k arrays and test_indices.npy have different shapes")
+    if not (np.isfinite(res.pro_values).all() and np.isfinite(res.opp_values).all()):
+        raise ValueError("the top-k scores hold NaN or infinite values")
     unknown_test = set(res.test_indices.tolist()) - set(res.test)
     unknown_train = (set(res.pro_indices.ravel().tolist()) | set(res.opp_indices.ravel().tolist())) - set(res.train)
     if unknown_test or unknown_train:

@@ -65,6 +65,8 @@ class LDSSetting:
         for name in ("epochs", "batch_size", "subsets", "seeds", "n_test"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < (2 if name == "subsets" else 1):
                 raise TracInError(f"{name} must be a positive integer (subsets at least 2), got {getattr(self, name)!r}.")
+        if self.learning_rate is not None and not (0 < self.learning_rate < float("inf")):
+            raise TracInError(f"--learning_rate must be a positive number, got {self.learning_rate}.")
 
     @property
     def lr(self) -> float:
@@ -99,6 +101,9 @@ def load_data(setting: LDSSetting) -> Tuple[Tensors, Tensors]:
         shape = (1, 40)
     if setting.model == "cnn":
         train, test = (train[0].view(-1, *shape), train[1]), (test[0].view(-1, *shape), test[1])
+    if setting.n_test > len(test[0]):
+        raise TracInError(f"--n_test {setting.n_test} is more than the {len(test[0])} test examples of {setting.data}; "
+                          f"use --n_test {len(test[0])} or less.")
     return train, (test[0][: setting.n_test], test[1][: setting.n_test])
 
 
@@ -206,19 +211,42 @@ def targets(setting: LDSSetting, data: Tuple[Tensors, Tensors], cache_dir: Optio
     """(masks [subsets, n_train] bool, target margins [subsets, n_test]) on ``data`` (:func:`load_data`'s train and
     test), retrained or read from ``cache_dir``."""
     path = Path(cache_dir) / f"lds_{setting.data}_{setting.model}_{setting.optimizer}_{setting.key()}.npz" if cache_dir else None
-    if path is not None and path.exists():
-        with np.load(path, allow_pickle=False) as cached:
-            return torch.from_numpy(cached["masks"]), torch.from_numpy(cached["targets"])
     train, test = data
+    cached = _read_cache(path, (setting.subsets, len(train[0])), (setting.subsets, len(test[0])), log) if path else None
+    if cached is not None:
+        return cached
     build = model_factory(setting)
     masks = torch.rand(setting.subsets, len(train[0]), generator=torch.Generator().manual_seed(setting.seed + 1)) < 0.5
     start = time.perf_counter()
     target = torch.stack([margins(build, train_many(setting, build, train, masks, 1000 + s), test) for s in range(setting.seeds)]).mean(0)
     log(f"retrained {setting.subsets} halves x {setting.seeds} seeds in {time.perf_counter() - start:.0f} s")
+    if not bool(torch.isfinite(target).all()):
+        raise TracInError(f"Retraining diverged: {int((~torch.isfinite(target)).sum())} target margins are NaN or infinite, "
+                          "so no LDS can be measured; lower --learning_rate or --epochs.")
     if path is not None:
         buffer = io.BytesIO()
         np.savez(buffer, masks=masks.numpy(), targets=target.numpy())
         write_bytes(path, buffer.getvalue())
+    return masks, target
+
+
+def _read_cache(path: Path, masks_shape: Tuple[int, int], target_shape: Tuple[int, int],
+                log: Callable[[str], None]) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """(masks, targets) from the retraining cache at ``path`` when it holds arrays of these shapes with finite targets;
+    None (retrain) when it is missing, and, said in the log, when it is unreadable or does not fit."""
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as cached:
+            masks, target = torch.from_numpy(cached["masks"]), torch.from_numpy(cached["targets"])
+    except (OSError, ValueError, KeyError, EOFError) as exc:
+        log(f"retraining: the cache {path} cannot be read ({type(exc).__name__})")
+        return None
+    if tuple(masks.shape) != masks_shape or tuple(target.shape) != target_shape or masks.dtype != torch.bool \
+            or not bool(torch.isfinite(target).all()):
+        log(f"retraining: the cache {path} holds masks {tuple(masks.shape)} and targets {tuple(target.shape)}, not "
+            f"{masks_shape} and {target_shape} of finite numbers")
+        return None
     return masks, target
 
 

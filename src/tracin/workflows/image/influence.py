@@ -14,7 +14,7 @@ import numpy as np
 from torch.utils.data import Subset
 
 from ...api import TracIn
-from ...checkpoints import Checkpoint, check_one_run, weights_for
+from ...checkpoints import Checkpoint, check_one_run, checkpoint_at, weights_for
 from ...config import ScoringConfig
 from ...engine.distributed import init_from_env, rank_and_world
 from ...engine.resume import reset
@@ -184,7 +184,7 @@ def _prediction_model(job: InfluenceJob, setup: ImageSetup) -> Checkpoint:
     """The model whose predictions are reported (--model_path; else best_model.pt when training wrote one, else the
     last checkpoint), loaded and checked against the architecture before any scoring."""
     if setup.prediction_file is not None:
-        final = Checkpoint(setup.prediction_file, trust=job.trust_checkpoint, learning_rate=0.0)
+        final = checkpoint_at(setup.prediction_file, trust=job.trust_checkpoint, learning_rate=0.0)
         weights_for(setup.model, final)
         return final
     best = Path(job.checkpoint_dir) / "best_model.pt" if job.checkpoint_dir is not None else None

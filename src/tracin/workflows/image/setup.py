@@ -14,7 +14,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 
-from ...checkpoints import Checkpoint
+from ...checkpoints import CHECKPOINT_SUFFIXES, Checkpoint, checkpoint_at
 from ...errors import CheckpointError, TracInError
 from .folders import ImageDataset, image_transform, scan_split
 from .models import build_model, checkpoint_metadata, normalization
@@ -62,6 +62,7 @@ def image_setup(data_dir: Path, checkpoint_dir: Optional[Path], trust: bool = Fa
     if checkpoint_dir is None:
         raise TracInError("Give --checkpoint_dir (checkpoints of 'tracin train'), or --arch and --model_path for a model "
                           "you trained yourself.")
+    _from_tracin_train(Path(checkpoint_dir))
     checkpoints = Checkpoint.discover(checkpoint_dir, pattern=CHECKPOINT_PATTERN + ".*", trust=trust)
     arch, class_names, image_size = checkpoint_metadata(checkpoints[-1].metadata, checkpoints[-1].name or "")
     for ck in checkpoints:
@@ -79,6 +80,17 @@ def image_setup(data_dir: Path, checkpoint_dir: Optional[Path], trust: bool = Fa
     return ImageSetup(checkpoints, arch, class_names, image_size, train_split, test_split,
                       ImageDataset(train_split, transform), ImageDataset(test_split, transform),
                       build_model(arch, len(class_names), image_size))
+
+
+def _from_tracin_train(folder: Path) -> None:
+    """Refuse, with what to add, a folder of weights files that 'tracin train' did not write (a model of the user's)."""
+    if not folder.is_dir() or any(folder.glob(CHECKPOINT_PATTERN + ".*")):
+        return
+    others = sorted(p.name for p in folder.iterdir() if p.suffix in CHECKPOINT_SUFFIXES or p.name.startswith("checkpoint-"))
+    if others:
+        raise TracInError(f"{folder} holds weights files ({', '.join(others[:3])}{' ...' if len(others) > 3 else ''}) but none "
+                          "written by 'tracin train'; for a model you trained yourself add --arch (its architecture) and "
+                          "--learning_rate if the files store none.")
 
 
 def without_validation(split, data_dir: Path, validation_files) -> Any:
@@ -109,7 +121,7 @@ def own_model_setup(data_dir: Path, checkpoint_dir: Optional[Path], trust: bool,
         raise TracInError(f"--num_classes {outputs} is fewer than the {len(class_names)} class folders; give at least "
                           f"{len(class_names)}.")
     checkpoints = (Checkpoint.discover(checkpoint_dir, trust=trust, default_learning_rate=own.learning_rate) if checkpoint_dir
-                   else [Checkpoint(own.model_path, trust=trust, default_learning_rate=own.learning_rate)])
+                   else [checkpoint_at(own.model_path, trust=trust, default_learning_rate=own.learning_rate)])
     mean, std = normalization(own.arch)
     mean, std = tuple(own.mean or mean), tuple(own.std or std)
     if not all(math.isfinite(v) for v in mean + std) or not all(s > 0 for s in std):
