@@ -45,7 +45,9 @@ def test_cli_fast_flags_and_audit(tmp_path, capsys):
                  "--layers", "all", "--use_projection", "--projection_dim", "64", "--projection_type", "rademacher",
                  "--sample_rate", "0.5", "--stratify_by", "label", "--self_influence"]) == 0
     err = capsys.readouterr().err
-    assert "parameters in scope, projected to ~64 dims per layer (rademacher), 50% of the training set" in err
+    assert "parameters in scope, projected to ~64 dims per layer (rademacher), K-FAC preconditioned (damping 0.1); left " \
+           "out: features.1, features.5 (layers K-FAC does not cover; --precondition none scores them), 50% of the " \
+           "training set" in err
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["parameters"]["projection_dim"] == 64 and manifest["parameters"]["sample_rate"] == 0.5
     idx = np.load(out / "top_k_influences_indices.npy")

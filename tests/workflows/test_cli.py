@@ -346,9 +346,9 @@ def test_the_health_score_counts_suspected_mislabels():
         return Results(Path("."), {}, ["a", "b"], np.zeros(1), np.zeros((1, 1)), np.zeros((1, 1), int), np.zeros((1, 1)),
                        np.zeros((1, 1), int), train, {}, selfs)
 
-    clean, noisy = health(results(2)), health(results(30))
-    assert (clean.score, clean.band, clean.flagged) == (98.0, "EXCELLENT", 2)
-    assert (noisy.score, noisy.band, noisy.flagged) == (70.0, "FAIR", 30) and "above the median" in noisy.rule
+    clean, noisy = health(results(1)), health(results(30))
+    assert (clean.score, clean.band, clean.flagged) == (99.0, "EXCELLENT", 1) and health(results(2)).band == "GOOD"
+    assert (noisy.score, noisy.band, noisy.flagged) == (70.0, "NEEDS ATTENTION", 30) and "above the median" in noisy.rule
     no_self = results(30)
     no_self.self_influence = None
     assert health(no_self).flagged == 30 and "not computed" in health(no_self).rule

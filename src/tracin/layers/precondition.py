@@ -259,7 +259,8 @@ class KFAC:
         holding one checkpoint's statistics at a time."""
         checkpoints, device, dtype = data.checkpoints, data.device, data.dtype
         stats_dtype = torch.float32 if device.type == "mps" else torch.float64
-        bar = tqdm(total=data.total * checkpoints, desc="K-FAC fit", unit="example", disable=not data.progress, leave=False)
+        bar = tqdm(total=data.total * checkpoints, desc=f"K-FAC fit ({data.total} examples x {checkpoints} checkpoints)",
+                   unit="pass", disable=not data.progress, leave=False)
         sums = [CovarianceSums(stats_dtype, device) for _ in range(checkpoints)]
 
         def add(c: int, first: int, batch: object) -> None:

@@ -144,7 +144,11 @@ def render(ctx: Dict[str, Any]) -> str:
     shown, pages = ctx["tests"], ctx.get("pages", [])
     more = "".join(f" <a href='{escape(name)}'>{escape(span)}</a>" for name, span in pages)
     parts.append(f"<h2 id='tests'>Test images: top proponents and opponents</h2><p>Showing {len(shown)} of {ctx['n_test']} test "
-                 f"images, every mispredicted one first; the others:{more or ' none'}. All are in top_k_influences.csv.</p>")
+                 f"images, every mispredicted one first; the others:{more or ' none'}. All are in top_k_influences.csv.</p>"
+                 "<p>A <b>proponent</b> is a training image whose training step lowered this test image's loss (it helped the "
+                 "prediction of its label); an <b>opponent</b> raised it. An opponent often shares the test image's label: "
+                 "an atypical or mislabelled image of the same class pulls the model elsewhere, so opponents are where to "
+                 "look for training images that work against the class, whatever their label.</p>")
     parts += test_pairs(shown, root)
     parts.append("<h2 id='files'>Files</h2><ul>" + "".join(f"<li><a href='{escape(f)}'>{escape(f)}</a></li>" for f in ctx.get("files", []))
                  + "</ul>")

@@ -203,9 +203,18 @@ def _scope_line(tr: TracIn, world: int) -> str:
         + (" ..." if len(tr.handlers) > 6 else "")
     return (f"Scoring {len(tr.handlers)} layer{'s' if len(tr.handlers) > 1 else ''} ({names}), {tr.num_parameters:,} parameters in scope"
             + (f", projected to ~{c.projection_dim} dims per layer ({c.projection})" if c.projection_dim else "")
-            + (f", K-FAC preconditioned (damping {c.damping:g})" if c.precondition == "kfac" else "")
+            + (_kfac_words(tr) if tr.preconditioner is not None else ", plain TracIn (no preconditioner)")
             + (f", {c.sample_rate:.0%} of the training set" if c.sample_rate else "")
             + (f", {world} processes" if world > 1 else "") + ".")
+
+
+def _kfac_words(tr: TracIn) -> str:
+    """', K-FAC preconditioned (damping d)' and the requested layers it leaves out, for the scope line."""
+    assert tr.preconditioner is not None
+    left = tr.preconditioner.left_out
+    return (f", K-FAC preconditioned (damping {tr.config.damping:g})"
+            + (f"; left out: {', '.join(left[:4])}{' ...' if len(left) > 4 else ''} (layers K-FAC does not cover; "
+               "--precondition none scores them)" if left else ""))
 
 
 def _score(run: _Run, hashes: List[str]) -> InfluenceResult:
