@@ -283,6 +283,14 @@ MAX_LEARNING_RATE = 1e6  # far above any optimizer's; larger stored values are c
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 
+def checkpoint_source(path: PathLike) -> Path:
+    """The file :func:`checkpoint_at` reads for ``path``: the weights inside a Trainer folder, else ``path`` itself."""
+    path = Path(path)
+    if path.is_dir():
+        return next((path / w for w in HF_WEIGHTS if (path / w).is_file()), path)
+    return path
+
+
 def checkpoint_at(path: PathLike, trust: bool = False, learning_rate: Optional[float] = None,
                   default_learning_rate: Optional[float] = None) -> "Checkpoint":
     """The checkpoint at ``path``: a weights file, or a Hugging Face Trainer ``checkpoint-N/`` folder (its weights and

@@ -453,3 +453,14 @@ def test_a_trainer_checkpoint_folder_as_the_model_path(trained, tmp_path):
     assert main(argv) == 0
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert [c["learning_rate"] for c in manifest["checkpoints"]] == [0.07]
+
+
+def test_audit_takes_a_model_trained_elsewhere(trained, tmp_path, capsys):
+    import json
+
+    root, data, ck = trained
+    assert main(["audit", "--data_dir", str(data), "--arch", "smallcnn", "--model_path", str(ck / "checkpoint_epoch_2.pt"),
+                 "--image_size", "12", "--n_test", "2", "--projection_dims", "16", "--sample_rates", "--quiet",
+                 "--output", str(tmp_path / "audit.json")]) == 0
+    rows = json.loads((tmp_path / "audit.json").read_text())
+    assert [r["config"] for r in rows] == ["exact", "projection 16 gaussian"]

@@ -60,7 +60,7 @@ def _audit(a) -> None:
     from .audit import audit, format_table
     from .image.setup import image_setup
 
-    s = image_setup(a.data_dir, a.checkpoint_dir, a.trust_checkpoint)
+    s = image_setup(a.data_dir, a.checkpoint_dir, a.trust_checkpoint, own_model(a))
     configs = {f"projection {d} {a.projection}": {"projection_dim": d, "projection": a.projection} for d in a.projection_dims}
     configs.update({f"sample {r:g}": {"sample_rate": r} for r in a.sample_rates})
     rows = audit(s.model, s.checkpoints, s.train, s.test, configs, n_test=a.n_test, top=a.top, device=a.device,

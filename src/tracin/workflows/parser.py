@@ -212,7 +212,8 @@ def own_model(a: argparse.Namespace):
 def _audit_parser(sub) -> None:
     au = sub.add_parser("audit", help="speed and agreement of fast configurations against the exact scores", formatter_class=_Formatter)
     _add(au, "--data_dir", type=Path, required=True)
-    _add(au, "--checkpoint_dir", type=Path, required=True)
+    _add(au, "--checkpoint_dir", type=Path, help="checkpoints of 'tracin train'; with --arch: every weights file in it, any name")
+    _own_model_flags(au)
     _add(au, "--n_test", type=int, default=20, help="test images to compare on")
     _add(au, "--projection_dims", type=int, nargs="*", default=[256, 1024])
     _add(au, "--sample_rates", type=float, nargs="*", default=[0.5])

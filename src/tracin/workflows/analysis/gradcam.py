@@ -42,7 +42,8 @@ def gradcam_overlays(res: Results, n_tests: int = 3, n_proponents: int = 5) -> L
     arch, size, classes = data["arch"], int(data["image_size"]), res.class_names
     model = build_model(arch, len(classes), size)
     # the weights as influence read them: a wrapper's prefix (module., model.) stripped, shapes checked
-    model.load_state_dict(weights_for(model, Checkpoint(res.manifest["prediction_model"]["file"], learning_rate=0.0)))
+    trusted = bool(res.manifest.get("parameters", {}).get("trust_checkpoint"))  # as the influence run read it
+    model.load_state_dict(weights_for(model, Checkpoint(res.manifest["prediction_model"]["file"], learning_rate=0.0, trust=trusted)))
     model.eval()
     transform = image_transform(size, normalization(arch))
     written = []

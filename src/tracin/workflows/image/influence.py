@@ -14,7 +14,7 @@ import numpy as np
 from torch.utils.data import Subset
 
 from ...api import TracIn
-from ...checkpoints import Checkpoint, check_one_run, checkpoint_at, weights_for
+from ...checkpoints import Checkpoint, check_one_run, checkpoint_at, checkpoint_source, weights_for
 from ...config import ScoringConfig
 from ...engine.distributed import init_from_env, rank_and_world
 from ...engine.resume import reset
@@ -180,10 +180,18 @@ def _accuracy(run: _Run, predictions: Dict[str, Any]) -> Dict[str, float]:
     return accuracy
 
 
+def _weights_file(path: Path) -> Path:
+    """The weights file a --model_path names (inside a Trainer checkpoint-N/ folder, its weights)."""
+    return Path(checkpoint_source(path)).resolve()
+
+
 def _prediction_model(job: InfluenceJob, setup: ImageSetup) -> Checkpoint:
     """The model whose predictions are reported (--model_path; else best_model.pt when training wrote one, else the
     last checkpoint), loaded and checked against the architecture before any scoring."""
     if setup.prediction_file is not None:
+        same = [c for c in setup.checkpoints if isinstance(c.source, Path) and c.source.resolve() == _weights_file(setup.prediction_file)]
+        if same:  # already loaded (and, for a pickled file, already warned about)
+            return same[0]
         final = checkpoint_at(setup.prediction_file, trust=job.trust_checkpoint, learning_rate=0.0)
         weights_for(setup.model, final)
         return final

@@ -78,7 +78,13 @@ def load_pretrained(model: nn.Module, path: Path) -> Tuple[List[str], List[str]]
     head of an ImageNet model is skipped when the class count differs). Returns (loaded, skipped)."""
     from ...checkpoints import Checkpoint
 
-    source = Checkpoint(path, learning_rate=0.0).state_dict()
+    try:
+        source = Checkpoint(path, learning_rate=0.0).state_dict()
+    except CheckpointError as exc:
+        if "--trust_checkpoint" not in str(exc):
+            raise
+        raise CheckpointError(f"Pretrained file {path} needs pickled Python code to load, and tracin train reads weights "
+                              "only; re-save it as model.state_dict() or .safetensors.") from None
     target = model.state_dict()
     loaded = [k for k, v in source.items() if k in target and target[k].shape == v.shape]
     skipped = [k for k in source if k not in loaded]
