@@ -10,16 +10,14 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..errors import TracInError
-from .parser import build_parser, own_model, scoring_config
+from .parser import build_parser, job_from_args, own_model, scoring_config
 
 
 def _train(a) -> None:
     from ..device import resolve_device
     from .image.train import ImageTraining, train_image_classifier
 
-    training = ImageTraining(arch=a.arch, epochs=a.epochs, save_every=a.save_every, learning_rate=a.learning_rate,
-                             batch_size=a.batch_size, pretrained=a.pretrained, image_size=a.image_size, seed=a.seed,
-                             augment=a.augment, lr_schedule=a.lr_schedule, optimizer=a.optimizer, val_fraction=a.val_fraction)
+    training = job_from_args(ImageTraining, a)
     s = train_image_classifier(a.data_dir, a.checkpoint_dir, training, resolve_device(a.device), progress=not a.quiet)
     chosen = "by validation accuracy" if a.val_fraction > 0 else "the last epoch"
     print(f"Saved {len(s.checkpoints)} checkpoints to {a.checkpoint_dir}; {s.best_model.name} ({chosen}) has test accuracy "
@@ -37,12 +35,7 @@ def _influence(a) -> None:
     if a.summed_loss and not a.self_influence:
         raise TracInError("--summed_loss ranks training images beside their self-influence; add --self_influence or drop "
                           "--summed_loss.")
-    m = run_influence(InfluenceJob(
-        data_dir=a.data_dir, checkpoint_dir=a.checkpoint_dir, output_dir=a.output_dir, top_k=a.top_k,
-        train_subset=a.train_subset, test_subset=a.test_subset, self_influence=a.self_influence,
-        self_influence_layers=a.self_influence_layers, device=a.device,
-        trust_checkpoint=a.trust_checkpoint, full_matrix=a.full_matrix, overwrite=a.overwrite, summed_loss=a.summed_loss,
-        own=own_model(a), scoring=scoring_config(a)))
+    m = run_influence(job_from_args(InfluenceJob, a, own=own_model(a), scoring=scoring_config(a)))
     if m is None:  # a torchrun rank other than 0: rank 0 reports
         return
     skipped = len(m["data"]["skipped_files"])
@@ -84,12 +77,7 @@ def _ranking(a) -> None:
 
     if a.compute_influence and a.pairs_test is None:
         raise TracInError("--compute_influence needs --pairs_test, the pairs to explain.")
-    m = run_ranking(RankingJob(
-        pairs_train=a.pairs_train, pairs_test=a.pairs_test, checkpoint_dir=a.checkpoint_dir, output_dir=a.output_dir,
-        checkpoint_prefix=a.checkpoint_prefix, compute_self_influence=a.compute_self_influence,
-        compute_influence=a.compute_influence, num_test_samples=a.num_test_samples, loss_type=a.loss_type, margin=a.margin,
-        ghm_bins=a.ghm_bins, ghm_alpha=a.ghm_alpha, device=a.device, trust_checkpoint=a.trust_checkpoint,
-        scoring=scoring_config(a)))
+    m = run_ranking(job_from_args(RankingJob, a, scoring=scoring_config(a)))
     print(f"Scored {m['data']['n_train']} training pairs over {count(len(m['checkpoints']), 'checkpoint')} in "
           f"{m['timings']['total_s']:.1f}s; wrote {', '.join(m['outputs'])} to {a.output_dir}.")
 
@@ -97,11 +85,7 @@ def _ranking(a) -> None:
 def _kge(a) -> None:
     from .kge_job import KGEJob, run_kge
 
-    m = run_kge(KGEJob(
-        model_path=a.model_path, train=a.train, test=a.test, entity_to_id=a.entity_to_id, relation_to_id=a.relation_to_id,
-        output=a.output, mode=a.mode, test_indices=a.test_indices, top_k=a.top_k, self_influence=a.self_influence,
-        direction=a.direction, label_smoothing=a.label_smoothing, learning_rate=a.learning_rate, device=a.device,
-        trust_checkpoint=a.trust_checkpoint, scoring=scoring_config(a)))
+    m = run_kge(job_from_args(KGEJob, a, scoring=scoring_config(a)))
     d = m["data"]
     print(f"Explained {len(d['test_indices'])} test triples with the top {a.top_k} of {d['n_train']} training triples over "
           f"{len(m['checkpoints'])} checkpoints ({d['model_class']}, {m['num_parameters']:,} parameters) in "
@@ -112,8 +96,7 @@ def _evaluate(a) -> None:
     if a.evaluation == "lds":
         from .evaluation.lds import LDSSetting, run_lds
 
-        setting = LDSSetting(data=a.data, model=a.model, optimizer=a.optimizer, epochs=a.epochs, learning_rate=a.learning_rate,
-                             subsets=a.subsets, seeds=a.seeds, n_test=a.n_test)
+        setting = job_from_args(LDSSetting, a)
         print(run_lds(setting, a.methods, a.output_dir, log=(lambda _: None) if a.quiet else print))
         return
     from .evaluation.common import Noise, Training

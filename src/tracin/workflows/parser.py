@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
-from typing import Any, List, Sequence, Union
+from dataclasses import fields
+from typing import Any, List, Sequence, Type, TypeVar, Union
 
 from ..config import LAYER_WORDS, ScoringConfig, fields_with_flags
 from ..errors import TracInError
 from ..version import __version__
+
+T = TypeVar("T")
 
 
 # the help of flags that several commands share, where a command does not give its own
@@ -327,6 +330,15 @@ def _demo_parser(sub) -> None:
     _add(d, "--seed", type=int, default=0)
     _add(d, "--device", default="auto")
     _add(d, "--quiet", action="store_true")
+
+
+def job_from_args(job_type: Type[T], a: argparse.Namespace, **given: Any) -> T:
+    """A job dataclass filled from the parsed flags: each field from the flag of its own name (so a job setting is
+    named once, by its field), ``given`` for the rest (the scoring config, an own model), the field's default when the
+    command has no such flag."""
+    values = {f.name: getattr(a, f.name) for f in fields(job_type)  # type: ignore[arg-type]
+              if f.name not in given and hasattr(a, f.name)}
+    return job_type(**values, **given)
 
 
 def scoring_config(a: argparse.Namespace) -> ScoringConfig:
