@@ -464,3 +464,21 @@ def test_audit_takes_a_model_trained_elsewhere(trained, tmp_path, capsys):
                  "--output", str(tmp_path / "audit.json")]) == 0
     rows = json.loads((tmp_path / "audit.json").read_text())
     assert [r["config"] for r in rows] == ["exact", "projection 16 gaussian"]
+
+
+def test_a_whole_pickled_model_needs_no_arch(trained, tmp_path, capsys):
+    from tracin.workflows.image.models import build_model
+
+    root, data, ck = trained
+    model = build_model("smallcnn", 3, 12)
+    model.load_state_dict(Checkpoint(ck / "checkpoint_epoch_2.pt").state_dict())
+    torch.save(model, tmp_path / "whole.pt")
+    argv = ["influence", "--data_dir", str(data), "--model_path", str(tmp_path / "whole.pt"), "--output_dir",
+            str(tmp_path / "out"), "--top_k", "3", "--image_size", "12", "--learning_rate", "0.1", "--quiet"]
+    one_line_error(capsys, argv, "add --arch (its architecture), or --trust_checkpoint when --model_path holds the whole")
+    with pytest.warns(UserWarning, match="full pickle"):
+        assert main(argv + ["--trust_checkpoint"]) == 0
+    assert (tmp_path / "out" / "manifest.json").is_file()
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    argv[argv.index(str(tmp_path / "whole.pt"))] = str(tmp_path / "weights.pt")
+    one_line_error(capsys, argv + ["--trust_checkpoint"], "holds weights, not a whole model")

@@ -197,17 +197,21 @@ def _own_model_flags(parser: argparse.ArgumentParser) -> None:
 
 def own_model(a: argparse.Namespace):
     """The :class:`OwnModel` of the parsed flags, or None for checkpoints of 'tracin train'."""
-    from .image.setup import OwnModel, parse_triple
+    from .image.setup import PICKLED, OwnModel, parse_triple
 
-    if a.arch is None:
+    arch = a.arch
+    if arch is None and a.model_path is not None and a.trust_checkpoint:
+        arch = PICKLED  # a whole pickled model: the file gives the architecture
+    if arch is None:
         mine = [f for f in ("model_path", "learning_rate", "num_classes", "mean", "std") if getattr(a, f) is not None]
         if mine:
-            raise TracInError(f"--{mine[0]} describes a model you trained yourself; add --arch (its architecture).")
+            raise TracInError(f"--{mine[0]} describes a model you trained yourself; add --arch (its architecture), or "
+                              "--trust_checkpoint when --model_path holds the whole pickled model.")
         if a.checkpoint_dir is None:
             raise TracInError("Give --checkpoint_dir (checkpoints of 'tracin train'), or --arch with --model_path or "
                               "--checkpoint_dir for a model you trained yourself.")
         return None
-    return OwnModel(arch=a.arch, model_path=a.model_path, learning_rate=a.learning_rate, image_size=a.image_size,
+    return OwnModel(arch=arch, model_path=a.model_path, learning_rate=a.learning_rate, image_size=a.image_size,
                     num_classes=a.num_classes, mean=parse_triple(a.mean) if a.mean else None,
                     std=parse_triple(a.std) if a.std else None)
 

@@ -14,7 +14,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 
-from ...checkpoints import CHECKPOINT_SUFFIXES, Checkpoint, checkpoint_at
+from ...checkpoints import CHECKPOINT_SUFFIXES, Checkpoint, checkpoint_at, checkpoint_source
 from ...errors import CheckpointError, TracInError
 from .folders import ImageDataset, image_transform, scan_split
 from .models import build_model, checkpoint_metadata, normalization
@@ -129,7 +129,24 @@ def own_model_setup(data_dir: Path, checkpoint_dir: Optional[Path], trust: bool,
     transform = image_transform(own.image_size, (mean, std))
     return ImageSetup(checkpoints, own.arch, class_names, own.image_size, train_split, test_split,
                       ImageDataset(train_split, transform), ImageDataset(test_split, transform),
-                      own_model(own.arch, outputs, own.image_size), own.model_path)
+                      pickled_model(own.model_path) if own.arch == PICKLED else own_model(own.arch, outputs, own.image_size),
+                      own.model_path)
+
+
+PICKLED = "pickled"  # OwnModel.arch of a --model_path that holds the whole model (read with --trust_checkpoint)
+
+
+def pickled_model(path: Optional[Path]) -> torch.nn.Module:
+    """The whole model a trusted ``--model_path`` file holds (an ``nn.Module``, or a dict with one under ``model`` or
+    ``net``), used as the architecture; its weights are read again as the checkpoint."""
+    assert path is not None
+    obj = torch.load(str(checkpoint_source(path)), map_location="cpu", weights_only=False)  # trusted by the caller
+    if isinstance(obj, dict):
+        obj = next((obj[k] for k in ("model", "net") if isinstance(obj.get(k), torch.nn.Module)), obj)
+    if not isinstance(obj, torch.nn.Module):
+        raise TracInError(f"--model_path {path} holds weights, not a whole model, so the architecture is unknown; add "
+                          "--arch (smallcnn, a torchvision name, or module:callable).")
+    return obj
 
 
 def own_model(arch: str, num_classes: int, image_size: int) -> torch.nn.Module:
