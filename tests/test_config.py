@@ -42,7 +42,7 @@ def test_the_facade_builds_the_config_from_its_keywords_or_takes_one():
 def test_cli_flags_come_from_the_config():
     flags = {flag: (name, meta) for name, flag, meta in fields_with_flags()}
     assert flags["--precision"][1]["choices"] == PRECISIONS and flags["--normalize"][1]["choices"] == NORMALIZE
-    assert flags["--precondition"][1]["choices"] == PRECONDITIONERS and flags["--projection_type"][1]["choices"] == PROJECTIONS
+    assert flags["--precondition"][1]["choices"] == PRECONDITIONERS and flags["--projection"][1]["choices"] == PROJECTIONS
     assert "kernel" not in {name for name, _ in flags.values()} and KERNELS[0] == "auto"
     args = build_parser().parse_args(["influence", "--data_dir", "d", "--checkpoint_dir", "c", "--output_dir", "o",
                                       "--use_projection", "--projection_type", "sparse", "--memory_budget", "0.5",

@@ -50,7 +50,8 @@ class ScoringConfig:
         "none", "cosine: unit-length gradients per checkpoint; train: unit-length training gradients", "--normalize", NORMALIZE)
     projection_dim: Optional[int] = _setting(
         None, "project per-example gradients to about this many dimensions per layer (approximate, unbiased)", "--projection_dim")
-    projection: str = _setting("gaussian", "kind of random projection", "--projection_type", PROJECTIONS)
+    projection: str = _setting("gaussian", "kind of random projection (--projection_type is the older spelling)",
+                               "--projection", PROJECTIONS)
     sample_rate: Optional[float] = _setting(
         None, "score a seeded random fraction of the training set (approximate)", "--sample_rate")
     stratify_by: Union[str, Callable, None] = _setting(None, "sample each stratum (e.g. label) at --sample_rate", "--stratify_by")

@@ -41,9 +41,13 @@ COMMON_HELP = {
 }
 
 
+OLD_SPELLINGS = {"--projection": ["--projection_type"]}  # flags renamed to the setting's own name, still accepted
+
+
 def _add(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
-    """Add ``--some_flag`` and its dashed twin ``--some-flag``; the formatter adds each default to the help."""
-    names = [name] + ([name.replace("_", "-")] if "_" in name else [])
+    """Add ``--some_flag``, its dashed twin ``--some-flag`` and any older spelling; the formatter adds each default to
+    the help."""
+    names = [n for flag in [name, *OLD_SPELLINGS.get(name, [])] for n in [flag] + ([flag.replace("_", "-")] if "_" in flag else [])]
     kwargs.setdefault("help", COMMON_HELP.get(name, name.lstrip("-").replace("_", " ")))
     parser.add_argument(*names, **kwargs)
 
