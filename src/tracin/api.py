@@ -132,6 +132,11 @@ class TracIn:
         c = self.config
         self.projector = Projector(c.projection_dim, c.projection, c.seed) if c.projection_dim is not None else None
         self.preconditioner = KFAC(c.damping, left_out) if precondition == "kfac" else None
+        if self.projector is not None and self.preconditioner is not None:
+            warnings.warn("projection_dim with K-FAC preconditioning projects the whitened test side and the raw training "
+                          "side independently, which agrees poorly with the exact K-FAC scores (top-10 overlap 0.08-0.53 "
+                          "measured on a digits MLP at 256-1024 dims); with projection prefer precondition='none', whose "
+                          "projection keeps its ranking, until a projection that composes with K-FAC lands.", stacklevel=2)
         self.passes: List[Dict[str, object]] = []  # each scoring pass's statistics, in order ({"pass": name, ...})
         self._cached_test: Optional[_TestCache] = None
         self._modes: Dict[str, Optional[str]] = {}  # the kernel each layer used in the last run
