@@ -283,12 +283,15 @@ MAX_LEARNING_RATE = 1e6  # far above any optimizer's; larger stored values are c
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 
+def _trainer_weights(path: Path) -> Optional[Path]:
+    """The weights file of a Hugging Face Trainer ``checkpoint-N/`` folder, or None when ``path`` is not one."""
+    return next((path / w for w in HF_WEIGHTS if (path / w).is_file()), None) if path.is_dir() else None
+
+
 def checkpoint_source(path: PathLike) -> Path:
     """The file :func:`checkpoint_at` reads for ``path``: the weights inside a Trainer folder, else ``path`` itself."""
     path = Path(path)
-    if path.is_dir():
-        return next((path / w for w in HF_WEIGHTS if (path / w).is_file()), path)
-    return path
+    return _trainer_weights(path) or path
 
 
 def checkpoint_at(path: PathLike, trust: bool = False, learning_rate: Optional[float] = None,
@@ -296,20 +299,21 @@ def checkpoint_at(path: PathLike, trust: bool = False, learning_rate: Optional[f
     """The checkpoint at ``path``: a weights file, or a Hugging Face Trainer ``checkpoint-N/`` folder (its weights and
     the learning rate its trainer_state.json logged)."""
     path = Path(path)
-    if path.is_dir() and any((path / w).is_file() for w in HF_WEIGHTS):
+    if _trainer_weights(path) is not None:
         return trainer_checkpoint(path, learning_rate, default_learning_rate)
     return Checkpoint(path, learning_rate=learning_rate, trust=trust, default_learning_rate=default_learning_rate)
 
 
 def _trainer_folders(folder: Path) -> List[Path]:
     """Hugging Face Trainer checkpoint folders (``checkpoint-N/`` holding model weights) in ``folder``."""
-    return [p for p in folder.glob("checkpoint-*") if p.is_dir() and any((p / w).is_file() for w in HF_WEIGHTS)]
+    return [p for p in folder.glob("checkpoint-*") if _trainer_weights(p) is not None]
 
 
 def trainer_checkpoint(path: Path, learning_rate: Optional[float], default: Optional[float]) -> "Checkpoint":
     """A Hugging Face Trainer folder as a :class:`Checkpoint`: its weights (weights-only), the step in its name, and
     the learning rate its ``trainer_state.json`` logged last at or before that step."""
-    weights = next(path / w for w in HF_WEIGHTS if (path / w).is_file())
+    weights = _trainer_weights(path)
+    assert weights is not None, "callers pass Trainer folders"
     step = int(path.name.split("-")[-1]) if path.name.split("-")[-1].isdigit() else None
     rate = learning_rate
     state_file = path / "trainer_state.json"
@@ -336,10 +340,13 @@ def _logged_rate(state_file: Path, step: Optional[int]) -> Optional[float]:
     def number(value: Any) -> Optional[float]:
         return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
-    logged = [h for h in history if isinstance(h, dict) and number(h.get("learning_rate")) is not None]
-    if step is not None:
-        logged = [h for h in logged if number(h.get("step", 0)) is not None and number(h.get("step", 0)) <= step]  # type: ignore[operator]
-    return number(logged[-1]["learning_rate"]) if logged else None
+    rate = None
+    for entry in history:
+        logged = number(entry.get("learning_rate")) if isinstance(entry, dict) else None
+        at = number(entry.get("step", 0)) if isinstance(entry, dict) else None
+        if logged is not None and (step is None or (at is not None and at <= step)):
+            rate = logged  # the last one logged at or before the step
+    return rate
 
 
 def weights_digest(checkpoint: "Checkpoint") -> str:

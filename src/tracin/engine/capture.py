@@ -129,7 +129,7 @@ class BatchCapture:
         out: Dict[str, Optional[Factors]] = {}
         for handler in self.handlers:
             if handler.hooked:
-                out[handler.name] = self._module_factors(handler, size, (raw, whitening), direct)
+                out[handler.name] = self._module_factors(handler, size, raw, whitening, direct)
         if direct is not None:
             self.checked = True
         self.reset()
@@ -185,11 +185,10 @@ class BatchCapture:
             return None
         return {h.name: [next(grads) for _ in h.param_names] for h in hooked}
 
-    def _module_factors(self, handler: LayerHandler, size: int, how: Tuple[bool, Optional[Whitening]],
+    def _module_factors(self, handler: LayerHandler, size: int, raw: bool, whitening: Optional[Whitening],
                         direct: Optional[Dict[str, List[Optional[torch.Tensor]]]]) -> Optional[Factors]:
-        """One hooked module's factors from its recorded calls (``how``: raw, or transformed with this whitening), or
-        None when it did not run (or runs exactly)."""
-        raw, whitening = how
+        """One hooked module's factors from its recorded calls (raw, or transformed with ``whitening`` where the run
+        preconditions it), or None when it did not run (or runs exactly)."""
         calls = self.calls[handler.name]
         run = self.runs[handler.name]
         if run.mode == EXACT or not self._decide(handler, size, direct) or not calls:

@@ -195,7 +195,6 @@ class Scheduler:
         next :meth:`influence` pairs them (on the unwhitened side) instead of running that pass again."""
         assert self.preconditioning is not None
         self.preconditioning.fit(train, keep)
-        self.loaded = None  # the next load selects the fitted whiteners
 
     def one_sided(self, with_self: bool, cached: bool) -> bool:
         """Whether an influence pass applies the preconditioner to the test side only, pairing the fit pass's own

@@ -165,7 +165,7 @@ class ResultsDir:
             "scope": tr.scope(), "num_parameters": tr.num_parameters,
             "precondition": tr.preconditioner.describe() if tr.preconditioner is not None else None,
             "device": str(tr.device),
-            "engine": {k: v for k, v in record.stats.items() if k not in ("layer_modes", "sampled_indices")},
+            "engine": _engine_stats(record.stats),
             "timings": record.timings,
             "versions": _versions(),
             "outputs": sorted(p.name for p in self.written),
@@ -229,9 +229,15 @@ class RunRecord:
         self.hashes, self.extra = hashes, extra or {}
 
 
+def _engine_stats(stats: Dict[str, Any]) -> Dict[str, Any]:
+    """A pass's statistics as the manifest keeps them (the per-layer kernels are in its scope, the sampled indices in
+    train_indices.npy)."""
+    return {k: v for k, v in stats.items() if k not in ("layer_modes", "sampled_indices")}
+
+
 def pass_stats(tr: "TracIn") -> Dict[str, Any]:
     """The manifest's engine statistics of a job that ran several passes: each pass's, in order."""
-    return {"passes": [{k: v for k, v in p.items() if k not in ("layer_modes", "sampled_indices")} for p in tr.passes]}
+    return {"passes": [_engine_stats(p) for p in tr.passes]}
 
 
 def job_parameters(job: Any) -> Dict[str, Any]:

@@ -180,16 +180,12 @@ def _accuracy(run: _Run, predictions: Dict[str, Any]) -> Dict[str, float]:
     return accuracy
 
 
-def _weights_file(path: Path) -> Path:
-    """The weights file a --model_path names (inside a Trainer checkpoint-N/ folder, its weights)."""
-    return Path(checkpoint_source(path)).resolve()
-
-
 def _prediction_model(job: InfluenceJob, setup: ImageSetup) -> Checkpoint:
     """The model whose predictions are reported (--model_path; else best_model.pt when training wrote one, else the
     last checkpoint), loaded and checked against the architecture before any scoring."""
     if setup.prediction_file is not None:
-        same = [c for c in setup.checkpoints if isinstance(c.source, Path) and c.source.resolve() == _weights_file(setup.prediction_file)]
+        weights_file = checkpoint_source(setup.prediction_file).resolve()  # inside a Trainer folder, its weights
+        same = [c for c in setup.checkpoints if isinstance(c.source, Path) and c.source.resolve() == weights_file]
         if same:  # already loaded (and, for a pickled file, already warned about)
             return same[0]
         final = checkpoint_at(setup.prediction_file, trust=job.trust_checkpoint, learning_rate=0.0)

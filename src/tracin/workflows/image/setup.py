@@ -124,7 +124,7 @@ def own_model_setup(data_dir: Path, checkpoint_dir: Optional[Path], trust: bool,
                    else [checkpoint_at(own.model_path, trust=trust, default_learning_rate=own.learning_rate)])
     mean, std = normalization(own.arch)
     mean, std = tuple(own.mean or mean), tuple(own.std or std)
-    if not all(math.isfinite(v) for v in mean + std) or not all(s > 0 for s in std):
+    if len(mean) != 3 or len(std) != 3 or not all(math.isfinite(v) for v in mean + std) or not all(s > 0 for s in std):
         raise TracInError("--mean and --std take finite numbers (one, or three: one per colour channel), the std positive.")
     transform = image_transform(own.image_size, (mean, std))
     return ImageSetup(checkpoints, own.arch, class_names, own.image_size, train_split, test_split,

@@ -179,7 +179,7 @@ def train_image_classifier(data_dir: Path, checkpoint_dir: Path, training: Image
     validation accuracy; with 0, best_model.pt is the last epoch's. The test set chooses nothing. Writes
     ``training_log.csv`` and ``training_curve.png`` too."""
     _check(training)
-    rates = epoch_learning_rates(training.learning_rate, training.epochs, training.lr_schedule)
+    rates = epoch_learning_rates(training.learning_rate, training.epochs, training.lr_schedule)  # checked before any work
     seed_everything(training.seed)
     data = _data(data_dir, training)
     model = build_model(training.arch, len(data.classes), training.image_size)
@@ -191,16 +191,16 @@ def train_image_classifier(data_dir: Path, checkpoint_dir: Path, training: Image
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     lock = folder_lock(checkpoint_dir / LOCK)  # a second run into this folder is refused, never mixed in
     try:
-        return _train(model, opt, data, checkpoint_dir, (training, rates, device, progress))
+        return _epochs(model, opt, data, checkpoint_dir, training, rates, device, progress)
     finally:
         if lock is not None:
             lock.close()
 
 
-def _train(model: nn.Module, opt: torch.optim.Optimizer, data: _Data, checkpoint_dir: Path, how: Tuple) -> TrainSummary:
-    """The epochs of :func:`train_image_classifier` (``how``: the training settings, each epoch's rate, the device and
-    whether to show progress), with the checkpoint folder locked."""
-    training, rates, device, progress = how
+def _epochs(model: nn.Module, opt: torch.optim.Optimizer, data: _Data, checkpoint_dir: Path, training: ImageTraining,
+            rates: List[float], device: torch.device, progress: bool) -> TrainSummary:
+    """The epochs of :func:`train_image_classifier` at ``rates`` (one per epoch), its checkpoints and log, with the
+    checkpoint folder locked."""
     meta = {"class_names": data.classes, "arch": training.arch, "image_size": training.image_size, "seed": training.seed,
             "augment": training.augment, "lr_schedule": training.lr_schedule, "optimizer": training.optimizer,
             "validation_files": data.validation_files, "run_id": uuid.uuid4().hex}  # discovery refuses mixed runs
