@@ -18,6 +18,8 @@ from torch.func import functional_call, grad, vmap
 
 from tracin import Checkpoint
 from tracin.engine.scope import parameterised_modules
+from tracin.layers.linear import choose_mode
+from tracin.layers.sizing import sides as projection_sides
 
 # -- models and checkpoints ----------------------------------------------------------------------
 # The device the numeric tests score on: TRACIN_TEST_DEVICE=cuda runs them against the float64
@@ -313,13 +315,15 @@ def _layer_positions(module: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Tu
 
 def kfac_reference_matrix(model: nn.Module, checkpoints: Sequence[Tuple[dict, float]], modules: Sequence[str],
                           train: Tuple[torch.Tensor, torch.Tensor], test: Tuple[torch.Tensor, torch.Tensor],
-                          damping: float = 0.1, self_only: bool = False) -> torch.Tensor:
+                          damping: float = 0.1, self_only: bool = False, rank: Optional[int] = None) -> torch.Tensor:
     """K-FAC-preconditioned TracInCP in float64, written out naively: per checkpoint and layer, the
     factors S_in = mean_i sum_t [a;1][a;1]^T and S_out = mean_i sum_t d d^T over ``train`` (d: gradient
     of example i's loss at the layer's output), damped by ``damping`` times their mean eigenvalue and
     inverted; the per-example gradient matrices M_i [g, dd, da(+1)] from torch.func; score
     sum_c lr_c sum_layers <S_out^-1 M_test S_in^-1, M_train>. Returns [n_test, n_train], or the
-    self-influence [n_train] with ``self_only``."""
+    self-influence [n_train] with ``self_only``. ``rank`` (projection_dim under K-FAC): each inverse keeps only
+    its factor's leading (k_in, k_out) eigen-directions, U_k diag(1 / (s_k + l)) U_k^T, split as the library
+    splits a layer of those widths and positions."""
     ref = copy.deepcopy(model).double().eval()
     total = None
     for state, lr in checkpoints:
@@ -339,11 +343,19 @@ def kfac_reference_matrix(model: nn.Module, checkpoints: Sequence[Tuple[dict, fl
             if has_bias:
                 a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
             n = x.shape[0]
+            keep = (None, None)
+            if rank is not None:
+                keep = projection_sides(rank, a.shape[-1], d.shape[-1], choose_mode(a.shape[2], a.shape[-1], d.shape[-1]) == "ghost")
             inv = []
-            for f in (a, d):
+            for f, k in zip((a, d), keep):
                 S = torch.einsum("bgti,bgtj->gij", f, f) / n
                 lam = damping * torch.diagonal(S, dim1=1, dim2=2).mean(1)
-                inv.append(torch.linalg.inv(S + lam[:, None, None] * torch.eye(S.shape[-1], dtype=S.dtype)))
+                if k is None or k >= S.shape[-1]:
+                    inv.append(torch.linalg.inv(S + lam[:, None, None] * torch.eye(S.shape[-1], dtype=S.dtype)))
+                else:
+                    values, vectors = torch.linalg.eigh(S)
+                    U = vectors[..., -k:]
+                    inv.append(U @ torch.diag_embed(1 / (values[..., -k:] + lam[:, None])) @ U.transpose(1, 2))
             names = scope_names(ref, [m])
 
             def matrices(data):

@@ -90,15 +90,3 @@ def test_every_pass_keeps_its_own_statistics():
     result = tr.influence(data, data, top_k=2)
     assert [p["pass"] for p in tr.passes] == ["self_influence", "influence"]
     assert result.stats is tr.passes[-1] and tr.last_stats is tr.passes[-1] and "seconds" in tr.passes[0] and tr.passes[1]["n_train"] == 6
-
-
-def test_projection_under_kfac_says_it_does_not_keep_the_default_answer():
-    import warnings
-
-    model = MLP()
-    ckpts, _ = perturbed_checkpoints(model, [0.1])
-    with pytest.warns(UserWarning, match="projection_dim with K-FAC preconditioning .* agrees poorly"):
-        TracIn(model, ckpts, device="cpu", projection_dim=64)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        TracIn(model, ckpts, device="cpu", projection_dim=64, precondition="none")

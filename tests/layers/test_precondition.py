@@ -56,6 +56,28 @@ def test_projection_wide_enough_to_be_exact_keeps_kfac_exact():
     assert rel_err(tr.influence_matrix(TensorDataset(*train), TensorDataset(*test)), want) <= TOL
 
 
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_projection_under_kfac_keeps_leading_directions_as_the_reference(kind):
+    """projection_dim under K-FAC: each factor's whiteners keep its leading eigen-directions (no random matrix),
+    every pass both-sided; against the float64 reference truncated the same way, and the passes agree."""
+    model, layers, ckpts, raw, train, test = case(kind)
+    rank = 12 if kind == "mlp" else 24
+    want = kfac_reference_matrix(model, raw, layers, train, test, rank=rank)
+    exact = kfac_reference_matrix(model, raw, layers, train, test)
+    tr = TracIn(model, ckpts, layers=layers, device=DEVICE, batch_size=8, progress=False, precondition="kfac",
+                projection_dim=rank)
+    got = tr.influence_matrix(TensorDataset(*train), TensorDataset(*test))
+    assert matrix_rel_err(got, want) <= TOL and matrix_rel_err(want, exact) > 10 * TOL  # truncated, and it shows
+    result = tr.influence(TensorDataset(*train), TensorDataset(*test), top_k=4, self_influence=True)
+    assert torch.equal(result.proponents.indices, got.topk(4, dim=1).indices)
+    assert rel_err(result.self_influence, kfac_reference_matrix(model, raw, layers, train, test, rank=rank, self_only=True)) <= TOL
+    tr.cache_test(TensorDataset(*test))
+    assert matrix_rel_err(tr.influence_matrix(TensorDataset(*train), TensorDataset(*test)), want) <= TOL
+    other_seed = TracIn(model, ckpts, layers=layers, device=DEVICE, batch_size=8, progress=False, precondition="kfac",
+                        projection_dim=rank, seed=7, projection="rademacher")
+    assert matrix_rel_err(other_seed.influence_matrix(TensorDataset(*train), TensorDataset(*test)), want) <= TOL
+
+
 def test_cached_test_and_saved_gradients_need_a_fitted_preconditioner(tmp_path):
     model, layers, ckpts, raw, train, test = case("mlp")
     want = kfac_reference_matrix(model, raw, layers, train, test)

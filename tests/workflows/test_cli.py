@@ -290,7 +290,7 @@ def test_kfac_preconditioned_influence(trained, tmp_path, capsys):
                  "--self_influence", "--self_influence_layers", "same", "--precondition", "kfac", "--damping", "0.2", "--quiet"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["precondition"] == {"precondition": "kfac", "damping": 0.2, "fisher": "empirical", "fit_examples": 24,
-                                       "left_out": []}
+                                       "left_out": [], "rank": None}
     split = scan_split(data, "train", ["cat", "dog", "fox"])[0]
     train = ImageDataset(split, image_transform(16, normalization("smallcnn")))
     want = TracIn(build_model("smallcnn", 3), Checkpoint.discover(ckpt, "checkpoint_epoch_*"), layers="last", device="cpu",

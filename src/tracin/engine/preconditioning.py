@@ -3,9 +3,10 @@
 The fit reads the training data once per checkpoint (:class:`tracin.layers.precondition.KFAC` sums the factor
 statistics; :class:`FitSource` hands it the raw factors). An influence pass that pairs test with training examples
 needs P on one side only: the test side gets the whole inverse (``"query"``), the training side stays as it is
-(``"key"``), and its factors are the very ones the fit pass computed, kept here while they fit in a quarter of the
-memory budget, so the training data is not run through the model a second time. Self-influence, normalised scores,
-cached test factors and gradient stores whiten both sides (``"both"``).
+(``"key"``). Self-influence, normalised scores, cached test factors, gradient stores and whiteners of a kept rank
+(``projection_dim`` under K-FAC) whiten both sides (``"both"``). Either way the influence pass's training factors are
+the very ones the fit pass computed, kept here while they fit in a quarter of the memory budget, so the training
+data is not run through the model a second time.
 """
 from __future__ import annotations
 
@@ -59,8 +60,8 @@ class Preconditioning:
         self.expected_examples = 0
 
     def fit(self, train: DataLoader, keep: bool) -> None:
-        """Fit on ``train`` at every checkpoint; ``keep``: keep the pass's raw factors for a one-sided influence pass
-        (:meth:`kept_factors`)."""
+        """Fit on ``train`` at every checkpoint; ``keep``: keep the pass's raw factors for the pass over the same
+        training data that follows (:meth:`kept_factors`)."""
         self.kept, self.kept_bytes = ({} if keep else None), 0
         self.expected_examples = dataset_size(train) * len(self.run.checkpoints)  # factor rows a whole fit would keep
         self.kfac.fit(FitSource(self, train))
@@ -96,10 +97,10 @@ class Preconditioning:
         """The whiteners of ``checkpoint`` for a batch of ``what`` (``"test"`` / ``"training"``) on its side."""
         return self.kfac.whitening(checkpoint, self.sides.get(what, "both"))
 
-    def kept_factors(self, whitening: Whitening, checkpoint: int, first: int, runs: Dict[str, LayerRun]) -> Optional[FactorDict]:
-        """The kept factors of the batch at ``first`` when ``whitening`` is the untransformed side (``"key"``) and the
-        fit pass kept them at this checkpoint, as each layer's ``runs`` entry asks; else None (the batch must be run)."""
-        kept = self.kept.get((checkpoint, first)) if self.kept and whitening.side == "key" else None
+    def kept_factors(self, what: str, whitening: Whitening, where: Tuple[int, int], runs: Dict[str, LayerRun]) -> Optional[FactorDict]:
+        """The kept factors of a training batch at ``where`` (checkpoint, first example) when the fit pass kept them,
+        transformed with ``whitening`` as each layer's ``runs`` entry asks; else None (the batch must be run)."""
+        kept = self.kept.get(where) if self.kept and what == "training" else None
         if kept is None:
             return None
         with torch.no_grad():

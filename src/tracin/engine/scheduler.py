@@ -177,7 +177,7 @@ class Scheduler:
         if self.preconditioning is not None:
             assert self.loaded is not None
             whitening = self.preconditioning.whitening(what, self.loaded)
-            kept = self.preconditioning.kept_factors(whitening, self.loaded, first_index, self.runs)
+            kept = self.preconditioning.kept_factors(what, whitening, (self.loaded, first_index), self.runs)
             if kept is not None:  # the fit pass computed this batch's raw factors at this checkpoint already
                 return kept
         return self.capture.factors(self.model, task, batch, what, first_index, whitening=whitening)
@@ -198,8 +198,11 @@ class Scheduler:
 
     def one_sided(self, with_self: bool, cached: bool) -> bool:
         """Whether an influence pass applies the preconditioner to the test side only, pairing the fit pass's own
-        training factors: not with self-influence, normalised scores or cached test factors (both sides whitened)."""
-        return self.preconditioning is not None and not (with_self or cached) and self.normalize == "none"
+        training factors: not with self-influence, normalised scores, cached test factors, or whiteners of a kept rank
+        (both sides whitened: a rank's whitened factors are narrower than the raw ones)."""
+        if self.preconditioner is None or self.preconditioner.rank is not None:
+            return False
+        return not (with_self or cached) and self.normalize == "none"
 
     # -- kernels over blocks -----------------------------------------------------------------
     def pair(self, test: FactorDict, train: FactorDict) -> Optional[torch.Tensor]:

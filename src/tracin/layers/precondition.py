@@ -25,8 +25,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import TracInError
+from .sizing import sides as projection_sides
 
-# layer -> (W_in [g, da, da], W_out [g, dd, dd], P_in = W_in W_in^T, P_out = W_out W_out^T: the damped inverses)
+# layer -> (W_in [g, da, k_in], W_out [g, dd, k_out], P_in = W_in W_in^T, P_out = W_out W_out^T: the damped inverses;
+# k = d unless the fit keeps a rank)
 Whiteners = Dict[str, Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
@@ -75,10 +77,13 @@ class CovarianceSums:
         self.dtype = dtype
         self.device = device
         self.sums: Dict[str, List[torch.Tensor]] = {}
+        self.ghost: Dict[str, bool] = {}  # layer -> whether its kernel pairs the factors themselves (few positions)
         self.count = 0
 
-    def add(self, name: str, A: torch.Tensor, D: torch.Tensor, ones: bool) -> None:
-        """One batch of one layer: A [B, g, T, da] (bias implicit when ``ones``), D [B, g, T, dd]."""
+    def add(self, name: str, A: torch.Tensor, D: torch.Tensor, ones: bool, ghost: bool = True) -> None:
+        """One batch of one layer: A [B, g, T, da] (bias implicit when ``ones``), D [B, g, T, dd]; ``ghost``: the
+        raw shapes call for the ghost kernel (how a truncation to ``rank`` is split, :func:`fit_whiteners`)."""
+        self.ghost[name] = ghost
         work = torch.promote_types(A.dtype, torch.float32)  # half-precision factors are summed in float32 at least
         a = with_ones(A, ones).to(work).transpose(0, 1).flatten(1, 2)  # [g, B*T, da]
         d = D.to(work).transpose(0, 1).flatten(1, 2)
@@ -114,16 +119,20 @@ class CovarianceSums:
         return sum(t.numel() * t.element_size() for pair in self.sums.values() for t in pair)
 
 
-def fit_whiteners(sums: Sequence["CovarianceSums"], damping: float, device: torch.device, dtype: torch.dtype) -> List[Whiteners]:
+def fit_whiteners(sums: Sequence["CovarianceSums"], damping: float, device: torch.device, dtype: torch.dtype,
+                  rank: Optional[int] = None) -> List[Whiteners]:
     """The whiteners of each layer's factors and their products (the damped inverses) for each checkpoint's
-    statistics in ``sums`` (each summed over every rank first). A layer's factors of all the checkpoints are
-    inverted in one batched call (per checkpoint and layer the calls cost more than the arithmetic on small layers)."""
+    statistics in ``sums`` (each summed over every rank first); with ``rank``, each layer's whiteners keep the
+    leading eigen-directions of its factors only, k_in + k_out (or k_in * k_out) about ``rank``
+    (:func:`truncated_whitener`). A layer's factors of all the checkpoints are inverted in one batched call (per
+    checkpoint and layer the calls cost more than the arithmetic on small layers)."""
     for s in sums:
         s.all_reduce()
         assert s.count > 0, "loaders refuse an empty training set before a fit starts"
     out: List[Whiteners] = [{} for _ in sums]
     names = {name: None for s in sums for name in s.sums}  # every layer, in the order first met
     for name in names:
+        keep = _kept_sides(sums, name, rank)
         for side in (0, 1):
             # checkpoints grouped by this factor's shape (a data-dependent layer may be absent from some)
             groups: Dict[Tuple[int, ...], List[int]] = {}
@@ -132,7 +141,7 @@ def fit_whiteners(sums: Sequence["CovarianceSums"], damping: float, device: torc
                     groups.setdefault(tuple(s.sums[name][side].shape), []).append(c)
             for shape, members in groups.items():
                 stacked = torch.stack([sums[c].sums[name][side] / sums[c].count for c in members])  # [n, g, d, d]
-                W = _layer_whitener(name, stacked, damping)
+                W = _layer_whitener(name, stacked, damping, keep[side] if keep else None)
                 W, P = W.to(device, dtype), (W @ W.transpose(-1, -2)).to(device, dtype)
                 for i, c in enumerate(members):
                     out[c].setdefault(name, [None] * 4)
@@ -140,14 +149,25 @@ def fit_whiteners(sums: Sequence["CovarianceSums"], damping: float, device: torc
     return [{name: tuple(f) for name, f in w.items()} for w in out]  # type: ignore[misc]
 
 
-def _layer_whitener(name: str, stacked: torch.Tensor, damping: float) -> torch.Tensor:
-    """:func:`whitener` of one layer's factors [n, g, d, d] (float64: inverses before rounding); factors that are not
-    finite or that no decomposition can invert are one clear error naming the layer."""
+def _kept_sides(sums: Sequence["CovarianceSums"], name: str, rank: Optional[int]) -> Optional[Tuple[int, int]]:
+    """(k_in, k_out) a layer's whiteners keep under ``rank`` (None: all), from its factors' widths and kernel form."""
+    if rank is None:
+        return None
+    s = next(s for s in sums if name in s.sums)
+    return projection_sides(rank, s.sums[name][0].shape[-1], s.sums[name][1].shape[-1], s.ghost.get(name, True))
+
+
+def _layer_whitener(name: str, stacked: torch.Tensor, damping: float, keep: Optional[int] = None) -> torch.Tensor:
+    """:func:`whitener` (or, keeping ``keep`` directions, :func:`truncated_whitener`) of one layer's factors
+    [n, g, d, d] (float64: inverses before rounding); factors that are not finite or that no decomposition can invert
+    are one clear error naming the layer."""
     scale = float(stacked.abs().max()) if stacked.numel() else 0.0
     try:
         if not math.isfinite(scale):
             raise torch.linalg.LinAlgError("not finite")
-        return whitener(stacked.flatten(0, 1), damping).view(stacked.shape)
+        flat = stacked.flatten(0, 1)
+        W = whitener(flat, damping) if keep is None or keep >= flat.shape[-1] else truncated_whitener(flat, damping, keep)
+        return W.view(*stacked.shape[:-1], W.shape[-1])
     except torch.linalg.LinAlgError:
         raise TracInError(f"The K-FAC statistics of layer {name!r} cannot be inverted (entries up to {scale:.3g}): its "
                           "inputs or gradients are far outside float32's comfortable range; rescale the inputs, or score "
@@ -172,6 +192,23 @@ def whitener(S: torch.Tensor, damping: float) -> torch.Tensor:
     else:
         W = torch.linalg.solve_triangular(L, eye, upper=False).transpose(1, 2)
     return torch.where(zero[:, None, None], eye, W)
+
+
+def truncated_whitener(S: torch.Tensor, damping: float, keep: int) -> torch.Tensor:
+    """W [g, d, keep] with W W^T the damped inverse (S + l I)^-1 of S [g, d, d] (l as in :func:`whitener`) on the
+    ``keep`` leading eigen-directions of S: W = U_k diag((s_k + l)^-1/2). Whitened factors a W are then ``keep``
+    numbers wide and their inner products keep, of each example pair's preconditioned product, the part along the
+    directions the training data varies in most (on average a fraction s / (s + l) per direction, so the dropped
+    directions are those that carry least of it). Deterministic: no random matrix."""
+    S = S.detach().to("cpu", torch.float64)
+    S = (S + S.transpose(1, 2)) / 2
+    d = S.shape[-1]
+    lam = damping * torch.diagonal(S, dim1=1, dim2=2).sum(-1).clamp_min(0) / d  # [g]
+    values, vectors = torch.linalg.eigh(S)  # ascending
+    values, vectors = values[:, -keep:].flip(-1).clamp_min(0), vectors[:, :, -keep:].flip(-1)
+    zero = lam <= 0  # a group whose factors are all zero: its scores are zero whatever W is
+    scale = (values + torch.where(zero, torch.ones_like(lam), lam)[:, None]).rsqrt()
+    return vectors * scale.unsqueeze(1)
 
 
 class FitData(Protocol):
@@ -229,10 +266,12 @@ class KFAC:
     data per checkpoint); :meth:`whitening` hands one checkpoint's whiteners, for one side of a pairing, to the layer
     handlers with each batch. Once fitted it holds no run state."""
 
-    def __init__(self, damping: float = 0.1, left_out: Sequence[str] = ()):
+    def __init__(self, damping: float = 0.1, left_out: Sequence[str] = (), rank: Optional[int] = None):
         """``damping``: validated by :class:`tracin.config.ScoringConfig`; ``left_out``: layers of the requested scope
-        that ``precondition="auto"`` leaves out (recorded in :meth:`describe`)."""
+        that ``precondition="auto"`` leaves out (recorded in :meth:`describe`); ``rank``: the run's ``projection_dim``,
+        which under K-FAC keeps each layer's leading eigen-directions (:func:`truncated_whitener`)."""
         self.damping = float(damping)
+        self.rank = rank
         self.per_checkpoint: Optional[List[Whiteners]] = None
         self.fit_examples = 0
         self.left_out: List[str] = list(left_out)
@@ -243,7 +282,22 @@ class KFAC:
 
     def describe(self) -> Dict[str, object]:
         return {"precondition": "kfac", "damping": self.damping, "fisher": "empirical", "fit_examples": self.fit_examples,
-                "left_out": list(self.left_out)}
+                "left_out": list(self.left_out), "rank": self.rank}
+
+    def state(self) -> Dict[str, torch.Tensor]:
+        """The fitted whiteners as named tensors (``"checkpoint|layer|i"``, i over W_in, W_out, P_in, P_out), to save."""
+        assert self.per_checkpoint is not None, "fit before saving"
+        return {f"{c}|{name}|{i}": t for c, whiteners in enumerate(self.per_checkpoint)
+                for name, four in whiteners.items() for i, t in enumerate(four)}
+
+    def load_state(self, tensors: Dict[str, torch.Tensor], checkpoints: int, fit_examples: int) -> None:
+        """Take the whiteners of :meth:`state` for ``checkpoints`` checkpoints, fitted on ``fit_examples`` examples."""
+        fitted: List[Dict[str, List[torch.Tensor]]] = [{} for _ in range(checkpoints)]
+        for key, tensor in tensors.items():
+            c, name, i = key.split("|")
+            fitted[int(c)].setdefault(name, [torch.empty(0)] * 4)[int(i)] = tensor
+        self.per_checkpoint = [{name: tuple(four) for name, four in w.items()} for w in fitted]  # type: ignore[misc]
+        self.fit_examples = fit_examples
 
     def whitening(self, checkpoint: int, side: str = "both") -> Whitening:
         """The whiteners of ``checkpoint`` (fitted first) for a batch on ``side`` of a pairing (:data:`SIDES`)."""
@@ -267,7 +321,7 @@ class KFAC:
             size, factors = data.raw_factors(first, batch)
             for name, pair in factors.items():
                 if pair is not None:
-                    sums[c].add(name, *pair[:3])
+                    sums[c].add(name, *pair[:4])
             sums[c].count += size
             bar.update(size)
 
@@ -278,7 +332,7 @@ class KFAC:
                 break
             add(c, first, batch)
         if fits:
-            fitted = fit_whiteners(sums, self.damping, device, dtype)
+            fitted = fit_whiteners(sums, self.damping, device, dtype, self.rank)
         else:
             bar.reset()
             fitted = []
@@ -286,7 +340,7 @@ class KFAC:
                 sums[c] = CovarianceSums(stats_dtype, device)
                 for first, batch in data.at_checkpoint(c):
                     add(c, first, batch)
-                fitted += fit_whiteners(sums[c:c + 1], self.damping, device, dtype)
+                fitted += fit_whiteners(sums[c:c + 1], self.damping, device, dtype, self.rank)
                 sums[c].sums.clear()
         bar.close()
         self.fit_examples = sums[-1].count

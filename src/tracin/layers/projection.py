@@ -26,6 +26,7 @@ from typing import Dict, Tuple
 import torch
 
 from .factors import GradFactors, IndexFactors
+from .sizing import sides
 
 BLOCK_ELEMENTS = 2**24  # largest generated block (64 MiB in float32)
 
@@ -68,16 +69,8 @@ class Projector:
         return self._cache[index]
 
     def sides(self, da: int, dd: int, ghost: bool = False) -> Tuple[int, int]:
-        """(k_in, k_out): k_in + k_out about ``dim`` for ghost-form factors, else k_in * k_out about ``dim``;
-        a side that fits stays at its full width."""
-        if ghost and not self.materialized:
-            k_in = min(da, max(1, self.dim // 2))
-            return k_in, min(dd, max(1, self.dim - k_in))
-        k_out = min(dd, max(1, round(math.sqrt(self.dim))))
-        k_in = min(da, max(1, self.dim // k_out))
-        if k_in == da and k_out < dd:  # the input side fits: give the output side the rest
-            k_out = min(dd, max(1, self.dim // da))
-        return k_in, k_out
+        """(k_in, k_out) of a layer with input width ``da`` and output width ``dd`` (:func:`sides`)."""
+        return sides(self.dim, da, dd, ghost and not self.materialized)
 
     def ghost(self, name: str, A: torch.Tensor, D: torch.Tensor, ones: bool, ghost_form: bool = False) -> Tuple[torch.Tensor, torch.Tensor, bool]:
         """Project A [B, g, T, da] (plus the implicit bias column) and D [B, g, T, dd]; ``ghost_form``
