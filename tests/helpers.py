@@ -414,3 +414,15 @@ def messages():
 if __name__ == "__main__":  # regenerate the table of docs/errors.md
     for module, kind, text in messages():
         print(f"| `{module}` | {kind} | {text.replace('|', '/')} |")
+
+
+def train_image_run(root: Path, epochs: int = 3):
+    """A smallcnn trained by ``tracin train`` on a tiny generated image folder: (root, data folder, checkpoint folder)."""
+    from tracin.workflows.cli import main
+
+    data = make_image_folder(root / "data")
+    ckpt = root / "ckpts"
+    assert main(["train", "--data_dir", str(data), "--arch", "smallcnn", "--epochs", str(epochs), "--save_every", "1",
+                 "--checkpoint_dir", str(ckpt), "--learning_rate", "0.05", "--batch_size", "8", "--image_size", "16",
+                 "--quiet"]) == 0
+    return root, data, ckpt

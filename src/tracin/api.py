@@ -13,16 +13,18 @@ from torch import nn
 
 from .checkpoints import Checkpoint
 from .config import ScoringConfig
-from .device import resolve_device
+from .device import default_memory_budget, resolve_device
 from .engine.accumulate import DiskMatrix, MatrixAccumulator, TopKSink
-from .engine.distributed import all_gather, merge_topk, rank_and_world
+from .engine.distributed import all_gather, barrier, merge_topk, rank_and_world
 from .engine.loaders import DataSource, dataset_size, make_loader
 from .engine.resume import ResumeState
 from .engine.sampling import TrainPlan, plan_training
 from .engine.capture import EXACT
 from .engine.scheduler import Scheduler, Target, Transforms
 from .engine.scope import resolve_layers
-from .engine.store import StoreWriter, describe, open_store, score_store
+from .engine.ann import approximate_search
+from .engine.index import (DTYPES, META as INDEX_META, FoldingWriter, GradientIndex, IndexMeta, describe_checkpoints, fold,
+                           mine, plan_or_resume, rows_to_compute, search, shard_rows_for)
 from .errors import TracInError
 from .layers.precondition import KFAC, resolve_precondition
 from .layers.projection import Projector
@@ -212,7 +214,7 @@ class TracIn:
     def fit_preconditioner(self, train_dataset: DataSource) -> None:
         """Fit (or refit) the K-FAC preconditioner on ``train_dataset`` at every checkpoint. Scoring methods
         that receive a training set fit it on that set when it is not fitted yet; fit explicitly to use
-        other data, or before :meth:`cache_test` / :meth:`influence_from_saved`."""
+        other data, or before :meth:`cache_test`."""
         if self.preconditioner is None:
             raise TracInError("fit_preconditioner needs precondition='kfac'.")
         self.preconditioner.per_checkpoint = None
@@ -317,48 +319,126 @@ class TracIn:
         """Free the cached test factors."""
         self._cached_test = None
 
-    def _store_description(self) -> Dict[str, object]:
-        precondition = None
+    # -- the gradient index ------------------------------------------------------------------------
+    def _index_description(self) -> Dict[str, object]:
+        """What an index's rows depend on (:data:`tracin.engine.index.COMPARED`), and the settings."""
+        pre = self.preconditioner
+        precondition = {k: v for k, v in pre.describe().items() if k != "fit_examples"} if pre is not None else None
+        projection = (self.projector.for_vectors().describe() if self.projector is not None and pre is None else None)
+        return {"settings": self.config.to_dict(), "layers": [h.name for h in self.handlers], "projection": projection,
+                "precondition": precondition, "normalize": self.config.normalize,
+                "checkpoints": describe_checkpoints(self.checkpoints)}
+
+    def build_index(self, train_dataset: DataSource, directory: Union[str, Path], dtype: Optional[str] = None,
+                    source: Optional[str] = None) -> Path:
+        """Write a gradient index of ``train_dataset`` into ``directory`` (:mod:`tracin.engine.index`): one row per
+        training example, the checkpoints folded in and the K-FAC whiteners applied, so :meth:`query` scores a test set
+        with one matrix product and no training data. Run again after an interruption, it writes only the missing
+        shards; under torchrun the ranks write different shards. ``dtype``: ``"float32"`` (default), ``"float16"`` or
+        ``"bfloat16"``; ``source``: a note of what the rows are, kept in ``index.json``."""
+        return self._index_part(train_dataset, Path(directory), dtype, source, add=False)
+
+    def add_to_index(self, train_dataset: DataSource, directory: Union[str, Path], source: Optional[str] = None) -> Path:
+        """Append ``train_dataset`` to the index in ``directory`` (its rows follow the existing ones), with the
+        index's own K-FAC whiteners (not refitted); run again after an interruption, it finishes that part."""
+        return self._index_part(train_dataset, Path(directory), None, source, add=True)
+
+    def _index_part(self, train_dataset: DataSource, directory: Path, dtype: Optional[str], source: Optional[str],
+                    add: bool) -> Path:
+        if self.config.sample_rate is not None:
+            raise TracInError("A gradient index holds every training example; drop sample_rate (stratify_by) to build one.")
+        loader = make_loader(train_dataset, self.config.batch_size, "training", self.config.num_workers)
+        with self._scheduler(vectors=True, train=loader) as run:
+            index = self._open_index(run, train_dataset, directory, dtype, add)
+            part = plan_or_resume(index, dataset_size(loader), source, add)
+            todo = mine(index, part)
+            if todo:
+                subset, rows = rows_to_compute(train_dataset, loader, part, todo)
+                writer = FoldingWriter(index, todo, rows, [float(c.learning_rate) for c in self.checkpoints],  # type: ignore[arg-type]
+                                       self.config.normalize)
+                run.vectors(make_loader(subset, self.config.batch_size, "training", self.config.num_workers)
+                            if subset is not None else loader, "training", writer)
+        barrier()
+        index.require_complete()
+        return directory
+
+    def _open_index(self, run: Scheduler, train_dataset: DataSource, directory: Path, dtype: Optional[str],
+                    add: bool) -> GradientIndex:
+        """The index in ``directory`` (its whiteners taken), or a new one: K-FAC fitted on ``train_dataset``, the
+        metadata and whiteners written by rank 0."""
+        if (directory / INDEX_META).exists() or add:
+            index = self._checked_index(directory)
+            if dtype is not None and dtype != index.meta.dtype:
+                raise TracInError(f"The gradient index in {directory} stores {index.meta.dtype}, not {dtype}; drop the "
+                                  "dtype or choose a new directory.")
+            return index
+        dtype = dtype or "float32"
+        if dtype not in DTYPES:
+            raise TracInError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}.")
+        self._fitted(run, self._plan(train_dataset).loader)
+        estimate = sum(min(h.num_params, self.config.projection_dim or h.num_params) for h in self.handlers)
+        budget = default_memory_budget(torch.device("cpu"), self.config.memory_budget)
+        meta = IndexMeta(self._index_description(), dtype, shard_rows_for(estimate * len(self.checkpoints), budget),
+                         self.preconditioner.fit_examples if self.preconditioner is not None else 0)
+        index = GradientIndex(directory, meta)
+        if rank_and_world()[0] == 0:
+            directory.mkdir(parents=True, exist_ok=True)
+            if self.preconditioner is not None:
+                index.save_whiteners(self.preconditioner.state())
+        barrier()
+        return index
+
+    def _checked_index(self, directory: Path) -> GradientIndex:
+        """The index in ``directory``, checked against this scorer; its K-FAC whiteners become this scorer's."""
+        if self._auto_pending and GradientIndex.decided_plain(directory):  # precondition="auto" decided at the build
+            self._auto_pending, self.preconditioner, self.handlers = False, None, self._scope
+        index = GradientIndex.open(directory, self._index_description())
         if self.preconditioner is not None:
-            if not self.preconditioner.fitted:
-                raise TracInError("precondition='kfac' needs its preconditioner fitted on the training data the store was "
-                                  "made from; call fit_preconditioner(train_dataset) first.")
-            precondition = self.preconditioner.describe()
-        return describe(self.config, [h.name for h in self.handlers], self.checkpoints, precondition)
+            self.preconditioner.load_state(index.load_whiteners(), len(self.checkpoints), index.meta.fit_examples)
+        return index
 
-    def save_train_gradients(self, train_dataset: DataSource, directory: Union[str, Path]) -> Path:
-        """Compute every training example's (projected) gradient at every checkpoint and store them in
-        ``directory`` ([C, n_train, D] float32 memory map plus metadata), for :meth:`influence_from_saved`.
-        Use with ``projection_dim`` unless the layers in scope are small: D is the gradient size."""
-        train = make_loader(train_dataset, self.config.batch_size, "training", self.config.num_workers)
-        writer = StoreWriter(Path(directory), len(self.checkpoints), dataset_size(train))
-        with self._scheduler(vectors=True, train=train) as run:
-            self._fitted(run, train)
-            run.vectors(train, "training", writer)
-        writer.finish(self._store_description())
-        return Path(directory)
-
-    def influence_from_saved(self, directory: Union[str, Path], test_dataset: DataSource, top_k: int = 100) -> InfluenceResult:
-        """Top-k proponents/opponents of ``test_dataset`` against gradients saved by
-        :meth:`save_train_gradients`, without reading the training data. The store's metadata
-        (layers, projection, checkpoint weights and learning rates) must match this scorer."""
-        store = open_store(Path(directory), self._store_description())
-        n_train = store.shape[1]
-        if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= n_train:
-            raise TracInError(f"top_k must be between 1 and the stored training set size {n_train}, got {top_k!r}.")
+    def query(self, directory: Union[str, Path], test_dataset: DataSource, top_k: int = 100,
+              self_influence: bool = False, ann_probes: Optional[int] = None) -> InfluenceResult:
+        """Exact top-k proponents/opponents of ``test_dataset`` against the gradient index in ``directory`` (built by
+        :meth:`build_index` with this scorer's settings and checkpoints), without reading the training data. Indices
+        are index rows. ``self_influence``: also every row's stored self-influence. ``ann_probes``: approximate search
+        instead, probing that many lists of a FAISS inverted-file index (:mod:`tracin.engine.ann`, the ``ann`` extra)."""
+        index = self._checked_index(Path(directory))
+        index.require_complete()
+        n_rows = index.meta.n_rows
+        if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= n_rows:
+            raise TracInError(f"top_k must be between 1 and the index's {n_rows} rows, got {top_k!r}.")
         test = self._test_loader(test_dataset)
-        vectors = torch.zeros(len(self.checkpoints), dataset_size(test), store.shape[2])
+        vectors: Optional[torch.Tensor] = None
 
         def keep(c: int, first: int, vec: torch.Tensor) -> None:
+            nonlocal vectors
+            if vectors is None:
+                vectors = torch.zeros(len(self.checkpoints), dataset_size(test), vec.shape[1])
             vectors[c, first:first + vec.shape[0]] = vec.detach().float().cpu()
 
         with self._scheduler(vectors=True) as run:
-            self._fitted(run)
             run.vectors(test, "test", keep)
-            rates = [float(c.learning_rate) for c in self.checkpoints]  # type: ignore[arg-type]
-            acc = score_store(store, vectors.to(self.device), rates, self.config, self.device, top_k)
-        pv, pi, nv, ni = (t.cpu() for t in acc.result())
-        return InfluenceResult(proponents=TopK(pv, pi), opponents=TopK(nv, ni), stats={"stored_train": n_train})
+        assert vectors is not None
+        rates = [float(c.learning_rate) for c in self.checkpoints]  # type: ignore[arg-type]
+        queries, _ = fold(vectors, rates, self.config.normalize, "test")
+        if ann_probes is not None:
+            if not isinstance(ann_probes, int) or isinstance(ann_probes, bool) or ann_probes < 1:
+                raise TracInError(f"ann_probes must be a positive integer (lists probed), got {ann_probes!r}.")
+            pv, pi, nv, ni = approximate_search(index, queries, top_k, ann_probes)
+        budget = default_memory_budget(self.device, self.config.memory_budget)
+        sample = queries[:10] if ann_probes is not None else queries  # the approximate search's recall, measured
+        exact = [t.cpu() for t in search(index, sample.to(self.device), top_k, budget // 4).result()]
+        stats: Dict[str, object] = {"index_rows": n_rows, "search": "exact" if ann_probes is None else f"ann, {ann_probes} probes"}
+        if ann_probes is None:
+            pv, pi, nv, ni = exact
+        else:
+            stats["ann_recall_sample"] = len(sample)
+            stats["ann_recall"] = float(sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(pi, exact[1]))
+                                        / (len(sample) * top_k))
+        _check_finite("influence", pv, nv)
+        return InfluenceResult(proponents=TopK(pv, pi), opponents=TopK(nv, ni),
+                               self_influence=index.self_influence() if self_influence else None, stats=stats)
 
     def influence_matrix(self, train_dataset: DataSource, test_dataset: DataSource) -> torch.Tensor:
         """The full TracIn matrix [n_test, n_train] (on the CPU). Holds n_test * n_train numbers: use

@@ -129,3 +129,31 @@ def test_torchrun_kfac_fit_with_a_layer_only_some_ranks_reach(tmp_path):
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-8000:]
     assert "fit examples 16" in one.stdout and "fit examples 16" in two.stdout
     assert close(np.load(tmp_path / "one.npy"), np.load(tmp_path / "two.npy"))
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_write_different_shards_of_one_index(tmp_path):
+    """Two processes build one index (each its own shards; the K-FAC fit all-reduced): it gives the top-k of an index
+    built by one process, and every shard is complete."""
+    import json
+
+    data = make_image_folder(tmp_path / "d", n_train=8, n_test=3)
+    ckpt = tmp_path / "c"
+    assert main(["train", "--data_dir", str(data), "--arch", "smallcnn", "--epochs", "2", "--checkpoint_dir", str(ckpt),
+                 "--image_size", "16", "--quiet"]) == 0
+    build = ["index", "build", "--data_dir", str(data), "--checkpoint_dir", str(ckpt), "--layers", "all", "--batch_size", "5",
+             "--memory_budget", "0.00002", "--device", "cpu", "--quiet"]
+    assert main(build + ["--index_dir", str(tmp_path / "one")]) == 0
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "tracin"]
+                         + build + ["--index_dir", str(tmp_path / "two")], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "GLOO_SOCKET_IFNAME": "lo"})
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-8000:]
+    meta = json.loads((tmp_path / "two" / "index.json").read_text())
+    assert len(meta["shards"]) >= 2 and all((tmp_path / "two" / f"{s['name']}.json").is_file() for s in meta["shards"])
+    assert meta["fit_examples"] == 24
+    for index in ("one", "two"):
+        assert main(["index", "query", "--index_dir", str(tmp_path / index), "--data_dir", str(data), "--checkpoint_dir",
+                     str(ckpt), "--output_dir", str(tmp_path / f"q{index}"), "--top_k", "4", "--device", "cpu", "--quiet"]) == 0
+    for name in ("top_k_influences_indices.npy", "top_k_opponents_indices.npy"):
+        assert np.array_equal(np.load(tmp_path / "qone" / name), np.load(tmp_path / "qtwo" / name)), name
+    assert close(np.load(tmp_path / "qone" / "top_k_influences_values.npy"), np.load(tmp_path / "qtwo" / "top_k_influences_values.npy"))

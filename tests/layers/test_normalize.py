@@ -31,14 +31,14 @@ def test_cosine_scores_are_bounded_by_the_learning_rate_sum():
     assert M.abs().max() <= 0.4 + 1e-5
 
 
-def test_normalized_store_matches_streaming(tmp_path):
+def test_normalized_index_matches_streaming(tmp_path):
     model, train, test = make_case("mlp", 30, 5)
     ckpts, _ = perturbed_checkpoints(model, [0.1, 0.2])
     train, test = TensorDataset(*train), TensorDataset(*test)
     for normalize in ("cosine", "train"):
         tr = TracIn(model, ckpts, device=DEVICE, progress=False, normalize=normalize, precondition="none")
-        tr.save_train_gradients(train, tmp_path / normalize)
-        stored = tr.influence_from_saved(tmp_path / normalize, test, top_k=30)
+        tr.build_index(train, tmp_path / normalize)
+        stored = tr.query(tmp_path / normalize, test, top_k=30)
         M = tr.influence_matrix(train, test)
         assert torch.allclose(stored.proponents.values, M.sort(1, descending=True).values, rtol=1e-4, atol=1e-5)
 

@@ -78,7 +78,7 @@ def test_projection_under_kfac_keeps_leading_directions_as_the_reference(kind):
     assert matrix_rel_err(other_seed.influence_matrix(TensorDataset(*train), TensorDataset(*test)), want) <= TOL
 
 
-def test_cached_test_and_saved_gradients_need_a_fitted_preconditioner(tmp_path):
+def test_cached_test_needs_a_fitted_preconditioner_and_an_index_carries_its_own(tmp_path):
     model, layers, ckpts, raw, train, test = case("mlp")
     want = kfac_reference_matrix(model, raw, layers, train, test)
     kwargs = dict(layers=layers, device=DEVICE, batch_size=8, progress=False, precondition="kfac")
@@ -90,16 +90,14 @@ def test_cached_test_and_saved_gradients_need_a_fitted_preconditioner(tmp_path):
     tr.cache_test(test_set)
     result = tr.influence(TensorDataset(*train), test_set, top_k=3)
     assert torch.equal(result.proponents.indices, want.topk(3, dim=1).indices)
-    tr.save_train_gradients(TensorDataset(*train), tmp_path / "store")
-    fresh = TracIn(model, ckpts, **kwargs)
-    with pytest.raises(TracInError, match="fit_preconditioner"):
-        fresh.influence_from_saved(tmp_path / "store", test_set, top_k=3)
-    fresh.fit_preconditioner(TensorDataset(*train))
-    saved = fresh.influence_from_saved(tmp_path / "store", test_set, top_k=3)
+    tr.build_index(TensorDataset(*train), tmp_path / "index")
+    fresh = TracIn(model, ckpts, **kwargs)  # never fitted: the index's whiteners are taken, no training data read
+    saved = fresh.query(tmp_path / "index", test_set, top_k=3)
     assert torch.equal(saved.proponents.indices, want.topk(3, dim=1).indices)
+    assert fresh.preconditioner.fit_examples == len(train[1])
     plain = TracIn(model, ckpts, layers=layers, device=DEVICE, batch_size=8, progress=False, precondition="none")
     with pytest.raises(TracInError, match="different precondition"):
-        plain.influence_from_saved(tmp_path / "store", test_set, top_k=3)
+        plain.query(tmp_path / "index", test_set, top_k=3)
 
 
 def test_bad_settings_are_refused():
@@ -198,9 +196,9 @@ def test_fit_self_influence_and_stores_read_the_data_once(budget, reads_per_exam
                 memory_budget=budget)
     assert rel_err(tr.self_influence(data), want_self) <= TOL
     assert data.reads == reads_per_example * len(data)  # 21 small examples form one group
-    tr.save_train_gradients(data, tmp_path / "store")
-    assert data.reads == (reads_per_example + 1) * len(data)
-    saved = tr.influence_from_saved(tmp_path / "store", TensorDataset(*test), top_k=3)
+    tr.build_index(data, tmp_path / "index")
+    assert data.reads == (reads_per_example + 1) * len(data)  # fitted already: one pass writes the index
+    saved = tr.query(tmp_path / "index", TensorDataset(*test), top_k=3)
     want = kfac_reference_matrix(model, raw, layers, train, test, damping=0.1)
     assert rel_err(saved.proponents.values, want.topk(3, dim=1).values) <= TOL
 

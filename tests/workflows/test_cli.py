@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import close, make_image_folder
+from helpers import close, make_image_folder, train_image_run
 from tracin import Checkpoint, TracIn
 from tracin.workflows.cli import main
 from tracin.workflows.image.folders import ImageDataset, image_transform, scan_split
@@ -19,13 +19,7 @@ from tracin.workflows.image.models import build_model, normalization
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("e2e")
-    data = make_image_folder(root / "data")
-    ckpt = root / "ckpts"
-    assert main(["train", "--data_dir", str(data), "--arch", "smallcnn", "--epochs", "3", "--save_every", "1",
-                 "--checkpoint_dir", str(ckpt), "--learning_rate", "0.05", "--batch_size", "8", "--image_size", "16",
-                 "--quiet"]) == 0
-    return root, data, ckpt
+    return train_image_run(tmp_path_factory.mktemp("e2e"))
 
 
 def test_train_writes_checkpoints_with_metadata(trained):

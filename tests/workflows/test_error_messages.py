@@ -61,9 +61,9 @@ def test_frozen_model_and_bad_top_k(tmp_path):
     tr = TracIn(model, _ck(model), device="cpu", progress=False)
     with pytest.raises(TracInError, match="top_k must be a positive integer"):
         tr.influence(_data(), _data(2), top_k=0)
-    tr.save_train_gradients(_data(), tmp_path / "s")
-    with pytest.raises(TracInError, match="between 1 and the stored training set size 6"):
-        tr.influence_from_saved(tmp_path / "s", _data(2), top_k=7)
+    tr.build_index(_data(), tmp_path / "s")
+    with pytest.raises(TracInError, match="between 1 and the index's 6 rows"):
+        tr.query(tmp_path / "s", _data(2), top_k=7)
 
 
 def test_full_matrix_refused_under_distributed(monkeypatch, tmp_path):

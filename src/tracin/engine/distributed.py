@@ -10,7 +10,8 @@ are identical to a single-process run. Works with NCCL (one GPU per rank) and gl
 from __future__ import annotations
 
 import os
-from typing import List, Tuple
+from contextlib import contextmanager
+from typing import Iterator, List, Tuple
 
 import torch
 
@@ -38,11 +39,37 @@ def init_from_env() -> bool:
     return True
 
 
+@contextmanager
+def process_group() -> Iterator[None]:
+    """Run a job inside torchrun's process group (:func:`init_from_env`; nothing without torchrun): on success every
+    rank waits for the others before the group is torn down, so no rank leaves while rank 0 still writes."""
+    started = init_from_env()
+    finished = False
+    try:
+        yield
+        finished = True
+    finally:
+        if started:
+            import torch.distributed as dist
+
+            if finished:
+                dist.barrier()
+            dist.destroy_process_group()
+
+
 def shard_range(n: int, batch_size: int, rank: int, world: int) -> Tuple[int, int]:
     """[start, stop) of this rank's examples: whole batches, split as evenly as possible."""
     batches = -(-n // batch_size)
     first, last = rank * batches // world, (rank + 1) * batches // world
     return min(first * batch_size, n), min(last * batch_size, n)
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing to do in a single process)."""
+    if rank_and_world()[1] > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
 
 
 def all_gather(obj) -> List:

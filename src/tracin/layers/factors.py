@@ -140,8 +140,8 @@ class IndexFactors(_TensorFields):
 
     def to_vector(self) -> torch.Tensor:
         raise UnsupportedModuleError(
-            "Saving per-example gradients of Embedding layers is not supported (they span the whole vocabulary); "
-            "exclude embeddings from layers when saving training gradients."
+            "A gradient index cannot hold Embedding layers' per-example gradients (they span the whole vocabulary); "
+            "exclude embeddings from layers (exclude=) when building an index."
         )
 
     def pair_scores(self, other: "IndexFactors", max_elements: int = DEFAULT_MAX_ELEMENTS) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The ``tracin`` command line: train, influence, audit, report, demo, ranking, kge.
+"""The ``tracin`` command line: train, influence, index, audit, report, demo, ranking, kge, evaluate.
 
 User errors print one line, ``tracin: error: ...``, and exit with code 2 (no traceback).
 """
@@ -46,6 +46,34 @@ def _influence(a) -> None:
     print(f"The final model gets {accuracy['test']:.1%} of the scored test images and {accuracy['train']:.1%} of the scored "
           "training images right.")
     print(f"Results in {a.output_dir}; next: tracin report --results_dir {a.output_dir}")
+
+
+def _index(a) -> None:
+    if a.index_command == "build":
+        from .image.index_job import IndexBuildJob, build_image_index
+
+        s = build_image_index(job_from_args(IndexBuildJob, a, own=own_model(a), scoring=scoring_config(a)))
+        if s is None:  # a torchrun rank other than 0
+            return
+        print(f"Indexed {s['rows']} training images over {count(s['checkpoints'], 'checkpoint')} and "
+              f"{count(s['layers'], 'layer')} in {s['seconds']:.1f}s: {count(s['shards'], 'shard')}, {s['dtype']}, "
+              f"{s['bytes'] / max(1, s['rows']):,.0f} bytes per image. Next: tracin index query --index_dir {a.index_dir} "
+              f"--data_dir {a.data_dir} ... --output_dir O")
+        return
+    from .image.index_job import index_settings
+    from .image.influence import InfluenceJob, run_influence
+
+    scoring = index_settings(a.index_dir).replace(progress=not a.quiet)
+    m = run_influence(job_from_args(InfluenceJob, a, own=own_model(a), scoring=scoring))
+    if m is None:
+        return
+    print(f"Scored {m['data']['n_test']} test images against the index's {m['data']['n_train']} training images in "
+          f"{m['timings']['influence_s']:.1f}s on {m['device']}. Results in {a.output_dir}; next: tracin report "
+          f"--results_dir {a.output_dir}")
+    stats = m["engine"]
+    if "ann_recall" in stats:
+        print(f"Approximate search ({a.ann_probes} probes): recall@{a.top_k} {stats['ann_recall']:.1%} of the exact "
+              f"proponents, measured on {stats['ann_recall_sample']} of the test images.")
 
 
 def _audit(a) -> None:
@@ -142,7 +170,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     previous = warnings.formatwarning
     warnings.formatwarning = lambda msg, *rest, **kw: f"tracin: warning: {msg}\n"
     try:
-        {"train": _train, "influence": _influence, "audit": _audit, "report": _report, "demo": _demo,
+        {"train": _train, "influence": _influence, "index": _index, "audit": _audit, "report": _report, "demo": _demo,
          "ranking": _ranking, "kge": _kge, "evaluate": _evaluate}[args.command](args)
     except TracInError as exc:
         print(f"tracin: error: {exc}", file=sys.stderr)

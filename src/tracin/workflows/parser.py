@@ -132,8 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=_Formatter)
     p.add_argument("--version", action="version", version=f"tracin {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
-    for add in (_train_parser, _influence_parser, _audit_parser, _report_parser, _ranking_parser, _kge_parser,
-                _evaluate_parser, _demo_parser):
+    for add in (_train_parser, _influence_parser, _index_parser, _audit_parser, _report_parser, _ranking_parser,
+                _kge_parser, _evaluate_parser, _demo_parser):
         add(sub)
     return p
 
@@ -178,11 +178,46 @@ def _influence_parser(sub) -> None:
     _add(i, "--overwrite", action="store_true", help="discard an interrupted run's progress instead of resuming it")
     _add(i, "--summed_loss", action="store_true",
          help="with --self_influence: also rank training images by their loss summed over the checkpoints")
-    _scoring_flags(i, ["layers", "exclude", "batch_size", "seed", "num_workers", "sample_rate", "stratify_by", "precision", "normalize",
-                       "precondition", "damping", "measurement", "memory_budget"], layers="last", batch_size=32,
+    _scoring_flags(i, INFLUENCE_SETTINGS + ["sample_rate", "stratify_by"], layers="last", batch_size=32,
                    stratify_by_choices=["label"])
     _projection_flags(i, 1024)
     _run_flags(i)
+
+
+INFLUENCE_SETTINGS = ["layers", "exclude", "batch_size", "seed", "num_workers", "precision", "normalize", "precondition",
+                      "damping", "measurement", "memory_budget"]
+
+
+def _index_parser(sub) -> None:
+    ix = sub.add_parser("index", help="a gradient index of the training images: built once, queried many times",
+                        formatter_class=_Formatter)
+    ixs = ix.add_subparsers(dest="index_command", required=True)
+    b = ixs.add_parser("build", help="write every training image's gradient vector (resumable: run it again to finish)",
+                       formatter_class=_Formatter)
+    _add(b, "--data_dir", type=Path, required=True)
+    _add(b, "--checkpoint_dir", type=Path, help="checkpoints of 'tracin train'; with --arch: every weights file in it, any name")
+    _add(b, "--index_dir", type=Path, required=True, help="folder for the index (a rerun finishes an interrupted build)")
+    _add(b, "--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+         help="storage of the vectors (16-bit halves the disk and the reading; scores are summed in float32)")
+    _own_model_flags(b)
+    _scoring_flags(b, INFLUENCE_SETTINGS, layers="last", batch_size=32)
+    _projection_flags(b, 1024)
+    _run_flags(b)
+    q = ixs.add_parser("query", help="top-k proponents/opponents of the test images from an index, as tracin influence "
+                                     "writes them", formatter_class=_Formatter)
+    _add(q, "--index_dir", type=Path, required=True, help="an index written by tracin index build (its settings are used)")
+    _add(q, "--data_dir", type=Path, required=True, help="the image folder the index was built from")
+    _add(q, "--checkpoint_dir", type=Path, help="the checkpoints the index was built with")
+    _add(q, "--output_dir", type=Path, required=True)
+    _own_model_flags(q)
+    _add(q, "--top_k", type=int, default=100)
+    _add(q, "--test_subset", type=int, help="score a seeded random subset of M test images")
+    _add(q, "--self_influence", action="store_true", help="also write the self-influence the index stores (its layers "
+                                                          "and settings)")
+    _add(q, "--ann_probes", type=int, help="approximate search instead of the exact one: probe N lists of a FAISS "
+                                            "inverted-file index (pip install -e '.[ann]'; built once in --index_dir)")
+    _add(q, "--overwrite", action="store_true", help="replace the results in --output_dir")
+    _run_flags(q)
 
 
 def _own_model_flags(parser: argparse.ArgumentParser) -> None:

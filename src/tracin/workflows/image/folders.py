@@ -5,6 +5,7 @@ indices always refer to the sorted list of readable images.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -153,3 +154,8 @@ class ImageDataset(Dataset):
         except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
             raise DataError(f"Image {path} could not be read ({exc}); it changed after the scan, restore or remove it.") from exc
         return tensor, torch.tensor(self.split.labels[index])
+
+
+def images_digest(paths: List[Path]) -> str:
+    """A SHA-256 of the images' paths, sizes and modification times (what a resume or an index is keyed on)."""
+    return hashlib.sha256("\n".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in paths).encode()).hexdigest()

@@ -2,7 +2,7 @@
 predict, write."""
 from __future__ import annotations
 
-import hashlib
+import json
 import sys
 import time
 import warnings
@@ -16,14 +16,16 @@ from torch.utils.data import Subset
 from ...api import TracIn
 from ...checkpoints import Checkpoint, check_one_run, checkpoint_at, checkpoint_source, weights_for
 from ...config import ScoringConfig
-from ...engine.distributed import init_from_env, rank_and_world
+from ...engine.distributed import process_group, rank_and_world
 from ...engine.resume import reset
+from ...engine.index import META as INDEX_META
 from ...errors import TracInError
 from ...io import file_sha256
 from ...results import InfluenceResult
 from ...tasks.classification import checkpoint_probabilities, label_losses, predict_proba
 from .. import results_dir as names
 from ..results_dir import ResultsDir, RunRecord, descending_ranks, job_parameters
+from .folders import images_digest
 from .setup import ImageSetup, OwnModel, image_setup
 
 
@@ -49,6 +51,10 @@ class InfluenceJob:
     # the best detector measured in docs/quality.md; the last layer when the model has no output bias) or "same"
     # (the influence scope and settings, in the same pass)
     self_influence_layers: str = "output_bias"
+    # a gradient index of the training images (tracin index build): scores come from it, without the training pass;
+    # self-influence is then the one the index stores (its layers and settings)
+    index_dir: Optional[Path] = None
+    ann_probes: Optional[int] = None  # with index_dir: approximate search probing this many FAISS lists
 
 
 @dataclass
@@ -92,19 +98,8 @@ def run_influence(job: InfluenceJob) -> Optional[Dict[str, Any]]:
     """Score top-k proponents/opponents (and optionally self-influence); write the result files
     and, last, ``manifest.json``. Returns the manifest (None on ranks other than 0 under torchrun,
     where every rank scores its shard of the training set and rank 0 writes)."""
-    started = init_from_env()
-    finished = False
-    try:
-        manifest = _run_influence(job)
-        finished = True
-        return manifest
-    finally:
-        if started:
-            import torch.distributed as dist
-
-            if finished:  # no rank tears its connections down while rank 0 still writes
-                dist.barrier()
-            dist.destroy_process_group()
+    with process_group():
+        return _run_influence(job)
 
 
 def _run_influence(job: InfluenceJob) -> Optional[Dict[str, Any]]:
@@ -224,8 +219,11 @@ def _kfac_words(tr: TracIn) -> str:
 def _score(run: _Run, hashes: List[str]) -> InfluenceResult:
     """Top-k (and self-influence) of the subsets, resumable: keyed by the job, the checkpoints' hashes and the images."""
     job, split = run.job, run.setup
-    paths = split.train_split.paths + split.test_split.paths
-    images = hashlib.sha256("\n".join(f"{p}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in paths).encode()).hexdigest()
+    if job.index_dir is not None:
+        check_index_source(job.index_dir, split.train_split.paths)
+        return run.tr.query(job.index_dir, run.test_set, top_k=job.top_k, self_influence=job.self_influence,
+                            ann_probes=job.ann_probes)
+    images = images_digest(split.train_split.paths + split.test_split.paths)
     volatile = ("progress", "num_workers", "overwrite", "device", "memory_budget")
     key = {"parameters": {k: str(v) for k, v in job_parameters(job).items() if k not in volatile},
            "checkpoints": hashes, "images": images}
@@ -358,3 +356,15 @@ def _write_manifest(run: _Run, result: InfluenceResult, hashes: List[str]) -> Di
     final_hash = hashes[-1] if final is s.checkpoints[-1] else file_sha256(Path(final.source))
     extra = {"prediction_model": {"file": str(Path(final.source).resolve()), "sha256": final_hash}, "world_size": rank_and_world()[1]}
     return run.out.finish("influence", run.tr, RunRecord(job_parameters(run.job), data, run.timings, result.stats, hashes, extra))
+
+
+def check_index_source(index_dir: Path, train_paths: List[Path]) -> None:
+    """Refuse an index whose rows are not exactly these training images, in this order (its indices would name
+    other files)."""
+    meta = json.loads((Path(index_dir) / INDEX_META).read_text())
+    parts = meta.get("parts", [])
+    source = json.loads(parts[0]["source"]) if len(parts) == 1 and parts[0].get("source") else {}
+    if source.get("images") != images_digest(train_paths):
+        raise TracInError(f"The gradient index in {index_dir} was not built from these {len(train_paths)} training images "
+                          f"(built from {source.get('data_dir', 'other data')}, or since changed); rebuild it with "
+                          "tracin index build --data_dir pointing at this folder.")

@@ -1,0 +1,335 @@
+"""A gradient index: every training example's gradient vector written once, queried many times with one matrix
+product.
+
+A row holds one training example's vectors at every checkpoint, each scaled by sqrt(|learning rate|) (and unit
+length first when ``normalize`` asks) and concatenated, so ``query_row . row`` is the whole checkpoint sum
+sum_c lr_c g_c(test) . g_c(train); under K-FAC both sides are whitened, so the dot product is g^T P g'. The
+directory holds:
+
+- ``index.json``: what the rows depend on (layers, projection, preconditioner, normalisation, every checkpoint's
+  name, learning rate and weight hash), the storage dtype and the shard table, written before any
+  shard and compared on every build, add and query;
+- ``kfac_whiteners.npz`` (under K-FAC): the fitted whiteners, so a query needs no training data (read without
+  unpickling);
+- ``shard-NNNNN.npy`` [rows, width] and ``shard-NNNNN.self.npy`` [rows] (each example's self-influence, float32),
+  then ``shard-NNNNN.json``, written last: a shard without it is incomplete, and a build that is run again writes
+  only the shards that are.
+
+Shards are planned in parts: a build plans the training set's, :func:`plan_part` appends a part for new examples.
+Under torchrun, shard i of a part is written by rank i mod world.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from torch.utils.data import DataLoader, Subset
+
+from ..checkpoints import Checkpoint
+from ..errors import TracInError
+from ..io import write_bytes, write_json, write_npy
+from .accumulate import TopKAccumulator
+from .distributed import barrier, rank_and_world
+
+META = "index.json"
+WHITENERS = "kfac_whiteners.npz"
+FORMAT = 1
+DTYPES = {"float32": (np.float32, torch.float32), "float16": (np.float16, torch.float16),
+          "bfloat16": (np.uint16, torch.bfloat16)}  # bfloat16 rows are stored as their raw 16 bits
+COMPARED = ("layers", "precondition", "projection", "normalize", "checkpoints")
+
+
+def weights_sha256(checkpoint: Checkpoint) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(checkpoint.state_dict()):
+        digest.update(key.encode())
+        digest.update(checkpoint.state_dict()[key].detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def describe_checkpoints(checkpoints: Sequence[Checkpoint]) -> List[Dict[str, Any]]:
+    return [{"name": c.name, "learning_rate": c.learning_rate, "sha256": weights_sha256(c)} for c in checkpoints]
+
+
+@dataclass
+class IndexMeta:
+    """The contents of ``index.json``. ``description``: the :data:`COMPARED` keys and the settings; ``shards``: ``{"name", "first", "rows", "part"}`` in row order; ``parts``:
+    ``{"first", "rows", "source"}``, one per build or add (``source``: the caller's note of what the rows are). The
+    row width is the shards' own."""
+
+    description: Dict[str, Any]
+    dtype: str
+    shard_rows: int
+    fit_examples: int = 0
+    shards: List[Dict[str, Any]] = field(default_factory=list)
+    parts: List[Dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def n_rows(self) -> int:
+        return sum(p["rows"] for p in self.parts)
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"format": FORMAT, **self.__dict__}
+
+
+class GradientIndex:
+    """An index directory: its metadata, its shards, and the checks every use makes."""
+
+    def __init__(self, directory: Path, meta: IndexMeta):
+        self.directory = Path(directory)
+        self.meta = meta
+
+    # -- opening ------------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, directory: Path, expected: Dict[str, Any]) -> "GradientIndex":
+        """The index in ``directory`` after checking it was made with ``expected`` (:data:`COMPARED` keys)."""
+        index = cls.load(directory)
+        index.check(expected)
+        return index
+
+    @classmethod
+    def load(cls, directory: Path) -> "GradientIndex":
+        """The index in ``directory``, its metadata read and nothing checked."""
+        directory = Path(directory)
+        path = directory / META
+        if not path.is_file():
+            raise TracInError(f"{directory} holds no gradient index; build one there with build_index "
+                              "(tracin index build) first.")
+        try:
+            raw = json.loads(path.read_text())
+            meta = IndexMeta(**{k: v for k, v in raw.items() if k != "format"})
+        except (ValueError, TypeError) as exc:
+            raise TracInError(f"{path} is not a tracin index description ({exc}); build the index again.") from None
+        return cls(directory, meta)
+
+    @staticmethod
+    def decided_plain(directory: Path) -> bool:
+        """Whether the index in ``directory`` was built with ``precondition="auto"`` decided as plain TracIn (a layer
+        K-FAC does not cover), which a query with "auto" then repeats."""
+        try:
+            built = json.loads((Path(directory) / META).read_text())["description"]
+            return built["settings"]["precondition"] == "auto" and built["precondition"] is None
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+
+    def check(self, expected: Dict[str, Any]) -> None:
+        for key in COMPARED:
+            if self.meta.description.get(key) != json.loads(json.dumps(expected[key])):
+                raise TracInError(f"The gradient index in {self.directory} was made with different {key}; query it with "
+                                  "the settings and checkpoints it was built with, or build a new index.")
+
+    def write_meta(self) -> None:
+        write_json(self.directory / META, self.meta.to_json())
+
+    # -- shards -------------------------------------------------------------------------------------
+    def complete(self, shard: Dict[str, Any]) -> bool:
+        return (self.directory / f"{shard['name']}.json").is_file()
+
+    def missing(self) -> List[Dict[str, Any]]:
+        return [s for s in self.meta.shards if not self.complete(s)]
+
+    def require_complete(self) -> None:
+        missing = self.missing()
+        if missing:
+            raise TracInError(f"The gradient index in {self.directory} is incomplete ({len(missing)} of "
+                              f"{len(self.meta.shards)} shards missing, the first at row {missing[0]['first']}); run the "
+                              "same build (or add) again to finish it.")
+
+    def write_shard(self, shard: Dict[str, Any], rows: np.ndarray, selfs: np.ndarray) -> None:
+        """``rows`` [n, width] float32 -> stored dtype; the sidecar last, as the shard's commit."""
+        stored = torch.from_numpy(rows).to(DTYPES[self.meta.dtype][1])
+        array = stored.view(torch.int16).numpy().view(np.uint16) if self.meta.dtype == "bfloat16" else stored.numpy()
+        write_npy(self.directory / f"{shard['name']}.npy", array)
+        write_npy(self.directory / f"{shard['name']}.self.npy", selfs.astype(np.float32))
+        write_json(self.directory / f"{shard['name']}.json", {"first": shard["first"], "rows": shard["rows"]})
+
+    def read_rows(self, shard: Dict[str, Any]) -> np.ndarray:
+        """The shard's rows as stored, memory-mapped [rows, width]."""
+        return np.load(self.directory / f"{shard['name']}.npy", mmap_mode="r", allow_pickle=False)
+
+    def width(self) -> int:
+        """Numbers per row (checkpoints x vector size), as the first shard holds them."""
+        self.require_complete()
+        return int(self.read_rows(self.meta.shards[0]).shape[1]) if self.meta.shards else 0
+
+    def self_influence(self) -> torch.Tensor:
+        """Every row's stored self-influence, [n_rows] float32."""
+        self.require_complete()
+        parts = [np.load(self.directory / f"{s['name']}.self.npy", allow_pickle=False) for s in self.meta.shards]
+        return torch.from_numpy(np.concatenate(parts) if parts else np.zeros(0, np.float32))
+
+    # -- K-FAC whiteners ----------------------------------------------------------------------------
+    def save_whiteners(self, tensors: Dict[str, torch.Tensor]) -> None:
+        buffer = io.BytesIO()
+        np.savez(buffer, **{k: v.detach().cpu().numpy() for k, v in tensors.items()})
+        write_bytes(self.directory / WHITENERS, buffer.getvalue())
+
+    def load_whiteners(self) -> Dict[str, torch.Tensor]:
+        path = self.directory / WHITENERS
+        if not path.is_file():
+            raise TracInError(f"The gradient index in {self.directory} has no {WHITENERS}; build the index again.")
+        with np.load(path, allow_pickle=False) as stored:
+            return {k: torch.from_numpy(stored[k]) for k in stored.files}
+
+
+def plan_part(meta: IndexMeta, n_rows: int, source: Optional[str]) -> Dict[str, Any]:
+    """Append a part of ``n_rows`` rows (and its shards of ``meta.shard_rows``) to ``meta``; returns the part."""
+    first, number = meta.n_rows, len(meta.shards)
+    part = {"first": first, "rows": n_rows, "source": source}
+    meta.parts.append(part)
+    for start in range(0, n_rows, meta.shard_rows):
+        rows = min(meta.shard_rows, n_rows - start)
+        meta.shards.append({"name": f"shard-{number:05d}", "first": first + start, "rows": rows, "part": len(meta.parts) - 1})
+        number += 1
+    return part
+
+
+def plan_or_resume(index: GradientIndex, n_rows: int, source: Optional[str], add: bool) -> Dict[str, Any]:
+    """The part a build or add writes: a build's is the first (planned with the metadata when the index is new); an
+    add resumes the last part when it is unfinished and of ``n_rows`` rows, else plans a new one (rank 0 writes the
+    metadata)."""
+    meta = index.meta
+    if not add:
+        if not meta.parts:
+            part = plan_part(meta, n_rows, source)
+            if rank_and_world()[0] == 0:
+                index.write_meta()
+            barrier()
+            return part
+        if len(meta.parts) > 1 or meta.parts[0]["rows"] != n_rows:
+            raise TracInError(f"The gradient index in {index.directory} holds {meta.n_rows} rows from other data than "
+                              f"these {n_rows} training examples; add them with add_to_index or build "
+                              "into a new directory.")
+        return meta.parts[0]
+    last = meta.parts[-1]
+    unfinished = any(s["part"] == len(meta.parts) - 1 for s in index.missing())
+    if unfinished and last["rows"] == n_rows:
+        return last
+    if unfinished:
+        raise TracInError(f"The gradient index in {index.directory} has an unfinished part of {last['rows']} rows; "
+                          "finish it by running that add (or build) again before adding other data.")
+    part = plan_part(meta, n_rows, source)
+    if rank_and_world()[0] == 0:
+        index.write_meta()
+    barrier()
+    return part
+
+
+def mine(index: GradientIndex, part: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The part's missing shards this process writes: under torchrun, the i-th shard of the part on rank i mod world."""
+    rank, world = rank_and_world()
+    number = index.meta.parts.index(part)
+    shards = [s for s in index.meta.shards if s["part"] == number]
+    return [s for i, s in enumerate(shards) if i % world == rank and not index.complete(s)]
+
+
+def rows_to_compute(dataset: Any, loader: Any, part: Dict[str, Any], todo: Sequence[Dict[str, Any]]) -> Tuple[Any, np.ndarray]:
+    """(a dataset of just the examples of ``todo``, or None to read ``loader`` whole; the index row of each example
+    read, in order). A DataLoader given by the caller is read whole (its examples cannot be picked); the writer drops
+    the rows of shards that are done."""
+    if isinstance(dataset, DataLoader) or _whole(part, todo):
+        return None, part["first"] + np.arange(part["rows"])
+    positions = np.concatenate([np.arange(s["first"], s["first"] + s["rows"]) for s in todo]) - part["first"]
+    return Subset(dataset, positions.tolist()), part["first"] + positions
+
+
+def _whole(part: Dict[str, Any], todo: Sequence[Dict[str, Any]]) -> bool:
+    return sum(s["rows"] for s in todo) == part["rows"]
+
+
+def shard_rows_for(width: int, budget: int, cap: int = 65536) -> int:
+    """Rows per shard: a shard's float32 buffer of every checkpoint's vectors (``width`` numbers per example, an
+    estimate) in an eighth of ``budget`` (two shards can be in progress at once), at most ``cap``."""
+    return int(max(1, min(cap, budget // max(1, 8 * 4 * width))))
+
+
+class FoldingWriter:
+    """Receives ``(checkpoint, position, vectors [B, D])`` for the examples at ``rows`` (their index rows, in the
+    order they are read), folds each example's checkpoints into one row and writes every shard of ``shards`` as soon
+    as all its rows have every checkpoint; vectors of rows outside ``shards`` are dropped."""
+
+    def __init__(self, index: GradientIndex, shards: Sequence[Dict[str, Any]], rows: np.ndarray,
+                 learning_rates: Sequence[float], normalize: str):
+        self.index, self.rows = index, rows
+        self.shards = {s["name"]: s for s in shards}
+        self.first_of = {s["first"]: s for s in shards}
+        self.starts = np.array(sorted(s["first"] for s in index.meta.shards))
+        self.rates = np.asarray(learning_rates, dtype=np.float64)
+        self.normalize = normalize
+        self.open: Dict[str, Tuple[np.ndarray, np.ndarray]] = {}  # name -> (vectors [C, rows, D], filled [C, rows])
+        self.written = 0
+
+    def __call__(self, c: int, position: int, vectors: torch.Tensor) -> None:
+        rows = self.rows[position:position + vectors.shape[0]]
+        values = vectors.detach().float().cpu().numpy()
+        owners = self.starts[np.searchsorted(self.starts, rows, side="right") - 1]
+        for first in np.unique(owners):
+            shard = self.first_of.get(int(first))
+            if shard is None:
+                continue
+            mine = owners == first
+            buffer, filled = self._buffer(shard, values.shape[1])
+            at = rows[mine] - shard["first"]
+            buffer[c, at] = values[mine]
+            filled[c, at] = True
+            if filled.all():
+                self._finish(shard)
+
+    def _buffer(self, shard: Dict[str, Any], dim: int) -> Tuple[np.ndarray, np.ndarray]:
+        if shard["name"] not in self.open:
+            C = len(self.rates)
+            self.open[shard["name"]] = (np.zeros((C, shard["rows"], dim), np.float32), np.zeros((C, shard["rows"]), bool))
+        return self.open[shard["name"]]
+
+    def _finish(self, shard: Dict[str, Any]) -> None:
+        vectors, _ = self.open.pop(shard["name"])
+        rows, selfs = fold(torch.from_numpy(vectors), self.rates, self.normalize, "training")
+        self.index.write_shard(shard, rows.numpy(), selfs.numpy())
+        self.written += 1
+
+
+def fold(vectors: torch.Tensor, learning_rates: Sequence[float], normalize: str, what: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-checkpoint vectors [C, n, D] -> (rows [n, C * D], self-influence [n] = sum_c lr_c |v_c|^2, computed before
+    any normalisation). ``what`` ``"training"``: each checkpoint scaled by sqrt(|lr_c|), unit length first unless
+    ``normalize`` is "none"; ``"test"``: by sign(lr_c) sqrt(|lr_c|), unit length first under "cosine"."""
+    rates = torch.as_tensor(np.asarray(learning_rates, dtype=np.float64))
+    selfs = (vectors.double().pow(2).sum(2) * rates[:, None]).sum(0).float()
+    unit = normalize != "none" if what == "training" else normalize == "cosine"
+    if unit:
+        vectors = vectors / vectors.norm(dim=2, keepdim=True).clamp_min(torch.finfo(vectors.dtype).tiny)
+    scale = rates.abs().sqrt() * (rates.sign() if what == "test" else 1.0)
+    scale = torch.where(rates == 0, torch.zeros_like(scale), scale)
+    folded = vectors * scale.to(vectors.dtype)[:, None, None]
+    return folded.permute(1, 0, 2).reshape(vectors.shape[1], -1).contiguous(), selfs
+
+
+def search(index: GradientIndex, queries: torch.Tensor, top_k: int, tile_bytes: int) -> TopKAccumulator:
+    """Exact top-k of ``queries`` [m, width] (on their device) against every row, read in row tiles of about
+    ``tile_bytes`` converted to float32."""
+    width = index.width()
+    if queries.shape[1] != width:
+        raise TracInError(f"The gradient index in {index.directory} holds rows of {width} numbers, the queries have "
+                          f"{queries.shape[1]}; the model in scope differs from the one it was built with.")
+    device, m = queries.device, queries.shape[0]
+    acc = TopKAccumulator(m, top_k, device, queries.dtype)
+    per_row = 4 * (width + 2 * m)
+    step = max(1, tile_bytes // per_row)
+    torch_dtype = DTYPES[index.meta.dtype][1]
+    for shard in index.meta.shards:
+        stored = index.read_rows(shard)
+        for start in range(0, shard["rows"], step):
+            block = np.array(stored[start:start + step])  # a writable copy of the tile
+            if index.meta.dtype == "bfloat16":
+                tile = torch.from_numpy(block.view(np.int16)).view(torch_dtype)
+            else:
+                tile = torch.from_numpy(block)
+            tile = tile.to(device=device, dtype=torch.float32)
+            acc.update(queries @ tile.T, shard["first"] + start)
+    return acc

@@ -1,0 +1,70 @@
+"""``tracin index build`` and ``tracin index query`` for image folders: a gradient index of the training images
+built once (:meth:`tracin.TracIn.build_index`), then test images scored against it with the result files of
+``tracin influence`` (its job runs with ``index_dir`` set), so ``tracin report`` reads them unchanged."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from ...api import TracIn
+from ...config import ScoringConfig
+from ...engine.distributed import process_group, rank_and_world
+from ...engine.index import META
+from ...errors import TracInError
+from .folders import images_digest
+from .setup import OwnModel, image_setup
+
+
+@dataclass
+class IndexBuildJob:
+    """A ``tracin index build`` run: the folders, the storage dtype and the scoring settings the index holds."""
+
+    data_dir: Path
+    checkpoint_dir: Optional[Path]
+    index_dir: Path
+    dtype: str = "float32"
+    device: str = "auto"
+    trust_checkpoint: bool = False
+    own: Optional[OwnModel] = None
+    scoring: ScoringConfig = field(default_factory=lambda: ScoringConfig(layers="last", batch_size=32))
+
+
+def build_image_index(job: IndexBuildJob) -> Optional[Dict[str, Any]]:
+    """Build (or finish) the index of ``job.data_dir``'s training images; returns what it holds (None on ranks other
+    than 0 under torchrun, where the ranks write different shards)."""
+    with process_group():
+        return _build(job)
+
+
+def _build(job: IndexBuildJob) -> Optional[Dict[str, Any]]:
+    if Path(job.index_dir).resolve().is_relative_to(Path(job.data_dir).resolve()):
+        raise TracInError(f"--index_dir {job.index_dir} is inside --data_dir {job.data_dir}; choose a folder outside it.")
+    rank = rank_and_world()[0]
+    setup = image_setup(job.data_dir, job.checkpoint_dir, job.trust_checkpoint, job.own)
+    config = job.scoring.replace(progress=job.scoring.progress and rank == 0)
+    tr = TracIn(setup.model, setup.checkpoints, device=job.device, config=config)
+    source = json.dumps({"data_dir": str(Path(job.data_dir).resolve()), "images": images_digest(setup.train_split.paths),
+                         "n": len(setup.train)})
+    begin = time.perf_counter()
+    tr.build_index(setup.train, job.index_dir, job.dtype, source=source)
+    if rank != 0:
+        return None
+    meta = json.loads((Path(job.index_dir) / META).read_text())
+    return {"rows": sum(p["rows"] for p in meta["parts"]), "shards": len(meta["shards"]), "dtype": meta["dtype"],
+            "seconds": time.perf_counter() - begin, "layers": len(tr.handlers), "checkpoints": len(tr.checkpoints),
+            "bytes": sum(f.stat().st_size for f in Path(job.index_dir).glob("shard-*[0-9].npy"))}
+
+
+def index_settings(index_dir: Path) -> ScoringConfig:
+    """The scoring settings an index was built with (``index.json``), which its queries must use."""
+    path = Path(index_dir) / META
+    if not path.is_file():
+        raise TracInError(f"--index_dir {index_dir} holds no gradient index; build one with tracin index build first.")
+    try:
+        settings = json.loads(path.read_text())["description"]["settings"]
+        return ScoringConfig.from_settings(settings)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise TracInError(f"{path} is not a tracin index description ({exc}); build the index again.") from None

@@ -1,0 +1,71 @@
+"""tracin index build / query on an image folder: the same top-k as tracin influence, report-ready, refusals."""
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import train_image_run
+from tracin.workflows.cli import main
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return train_image_run(tmp_path_factory.mktemp("index"))
+
+
+def _influence(data, ckpt, out, *flags):
+    argv = ["influence", "--data_dir", str(data), "--checkpoint_dir", str(ckpt), "--output_dir", str(out), "--top_k", "6",
+            "--quiet", *flags]
+    begin = time.perf_counter()
+    assert main(argv) == 0
+    return time.perf_counter() - begin
+
+
+@pytest.mark.parametrize("flags", [["--layers", "all"], ["--layers", "all", "--precondition", "none", "--normalize", "cosine"]])
+def test_query_writes_the_influence_files_with_the_same_top_k(run, flags, tmp_path, capsys):
+    root, data, ckpt = run
+    _influence(data, ckpt, tmp_path / "influence", *flags)
+    assert main(["index", "build", "--data_dir", str(data), "--checkpoint_dir", str(ckpt), "--index_dir",
+                 str(tmp_path / "index"), "--quiet", *flags]) == 0
+    assert "Indexed 24 training images" in capsys.readouterr().out
+    assert main(["index", "query", "--index_dir", str(tmp_path / "index"), "--data_dir", str(data), "--checkpoint_dir",
+                 str(ckpt), "--output_dir", str(tmp_path / "query"), "--top_k", "6", "--self_influence", "--quiet"]) == 0
+    for name in ("top_k_influences_indices.npy", "top_k_opponents_indices.npy", "test_indices.npy", "train_indices.npy"):
+        assert np.array_equal(np.load(tmp_path / "query" / name), np.load(tmp_path / "influence" / name)), name
+    values = [np.load(tmp_path / d / "top_k_influences_values.npy") for d in ("query", "influence")]
+    assert np.allclose(values[0], values[1], rtol=1e-4, atol=1e-6)
+    assert (tmp_path / "query" / "top_k_influences.csv").read_text().count("\n") == 9 * 12 + 1
+    manifest = json.loads((tmp_path / "query" / "manifest.json").read_text())
+    assert manifest["parameters"]["index_dir"] == str(tmp_path / "index")
+    assert main(["report", "--results_dir", str(tmp_path / "query"), "--quiet"]) == 0
+    assert (tmp_path / "query" / "report.html").is_file()
+
+
+def test_query_refuses_an_index_of_other_images_and_a_missing_one(run, tmp_path, capsys):
+    root, data, ckpt = run
+    assert main(["index", "build", "--data_dir", str(data), "--checkpoint_dir", str(ckpt), "--index_dir",
+                 str(tmp_path / "index"), "--quiet"]) == 0
+    other = Path(shutil.copytree(data, tmp_path / "other"))
+    (other / "train" / "cat" / "extra.png").write_bytes(next((data / "train" / "cat").glob("*.png")).read_bytes())
+    code = main(["index", "query", "--index_dir", str(tmp_path / "index"), "--data_dir", str(other), "--checkpoint_dir",
+                 str(ckpt), "--output_dir", str(tmp_path / "q"), "--top_k", "5", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "was not built from these 25 training images" in err and "Traceback" not in err
+    code = main(["index", "query", "--index_dir", str(tmp_path / "none"), "--data_dir", str(data), "--checkpoint_dir",
+                 str(ckpt), "--output_dir", str(tmp_path / "q"), "--quiet"])
+    assert code == 2 and "holds no gradient index" in capsys.readouterr().err
+
+
+def test_query_with_approximate_search_prints_its_recall(run, tmp_path, capsys):
+    pytest.importorskip("faiss")
+    root, data, ckpt = run
+    assert main(["index", "build", "--data_dir", str(data), "--checkpoint_dir", str(ckpt), "--index_dir",
+                 str(tmp_path / "index"), "--quiet"]) == 0
+    assert main(["index", "query", "--index_dir", str(tmp_path / "index"), "--data_dir", str(data), "--checkpoint_dir",
+                 str(ckpt), "--output_dir", str(tmp_path / "q"), "--top_k", "3", "--ann_probes", "1000", "--quiet"]) == 0
+    assert "recall@3 100.0% of the exact proponents, measured on 9 of the test images" in capsys.readouterr().out
+    manifest = json.loads((tmp_path / "q" / "manifest.json").read_text())
+    assert manifest["engine"]["search"] == "ann, 1000 probes" and manifest["engine"]["ann_recall"] == 1.0
