@@ -82,7 +82,8 @@ def _audit(a) -> None:
     from .image.setup import image_setup
 
     s = image_setup(a.data_dir, a.checkpoint_dir, a.trust_checkpoint, own_model(a))
-    configs = {f"projection {d} {a.projection}": {"projection_dim": d, "projection": a.projection} for d in a.projection_dims}
+    kind = f" {a.projection}" if a.precondition == "none" else ""  # under K-FAC: leading directions, no random kind
+    configs = {f"projection {d}{kind}": {"projection_dim": d, "projection": a.projection} for d in a.projection_dims}
     configs.update({f"sample {r:g}": {"sample_rate": r} for r in a.sample_rates})
     rows = audit(s.model, s.checkpoints, s.train, s.test, configs, n_test=a.n_test, top=a.top, device=a.device,
                  config=scoring_config(a))
