@@ -150,7 +150,8 @@ def test_whiteners_of_all_checkpoints_at_once_equal_one_checkpoint_at_a_time():
     assert [sorted(w) for w in together] == [["a", "b"], ["a"], ["a", "b"]]
     for c, s in enumerate(sums):
         alone = fit_whiteners([s], 0.1, torch.device("cpu"), torch.float64)[0]
-        for name, (W_in, W_out, P_in, P_out) in alone.items():
+        for name, (inputs, outputs) in alone.items():
+            W_in, W_out, P_in, P_out = inputs.whitener(), outputs.whitener(), inputs.inverse(), outputs.inverse()
             S_in = s.sums[name][0][0] / 7
             # the statistics are products of float32 factors, symmetric only to float32 rounding (~1e-8 relative, which
             # a BLAS with other kernels leaves elsewhere); the whitener inverts the symmetric part, and so does this
@@ -160,7 +161,8 @@ def test_whiteners_of_all_checkpoints_at_once_equal_one_checkpoint_at_a_time():
             assert matrix_rel_err(P_in, W_in @ W_in.transpose(1, 2)) <= tol and matrix_rel_err(P_out, W_out @ W_out.transpose(1, 2)) <= tol
             assert matrix_rel_err(P_in[0], torch.linalg.inv(damped)) <= tol
             # batched and one-at-a-time factorisations may take different BLAS paths: equal to the same bound
-            assert all(matrix_rel_err(x, y) <= tol for x, y in zip(together[c][name], alone[name]))
+            assert all(matrix_rel_err(x.inverse(), y.inverse()) <= tol and matrix_rel_err(x.whitener(), y.whitener()) <= tol
+                       for x, y in zip(together[c][name], alone[name]))
 
 
 class Branchy(torch.nn.Module):

@@ -27,9 +27,57 @@ from tqdm.auto import tqdm
 from ..errors import TracInError
 from .sizing import sides as projection_sides
 
-# layer -> (W_in [g, da, k_in], W_out [g, dd, k_out], P_in = W_in W_in^T, P_out = W_out W_out^T: the damped inverses;
-# k = d unless the fit keeps a rank)
-Whiteners = Dict[str, Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+class Inverses:
+    """One factor's damped inverses P = (S + l I)^-1 for several checkpoints at once, [n, g, d, d], and whiteners W
+    with W W^T = P, [n, g, d, k] (k = d unless the fit keeps a rank), each made in one batched call when first asked
+    for and then kept, on the run's device and dtype. A one-sided influence pass needs P only, so a full fit pays the
+    d^3 solve that makes W only when a pass whitens both sides; a truncated fit (W first) makes P only if asked."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, P: Optional[torch.Tensor] = None,
+                 W: Optional[torch.Tensor] = None, cholesky: Optional[torch.Tensor] = None):
+        """``cholesky``: float64 Cholesky factors L of S + l I (W = L^-T is made from them)."""
+        self.device, self.dtype = device, dtype
+        self._P, self._W, self._L = P, W, cholesky
+
+    def _here(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.device, self.dtype)
+
+    def inverse(self) -> torch.Tensor:
+        if self._P is None:
+            assert self._W is not None
+            W = self._W.to(torch.float64)
+            self._P = self._here(W @ W.transpose(-1, -2))
+        return self._P
+
+    def whitener(self) -> torch.Tensor:
+        if self._W is None:
+            assert self._L is not None
+            L = self._L
+            eye = torch.eye(L.shape[-1], dtype=L.dtype).expand_as(L)
+            self._W = self._here(torch.linalg.solve_triangular(L, eye, upper=False).transpose(-1, -2))
+            self._L = None
+        return self._W
+
+
+@dataclass(frozen=True)
+class FactorInverse:
+    """One checkpoint's entry ``index`` of a layer factor's :class:`Inverses`: ``inverse()`` P [g, d, d],
+    ``whitener()`` W [g, d, k]."""
+
+    group: Inverses
+    index: int
+
+    def inverse(self) -> torch.Tensor:
+        return self.group.inverse()[self.index]
+
+    def whitener(self) -> torch.Tensor:
+        return self.group.whitener()[self.index]
+
+
+# layer -> (its input factor's inverse, its output-gradient factor's), per checkpoint
+Whiteners = Dict[str, Tuple[FactorInverse, FactorInverse]]
 
 
 def check_precondition(precondition: str, handlers: Sequence) -> None:
@@ -141,11 +189,9 @@ def fit_whiteners(sums: Sequence["CovarianceSums"], damping: float, device: torc
                     groups.setdefault(tuple(s.sums[name][side].shape), []).append(c)
             for shape, members in groups.items():
                 stacked = torch.stack([sums[c].sums[name][side] / sums[c].count for c in members])  # [n, g, d, d]
-                W = _layer_whitener(name, stacked, damping, keep[side] if keep else None)
-                W, P = W.to(device, dtype), (W @ W.transpose(-1, -2)).to(device, dtype)
+                inverses = _layer_inverses(name, stacked, damping, keep[side] if keep else None, (device, dtype))
                 for i, c in enumerate(members):
-                    out[c].setdefault(name, [None] * 4)
-                    out[c][name][side], out[c][name][side + 2] = W[i], P[i]
+                    out[c].setdefault(name, [None, None])[side] = FactorInverse(inverses, i)
     return [{name: tuple(f) for name, f in w.items()} for w in out]  # type: ignore[misc]
 
 
@@ -157,41 +203,53 @@ def _kept_sides(sums: Sequence["CovarianceSums"], name: str, rank: Optional[int]
     return projection_sides(rank, s.sums[name][0].shape[-1], s.sums[name][1].shape[-1], s.ghost.get(name, True))
 
 
-def _layer_whitener(name: str, stacked: torch.Tensor, damping: float, keep: Optional[int] = None) -> torch.Tensor:
-    """:func:`whitener` (or, keeping ``keep`` directions, :func:`truncated_whitener`) of one layer's factors
-    [n, g, d, d] (float64: inverses before rounding); factors that are not finite or that no decomposition can invert
-    are one clear error naming the layer."""
+def _layer_inverses(name: str, stacked: torch.Tensor, damping: float, keep: Optional[int],
+                    where: Tuple[torch.device, torch.dtype]) -> Inverses:
+    """The :class:`Inverses` of one layer's factors [n, g, d, d] (decomposed in float64: inverses before rounding),
+    keeping ``keep`` leading directions when given (:func:`truncated_whitener`), on ``where`` (device, dtype); factors
+    that are not finite or that no decomposition can invert are one clear error naming the layer."""
     scale = float(stacked.abs().max()) if stacked.numel() else 0.0
     try:
         if not math.isfinite(scale):
             raise torch.linalg.LinAlgError("not finite")
         flat = stacked.flatten(0, 1)
-        W = whitener(flat, damping) if keep is None or keep >= flat.shape[-1] else truncated_whitener(flat, damping, keep)
-        return W.view(*stacked.shape[:-1], W.shape[-1])
+        if keep is not None and keep < flat.shape[-1]:
+            W = truncated_whitener(flat, damping, keep)
+            return Inverses(*where, W=W.view(*stacked.shape[:-1], W.shape[-1]).to(*where))
+        P, L, W = damped_inverse(flat, damping)
+        unflat = [t.view(stacked.shape) if t is not None else None for t in (P, L, W)]
+        return Inverses(*where, P=unflat[0].to(*where), cholesky=unflat[1],
+                        W=unflat[2].to(*where) if unflat[2] is not None else None)
     except torch.linalg.LinAlgError:
         raise TracInError(f"The K-FAC statistics of layer {name!r} cannot be inverted (entries up to {scale:.3g}): its "
                           "inputs or gradients are far outside float32's comfortable range; rescale the inputs, or score "
                           "with precondition='none' (--precondition none).") from None
 
 
-def whitener(S: torch.Tensor, damping: float) -> torch.Tensor:
-    """W [g, d, d] with W W^T = (S + l I)^-1, l = damping * mean eigenvalue of S [g, d, d] (its trace / d, per group):
-    W = L^-T for the Cholesky factor L of S + l I (an eigendecomposition when rounding makes that fail); the
-    identity for a group whose S is zero (its layer's factors are all zero, so are its scores)."""
+def damped_inverse(S: torch.Tensor, damping: float) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(P, L, W) for S [g, d, d], in float64: P = (S + l I)^-1 with l = damping * mean eigenvalue of S (its trace / d,
+    per group), from the Cholesky factor L of S + l I (then W = L^-T is left to be made from L, None here), or, when
+    rounding makes the Cholesky factorisation fail, from an eigendecomposition (then L is None and W given). A group
+    whose S is zero gets the identity (its layer's factors are all zero, so are its scores)."""
     S = S.detach().to("cpu", torch.float64)
     S = (S + S.transpose(1, 2)) / 2
     d = S.shape[-1]
     lam = damping * torch.diagonal(S, dim1=1, dim2=2).sum(-1).clamp_min(0) / d  # [g]
     zero = lam <= 0
     eye = torch.eye(d, dtype=S.dtype).expand_as(S)
-    damped = S + torch.where(zero, torch.ones_like(lam), lam)[:, None, None] * eye
+    damped = S + torch.where(zero, torch.ones_like(lam), lam)[:, None, None] * eye  # a zero S: the identity's own
     L, info = torch.linalg.cholesky_ex(damped)
     if bool((info != 0).any()):
         values, vectors = torch.linalg.eigh(damped)
         W = vectors * values.clamp_min(torch.finfo(S.dtype).tiny).rsqrt().unsqueeze(1)
-    else:
-        W = torch.linalg.solve_triangular(L, eye, upper=False).transpose(1, 2)
-    return torch.where(zero[:, None, None], eye, W)
+        return W @ W.transpose(1, 2), None, W
+    return torch.cholesky_inverse(L), L, None
+
+
+def whitener(S: torch.Tensor, damping: float) -> torch.Tensor:
+    """W [g, d, d] with W W^T = (S + l I)^-1 for S [g, d, d] (:func:`damped_inverse`; W = L^-T), float64."""
+    P, L, W = damped_inverse(S, damping)
+    return Inverses(torch.device("cpu"), torch.float64, P=P, W=W, cholesky=L).whitener()
 
 
 def truncated_whitener(S: torch.Tensor, damping: float, keep: int) -> torch.Tensor:
@@ -253,9 +311,9 @@ class Whitening:
         if name not in self.whiteners:
             raise TracInError(f"Layer {name!r} never ran while K-FAC was fitted on the training data, so it has no "
                               "preconditioner; fit on data that reaches it (fit_preconditioner) or leave it out of layers.")
-        W_in, W_out, P_in, P_out = self.whiteners[name]
-        if self.side == "query":
-            W_in, W_out = P_in, P_out
+        inputs, outputs = self.whiteners[name]
+        W_in, W_out = ((inputs.inverse(), outputs.inverse()) if self.side == "query"
+                       else (inputs.whitener(), outputs.whitener()))
         A = torch.einsum("bgti,gij->bgtj", with_ones(A, ones), W_in.to(A.device, A.dtype))
         D = torch.einsum("bgti,gij->bgtj", D, W_out.to(D.device, D.dtype))
         return A, D, False
@@ -287,8 +345,8 @@ class KFAC:
     def state(self) -> Dict[str, torch.Tensor]:
         """The fitted whiteners as named tensors (``"checkpoint|layer|i"``, i over W_in, W_out, P_in, P_out), to save."""
         assert self.per_checkpoint is not None, "fit before saving"
-        return {f"{c}|{name}|{i}": t for c, whiteners in enumerate(self.per_checkpoint)
-                for name, four in whiteners.items() for i, t in enumerate(four)}
+        return {f"{c}|{name}|{i}": t for c, whiteners in enumerate(self.per_checkpoint) for name, (a, d) in whiteners.items()
+                for i, t in enumerate((a.whitener(), d.whitener(), a.inverse(), d.inverse()))}
 
     def load_state(self, tensors: Dict[str, torch.Tensor], checkpoints: int, fit_examples: int) -> None:
         """Take the whiteners of :meth:`state` for ``checkpoints`` checkpoints, fitted on ``fit_examples`` examples."""
@@ -296,7 +354,11 @@ class KFAC:
         for key, tensor in tensors.items():
             c, name, i = key.split("|")
             fitted[int(c)].setdefault(name, [torch.empty(0)] * 4)[int(i)] = tensor
-        self.per_checkpoint = [{name: tuple(four) for name, four in w.items()} for w in fitted]  # type: ignore[misc]
+
+        def entry(W: torch.Tensor, P: torch.Tensor) -> FactorInverse:
+            return FactorInverse(Inverses(W.device, W.dtype, P=P.unsqueeze(0), W=W.unsqueeze(0)), 0)
+
+        self.per_checkpoint = [{name: (entry(f[0], f[2]), entry(f[1], f[3])) for name, f in w.items()} for w in fitted]
         self.fit_examples = fit_examples
 
     def whitening(self, checkpoint: int, side: str = "both") -> Whitening:
