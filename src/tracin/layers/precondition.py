@@ -31,24 +31,35 @@ from .sizing import sides as projection_sides
 
 class Inverses:
     """One factor's damped inverses P = (S + l I)^-1 for several checkpoints at once, [n, g, d, d], and whiteners W
-    with W W^T = P, [n, g, d, k] (k = d unless the fit keeps a rank), each made in one batched call when first asked
-    for and then kept, on the run's device and dtype. A one-sided influence pass needs P only, so a full fit pays the
-    d^3 solve that makes W only when a pass whitens both sides; a truncated fit (W first) makes P only if asked."""
+    with W W^T = P, [n, g, d, k] (k = d unless the fit keeps a rank), on the run's device and dtype. Nothing costing
+    d^3 is made before a pass needs it: from the float64 Cholesky factors L of S + l I, a one-sided influence pass
+    applies P to its (few) query rows by two triangular solves (2 d^2 per row) until the rows solved would pass n d / 3,
+    then forms P (about 2 n d^3 / 3) once; W = L^-T is made only when a pass whitens both sides. A truncated fit gives
+    W first and makes P only if asked."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype, P: Optional[torch.Tensor] = None,
                  W: Optional[torch.Tensor] = None, cholesky: Optional[torch.Tensor] = None):
-        """``cholesky``: float64 Cholesky factors L of S + l I (W = L^-T is made from them)."""
+        """``cholesky``: float64 Cholesky factors L [n, g, d, d] of S + l I."""
         self.device, self.dtype = device, dtype
         self._P, self._W, self._L = P, W, cholesky
+        self._solved = 0  # rows solved with L so far, per group
 
     def _here(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.device, self.dtype)
 
+    def _release(self) -> None:
+        if self._P is not None and self._W is not None:
+            self._L = None
+
     def inverse(self) -> torch.Tensor:
         if self._P is None:
-            assert self._W is not None
-            W = self._W.to(torch.float64)
-            self._P = self._here(W @ W.transpose(-1, -2))
+            if self._L is not None:
+                self._P = self._here(torch.cholesky_inverse(self._L.flatten(0, 1)).view(self._L.shape))
+            else:
+                assert self._W is not None
+                W = self._W.to(torch.float64)
+                self._P = self._here(W @ W.transpose(-1, -2))
+            self._release()
         return self._P
 
     def whitener(self) -> torch.Tensor:
@@ -57,14 +68,26 @@ class Inverses:
             L = self._L
             eye = torch.eye(L.shape[-1], dtype=L.dtype).expand_as(L)
             self._W = self._here(torch.linalg.solve_triangular(L, eye, upper=False).transpose(-1, -2))
-            self._L = None
+            self._release()
         return self._W
+
+    def apply_inverse(self, index: int, X: torch.Tensor) -> torch.Tensor:
+        """X P of checkpoint ``index`` for rows X [B, g, T, d]: by Cholesky solves while they are the cheaper way
+        (see the class), else with P."""
+        B, g, T, d = X.shape
+        L = self._L
+        if self._P is None and L is not None and (self._solved + B * T) * 3 <= L.shape[0] * d:
+            self._solved += B * T
+            rhs = X.detach().permute(1, 3, 0, 2).reshape(g, d, B * T).to("cpu", torch.float64)  # columns are rows of X
+            out = torch.cholesky_solve(rhs, L[index])  # P x for each column: (X P)^T as P is symmetric
+            return out.view(g, d, B, T).permute(2, 0, 3, 1).to(X.device, X.dtype)
+        return torch.einsum("bgti,gij->bgtj", X, self.inverse()[index].to(X.device, X.dtype))
 
 
 @dataclass(frozen=True)
 class FactorInverse:
     """One checkpoint's entry ``index`` of a layer factor's :class:`Inverses`: ``inverse()`` P [g, d, d],
-    ``whitener()`` W [g, d, k]."""
+    ``whitener()`` W [g, d, k], ``apply_inverse(X)`` X P for X [B, g, T, d]."""
 
     group: Inverses
     index: int
@@ -74,6 +97,9 @@ class FactorInverse:
 
     def whitener(self) -> torch.Tensor:
         return self.group.whitener()[self.index]
+
+    def apply_inverse(self, X: torch.Tensor) -> torch.Tensor:
+        return self.group.apply_inverse(self.index, X)
 
 
 # layer -> (its input factor's inverse, its output-gradient factor's), per checkpoint
@@ -216,21 +242,21 @@ def _layer_inverses(name: str, stacked: torch.Tensor, damping: float, keep: Opti
         if keep is not None and keep < flat.shape[-1]:
             W = truncated_whitener(flat, damping, keep)
             return Inverses(*where, W=W.view(*stacked.shape[:-1], W.shape[-1]).to(*where))
-        P, L, W = damped_inverse(flat, damping)
-        unflat = [t.view(stacked.shape) if t is not None else None for t in (P, L, W)]
-        return Inverses(*where, P=unflat[0].to(*where), cholesky=unflat[1],
-                        W=unflat[2].to(*where) if unflat[2] is not None else None)
+        L, W = damped_cholesky(flat, damping)
+        if L is not None:
+            return Inverses(*where, cholesky=L.view(stacked.shape))
+        return Inverses(*where, W=W.view(stacked.shape).to(*where))
     except torch.linalg.LinAlgError:
         raise TracInError(f"The K-FAC statistics of layer {name!r} cannot be inverted (entries up to {scale:.3g}): its "
                           "inputs or gradients are far outside float32's comfortable range; rescale the inputs, or score "
                           "with precondition='none' (--precondition none).") from None
 
 
-def damped_inverse(S: torch.Tensor, damping: float) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """(P, L, W) for S [g, d, d], in float64: P = (S + l I)^-1 with l = damping * mean eigenvalue of S (its trace / d,
-    per group), from the Cholesky factor L of S + l I (then W = L^-T is left to be made from L, None here), or, when
-    rounding makes the Cholesky factorisation fail, from an eigendecomposition (then L is None and W given). A group
-    whose S is zero gets the identity (its layer's factors are all zero, so are its scores)."""
+def damped_cholesky(S: torch.Tensor, damping: float) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(L, None) with L the float64 Cholesky factor of S + l I for S [g, d, d], l = damping * mean eigenvalue of S
+    (its trace / d, per group); when rounding makes the factorisation fail, (None, W) with W W^T = (S + l I)^-1 from
+    an eigendecomposition. A group whose S is zero gets the identity (its layer's factors are all zero, so are its
+    scores)."""
     S = S.detach().to("cpu", torch.float64)
     S = (S + S.transpose(1, 2)) / 2
     d = S.shape[-1]
@@ -241,15 +267,14 @@ def damped_inverse(S: torch.Tensor, damping: float) -> Tuple[torch.Tensor, Optio
     L, info = torch.linalg.cholesky_ex(damped)
     if bool((info != 0).any()):
         values, vectors = torch.linalg.eigh(damped)
-        W = vectors * values.clamp_min(torch.finfo(S.dtype).tiny).rsqrt().unsqueeze(1)
-        return W @ W.transpose(1, 2), None, W
-    return torch.cholesky_inverse(L), L, None
+        return None, vectors * values.clamp_min(torch.finfo(S.dtype).tiny).rsqrt().unsqueeze(1)
+    return L, None
 
 
 def whitener(S: torch.Tensor, damping: float) -> torch.Tensor:
-    """W [g, d, d] with W W^T = (S + l I)^-1 for S [g, d, d] (:func:`damped_inverse`; W = L^-T), float64."""
-    P, L, W = damped_inverse(S, damping)
-    return Inverses(torch.device("cpu"), torch.float64, P=P, W=W, cholesky=L).whitener()
+    """W [g, d, d] with W W^T = (S + l I)^-1 for S [g, d, d] (:func:`damped_cholesky`; W = L^-T), float64."""
+    L, W = damped_cholesky(S, damping)
+    return W if W is not None else Inverses(torch.device("cpu"), torch.float64, cholesky=L.unsqueeze(0)).whitener()[0]
 
 
 def truncated_whitener(S: torch.Tensor, damping: float, keep: int) -> torch.Tensor:
@@ -312,10 +337,10 @@ class Whitening:
             raise TracInError(f"Layer {name!r} never ran while K-FAC was fitted on the training data, so it has no "
                               "preconditioner; fit on data that reaches it (fit_preconditioner) or leave it out of layers.")
         inputs, outputs = self.whiteners[name]
-        W_in, W_out = ((inputs.inverse(), outputs.inverse()) if self.side == "query"
-                       else (inputs.whitener(), outputs.whitener()))
-        A = torch.einsum("bgti,gij->bgtj", with_ones(A, ones), W_in.to(A.device, A.dtype))
-        D = torch.einsum("bgti,gij->bgtj", D, W_out.to(D.device, D.dtype))
+        if self.side == "query":
+            return inputs.apply_inverse(with_ones(A, ones)), outputs.apply_inverse(D), False
+        A = torch.einsum("bgti,gij->bgtj", with_ones(A, ones), inputs.whitener().to(A.device, A.dtype))
+        D = torch.einsum("bgti,gij->bgtj", D, outputs.whitener().to(D.device, D.dtype))
         return A, D, False
 
 
