@@ -1,0 +1,84 @@
+"""What the default (K-FAC TracIn) costs against plain TracIn on the same work, in this process.
+
+  mlp:      784-512-10 MLP (benchmarks/vs_captum.py's workload), 4,096 train x 32 test, 3 checkpoints, every layer,
+            top-10 influence; best of 3 after a warm-up.
+  resnet18: torchvision resnet18 (10 classes) at 32 px, 240 train x 60 test random images, 3 checkpoints, every
+            layer, top-10 influence, batch 32; one run each (they take tens of seconds).
+
+    python benchmarks/kfac_cost.py [--part mlp resnet18]
+
+Prints seconds of the defaults, of precondition="none" and their ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import TensorDataset
+
+from tracin import Checkpoint, TracIn
+
+
+def _seconds(tr: TracIn, train, test) -> float:
+    begin = time.perf_counter()
+    tr.influence(train, test, top_k=10)
+    return time.perf_counter() - begin
+
+
+def mlp(repeats: int = 3) -> None:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from vs_captum import make_data, mlp as make_mlp, train_with_checkpoints
+
+    torch.manual_seed(0)
+    folder = Path(tempfile.mkdtemp())
+    model = make_mlp()
+    x, y = make_data(4096 + 32, 0)
+    train_with_checkpoints(model, x[:4096], y[:4096], folder, 3, torch.device("cpu"))
+    model.eval()
+    train, test = TensorDataset(x[:4096], y[:4096]), TensorDataset(x[4096:], y[4096:])
+    checkpoints = Checkpoint.discover(folder)
+    seconds = {}
+    for name, settings in (("defaults", {}), ("plain", {"precondition": "none"})):
+        runs = [_seconds(TracIn(model, checkpoints, layers="all", progress=False, **settings), train, test)
+                for _ in range(repeats + 1)][1:]
+        seconds[name] = min(runs)
+    _row("784-512-10 MLP, 4,096 x 32", seconds)
+
+
+def resnet18() -> None:
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(300, 3, 32, 32, generator=g), torch.randint(0, 10, (300,), generator=g)
+    base = model.state_dict()
+    checkpoints = [Checkpoint({k: v + 1e-3 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+                               for k, v in base.items()}, learning_rate=0.01) for _ in range(3)]
+    train, test = TensorDataset(x[:240], y[:240]), TensorDataset(x[240:], y[240:])
+    seconds = {name: _seconds(TracIn(model, checkpoints, layers="all", progress=False, batch_size=32, **settings), train, test)
+               for name, settings in (("plain", {"precondition": "none"}), ("defaults", {}))}
+    _row("resnet18 at 32 px, 240 x 60", seconds)
+
+
+def _row(workload: str, seconds) -> None:
+    print(f"| {workload} | {seconds['defaults']:.2f} | {seconds['plain']:.2f} | {seconds['defaults'] / seconds['plain']:.1f}x |",
+          flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", nargs="+", default=["mlp", "resnet18"], choices=["mlp", "resnet18"])
+    a = parser.parse_args()
+    print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads\n"
+          "| workload | defaults s | plain s | defaults / plain |\n|---|---|---|---|")
+    for part in a.part:
+        {"mlp": mlp, "resnet18": resnet18}[part]()
+
+
+if __name__ == "__main__":
+    main()
