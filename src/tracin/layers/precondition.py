@@ -214,7 +214,9 @@ def fit_whiteners(sums: Sequence["CovarianceSums"], damping: float, device: torc
                 if name in s.sums:
                     groups.setdefault(tuple(s.sums[name][side].shape), []).append(c)
             for shape, members in groups.items():
-                stacked = torch.stack([sums[c].sums[name][side] / sums[c].count for c in members])  # [n, g, d, d]
+                stacked = torch.stack([sums[c].sums[name][side] for c in members])  # [n, g, d, d]
+                stacked /= torch.tensor([float(sums[c].count) for c in members], dtype=stacked.dtype,
+                                        device=stacked.device)[:, None, None, None]
                 inverses = _layer_inverses(name, stacked, damping, keep[side] if keep else None, (device, dtype))
                 for i, c in enumerate(members):
                     out[c].setdefault(name, [None, None])[side] = FactorInverse(inverses, i)
@@ -258,12 +260,11 @@ def damped_cholesky(S: torch.Tensor, damping: float) -> Tuple[Optional[torch.Ten
     an eigendecomposition. A group whose S is zero gets the identity (its layer's factors are all zero, so are its
     scores)."""
     S = S.detach().to("cpu", torch.float64)
-    S = (S + S.transpose(1, 2)) / 2
+    damped = (S + S.transpose(1, 2)).mul_(0.5)  # its symmetric part (a new tensor; in place from here: d x d is large)
     d = S.shape[-1]
-    lam = damping * torch.diagonal(S, dim1=1, dim2=2).sum(-1).clamp_min(0) / d  # [g]
+    lam = damping * torch.diagonal(damped, dim1=1, dim2=2).sum(-1).clamp_min(0) / d  # [g]
     zero = lam <= 0
-    eye = torch.eye(d, dtype=S.dtype).expand_as(S)
-    damped = S + torch.where(zero, torch.ones_like(lam), lam)[:, None, None] * eye  # a zero S: the identity's own
+    torch.diagonal(damped, dim1=1, dim2=2).add_(torch.where(zero, torch.ones_like(lam), lam)[:, None])  # zero S: I
     L, info = torch.linalg.cholesky_ex(damped)
     if bool((info != 0).any()):
         values, vectors = torch.linalg.eigh(damped)
