@@ -193,8 +193,44 @@ def test_approximate_search_probing_every_list_is_exact_and_is_kept_until_the_ro
     grown = tr.query(tmp_path / "i", TensorDataset(*test), top_k=5, ann_probes=10**6)
     assert torch.equal(grown.proponents.indices, tr.query(tmp_path / "i", TensorDataset(*test), top_k=5).proponents.indices)
     assert json.loads((tmp_path / "i" / "ann.json").read_text())["rows"] == 120
+    (tmp_path / "i" / "ann.faiss").write_bytes(b"damaged")  # a damaged FAISS file is built again
+    again = tr.query(tmp_path / "i", TensorDataset(*test), top_k=5, ann_probes=10**6)
+    assert torch.equal(again.proponents.indices, grown.proponents.indices)
     with pytest.raises(TracInError, match="ann_probes must be a positive integer"):
         tr.query(tmp_path / "i", TensorDataset(*test), top_k=5, ann_probes=0)
     monkeypatch.setitem(__import__("sys").modules, "faiss", None)
     with pytest.raises(TracInError, match=r"pip install -e '.\[ann\]'"):
         tr.query(tmp_path / "i", TensorDataset(*test), top_k=5, ann_probes=2)
+
+
+def test_a_damaged_or_planted_index_is_refused_in_one_sentence(tmp_path):
+    model, ckpts, _, train, test = _case()
+    tr = _scorer(model, ckpts)
+    tr.build_index(TensorDataset(*train), tmp_path / "i")
+    meta_path = tmp_path / "i" / "index.json"
+    good = meta_path.read_text()
+    meta = json.loads(good)
+    meta["shards"][0]["name"] = "../../outside"  # a planted name never becomes a path
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(TracInError, match="not a tracin index description"):
+        tr.query(tmp_path / "i", TensorDataset(*test), top_k=3)
+    meta = json.loads(good)
+    del meta["shards"][0]["rows"]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(TracInError, match="not a tracin index description"):
+        tr.query(tmp_path / "i", TensorDataset(*test), top_k=3)
+    meta_path.write_text(good)
+    shard = tmp_path / "i" / "shard-00000.npy"
+    rows = np.load(shard)
+    np.save(shard, rows[:-1])  # a shard shorter than its table entry
+    with pytest.raises(TracInError, match="not the 30 rows of float32 the index lists"):
+        tr.query(tmp_path / "i", TensorDataset(*test), top_k=3)
+    shard.write_bytes(b"not an array")
+    with pytest.raises(TracInError, match="missing or damaged"):
+        tr.query(tmp_path / "i", TensorDataset(*test), top_k=3)
+    np.save(shard, np.array([object()] * 30, dtype=object), allow_pickle=True)  # pickled objects are never loaded
+    with pytest.raises(TracInError, match="missing or damaged"):
+        tr.query(tmp_path / "i", TensorDataset(*test), top_k=3)
+    (tmp_path / "i" / "kfac_whiteners.npz").write_bytes(b"PK broken")
+    with pytest.raises(TracInError, match="kfac_whiteners.npz is damaged"):
+        tr.query(tmp_path / "i", TensorDataset(*test), top_k=3)

@@ -47,11 +47,15 @@ def ann_index(index: GradientIndex) -> Any:
     faiss = _faiss()
     index.require_complete()
     path, meta_path = index.directory / ANN_FILE, index.directory / ANN_META
-    if path.is_file() and meta_path.is_file() and json.loads(meta_path.read_text()) == _key(index):
+    if path.is_file() and _recorded(meta_path) == _key(index):
         stamp = (str(path.resolve()), path.stat().st_mtime_ns, path.stat().st_size)
-        if _LOADED.get("stamp") != stamp:  # the last one read stays in memory for the next query
-            _LOADED.update(stamp=stamp, ivf=faiss.deserialize_index(np.fromfile(path, dtype=np.uint8)))
-        return _LOADED["ivf"]
+        try:
+            if _LOADED.get("stamp") != stamp:  # the last one read stays in memory for the next query
+                _LOADED.update(stamp=stamp, ivf=faiss.deserialize_index(np.fromfile(path, dtype=np.uint8)))
+            if _LOADED["ivf"].d == index.width():
+                return _LOADED["ivf"]
+        except RuntimeError:  # a damaged file: built again below
+            _LOADED.clear()
     n, width = index.meta.n_rows, index.width()
     lists = max(1, min(int(4 * math.sqrt(n)), n // 39))  # FAISS wants about 39 training points per list
     ivf = faiss.index_factory(width, f"IVF{lists},Flat", faiss.METRIC_INNER_PRODUCT)
@@ -61,6 +65,14 @@ def ann_index(index: GradientIndex) -> Any:
     write_bytes(path, faiss.serialize_index(ivf).tobytes())
     write_json(meta_path, _key(index))
     return ivf
+
+
+def _recorded(meta_path) -> Any:
+    """What ``ann.json`` says the FAISS file was built from (None when it is missing or unreadable)."""
+    try:
+        return json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _sample(index: GradientIndex, count: int) -> np.ndarray:

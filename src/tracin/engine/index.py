@@ -23,6 +23,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -105,7 +107,8 @@ class GradientIndex:
         try:
             raw = json.loads(path.read_text())
             meta = IndexMeta(**{k: v for k, v in raw.items() if k != "format"})
-        except (ValueError, TypeError) as exc:
+            _check_meta(meta)
+        except (ValueError, TypeError, AttributeError, KeyError) as exc:
             raise TracInError(f"{path} is not a tracin index description ({exc}); build the index again.") from None
         return cls(directory, meta)
 
@@ -151,8 +154,20 @@ class GradientIndex:
         write_json(self.directory / f"{shard['name']}.json", {"first": shard["first"], "rows": shard["rows"]})
 
     def read_rows(self, shard: Dict[str, Any]) -> np.ndarray:
-        """The shard's rows as stored, memory-mapped [rows, width]."""
-        return np.load(self.directory / f"{shard['name']}.npy", mmap_mode="r", allow_pickle=False)
+        """The shard's rows as stored, memory-mapped [rows, width] (checked against the shard table)."""
+        return self._read(shard, ".npy", (np.dtype(DTYPES[self.meta.dtype][0]),), 2)
+
+    def _read(self, shard: Dict[str, Any], suffix: str, dtypes: Tuple[np.dtype, ...], ndim: int) -> np.ndarray:
+        path = self.directory / f"{shard['name']}{suffix}"
+        try:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:
+            raise TracInError(f"{path} is missing or damaged ({exc}); delete {shard['name']}.json and run the build "
+                              "again to rewrite that shard.") from None
+        if array.dtype not in dtypes or array.ndim != ndim or array.shape[0] != shard["rows"]:
+            raise TracInError(f"{path} holds {array.dtype} {tuple(array.shape)}, not the {shard['rows']} rows of "
+                              f"{self.meta.dtype} the index lists; delete {shard['name']}.json and run the build again.")
+        return array
 
     def width(self) -> int:
         """Numbers per row (checkpoints x vector size), as the first shard holds them."""
@@ -162,7 +177,7 @@ class GradientIndex:
     def self_influence(self) -> torch.Tensor:
         """Every row's stored self-influence, [n_rows] float32."""
         self.require_complete()
-        parts = [np.load(self.directory / f"{s['name']}.self.npy", allow_pickle=False) for s in self.meta.shards]
+        parts = [np.array(self._read(s, ".self.npy", (np.dtype(np.float32),), 1)) for s in self.meta.shards]
         return torch.from_numpy(np.concatenate(parts) if parts else np.zeros(0, np.float32))
 
     # -- K-FAC whiteners ----------------------------------------------------------------------------
@@ -175,8 +190,32 @@ class GradientIndex:
         path = self.directory / WHITENERS
         if not path.is_file():
             raise TracInError(f"The gradient index in {self.directory} has no {WHITENERS}; build the index again.")
-        with np.load(path, allow_pickle=False) as stored:
-            return {k: torch.from_numpy(stored[k]) for k in stored.files}
+        try:
+            with np.load(path, allow_pickle=False) as stored:
+                return {k: torch.from_numpy(stored[k]) for k in stored.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            raise TracInError(f"{path} is damaged ({exc}); build the index again.") from None
+
+
+SHARD_NAME = re.compile(r"shard-\d{5,}")
+
+
+def _check_meta(meta: IndexMeta) -> None:
+    """Raise ValueError unless ``meta`` is well formed: a known dtype, whole numbers where rows are counted, and shard
+    names of the form the builder writes (a planted name never reaches a path)."""
+    if meta.dtype not in DTYPES or not _whole(meta.shard_rows, 1) or not isinstance(meta.description, dict):
+        raise ValueError("unknown dtype, shard size or description")
+    for shard in meta.shards:
+        if not (SHARD_NAME.fullmatch(str(shard["name"])) and _whole(shard["first"], 0) and _whole(shard["rows"], 1)
+                and _whole(shard["part"], 0) and shard["part"] < len(meta.parts)):
+            raise ValueError(f"bad shard entry {shard!r}")
+    for part in meta.parts:
+        if not (_whole(part["first"], 0) and _whole(part["rows"], 1)):
+            raise ValueError(f"bad part entry {part!r}")
+
+
+def _whole(value: Any, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
 def plan_part(meta: IndexMeta, n_rows: int, source: Optional[str]) -> Dict[str, Any]:
@@ -234,13 +273,13 @@ def rows_to_compute(dataset: Any, loader: Any, part: Dict[str, Any], todo: Seque
     """(a dataset of just the examples of ``todo``, or None to read ``loader`` whole; the index row of each example
     read, in order). A DataLoader given by the caller is read whole (its examples cannot be picked); the writer drops
     the rows of shards that are done."""
-    if isinstance(dataset, DataLoader) or _whole(part, todo):
+    if isinstance(dataset, DataLoader) or _covers(part, todo):
         return None, part["first"] + np.arange(part["rows"])
     positions = np.concatenate([np.arange(s["first"], s["first"] + s["rows"]) for s in todo]) - part["first"]
     return Subset(dataset, positions.tolist()), part["first"] + positions
 
 
-def _whole(part: Dict[str, Any], todo: Sequence[Dict[str, Any]]) -> bool:
+def _covers(part: Dict[str, Any], todo: Sequence[Dict[str, Any]]) -> bool:
     return sum(s["rows"] for s in todo) == part["rows"]
 
 
