@@ -2,7 +2,8 @@
 
 A BERT-style classifier (built from a config, nothing downloaded; hidden 64, 2 layers) on random token
 sequences of length T in 32..1024: 32 training and 4 test sequences, two checkpoints, every layer but the
-position embeddings (those are looked up once per batch and need per-example passes; see docs/tasks.md).
+position embeddings (left out as when these figures were first recorded; they now keep the embedding kernel,
+docs/tasks.md, and benchmarks/transformer_floor.py measures the whole model).
 Each configuration runs in a fresh process so its peak resident memory is its own:
 
 * tracin exact: the per-layer choice between ghost (cost T^2 (d_in + d_out) per pair) and materialised

@@ -2,7 +2,8 @@
 
 A BERT-style sequence classifier is built from a small config (nothing is downloaded), trained for a few epochs
 on generated reviews with AdamW, saving a checkpoint (weights + learning rate) after each epoch. TracIn then scores
-every parameter, exactly (the position embeddings, looked up once per batch, by per-example passes), with the
+every parameter, exactly (the position embeddings, looked up once per batch, with their output expanded to the
+batch while the gradients are captured, so they keep a fast kernel too), with the
 default task for Hugging Face dict batches: the cross-entropy of the logits against ``labels``. Each checkpoint
 is weighted by its learning rate, TracIn's plain-gradient reading of the optimizer's step. Some training
 reviews carry the wrong label on purpose; they show up as opponents and at the top of self-influence.

@@ -4,8 +4,9 @@ A GPT-2-style causal language model is built from a small config (nothing is dow
 documents, each stating where a few people live ("alice lives in paris ."), with a checkpoint (weights + learning
 rate) after each epoch. The test example is a prompt and its continuation with the prompt's labels set to -100,
 so the loss, and so the influence, is that of the continuation alone. TracIn scores every parameter, exactly:
-GPT-2's Conv1D layers with the Linear kernels, its embedding matrix (tied to the output layer) and position
-embeddings by per-example passes. The documents that state the fact come out on top.
+GPT-2's Conv1D layers with the Linear kernels, its position embeddings with the embedding kernel (looked up once
+per batch, their output expanded to the batch while gradients are captured), and its embedding matrix (tied to the
+output layer) by per-example passes. The documents that state the fact come out on top.
 
     python examples/lm_data_attribution.py --workdir lm_out     # about 30 s on 2 CPU cores
 """

@@ -212,3 +212,35 @@ def test_hf_style_conv1d_is_a_transposed_linear_under_every_kernel_and_kfac():
         got, want = (TracIn(m, [Checkpoint(m.state_dict(), learning_rate=0.1)], layers="all", device=DEVICE, progress=False,
                             **kwargs).influence_matrix(train, test) for m in (hf, plain))
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-6), kwargs
+
+
+class LookedUpOnce(nn.Module):
+    """Positions looked up once for the batch as [1, T] (as Hugging Face models do) and broadcast when added; with
+    ``pooled``, the lookup is also summed over its first dimension, which expanding it to the batch would change."""
+
+    def __init__(self, pooled=False, d=6, T=5):
+        super().__init__()
+        self.pooled = pooled
+        self.tok, self.pos, self.head = nn.Embedding(11, d), nn.Embedding(T, d), nn.Linear(d, 3)
+
+    def forward(self, ids):
+        positions = self.pos(torch.arange(ids.shape[1], device=ids.device)[None])  # [1, T, d]
+        x = torch.tanh(self.tok(ids) + positions).mean(1)
+        return self.head(x + positions.sum(0).mean(0) if self.pooled else x)
+
+
+@pytest.mark.parametrize("pooled, kernels", [(False, ("ghost", "materialize")), (True, ("exact",))])
+def test_a_table_looked_up_once_for_the_batch_keeps_its_kernel_when_the_losses_allow(pooled, kernels):
+    """Expanded to the batch's rows during capture, the positions' output gradient is per example (ghost kernel); where
+    the expansion would change a loss (a sum over the lookup's first dimension) the first batch finds it out and the
+    table takes exact per-example passes. (The ghost or materialised form is the embedding handler's own choice.) Both equal the float64 reference."""
+    torch.manual_seed(0)
+    model = LookedUpOnce(pooled)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, 11, (13, 5), generator=g), torch.randint(0, 3, (13,), generator=g)
+    train, test = TensorDataset(x[:9], y[:9]), TensorDataset(x[9:], y[9:])
+    ckpts, raw = perturbed_checkpoints(model, [0.1, 0.05], scale=0.1)
+    tr = TracIn(model, ckpts, layers="all", device=DEVICE, batch_size=4, progress=False)
+    assert rel_err(tr.influence_matrix(train, test), reference(model, raw, train, test)) <= TOL
+    assert {row["name"]: row["kernel"] for row in tr.scope()}["pos"] in kernels
+    assert torch.allclose(tr.self_influence(train), reference(model, raw, train, train).diagonal().float(), rtol=1e-4, atol=1e-7)

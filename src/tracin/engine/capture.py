@@ -82,16 +82,30 @@ class BatchCapture:
         self.outputs: Dict[str, List[Tuple[torch.Tensor, int]]] = {h.name: [] for h in self.handlers}
         self.active = False  # recording only during the task's forward pass
         self.checked = False  # each handler's summed gradient was compared with autograd's on a first batch
-        self._hooks = [h.module.register_forward_hook(self._hook(h.name)) for h in self.handlers if h.hooked]
+        self.rows = 0  # examples in the batch being recorded
+        # broadcast outputs are expanded to the batch's rows (LayerHandler.broadcast_rows) once the first batch showed
+        # that this leaves every loss unchanged: None until then, then True or False for the run
+        self.expand: Optional[bool] = None
+        self.verifying = False  # the first batch's pass that decides it
+        self.expanded = False  # whether that pass expanded any output
+        self.last_loss: Optional[torch.Tensor] = None  # the per-example losses of the last pass, detached
+        self._hooks = [h.module.register_forward_hook(self._hook(h)) for h in self.handlers if h.hooked]
 
-    def _hook(self, name: str):
-        def hook(module: nn.Module, args: Tuple, output: torch.Tensor) -> None:
+    def _hook(self, handler: LayerHandler):
+        name = handler.name
+
+        def hook(module: nn.Module, args: Tuple, output: torch.Tensor) -> Optional[torch.Tensor]:
             if not self.active:
-                return
+                return None
             if not isinstance(output, torch.Tensor):
                 raise TracInError(f"Module {name!r} returned {type(output).__name__}, not a tensor; it cannot be scored.")
             if not output.requires_grad:
                 raise TracInError(f"Module {name!r} ran without autograd (torch.no_grad?); TracIn needs its gradients.")
+            expanded = ((self.expand or self.verifying) and handler.broadcast_rows and self.rows > 1 and output.dim() > 0
+                        and output.shape[0] == 1 and self.runs[name].mode != EXACT)
+            if expanded:  # one row for the whole batch: give every example its own, so its output gradient is its own
+                output = output.expand(self.rows, *output.shape[1:]).clone()
+                self.expanded = True
             detached = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
             first = detached[0] if detached else None
             # detach() shares the version counter, so a later in-place change of the input shows.
@@ -106,6 +120,7 @@ class BatchCapture:
             output.register_hook(store)
             self.calls[name].append(call)
             self.outputs[name].append((output, version(output)))
+            return output if expanded else None
 
         return hook
 
@@ -125,7 +140,10 @@ class BatchCapture:
         ``raw``: each layer's untransformed (A, D, bias in scope) instead, for fitting a preconditioner;
         ``whitening``: the loaded checkpoint's K-FAC whiteners on this batch's side, for preconditioned layers.
         Layers in ``"exact"`` mode get materialised per-example gradients from per-example backward passes."""
-        size, direct = self._pass(model, task, batch, (what, first_index), self._checking(raw))
+        if self._checking(raw):
+            size, direct = self._expanding_pass(model, task, batch, (what, first_index))
+        else:
+            size, direct = self._pass(model, task, batch, (what, first_index), False)
         out: Dict[str, Optional[Factors]] = {}
         for handler in self.handlers:
             if handler.hooked:
@@ -144,25 +162,48 @@ class BatchCapture:
         one kind of factors per layer for the whole run, even when its first scored batch holds a single example."""
         if not self._checking(raw=False):
             return
-        size, direct = self._pass(model, task, batch, ("training", 0), True)
+        size, direct = self._expanding_pass(model, task, batch, ("training", 0))
         for handler in self.handlers:
             if handler.hooked and self.runs[handler.name].mode != EXACT:
                 self._decide(handler, size, direct)
         self.checked = True
         self.reset()
 
+    def _expanding_pass(self, model: nn.Module, task: Task, batch: Batch, where: Tuple[str, int]):
+        """The first batch's checked pass, deciding :attr:`expand`: broadcast outputs are expanded to the batch's rows
+        for the run when that leaves every example's loss as it is (else the pass runs again without, and those
+        modules take exact per-example passes)."""
+        if self.expand is not None or not any(h.broadcast_rows for h in self.handlers):
+            return self._pass(model, task, batch, where, True)
+        with torch.no_grad():
+            reference = self._loss(model, task, batch).detach()
+        self.verifying, self.expanded = True, False
+        try:
+            size, direct = self._pass(model, task, batch, where, True)
+            assert self.last_loss is not None
+            # only what this batch showed is trusted: an expansion it made (of several rows) that changed no loss
+            self.expand = bool(self.expanded and self.last_loss.shape == reference.shape
+                               and torch.allclose(self.last_loss, reference, rtol=1e-5, atol=1e-7))
+        except RuntimeError:  # the expanded output did not fit where the model used it
+            self.expand = False
+        finally:
+            self.verifying = False
+        return (size, direct) if self.expand else self._pass(model, task, batch, where, True)
+
     def _pass(self, model: nn.Module, task: Task, batch: Batch, where: Tuple[str, int], check: bool):
         """Forward with the hooks recording, the loss checked, (with ``check``) autograd's gradient of every hooked
         handler's parameters, and the backward pass that records each call's output gradient: (batch size, those
         gradients or None)."""
         self.reset()
+        self.rows = task.batch_size(batch)
         with torch.enable_grad():
             self.active = True
             try:
                 loss = self._loss(model, task, batch)
             finally:
                 self.active = False
-            size = task.batch_size(batch)
+            size = self.rows
+            self.last_loss = loss.detach()
             _check_loss(loss, size, *where)
             direct = self._direct_gradients(loss) if check else None
             targets, owners = self._grad_targets()

@@ -55,6 +55,10 @@ class LayerHandler:
     modes: Tuple[str, ...] = ("materialize",)
     hooked = True  # the engine records the module's calls with a forward hook
     kronecker: bool = False  # its gradients are sum_t d_t a_t^T with captured (A, D): K-FAC can precondition it
+    # its factors stay exact when a call that ran once for the whole batch (output rows 1, broadcast over the batch
+    # downstream, as an absolute position embedding is) has its output expanded to the batch's rows during capture,
+    # so that the output gradient is per example (the engine checks on the first batch that the losses do not change)
+    broadcast_rows: bool = False
 
     def __init__(self, name: str, module: nn.Module, param_names: List[str]):
         self.name = name

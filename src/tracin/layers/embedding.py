@@ -21,6 +21,7 @@ class EmbeddingHandler(LayerHandler):
 
     module_types = (nn.Embedding,)
     modes = ("ghost", "materialize")
+    broadcast_rows = True  # a table looked up once per batch (positions [1, T]) and broadcast: its rows repeat
 
     def check(self) -> None:
         if self.module.scale_grad_by_freq:
@@ -34,8 +35,10 @@ class EmbeddingHandler(LayerHandler):
         idx_parts, d_parts = [], []
         for call in calls:
             idx = call.args[0]
-            B = idx.shape[0]
             delta = call.delta if call.delta is not None else zero_delta_like(call, self.module.weight)
+            B = delta.shape[0]
+            if idx.dim() and idx.shape[0] == 1 and B > 1:  # looked up once, its output expanded to the batch's rows
+                idx = idx.expand(B, *idx.shape[1:])
             idx = idx.reshape(B, -1)
             d = delta.reshape(B, idx.shape[1], -1)
             if self.module.padding_idx is not None:
