@@ -22,7 +22,7 @@ from .engine.sampling import TrainPlan, plan_training
 from .engine.capture import EXACT
 from .engine.scheduler import Scheduler, Target, Transforms
 from .engine.scope import resolve_layers
-from .engine.ann import approximate_search
+from .engine.ann import approximate_with_recall
 from .engine.index import (DTYPES, META as INDEX_META, FoldingWriter, GradientIndex, IndexMeta, describe_checkpoints, fold,
                            mine, plan_or_resume, rows_to_compute, search, shard_rows_for)
 from .errors import TracInError
@@ -410,7 +410,20 @@ class TracIn:
         n_rows = index.meta.n_rows
         if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= n_rows:
             raise TracInError(f"top_k must be between 1 and the index's {n_rows} rows, got {top_k!r}.")
-        test = self._test_loader(test_dataset)
+        queries = self._index_queries(self._test_loader(test_dataset))
+        tile_bytes = default_memory_budget(self.device, self.config.memory_budget) // 4
+        if ann_probes is None:
+            pv, pi, nv, ni = (t.cpu() for t in search(index, queries.to(self.device), top_k, tile_bytes).result())
+            stats: Dict[str, object] = {"search": "exact"}
+        else:
+            (pv, pi, nv, ni), stats = approximate_with_recall(index, queries, top_k, ann_probes, (self.device, tile_bytes))
+        _check_finite("influence", pv, nv)
+        return InfluenceResult(proponents=TopK(pv, pi), opponents=TopK(nv, ni),
+                               self_influence=index.self_influence() if self_influence else None,
+                               stats={"index_rows": n_rows, **stats})
+
+    def _index_queries(self, test) -> torch.Tensor:
+        """The test examples' rows as an index holds training rows: [m, checkpoints x vector size] (float32, CPU)."""
         vectors: Optional[torch.Tensor] = None
 
         def keep(c: int, first: int, vec: torch.Tensor) -> None:
@@ -423,24 +436,7 @@ class TracIn:
             run.vectors(test, "test", keep)
         assert vectors is not None
         rates = [float(c.learning_rate) for c in self.checkpoints]  # type: ignore[arg-type]
-        queries, _ = fold(vectors, rates, self.config.normalize, "test")
-        if ann_probes is not None:
-            if not isinstance(ann_probes, int) or isinstance(ann_probes, bool) or ann_probes < 1:
-                raise TracInError(f"ann_probes must be a positive integer (lists probed), got {ann_probes!r}.")
-            pv, pi, nv, ni = approximate_search(index, queries, top_k, ann_probes)
-        budget = default_memory_budget(self.device, self.config.memory_budget)
-        sample = queries[:10] if ann_probes is not None else queries  # the approximate search's recall, measured
-        exact = [t.cpu() for t in search(index, sample.to(self.device), top_k, budget // 4).result()]
-        stats: Dict[str, object] = {"index_rows": n_rows, "search": "exact" if ann_probes is None else f"ann, {ann_probes} probes"}
-        if ann_probes is None:
-            pv, pi, nv, ni = exact
-        else:
-            stats["ann_recall_sample"] = len(sample)
-            stats["ann_recall"] = float(sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(pi, exact[1]))
-                                        / (len(sample) * top_k))
-        _check_finite("influence", pv, nv)
-        return InfluenceResult(proponents=TopK(pv, pi), opponents=TopK(nv, ni),
-                               self_influence=index.self_influence() if self_influence else None, stats=stats)
+        return fold(vectors, rates, self.config.normalize, "test")[0]
 
     def influence_matrix(self, train_dataset: DataSource, test_dataset: DataSource) -> torch.Tensor:
         """The full TracIn matrix [n_test, n_train] (on the CPU). Holds n_test * n_train numbers: use

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Tuple
+from typing import Any, Dict, Tuple
 
 import numpy as np
 import torch
 
 from ..errors import TracInError
 from ..io import write_bytes, write_json
-from .index import GradientIndex
+from .index import GradientIndex, search
 
 ANN_FILE = "ann.faiss"
 ANN_META = "ann.json"
@@ -99,3 +99,19 @@ def approximate_search(index: GradientIndex, queries: torch.Tensor, top_k: int, 
         raise TracInError(f"The approximate search found fewer than top_k={top_k} rows in {ivf.nprobe} of its {ivf.nlist} "
                           "lists; raise the probes or use the exact search.")
     return (torch.from_numpy(pos_v), torch.from_numpy(pos_i).long(), torch.from_numpy(-neg_v), torch.from_numpy(neg_i).long())
+
+
+def approximate_with_recall(index: GradientIndex, queries: torch.Tensor, top_k: int, probes: int,
+                            exact_on: Tuple[torch.device, int]) -> Tuple[Tuple[torch.Tensor, ...], Dict[str, Any]]:
+    """:func:`approximate_search` of ``queries`` [m, width], and its recall@k against the exact search
+    (:func:`tracin.engine.index.search` on ``exact_on`` = (device, tile bytes)) measured on up to 10 of them:
+    (the four [m, top_k] results, {"search", "ann_recall", "ann_recall_sample"})."""
+    if not isinstance(probes, int) or isinstance(probes, bool) or probes < 1:
+        raise TracInError(f"ann_probes must be a positive integer (lists probed), got {probes!r}.")
+    found = approximate_search(index, queries, top_k, probes)
+    device, tile_bytes = exact_on
+    sample = queries[:10]
+    exact = search(index, sample.to(device), top_k, tile_bytes).result()[1].cpu()
+    hits = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(found[1], exact))
+    return found, {"search": f"ann, {probes} probes", "ann_recall": hits / (len(sample) * top_k),
+                   "ann_recall_sample": len(sample)}
