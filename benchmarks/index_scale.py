@@ -9,6 +9,7 @@
   latency:  search() over synthetic rows (10^5 and 10^6 rows of 512 numbers, float16) for 1, 100 and 1,000 queries,
             exact top-100, best of 3 (rows per second beside).
   ann:      FAISS inverted-file search (the ``ann`` extra) against the exact search: recall@10 and speed-up.
+  lds:      the default's LDS through an index (built, then queried for every row) against the in-memory path.
 
     python benchmarks/index_scale.py --workdir /tmp/index_bench [--part cli latency]   # about 5 minutes on 2 cores
 """
@@ -122,6 +123,34 @@ def ann(workdir: Path, width: int = 512) -> None:
             print(f"| {probes} | {t:.3f} | {t_exact / t:.0f}x | {recall:.3f} |")
 
 
+def lds(workdir: Path) -> None:
+    """The LDS of the default scored through an index (built, then queried for every training row) against the
+    in-memory default, on the digits and mnist1d MLP settings of benchmarks/lds_settings.py."""
+    from torch.utils.data import TensorDataset
+
+    from tracin import TracIn
+    from tracin.workflows.evaluation.lds import LDSSetting, format_row, prepare
+
+    print("\n| setting | path | LDS | 95% interval | seconds |\n|---|---|---|---|---|")
+    for data in ("digits", "mnist1d"):
+        run = prepare(LDSSetting(data=data, model="mlp"), workdir / f"lds_{data}", lambda line: None)
+        run.warm_up()
+        train, test = TensorDataset(*run.train), TensorDataset(*run.test)
+        n = len(train)
+        begin = time.perf_counter()
+        memory = TracIn(run.model, run.checkpoints, progress=False, batch_size=500).influence_matrix(train, test)
+        rows = [run.row("in memory", memory, time.perf_counter() - begin)]
+        begin = time.perf_counter()
+        tr = TracIn(run.model, run.checkpoints, progress=False, batch_size=500)
+        tr.build_index(train, workdir / f"lds_index_{data}")
+        found = tr.query(workdir / f"lds_index_{data}", test, top_k=n)
+        scores = torch.zeros(len(test), n).scatter_(1, found.proponents.indices, found.proponents.values)
+        rows.append(run.row("index (build + query)", scores, time.perf_counter() - begin))
+        for row in rows:
+            print(f"| {data} MLP " + format_row(row))
+        print(f"largest score difference, relative: {float((scores - memory).abs().max() / memory.abs().max()):.1e}")
+
+
 def _seconds(fn) -> float:
     begin = time.perf_counter()
     fn()
@@ -131,7 +160,7 @@ def _seconds(fn) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, required=True)
-    parser.add_argument("--part", nargs="+", default=["cli", "latency", "ann"], choices=["cli", "latency", "ann"])
+    parser.add_argument("--part", nargs="+", default=["cli", "latency", "ann", "lds"], choices=["cli", "latency", "ann", "lds"])
     a = parser.parse_args()
     a.workdir.mkdir(parents=True, exist_ok=True)
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads")
@@ -141,6 +170,8 @@ def main() -> None:
         latency(a.workdir)
     if "ann" in a.part:
         ann(a.workdir)
+    if "lds" in a.part:
+        lds(a.workdir)
 
 
 if __name__ == "__main__":
