@@ -69,3 +69,19 @@ def test_query_with_approximate_search_prints_its_recall(run, tmp_path, capsys):
     assert "recall@3 100.0% of the exact proponents, measured on 9 of the test images" in capsys.readouterr().out
     manifest = json.loads((tmp_path / "q" / "manifest.json").read_text())
     assert manifest["engine"]["search"] == "ann, 1000 probes" and manifest["engine"]["ann_recall"] == 1.0
+
+
+def test_info_says_what_an_index_holds_and_that_it_is_unfinished(run, tmp_path, capsys):
+    root, data, ckpt = run
+    assert main(["index", "build", "--data_dir", str(data), "--checkpoint_dir", str(ckpt), "--index_dir",
+                 str(tmp_path / "index"), "--layers", "all", "--use_projection", "--projection_dim", "16", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["index", "info", "--index_dir", str(tmp_path / "index")]) == 0
+    out = capsys.readouterr().out
+    assert "24 rows (complete), float32" in out and "K-FAC (damping 0.1, 16 leading directions per layer)" in out
+    assert "3 checkpoints" in out and f"Part 1: rows 0-23 ({data.resolve()})" in out
+    next((tmp_path / "index").glob("shard-*.json")).unlink()
+    assert main(["index", "info", "--index_dir", str(tmp_path / "index")]) == 0
+    assert "INCOMPLETE: 1 of 1 shards missing" in capsys.readouterr().out
+    assert main(["index", "info", "--index_dir", str(tmp_path / "none")]) == 2
+    assert "holds no gradient index" in capsys.readouterr().err

@@ -169,6 +169,19 @@ class GradientIndex:
                               f"{self.meta.dtype} the index lists; delete {shard['name']}.json and run the build again.")
         return array
 
+    def summary(self) -> Dict[str, Any]:
+        """What the index holds, for people: rows, parts (and what each says it is), shards done and missing, storage,
+        and what its rows depend on."""
+        missing = self.missing()
+        files = list(self.directory.glob("shard-*"))
+        d = self.meta.description
+        return {"rows": self.meta.n_rows, "dtype": self.meta.dtype, "parts": [dict(p) for p in self.meta.parts],
+                "shards": len(self.meta.shards), "missing_shards": len(missing),
+                "width": self.width() if self.meta.shards and not missing else None,
+                "bytes": sum(f.stat().st_size for f in files if f.is_file()), "layers": d.get("layers"),
+                "precondition": d.get("precondition"), "projection": d.get("projection"), "normalize": d.get("normalize"),
+                "checkpoints": len(d.get("checkpoints") or []), "fit_examples": self.meta.fit_examples}
+
     def width(self) -> int:
         """Numbers per row (checkpoints x vector size), as the first shard holds them."""
         self.require_complete()

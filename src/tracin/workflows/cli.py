@@ -49,17 +49,22 @@ def _influence(a) -> None:
 
 
 def _index(a) -> None:
-    if a.index_command == "build":
-        from .image.index_job import IndexBuildJob, build_image_index
+    {"build": _index_build, "query": _index_query, "info": _index_info}[a.index_command](a)
 
-        s = build_image_index(job_from_args(IndexBuildJob, a, own=own_model(a), scoring=scoring_config(a)))
-        if s is None:  # a torchrun rank other than 0
-            return
-        print(f"Indexed {s['rows']} training images over {count(s['checkpoints'], 'checkpoint')} and "
-              f"{count(s['layers'], 'layer')} in {s['seconds']:.1f}s: {count(s['shards'], 'shard')}, {s['dtype']}, "
-              f"{s['bytes'] / max(1, s['rows']):,.0f} bytes per image. Next: tracin index query --index_dir {a.index_dir} "
-              f"--data_dir {a.data_dir} ... --output_dir O")
+
+def _index_build(a) -> None:
+    from .image.index_job import IndexBuildJob, build_image_index
+
+    s = build_image_index(job_from_args(IndexBuildJob, a, own=own_model(a), scoring=scoring_config(a)))
+    if s is None:  # a torchrun rank other than 0
         return
+    print(f"Indexed {s['rows']} training images over {count(s['checkpoints'], 'checkpoint')} and "
+          f"{count(s['layers'], 'layer')} in {s['seconds']:.1f}s: {count(s['shards'], 'shard')}, {s['dtype']}, "
+          f"{s['bytes'] / max(1, s['rows']):,.0f} bytes per image. Next: tracin index query --index_dir {a.index_dir} "
+          f"--data_dir {a.data_dir} ... --output_dir O")
+
+
+def _index_query(a) -> None:
     from .image.index_job import index_settings
     from .image.influence import InfluenceJob, run_influence
 
@@ -74,6 +79,36 @@ def _index(a) -> None:
     if "ann_recall" in stats:
         print(f"Approximate search ({a.ann_probes} probes): recall@{a.top_k} {stats['ann_recall']:.1%} of the exact "
               f"proponents, measured on {stats['ann_recall_sample']} of the test images.")
+
+
+def _index_info(a) -> None:
+    import json
+
+    from ..engine.index import GradientIndex
+
+    s = GradientIndex.load(a.index_dir).summary()
+    state = "complete" if not s["missing_shards"] else f"INCOMPLETE: {s['missing_shards']} of {s['shards']} shards missing"
+    pre = s["precondition"]
+    print(f"{a.index_dir}: {s['rows']:,} rows ({state}), {s['dtype']}"
+          + (f", {s['width']:,} numbers per row" if s["width"] else "") + f", {s['bytes'] / 2**20:,.1f} MiB on disk.")
+    print(f"Scores: {_scoring_words(pre, s['projection'])}, normalize {s['normalize']}, {count(s['checkpoints'], 'checkpoint')}, "
+          f"{count(len(s['layers'] or []), 'layer')}" + (f"; K-FAC fitted on {s['fit_examples']:,} examples" if pre else "") + ".")
+    for i, part in enumerate(s["parts"]):
+        source = part.get("source")
+        try:
+            where = json.loads(source).get("data_dir", source) if source else "no note"
+        except (ValueError, AttributeError):
+            where = source
+        print(f"Part {i + 1}: rows {part['first']:,}-{part['first'] + part['rows'] - 1:,} ({where}).")
+
+
+def _scoring_words(precondition, projection) -> str:
+    """'K-FAC (damping 0.1, 256 leading directions per layer)' or 'plain TracIn, projected (gaussian, dim 256)'."""
+    if precondition:
+        rank = f", {precondition['rank']} leading directions per layer" if precondition.get("rank") else ""
+        return f"K-FAC (damping {precondition['damping']:g}{rank})"
+    return "plain TracIn" + (f", projected ({projection['projection']}, dim {projection['projection_dim']})"
+                             if projection else "")
 
 
 def _audit(a) -> None:

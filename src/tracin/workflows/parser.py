@@ -218,6 +218,9 @@ def _index_parser(sub) -> None:
                                             "inverted-file index (pip install -e '.[ann]'; built once in --index_dir)")
     _add(q, "--overwrite", action="store_true", help="replace the results in --output_dir")
     _run_flags(q)
+    info = ixs.add_parser("info", help="what an index holds: rows, parts, completeness, settings, size",
+                          formatter_class=_Formatter)
+    _add(info, "--index_dir", type=Path, required=True, help="an index written by tracin index build")
 
 
 def _own_model_flags(parser: argparse.ArgumentParser) -> None:
