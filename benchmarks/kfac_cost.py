@@ -5,7 +5,10 @@
   resnet18: torchvision resnet18 (10 classes) at 32 px, 240 train x 60 test random images, 3 checkpoints, every
             layer, top-10 influence, batch 32; one run each (they take tens of seconds).
 
-    python benchmarks/kfac_cost.py [--part mlp resnet18]
+  small_cnn: vs_captum.py's tiny CNN, 1,024 train x 32 test, 3 checkpoints, every layer, and its
+            forward+backward floor (best of 3).
+
+    python benchmarks/kfac_cost.py [--part mlp small_cnn resnet18]
 
 Prints seconds of the defaults, of precondition="none" and their ratio.
 """
@@ -49,6 +52,41 @@ def mlp(repeats: int = 3) -> None:
     _row("784-512-10 MLP, 4,096 x 32", seconds)
 
 
+def small_cnn(repeats: int = 3) -> None:
+    """benchmarks/vs_captum.py's tiny CNN (57k parameters, 1,024 train x 32 test, 3 checkpoints, batch 256) against
+    its forward+backward floor: the same batches through the model with parameter gradients at every checkpoint."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from vs_captum import make_data, tiny_cnn, train_with_checkpoints
+
+    torch.manual_seed(0)
+    folder = Path(tempfile.mkdtemp())
+    model = tiny_cnn()
+    x, y = make_data(1024 + 32, 0)
+    train_with_checkpoints(model, x[:1024], y[:1024], folder, 3, torch.device("cpu"))
+    model.eval()
+    train, test = TensorDataset(x[:1024], y[:1024]), TensorDataset(x[1024:], y[1024:])
+    checkpoints = Checkpoint.discover(folder)
+
+    def floor() -> float:
+        begin = time.perf_counter()
+        for c in checkpoints:
+            model.load_state_dict(c.state_dict())
+            for start in range(0, 1024, 256):
+                torch.nn.functional.cross_entropy(model(x[start:start + 256]), y[start:start + 256]).backward()
+        model.zero_grad()
+        return time.perf_counter() - begin
+
+    floor()
+    seconds = {"floor": min(floor() for _ in range(repeats))}
+    for name, settings in (("defaults", {}), ("plain", {"precondition": "none"})):
+        runs = [_seconds(TracIn(model, checkpoints, layers="all", progress=False, batch_size=256, **settings), train, test)
+                for _ in range(repeats + 1)][1:]
+        seconds[name] = min(runs)
+    _row("tiny CNN, 1,024 x 32", seconds)
+    print(f"|   against the floor ({seconds['floor']:.2f} s) | {seconds['defaults'] / seconds['floor']:.1f}x | "
+          f"{seconds['plain'] / seconds['floor']:.1f}x | |", flush=True)
+
+
 def resnet18() -> None:
     import torchvision
 
@@ -72,12 +110,12 @@ def _row(workload: str, seconds) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", nargs="+", default=["mlp", "resnet18"], choices=["mlp", "resnet18"])
+    parser.add_argument("--part", nargs="+", default=["mlp", "small_cnn", "resnet18"], choices=["mlp", "small_cnn", "resnet18"])
     a = parser.parse_args()
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads\n"
           "| workload | defaults s | plain s | defaults / plain |\n|---|---|---|---|")
     for part in a.part:
-        {"mlp": mlp, "resnet18": resnet18}[part]()
+        {"mlp": mlp, "small_cnn": small_cnn, "resnet18": resnet18}[part]()
 
 
 if __name__ == "__main__":
