@@ -390,9 +390,10 @@ class TracIn:
 
     def _checked_index(self, directory: Path) -> GradientIndex:
         """The index in ``directory``, checked against this scorer; its K-FAC whiteners become this scorer's."""
-        if self._auto_pending and GradientIndex.decided_plain(directory):  # precondition="auto" decided at the build
+        index = GradientIndex.load(directory)
+        if self._auto_pending and index.decided_plain():  # precondition="auto" was decided at the build
             self._auto_pending, self.preconditioner, self.handlers = False, None, self._scope
-        index = GradientIndex.open(directory, self._index_description())
+        index.check(self._index_description())
         if self.preconditioner is not None:
             self.preconditioner.load_state(index.load_whiteners(), len(self.checkpoints), index.meta.fit_examples)
         return index

@@ -31,13 +31,6 @@ def _faiss() -> Any:
     return faiss
 
 
-def _rows(index: GradientIndex, shard: dict) -> np.ndarray:
-    stored = np.array(index.read_rows(shard))
-    if index.meta.dtype == "bfloat16":
-        return torch.from_numpy(stored.view(np.int16)).view(torch.bfloat16).float().numpy()
-    return stored.astype(np.float32, copy=False)
-
-
 def _key(index: GradientIndex) -> dict:
     return {"rows": index.meta.n_rows, "shards": [s["name"] for s in index.meta.shards]}
 
@@ -61,7 +54,7 @@ def ann_index(index: GradientIndex) -> Any:
     ivf = faiss.index_factory(width, f"IVF{lists},Flat", faiss.METRIC_INNER_PRODUCT)
     ivf.train(_sample(index, min(n, 64 * lists)))
     for shard in index.meta.shards:
-        ivf.add(_rows(index, shard))
+        ivf.add(index.as_float(index.read_rows(shard)).numpy())
     write_bytes(path, faiss.serialize_index(ivf).tobytes())
     write_json(meta_path, _key(index))
     return ivf
@@ -81,7 +74,7 @@ def _sample(index: GradientIndex, count: int) -> np.ndarray:
     parts = []
     for shard in index.meta.shards:
         take = max(1, round(count * shard["rows"] / index.meta.n_rows))
-        rows = _rows(index, shard)
+        rows = index.as_float(index.read_rows(shard)).numpy()
         parts.append(rows[np.sort(g.choice(len(rows), size=min(take, len(rows)), replace=False))])
     return np.concatenate(parts)
 

@@ -90,13 +90,6 @@ class GradientIndex:
 
     # -- opening ------------------------------------------------------------------------------------
     @classmethod
-    def open(cls, directory: Path, expected: Dict[str, Any]) -> "GradientIndex":
-        """The index in ``directory`` after checking it was made with ``expected`` (:data:`COMPARED` keys)."""
-        index = cls.load(directory)
-        index.check(expected)
-        return index
-
-    @classmethod
     def load(cls, directory: Path) -> "GradientIndex":
         """The index in ``directory``, its metadata read and nothing checked."""
         directory = Path(directory)
@@ -112,17 +105,15 @@ class GradientIndex:
             raise TracInError(f"{path} is not a tracin index description ({exc}); build the index again.") from None
         return cls(directory, meta)
 
-    @staticmethod
-    def decided_plain(directory: Path) -> bool:
-        """Whether the index in ``directory`` was built with ``precondition="auto"`` decided as plain TracIn (a layer
-        K-FAC does not cover), which a query with "auto" then repeats."""
-        try:
-            built = json.loads((Path(directory) / META).read_text())["description"]
-            return built["settings"]["precondition"] == "auto" and built["precondition"] is None
-        except (OSError, ValueError, KeyError, TypeError):
-            return False
+    def decided_plain(self) -> bool:
+        """Whether the index was built with ``precondition="auto"`` decided as plain TracIn (a layer K-FAC does not
+        cover), which a query with "auto" then repeats."""
+        settings = self.meta.description.get("settings")
+        return isinstance(settings, dict) and settings.get("precondition") == "auto" \
+            and self.meta.description.get("precondition", "kfac") is None
 
     def check(self, expected: Dict[str, Any]) -> None:
+        """Refuse the index unless it was made with ``expected`` (:data:`COMPARED` keys)."""
         for key in COMPARED:
             if self.meta.description.get(key) != json.loads(json.dumps(expected[key])):
                 raise TracInError(f"The gradient index in {self.directory} was made with different {key}; query it with "
@@ -168,6 +159,14 @@ class GradientIndex:
             raise TracInError(f"{path} holds {array.dtype} {tuple(array.shape)}, not the {shard['rows']} rows of "
                               f"{self.meta.dtype} the index lists; delete {shard['name']}.json and run the build again.")
         return array
+
+    def as_float(self, stored: np.ndarray) -> torch.Tensor:
+        """Stored rows (:meth:`read_rows`, or a slice of them) as float32 [n, width]: a copy, bfloat16 decoded from its
+        stored bits."""
+        block = np.array(stored)
+        if self.meta.dtype == "bfloat16":
+            return torch.from_numpy(block.view(np.int16)).view(torch.bfloat16).float()
+        return torch.from_numpy(block).float()
 
     def summary(self) -> Dict[str, Any]:
         """What the index holds, for people: rows, parts (and what each says it is), shards done and missing, storage,
@@ -250,11 +249,7 @@ def plan_or_resume(index: GradientIndex, n_rows: int, source: Optional[str], add
     meta = index.meta
     if not add:
         if not meta.parts:
-            part = plan_part(meta, n_rows, source)
-            if rank_and_world()[0] == 0:
-                index.write_meta()
-            barrier()
-            return part
+            return _published(index, plan_part(meta, n_rows, source))
         if len(meta.parts) > 1 or meta.parts[0]["rows"] != n_rows:
             raise TracInError(f"The gradient index in {index.directory} holds {meta.n_rows} rows from other data than "
                               f"these {n_rows} training examples; add them with add_to_index or build "
@@ -267,7 +262,11 @@ def plan_or_resume(index: GradientIndex, n_rows: int, source: Optional[str], add
     if unfinished:
         raise TracInError(f"The gradient index in {index.directory} has an unfinished part of {last['rows']} rows; "
                           "finish it by running that add (or build) again before adding other data.")
-    part = plan_part(meta, n_rows, source)
+    return _published(index, plan_part(meta, n_rows, source))
+
+
+def _published(index: GradientIndex, part: Dict[str, Any]) -> Dict[str, Any]:
+    """``part``, once rank 0 has written the metadata that plans it and every rank has seen it written."""
     if rank_and_world()[0] == 0:
         index.write_meta()
     barrier()
@@ -310,13 +309,11 @@ class FoldingWriter:
     def __init__(self, index: GradientIndex, shards: Sequence[Dict[str, Any]], rows: np.ndarray,
                  learning_rates: Sequence[float], normalize: str):
         self.index, self.rows = index, rows
-        self.shards = {s["name"]: s for s in shards}
         self.first_of = {s["first"]: s for s in shards}
         self.starts = np.array(sorted(s["first"] for s in index.meta.shards))
         self.rates = np.asarray(learning_rates, dtype=np.float64)
         self.normalize = normalize
         self.open: Dict[str, Tuple[np.ndarray, np.ndarray]] = {}  # name -> (vectors [C, rows, D], filled [C, rows])
-        self.written = 0
 
     def __call__(self, c: int, position: int, vectors: torch.Tensor) -> None:
         rows = self.rows[position:position + vectors.shape[0]]
@@ -344,7 +341,6 @@ class FoldingWriter:
         vectors, _ = self.open.pop(shard["name"])
         rows, selfs = fold(torch.from_numpy(vectors), self.rates, self.normalize, "training")
         self.index.write_shard(shard, rows.numpy(), selfs.numpy())
-        self.written += 1
 
 
 def fold(vectors: torch.Tensor, learning_rates: Sequence[float], normalize: str, what: str) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -371,17 +367,10 @@ def search(index: GradientIndex, queries: torch.Tensor, top_k: int, tile_bytes: 
                           f"{queries.shape[1]}; the model in scope differs from the one it was built with.")
     device, m = queries.device, queries.shape[0]
     acc = TopKAccumulator(m, top_k, device, queries.dtype)
-    per_row = 4 * (width + 2 * m)
-    step = max(1, tile_bytes // per_row)
-    torch_dtype = DTYPES[index.meta.dtype][1]
+    step = max(1, tile_bytes // (4 * (width + 2 * m)))
     for shard in index.meta.shards:
         stored = index.read_rows(shard)
         for start in range(0, shard["rows"], step):
-            block = np.array(stored[start:start + step])  # a writable copy of the tile
-            if index.meta.dtype == "bfloat16":
-                tile = torch.from_numpy(block.view(np.int16)).view(torch_dtype)
-            else:
-                tile = torch.from_numpy(block)
-            tile = tile.to(device=device, dtype=torch.float32)
+            tile = index.as_float(stored[start:start + step]).to(device)
             acc.update(queries @ tile.T, shard["first"] + start)
     return acc

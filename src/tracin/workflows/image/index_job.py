@@ -12,7 +12,7 @@ from typing import Any, Dict, Optional
 from ...api import TracIn
 from ...config import ScoringConfig
 from ...engine.distributed import process_group, rank_and_world
-from ...engine.index import META
+from ...engine.index import META, GradientIndex
 from ...errors import TracInError
 from .folders import images_digest
 from .setup import OwnModel, image_setup
@@ -52,19 +52,16 @@ def _build(job: IndexBuildJob) -> Optional[Dict[str, Any]]:
     tr.build_index(setup.train, job.index_dir, job.dtype, source=source)
     if rank != 0:
         return None
-    meta = json.loads((Path(job.index_dir) / META).read_text())
-    return {"rows": sum(p["rows"] for p in meta["parts"]), "shards": len(meta["shards"]), "dtype": meta["dtype"],
-            "seconds": time.perf_counter() - begin, "layers": len(tr.handlers), "checkpoints": len(tr.checkpoints),
+    meta = GradientIndex.load(job.index_dir).meta
+    return {"rows": meta.n_rows, "shards": len(meta.shards), "dtype": meta.dtype, "seconds": time.perf_counter() - begin, "layers": len(tr.handlers), "checkpoints": len(tr.checkpoints),
             "bytes": sum(f.stat().st_size for f in Path(job.index_dir).glob("shard-*[0-9].npy"))}
 
 
 def index_settings(index_dir: Path) -> ScoringConfig:
     """The scoring settings an index was built with (``index.json``), which its queries must use."""
-    path = Path(index_dir) / META
-    if not path.is_file():
-        raise TracInError(f"--index_dir {index_dir} holds no gradient index; build one with tracin index build first.")
+    index = GradientIndex.load(index_dir)
     try:
-        settings = json.loads(path.read_text())["description"]["settings"]
-        return ScoringConfig.from_settings(settings)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise TracInError(f"{path} is not a tracin index description ({exc}); build the index again.") from None
+        return ScoringConfig.from_settings(index.meta.description["settings"])
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise TracInError(f"{index.directory / META} is not a tracin index description ({exc}); build the index "
+                          "again.") from None

@@ -18,7 +18,7 @@ from ...checkpoints import Checkpoint, check_one_run, checkpoint_at, checkpoint_
 from ...config import ScoringConfig
 from ...engine.distributed import process_group, rank_and_world
 from ...engine.resume import reset
-from ...engine.index import META as INDEX_META
+from ...engine.index import GradientIndex
 from ...errors import TracInError
 from ...io import file_sha256
 from ...results import InfluenceResult
@@ -361,9 +361,12 @@ def _write_manifest(run: _Run, result: InfluenceResult, hashes: List[str]) -> Di
 def check_index_source(index_dir: Path, train_paths: List[Path]) -> None:
     """Refuse an index whose rows are not exactly these training images, in this order (its indices would name
     other files)."""
-    meta = json.loads((Path(index_dir) / INDEX_META).read_text())
-    parts = meta.get("parts", [])
-    source = json.loads(parts[0]["source"]) if len(parts) == 1 and parts[0].get("source") else {}
+    parts = GradientIndex.load(index_dir).meta.parts
+    try:
+        source = json.loads(parts[0]["source"]) if len(parts) == 1 and parts[0].get("source") else {}
+    except ValueError:  # a note that is not the one this job writes
+        source = {}
+    source = source if isinstance(source, dict) else {}
     if source.get("images") != images_digest(train_paths):
         raise TracInError(f"The gradient index in {index_dir} was not built from these {len(train_paths)} training images "
                           f"(built from {source.get('data_dir', 'other data')}, or since changed); rebuild it with "
