@@ -231,6 +231,9 @@ def test_a_damaged_or_planted_index_is_refused_in_one_sentence(tmp_path):
     np.save(shard, np.array([object()] * 30, dtype=object), allow_pickle=True)  # pickled objects are never loaded
     with pytest.raises(TracInError, match="missing or damaged"):
         tr.query(tmp_path / "i", TensorDataset(*test), top_k=3)
+    np.savez(tmp_path / "i" / "kfac_whiteners.npz", **{"0|fc1": np.eye(3)})  # a key without its factor's side
+    with pytest.raises(TracInError, match="do not describe 2 checkpoints' layers"):
+        tr.query(tmp_path / "i", TensorDataset(*test), top_k=3)
     (tmp_path / "i" / "kfac_whiteners.npz").write_bytes(b"PK broken")
     with pytest.raises(TracInError, match="kfac_whiteners.npz is damaged"):
         tr.query(tmp_path / "i", TensorDataset(*test), top_k=3)

@@ -259,16 +259,12 @@ def damped_cholesky(S: torch.Tensor, damping: float) -> Tuple[Optional[torch.Ten
     (its trace / d, per group); when rounding makes the factorisation fail, (None, W) with W W^T = (S + l I)^-1 from
     an eigendecomposition. A group whose S is zero gets the identity (its layer's factors are all zero, so are its
     scores)."""
-    S = S.detach().to("cpu", torch.float64)
-    damped = (S + S.transpose(1, 2)).mul_(0.5)  # its symmetric part (a new tensor; in place from here: d x d is large)
-    d = S.shape[-1]
-    lam = damping * torch.diagonal(damped, dim1=1, dim2=2).sum(-1).clamp_min(0) / d  # [g]
-    zero = lam <= 0
-    torch.diagonal(damped, dim1=1, dim2=2).add_(torch.where(zero, torch.ones_like(lam), lam)[:, None])  # zero S: I
+    damped, lam = _symmetric_and_damping(S, damping)
+    torch.diagonal(damped, dim1=1, dim2=2).add_(lam[:, None])  # in place: d x d is large
     L, info = torch.linalg.cholesky_ex(damped)
     if bool((info != 0).any()):
         values, vectors = torch.linalg.eigh(damped)
-        return None, vectors * values.clamp_min(torch.finfo(S.dtype).tiny).rsqrt().unsqueeze(1)
+        return None, vectors * values.clamp_min(torch.finfo(damped.dtype).tiny).rsqrt().unsqueeze(1)
     return L, None
 
 
@@ -284,15 +280,20 @@ def truncated_whitener(S: torch.Tensor, damping: float, keep: int) -> torch.Tens
     numbers wide and their inner products keep, of each example pair's preconditioned product, the part along the
     directions the training data varies in most (on average a fraction s / (s + l) per direction, so the dropped
     directions are those that carry least of it). Deterministic: no random matrix."""
-    S = S.detach().to("cpu", torch.float64)
-    S = (S + S.transpose(1, 2)) / 2
-    d = S.shape[-1]
-    lam = damping * torch.diagonal(S, dim1=1, dim2=2).sum(-1).clamp_min(0) / d  # [g]
+    S, lam = _symmetric_and_damping(S, damping)
     values, vectors = torch.linalg.eigh(S)  # ascending
     values, vectors = values[:, -keep:].flip(-1).clamp_min(0), vectors[:, :, -keep:].flip(-1)
-    zero = lam <= 0  # a group whose factors are all zero: its scores are zero whatever W is
-    scale = (values + torch.where(zero, torch.ones_like(lam), lam)[:, None]).rsqrt()
-    return vectors * scale.unsqueeze(1)
+    return vectors * (values + lam[:, None]).rsqrt().unsqueeze(1)
+
+
+def _symmetric_and_damping(S: torch.Tensor, damping: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(the symmetric part of S [g, d, d] as a new float64 CPU tensor, l [g]): l = damping * mean eigenvalue of S (its
+    trace / d), and 1 for a group whose S is zero (its layer's factors are all zero, so are its scores, whatever the
+    inverse; with 1 it is the identity)."""
+    S = S.detach().to("cpu", torch.float64)
+    sym = (S + S.transpose(1, 2)).mul_(0.5)
+    lam = damping * torch.diagonal(sym, dim1=1, dim2=2).sum(-1).clamp_min(0) / S.shape[-1]
+    return sym, torch.where(lam <= 0, torch.ones_like(lam), lam)
 
 
 class FitData(Protocol):
@@ -369,22 +370,23 @@ class KFAC:
                 "left_out": list(self.left_out), "rank": self.rank}
 
     def state(self) -> Dict[str, torch.Tensor]:
-        """The fitted whiteners as named tensors (``"checkpoint|layer|i"``, i over W_in, W_out, P_in, P_out), to save."""
+        """The fitted whiteners as named tensors (``"checkpoint|layer|side"``, side 0: W_in, 1: W_out), to save; the
+        inverses follow from them (P = W W^T), so they are neither formed nor saved here."""
         assert self.per_checkpoint is not None, "fit before saving"
-        return {f"{c}|{name}|{i}": t for c, whiteners in enumerate(self.per_checkpoint) for name, (a, d) in whiteners.items()
-                for i, t in enumerate((a.whitener(), d.whitener(), a.inverse(), d.inverse()))}
+        return {f"{c}|{name}|{side}": f.whitener() for c, whiteners in enumerate(self.per_checkpoint)
+                for name, pair in whiteners.items() for side, f in enumerate(pair)}
 
     def load_state(self, tensors: Dict[str, torch.Tensor], checkpoints: int, fit_examples: int) -> None:
         """Take the whiteners of :meth:`state` for ``checkpoints`` checkpoints, fitted on ``fit_examples`` examples."""
-        fitted: List[Dict[str, List[torch.Tensor]]] = [{} for _ in range(checkpoints)]
-        for key, tensor in tensors.items():
-            c, name, i = key.split("|")
-            fitted[int(c)].setdefault(name, [torch.empty(0)] * 4)[int(i)] = tensor
-
-        def entry(W: torch.Tensor, P: torch.Tensor) -> FactorInverse:
-            return FactorInverse(Inverses(W.device, W.dtype, P=P.unsqueeze(0), W=W.unsqueeze(0)), 0)
-
-        self.per_checkpoint = [{name: (entry(f[0], f[2]), entry(f[1], f[3])) for name, f in w.items()} for w in fitted]
+        fitted: List[Dict[str, Dict[int, FactorInverse]]] = [{} for _ in range(checkpoints)]
+        try:
+            for key, W in tensors.items():
+                c, name, side = key.split("|")
+                fitted[int(c)].setdefault(name, {})[int(side)] = FactorInverse(Inverses(W.device, W.dtype, W=W.unsqueeze(0)), 0)
+            self.per_checkpoint = [{name: (pair[0], pair[1]) for name, pair in w.items()} for w in fitted]
+        except (ValueError, IndexError, KeyError):
+            raise TracInError(f"The saved K-FAC whiteners do not describe {checkpoints} checkpoints' layers (each its two "
+                              "factors); build the index again.") from None
         self.fit_examples = fit_examples
 
     def whitening(self, checkpoint: int, side: str = "both") -> Whitening:
