@@ -32,40 +32,41 @@ def _seconds(tr: TracIn, train, test) -> float:
     return time.perf_counter() - begin
 
 
-def mlp(repeats: int = 3) -> None:
+def _trained(build: str, n_train: int, n_test: int = 32):
+    """vs_captum.py's model ``build`` ("mlp", "tiny_cnn") trained there with 3 checkpoints on its data:
+    (model, inputs, labels, train set, test set, checkpoints)."""
     sys.path.insert(0, str(Path(__file__).parent))
-    from vs_captum import make_data, mlp as make_mlp, train_with_checkpoints
+    import vs_captum
 
     torch.manual_seed(0)
     folder = Path(tempfile.mkdtemp())
-    model = make_mlp()
-    x, y = make_data(4096 + 32, 0)
-    train_with_checkpoints(model, x[:4096], y[:4096], folder, 3, torch.device("cpu"))
+    model = getattr(vs_captum, build)()
+    x, y = vs_captum.make_data(n_train + n_test, 0)
+    vs_captum.train_with_checkpoints(model, x[:n_train], y[:n_train], folder, 3, torch.device("cpu"))
     model.eval()
-    train, test = TensorDataset(x[:4096], y[:4096]), TensorDataset(x[4096:], y[4096:])
-    checkpoints = Checkpoint.discover(folder)
+    train, test = TensorDataset(x[:n_train], y[:n_train]), TensorDataset(x[n_train:], y[n_train:])
+    return model, x, y, train, test, Checkpoint.discover(folder)
+
+
+def _best_of(model, checkpoints, train, test, repeats: int, **settings) -> dict:
+    """The defaults' and plain TracIn's best seconds of ``repeats`` runs, each after one untimed warm-up."""
     seconds = {}
-    for name, settings in (("defaults", {}), ("plain", {"precondition": "none"})):
-        runs = [_seconds(TracIn(model, checkpoints, layers="all", progress=False, **settings), train, test)
+    for name, preconditioned in (("defaults", {}), ("plain", {"precondition": "none"})):
+        runs = [_seconds(TracIn(model, checkpoints, layers="all", progress=False, **settings, **preconditioned), train, test)
                 for _ in range(repeats + 1)][1:]
         seconds[name] = min(runs)
-    _row("784-512-10 MLP, 4,096 x 32", seconds)
+    return seconds
+
+
+def mlp(repeats: int = 3) -> None:
+    model, _, _, train, test, checkpoints = _trained("mlp", 4096)
+    _row("784-512-10 MLP, 4,096 x 32", _best_of(model, checkpoints, train, test, repeats))
 
 
 def small_cnn(repeats: int = 3) -> None:
     """benchmarks/vs_captum.py's tiny CNN (57k parameters, 1,024 train x 32 test, 3 checkpoints, batch 256) against
     its forward+backward floor: the same batches through the model with parameter gradients at every checkpoint."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    from vs_captum import make_data, tiny_cnn, train_with_checkpoints
-
-    torch.manual_seed(0)
-    folder = Path(tempfile.mkdtemp())
-    model = tiny_cnn()
-    x, y = make_data(1024 + 32, 0)
-    train_with_checkpoints(model, x[:1024], y[:1024], folder, 3, torch.device("cpu"))
-    model.eval()
-    train, test = TensorDataset(x[:1024], y[:1024]), TensorDataset(x[1024:], y[1024:])
-    checkpoints = Checkpoint.discover(folder)
+    model, x, y, train, test, checkpoints = _trained("tiny_cnn", 1024)
 
     def floor() -> float:
         begin = time.perf_counter()
@@ -77,11 +78,8 @@ def small_cnn(repeats: int = 3) -> None:
         return time.perf_counter() - begin
 
     floor()
-    seconds = {"floor": min(floor() for _ in range(repeats))}
-    for name, settings in (("defaults", {}), ("plain", {"precondition": "none"})):
-        runs = [_seconds(TracIn(model, checkpoints, layers="all", progress=False, batch_size=256, **settings), train, test)
-                for _ in range(repeats + 1)][1:]
-        seconds[name] = min(runs)
+    seconds = {"floor": min(floor() for _ in range(repeats)),
+               **_best_of(model, checkpoints, train, test, repeats, batch_size=256)}
     _row("tiny CNN, 1,024 x 32", seconds)
     print(f"|   against the floor ({seconds['floor']:.2f} s) | {seconds['defaults'] / seconds['floor']:.1f}x | "
           f"{seconds['plain'] / seconds['floor']:.1f}x | |", flush=True)
