@@ -34,7 +34,7 @@ import torch
 from tracin.workflows.evaluation.common import recall_at, roc_auc
 from tracin.tasks.classification import checkpoint_probabilities, label_losses
 from tracin.workflows.image.setup import image_setup
-from tracin.layers.precondition import whitener
+from tracin.layers.inverses import whitener
 
 
 @dataclass

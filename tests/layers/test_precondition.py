@@ -8,7 +8,7 @@ from helpers import (CNN, CountingDataset, DEVICE, inverse_tolerance, kfac_refer
 from tracin import TracIn
 from tracin.errors import TracInError
 from tracin.config import ScoringConfig
-from tracin.layers.precondition import CovarianceSums, Inverses, damped_cholesky, fit_whiteners, whitener
+from tracin.layers.precondition import CovarianceSums, fit_whiteners
 
 TOL = 1e-4
 CNN_LAYERS = ["conv1", "conv2", "conv3", "fc"]  # conv2: grouped, dilated, reflect-padded, no bias
@@ -125,36 +125,6 @@ def test_auto_is_kfac_over_linear_and_conv_layers_unless_others_carry_the_parame
     embedded = torch.nn.Sequential(torch.nn.Embedding(500, 16), torch.nn.Flatten(), torch.nn.Linear(32, 3))
     plain = TracIn(embedded, perturbed_checkpoints(embedded, [0.1])[0], device=DEVICE, progress=False)
     assert plain.preconditioner is None and len(plain.scope()) == 2
-
-
-def test_whitener_inverts_the_damped_factor_and_leaves_a_zero_factor_alone():
-    g = torch.Generator().manual_seed(0)
-    X = torch.randn(2, 30, 5, generator=g, dtype=torch.float64)
-    S = X.transpose(1, 2) @ X / 30
-    W = whitener(S, 0.1)
-    lam = 0.1 * torch.diagonal(S, dim1=1, dim2=2).mean(1)
-    damped = S + lam[:, None, None] * torch.eye(5, dtype=S.dtype)
-    assert matrix_rel_err(W @ W.transpose(1, 2), torch.linalg.inv(damped)) <= inverse_tolerance(damped)
-    assert torch.equal(whitener(torch.zeros(1, 3, 3), 0.1), torch.eye(3, dtype=torch.float64).unsqueeze(0))
-
-
-def test_the_inverse_applied_by_solves_and_by_the_formed_inverse_agree():
-    """A few query rows are solved with the Cholesky factor; past n d / 3 rows the inverse is formed and multiplied."""
-    g = torch.Generator().manual_seed(2)
-    X = torch.randn(2, 3, 40, 9, generator=g, dtype=torch.float64)
-    S = X.transpose(-1, -2) @ X / 40  # [n=2 checkpoints, g=3 groups, 9, 9]
-    L, W = damped_cholesky(S.flatten(0, 1), 0.1)
-    assert W is None
-    inverses = Inverses(torch.device("cpu"), torch.float32, cholesky=L.view(S.shape))
-    lam = 0.1 * torch.diagonal(S, dim1=-2, dim2=-1).mean(-1)
-    want_P = torch.linalg.inv(S + lam[..., None, None] * torch.eye(9, dtype=torch.float64))
-    for rows in (2, 4, 20):  # 2 and 4 rows: within 2 * 9 / 3 = 6 rows, solved; 20: past it, the inverse is formed
-        Q = torch.randn(rows, 3, 1, 9, generator=g)
-        for c in range(2):
-            want = torch.einsum("bgti,gij->bgtj", Q.double(), want_P[c])
-            assert rel_err(inverses.apply_inverse(c, Q), want) <= 1e-5
-    assert rel_err(inverses.inverse(), want_P) <= 1e-5 and rel_err(
-        inverses.whitener() @ inverses.whitener().transpose(-1, -2), want_P) <= 1e-5
 
 
 def test_whiteners_of_all_checkpoints_at_once_equal_one_checkpoint_at_a_time():

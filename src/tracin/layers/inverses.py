@@ -1,0 +1,126 @@
+"""Damped inverses of Kronecker factors, made no earlier than a pass needs them: P = (S + l I)^-1 and whiteners W with
+W W^T = P, from a float64 Cholesky factorisation of S + l I (an eigendecomposition where rounding makes it fail), or
+truncated to the leading eigen-directions of S (``projection_dim`` under K-FAC). l = damping * mean eigenvalue of S,
+Kronfluence's heuristic; :mod:`tracin.layers.precondition` fits S and hands these to the layer handlers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+
+class Inverses:
+    """One factor's damped inverses P = (S + l I)^-1 for several checkpoints at once, [n, g, d, d], and whiteners W
+    with W W^T = P, [n, g, d, k] (k = d unless the fit keeps a rank), on the run's device and dtype. Nothing costing
+    d^3 is made before a pass needs it: from the float64 Cholesky factors L of S + l I, a one-sided influence pass
+    applies P to its (few) query rows by two triangular solves (2 d^2 per row) until the rows solved would pass n d / 3,
+    then forms P (about 2 n d^3 / 3) once; W = L^-T is made only when a pass whitens both sides. A truncated fit gives
+    W first and makes P only if asked."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, P: Optional[torch.Tensor] = None,
+                 W: Optional[torch.Tensor] = None, cholesky: Optional[torch.Tensor] = None):
+        """``cholesky``: float64 Cholesky factors L [n, g, d, d] of S + l I."""
+        self.device, self.dtype = device, dtype
+        self._P, self._W, self._L = P, W, cholesky
+        self._solved = 0  # rows solved with L so far, per group
+
+    def _here(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.device, self.dtype)
+
+    def _release(self) -> None:
+        if self._P is not None and self._W is not None:
+            self._L = None
+
+    def inverse(self) -> torch.Tensor:
+        if self._P is None:
+            if self._L is not None:
+                self._P = self._here(torch.cholesky_inverse(self._L.flatten(0, 1)).view(self._L.shape))
+            else:
+                assert self._W is not None
+                W = self._W.to(torch.float64)
+                self._P = self._here(W @ W.transpose(-1, -2))
+            self._release()
+        return self._P
+
+    def whitener(self) -> torch.Tensor:
+        if self._W is None:
+            assert self._L is not None
+            L = self._L
+            eye = torch.eye(L.shape[-1], dtype=L.dtype).expand_as(L)
+            self._W = self._here(torch.linalg.solve_triangular(L, eye, upper=False).transpose(-1, -2))
+            self._release()
+        return self._W
+
+    def apply_inverse(self, index: int, X: torch.Tensor) -> torch.Tensor:
+        """X P of checkpoint ``index`` for rows X [B, g, T, d]: by Cholesky solves while they are the cheaper way
+        (see the class), else with P."""
+        B, g, T, d = X.shape
+        L = self._L
+        if self._P is None and L is not None and (self._solved + B * T) * 3 <= L.shape[0] * d:
+            self._solved += B * T
+            rhs = X.detach().permute(1, 3, 0, 2).reshape(g, d, B * T).to("cpu", torch.float64)  # columns are rows of X
+            out = torch.cholesky_solve(rhs, L[index])  # P x for each column: (X P)^T as P is symmetric
+            return out.view(g, d, B, T).permute(2, 0, 3, 1).to(X.device, X.dtype)
+        return torch.einsum("bgti,gij->bgtj", X, self.inverse()[index].to(X.device, X.dtype))
+
+
+@dataclass(frozen=True)
+class FactorInverse:
+    """One checkpoint's entry ``index`` of a layer factor's :class:`Inverses`: ``inverse()`` P [g, d, d],
+    ``whitener()`` W [g, d, k], ``apply_inverse(X)`` X P for X [B, g, T, d]."""
+
+    group: Inverses
+    index: int
+
+    def inverse(self) -> torch.Tensor:
+        return self.group.inverse()[self.index]
+
+    def whitener(self) -> torch.Tensor:
+        return self.group.whitener()[self.index]
+
+    def apply_inverse(self, X: torch.Tensor) -> torch.Tensor:
+        return self.group.apply_inverse(self.index, X)
+
+
+def damped_cholesky(S: torch.Tensor, damping: float) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(L, None) with L the float64 Cholesky factor of S + l I for S [g, d, d], l = damping * mean eigenvalue of S
+    (its trace / d, per group); when rounding makes the factorisation fail, (None, W) with W W^T = (S + l I)^-1 from
+    an eigendecomposition. A group whose S is zero gets the identity (its layer's factors are all zero, so are its
+    scores)."""
+    damped, lam = _symmetric_and_damping(S, damping)
+    torch.diagonal(damped, dim1=1, dim2=2).add_(lam[:, None])  # in place: d x d is large
+    L, info = torch.linalg.cholesky_ex(damped)
+    if bool((info != 0).any()):
+        values, vectors = torch.linalg.eigh(damped)
+        return None, vectors * values.clamp_min(torch.finfo(damped.dtype).tiny).rsqrt().unsqueeze(1)
+    return L, None
+
+
+def whitener(S: torch.Tensor, damping: float) -> torch.Tensor:
+    """W [g, d, d] with W W^T = (S + l I)^-1 for S [g, d, d] (:func:`damped_cholesky`; W = L^-T), float64."""
+    L, W = damped_cholesky(S, damping)
+    return W if W is not None else Inverses(torch.device("cpu"), torch.float64, cholesky=L.unsqueeze(0)).whitener()[0]
+
+
+def truncated_whitener(S: torch.Tensor, damping: float, keep: int) -> torch.Tensor:
+    """W [g, d, keep] with W W^T the damped inverse (S + l I)^-1 of S [g, d, d] (l as in :func:`whitener`) on the
+    ``keep`` leading eigen-directions of S: W = U_k diag((s_k + l)^-1/2). Whitened factors a W are then ``keep``
+    numbers wide and their inner products keep, of each example pair's preconditioned product, the part along the
+    directions the training data varies in most (on average a fraction s / (s + l) per direction, so the dropped
+    directions are those that carry least of it). Deterministic: no random matrix."""
+    S, lam = _symmetric_and_damping(S, damping)
+    values, vectors = torch.linalg.eigh(S)  # ascending
+    values, vectors = values[:, -keep:].flip(-1).clamp_min(0), vectors[:, :, -keep:].flip(-1)
+    return vectors * (values + lam[:, None]).rsqrt().unsqueeze(1)
+
+
+def _symmetric_and_damping(S: torch.Tensor, damping: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(the symmetric part of S [g, d, d] as a new float64 CPU tensor, l [g]): l = damping * mean eigenvalue of S (its
+    trace / d), and 1 for a group whose S is zero (its layer's factors are all zero, so are its scores, whatever the
+    inverse; with 1 it is the identity)."""
+    S = S.detach().to("cpu", torch.float64)
+    sym = (S + S.transpose(1, 2)).mul_(0.5)
+    lam = damping * torch.diagonal(sym, dim1=1, dim2=2).sum(-1).clamp_min(0) / S.shape[-1]
+    return sym, torch.where(lam <= 0, torch.ones_like(lam), lam)
