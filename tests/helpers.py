@@ -426,3 +426,54 @@ def train_image_run(root: Path, epochs: int = 3):
                  "--checkpoint_dir", str(ckpt), "--learning_rate", "0.05", "--batch_size", "8", "--image_size", "16",
                  "--quiet"]) == 0
     return root, data, ckpt
+
+
+def text_run(root: Path, kind: str = "sequence", n_train: int = 150, n_test: int = 9, epochs: int = 6, flip_rate: float = 0.1):
+    """A tiny Hugging Face model trained on generated texts, saved as a Trainer saves it: ``model/`` with the final
+    weights and the tokenizer, ``model/checkpoint-N/`` with each epoch's weights and trainer_state.json. ``kind``:
+    "sequence" (a BERT classifier on topic texts, ``flip_rate`` of the training labels flipped) or "causal_lm" (a
+    GPT-2 on prompt/completion rows). Returns (model folder, train file, test file, [n_train] flipped mask)."""
+    import json
+
+    import transformers
+
+    from tracin.workflows.text.encode import PadBatch
+    from tracin.workflows.text.generated import TOPICS, completion_rows, topic_rows, word_tokenizer, write_jsonl
+
+    names = list(TOPICS)
+    torch.manual_seed(0)
+    if kind == "sequence":
+        train, flipped = topic_rows(n_train, 0, flip_rate)
+        test, _ = topic_rows(n_test, 1)
+        tok = word_tokenizer([r["text"] for r in train + test])
+        config = transformers.BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=32, max_position_embeddings=32, num_labels=3,
+                                         id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+        model = transformers.BertForSequenceClassification(config)
+        examples = [{**tok(r["text"]), "labels": names.index(r["label"])} for r in train]
+    else:
+        train, test, flipped = completion_rows(n_train, 0), completion_rows(n_test, 1), np.zeros(n_train, dtype=bool)
+        tok = word_tokenizer([r["prompt"] + r["completion"] for r in train + test], causal=True)
+        config = transformers.GPT2Config(vocab_size=len(tok), n_embd=16, n_layer=1, n_head=2, n_positions=32,
+                                         bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+        model = transformers.GPT2LMHeadModel(config)
+        examples = []
+        for r in train:
+            head, tail = tok(r["prompt"])["input_ids"], tok(r["completion"], add_special_tokens=False)["input_ids"]
+            examples.append({"input_ids": head + tail, "attention_mask": [1] * (len(head) + len(tail)),
+                             "labels": [-100] * len(head) + tail})
+    out = root / "model"
+    opt = torch.optim.AdamW(model.parameters(), lr=0.003)
+    pad, step = PadBatch(tok.pad_token_id), 0
+    for _ in range(epochs):
+        for i in range(0, n_train, 8):
+            loss = model(**pad(examples[i:i + 8])).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+        model.save_pretrained(out / f"checkpoint-{step}")
+        (out / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"log_history": [{"step": step, "learning_rate": 0.003}]}))
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out, write_jsonl(root / "train.jsonl", train), write_jsonl(root / "test.jsonl", test), flipped

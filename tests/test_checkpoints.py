@@ -125,3 +125,30 @@ def test_trusted_pickled_checkpoints_load(tmp_path):
     with pytest.warns(UserWarning):
         whole = Checkpoint(tmp_path / "whole.pt", learning_rate=0.2, trust=True)
     assert set(whole.state_dict()) == set(model.state_dict())
+
+
+def test_tied_weights_saved_once_load_into_both_names(tmp_path):
+    """save_pretrained writes GPT-2's tied lm_head.weight once, as transformer.wte.weight; the model gets it under both."""
+    transformers = pytest.importorskip("transformers")
+    from tracin.checkpoints import weights_for
+
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=20, n_embd=8, n_layer=1, n_head=2, n_positions=8))
+    model.save_pretrained(tmp_path / "m")
+    fresh = transformers.GPT2LMHeadModel(model.config)
+    weights = weights_for(fresh, Checkpoint(tmp_path / "m" / "model.safetensors", learning_rate=0.1))
+    assert torch.equal(weights["lm_head.weight"], model.transformer.wte.weight.detach())
+    fresh.load_state_dict(weights)
+    assert fresh.lm_head.weight.data_ptr() == fresh.transformer.wte.weight.data_ptr()  # still tied
+
+
+def test_save_pretrained_folders_are_checkpoints_in_natural_order(tmp_path):
+    from safetensors.torch import save_file
+
+    model = MLP(4, 3, 2)
+    for epoch in (10, 2):
+        (tmp_path / f"epoch_{epoch}").mkdir()
+        save_file({k: v.contiguous() + epoch for k, v in model.state_dict().items()}, str(tmp_path / f"epoch_{epoch}" / "model.safetensors"))
+    (tmp_path / "notes").mkdir()  # a folder without weights is not a checkpoint
+    found = Checkpoint.discover(tmp_path, default_learning_rate=0.5)
+    assert [c.name for c in found] == ["epoch_2", "epoch_10"] and all(c.learning_rate == 0.5 for c in found)

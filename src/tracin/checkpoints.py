@@ -250,20 +250,23 @@ class Checkpoint:
         learning_rate: Optional[float] = None,
         trust: bool = False,
         default_learning_rate: Optional[float] = None,
+        weight_files: bool = True,
     ) -> List["Checkpoint"]:
         """All checkpoints in ``directory``: files matching ``pattern``, and Hugging Face Trainer folders.
 
         Files ending in .pt, .pth, .ckpt (PyTorch Lightning's included), .bin or .safetensors are taken, whatever
         their names; ``checkpoint-N/`` folders with ``model.safetensors`` or ``pytorch_model.bin`` are Hugging Face
-        Trainer checkpoints (learning rate from their ``trainer_state.json``). Order: by the stored epoch (or step)
+        Trainer checkpoints (learning rate from their ``trainer_state.json``), as is any other sub-folder holding them
+        (``save_pretrained`` folders). Order: by the stored epoch (or step)
         when every checkpoint has one, else natural order of the names (``ckpt_2`` before ``ckpt_10``). The learning
         rate of each is read from the file (or a stored optimizer state); ``learning_rate`` overrides every file's,
-        ``default_learning_rate`` serves only files that store none.
+        ``default_learning_rate`` serves only files that store none. ``weight_files=False`` takes the sub-folders alone (a
+        ``save_pretrained`` folder whose own weights are the final model, not a checkpoint).
         """
         folder = Path(directory)
         if not folder.is_dir():
             raise CheckpointError(f"Checkpoint directory {folder} does not exist; check --checkpoint_dir.")
-        files = [p for p in folder.glob(pattern) if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES] + _trainer_folders(folder)
+        files = [p for p in folder.glob(pattern) if weight_files and p.is_file() and p.suffix in CHECKPOINT_SUFFIXES] + _trainer_folders(folder)
         if not files:
             raise CheckpointError(
                 f"No checkpoint files ({', '.join(CHECKPOINT_SUFFIXES)}) matching {pattern!r} in {folder}; train first or fix the path."
@@ -305,8 +308,9 @@ def checkpoint_at(path: PathLike, trust: bool = False, learning_rate: Optional[f
 
 
 def _trainer_folders(folder: Path) -> List[Path]:
-    """Hugging Face Trainer checkpoint folders (``checkpoint-N/`` holding model weights) in ``folder``."""
-    return [p for p in folder.glob("checkpoint-*") if _trainer_weights(p) is not None]
+    """Hugging Face checkpoint folders in ``folder``: Trainer ``checkpoint-N/`` folders and any other sub-folder
+    holding a model's weights (``save_pretrained`` output, e.g. ``epoch_1/``)."""
+    return [p for p in folder.iterdir() if _trainer_weights(p) is not None]
 
 
 def trainer_checkpoint(path: Path, learning_rate: Optional[float], default: Optional[float]) -> "Checkpoint":
@@ -419,14 +423,30 @@ def _unprefixed(weights: Dict[str, torch.Tensor], expected: Mapping[str, torch.T
     return weights
 
 
+def _with_tied(weights: Dict[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """``weights`` with the model's tied names filled in: a name the file lacks whose tensor in the model is the same
+    storage as a name the file holds (GPT-2's ``lm_head.weight`` and ``transformer.wte.weight``; ``save_pretrained``
+    writes one of them) gets that name's weights."""
+    by_storage: Dict[tuple, str] = {}
+    for name, tensor in expected.items():
+        if name in weights and tensor.numel():
+            by_storage.setdefault((tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride())), name)
+    tied = {}
+    for name, tensor in expected.items():
+        twin = by_storage.get((tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()))) if tensor.numel() else None
+        if name not in weights and twin is not None:
+            tied[name] = weights[twin]
+    return {**weights, **tied} if tied else weights
+
+
 def weights_for(model: torch.nn.Module, checkpoint: Checkpoint) -> Dict[str, torch.Tensor]:
     """``checkpoint``'s weights checked against ``model``'s state dict (same keys and shapes),
     with a clear error naming the differences.
 
     A wrapper's prefix (``module.``, ``model.``, ``_orig_mod.``) is stripped when the model's names lack it.
     """
-    weights = _unprefixed(checkpoint.state_dict(), model.state_dict())
     expected = model.state_dict()
+    weights = _with_tied(_unprefixed(checkpoint.state_dict(), expected), expected)
     missing = [k for k in expected if k not in weights]
     unexpected = [k for k in weights if k not in expected]
     if missing or unexpected:

@@ -88,7 +88,11 @@ class HFTask(Task):
         return labels if labels is not None and labels.dim() == 1 else None
 
 
+def causal_name(name: str) -> bool:
+    """Whether a Hugging Face model class name (``GPT2LMHeadModel``, ``LlamaForCausalLM``) is a causal language model."""
+    return name.endswith(("ForCausalLM", "LMHeadModel"))
+
+
 def _causal_or(model: torch.nn.Module, default: Optional[str]) -> Optional[str]:
     """"causal_lm" for Hugging Face causal language models (by class name), else ``default``."""
-    name = type(model).__name__
-    return "causal_lm" if name.endswith(("ForCausalLM", "LMHeadModel")) else default
+    return "causal_lm" if causal_name(type(model).__name__) else default

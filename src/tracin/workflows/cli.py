@@ -1,4 +1,4 @@
-"""The ``tracin`` command line: train, influence, index, audit, report, demo, ranking, kge, evaluate.
+"""The ``tracin`` command line: train, influence, text, index, audit, report, demo, ranking, kge, evaluate.
 
 User errors print one line, ``tracin: error: ...``, and exit with code 2 (no traceback).
 """
@@ -45,6 +45,27 @@ def _influence(a) -> None:
     accuracy = m["data"]["accuracy"]
     print(f"The final model gets {accuracy['test']:.1%} of the scored test images and {accuracy['train']:.1%} of the scored "
           "training images right.")
+    print(f"Results in {a.output_dir}; next: tracin report --results_dir {a.output_dir}")
+
+
+def _text(a) -> None:
+    from .text.job import TextJob, run_text
+
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # its notes on configs built without weights are not the user's concern here
+    except ImportError:  # run_text says what to install
+        pass
+    m = run_text(job_from_args(TextJob, a, scoring=scoring_config(a)))
+    d = m["data"]
+    cut = sum(d["truncated"].values())
+    print(f"Scored {d['n_train']} training x {d['n_test']} test texts ({d['task']}, {d['arch']}) over "
+          f"{count(len(m['checkpoints']), 'checkpoint')}, {count(len(m['scope']), 'layer')} ({m['num_parameters']:,} parameters) in "
+          f"{m['timings']['influence_s']:.1f}s on {m['device']}."
+          + (f" {count(cut, 'text')} longer than {d['max_length']} tokens were cut (listed in the manifest)." if cut else ""))
+    print(f"The model gets {d['accuracy']['test']:.1%} of the scored test texts and {d['accuracy']['train']:.1%} of the "
+          f"training texts right.")
     print(f"Results in {a.output_dir}; next: tracin report --results_dir {a.output_dir}")
 
 
@@ -206,7 +227,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     previous = warnings.formatwarning
     warnings.formatwarning = lambda msg, *rest, **kw: f"tracin: warning: {msg}\n"
     try:
-        {"train": _train, "influence": _influence, "index": _index, "audit": _audit, "report": _report, "demo": _demo,
+        {"train": _train, "influence": _influence, "text": _text, "index": _index, "audit": _audit, "report": _report, "demo": _demo,
          "ranking": _ranking, "kge": _kge, "evaluate": _evaluate}[args.command](args)
     except TracInError as exc:
         print(f"tracin: error: {exc}", file=sys.stderr)

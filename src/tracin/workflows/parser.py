@@ -132,8 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=_Formatter)
     p.add_argument("--version", action="version", version=f"tracin {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
-    for add in (_train_parser, _influence_parser, _index_parser, _audit_parser, _report_parser, _ranking_parser,
-                _kge_parser, _evaluate_parser, _demo_parser):
+    for add in (_train_parser, _influence_parser, _text_parser, _index_parser, _audit_parser, _report_parser,
+                _ranking_parser, _kge_parser, _evaluate_parser, _demo_parser):
         add(sub)
     return p
 
@@ -182,6 +182,41 @@ def _influence_parser(sub) -> None:
                    stratify_by_choices=["label"])
     _projection_flags(i, 1024)
     _run_flags(i)
+
+
+def _text_parser(sub) -> None:
+    t = sub.add_parser("text", help="top-k proponents/opponents (and self-influence) for a Hugging Face text model and "
+                                    "text files", formatter_class=_Formatter)
+    _add(t, "--model_dir", type=Path, required=True,
+         help="the model's folder (save_pretrained or a Trainer's output_dir): config, tokenizer, and its final weights "
+              "(the predictions reported) and/or checkpoint-N/ folders")
+    _add(t, "--checkpoint_dir", type=Path, help="the checkpoints to sum over: checkpoint-N/ or save_pretrained folders, or "
+                                                "weights files (default: the checkpoint-N/ folders in --model_dir, else "
+                                                "the model alone)")
+    _add(t, "--train", type=Path, required=True, help="training texts: .jsonl, .json, .csv, .tsv, .parquet or a datasets "
+                                                      "save_to_disk folder")
+    _add(t, "--test", type=Path, required=True, help="test texts to explain, same formats")
+    _add(t, "--output_dir", type=Path, required=True)
+    _add(t, "--task", choices=["auto", "sequence", "causal_lm"], default="auto",
+         help="sequence: a classifier's loss on --label_field; causal_lm: a language model's loss on the completion "
+              "(or the whole text); auto: from the model's architecture")
+    _add(t, "--text_field", default="text", help="the field holding the text")
+    _add(t, "--text_pair_field", help="sequence: a second text (a sentence pair)")
+    _add(t, "--label_field", default="label", help="sequence: the field holding the label (a class name or number)")
+    _add(t, "--prompt_field", help="causal_lm: the prompt (its tokens get no loss); without it the whole --text_field "
+                                   "is the loss")
+    _add(t, "--completion_field", default="completion", help="causal_lm with --prompt_field: the completion")
+    _add(t, "--max_length", type=int, default=512, help="tokens per sequence; longer ones are cut (counted in the manifest)")
+    _add(t, "--top_k", type=int, default=10)
+    _add(t, "--train_subset", type=int, help="score a seeded random subset of N training texts")
+    _add(t, "--test_subset", type=int, help="score a seeded random subset of M test texts")
+    _add(t, "--self_influence", action="store_true", help="also rank every training text by self-influence (K-FAC over "
+                                                          "the output layer's bias): mislabelled or odd texts first")
+    _add(t, "--learning_rate", type=float, help="the learning rate of checkpoints that log none")
+    _add(t, "--overwrite", action="store_true", help="discard an interrupted run's progress instead of resuming it")
+    _scoring_flags(t, INFLUENCE_SETTINGS, layers="last", batch_size=16)
+    _projection_flags(t, 1024)
+    _run_flags(t)
 
 
 INFLUENCE_SETTINGS = ["layers", "exclude", "batch_size", "seed", "num_workers", "precision", "normalize", "precondition",

@@ -13,10 +13,11 @@ from __future__ import annotations
 import json
 import os
 import platform
-from dataclasses import asdict, is_dataclass
+import warnings
+from dataclasses import asdict, dataclass, is_dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -64,6 +65,85 @@ def descending_ranks(values: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     rank_of = np.zeros(len(values), dtype=np.int64)
     rank_of[order] = np.arange(1, len(order) + 1)
     return order, rank_of
+
+
+def seeded_subset(n: int, size: Optional[int], seed: int, what: str, noun: str = "examples") -> np.ndarray:
+    """Sorted indices of a seeded random subset of ``size`` of a split's ``n`` examples (all when None, or with a
+    warning when ``size`` is not smaller than ``n``); ``what`` names the split and its flag (``--train_subset``)."""
+    if size is not None and size < 1:
+        raise DataError(f"--{what}_subset must be at least 1, got {size}.")
+    if size is None or size >= n:
+        if size is not None:
+            warnings.warn(f"--{what}_subset {size} is not smaller than the {n} {what} {noun}; scoring all of them.",
+                          stacklevel=3)
+        return np.arange(n)
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n, size=size, replace=False))
+
+
+@dataclass
+class Scored:
+    """One split's scored examples as the result tables name them, in scoring order.
+
+    index [m]: positions in the whole split; file: where each comes from (an image's path, a text's ``file:line``);
+    label, predicted: class names (a language model's: its completion and the model's); confidence [m]; correct [m]
+    bools; text: what a text example says, for display (None for images)."""
+
+    index: np.ndarray
+    file: List[str]
+    label: List[str]
+    predicted: List[str]
+    confidence: np.ndarray
+    correct: np.ndarray
+    text: Optional[List[str]] = None
+
+    def row(self, position: int, prefix: str = "") -> Dict[str, Any]:
+        """The table columns of the example at ``position`` (in scoring order), each name prefixed."""
+        row = {f"{prefix}file": self.file[position]}
+        if self.text is not None:
+            row[f"{prefix}text"] = self.text[position]
+        return {**row, f"{prefix}label": self.label[position], f"{prefix}predicted": self.predicted[position]}
+
+    def columns(self, prefix: str = "") -> List[str]:
+        return [f"{prefix}file"] + ([f"{prefix}text"] if self.text is not None else []) + [f"{prefix}label", f"{prefix}predicted"]
+
+
+def write_top_k(out: "ResultsDir", result: Any, train: Scored, test: Scored) -> None:
+    """The top-k arrays (indices: positions in the whole training split), the subsets' indices,
+    ``top_k_influences.csv`` and both prediction tables, from an :class:`tracin.results.InfluenceResult`."""
+    pro_i, opp_i = train.index[result.proponents.indices.numpy()], train.index[result.opponents.indices.numpy()]
+    pro_v, opp_v = result.proponents.values.numpy(), result.opponents.values.numpy()
+    for name, array in ((TOP_VALUES, pro_v), (TOP_INDICES, pro_i), (OPP_VALUES, opp_v), (OPP_INDICES, opp_i),
+                        (TEST_INDICES, test.index), (TRAIN_INDICES, train.index)):
+        out.npy(name, array)
+    position_of = {int(j): p for p, j in enumerate(train.index.tolist())}
+
+    def rows() -> Iterator[Dict[str, Any]]:
+        for r, t in enumerate(test.index.tolist()):
+            for kind, vals, idxs in (("proponent", pro_v, pro_i), ("opponent", opp_v, opp_i)):
+                for rank in range(vals.shape[1]):
+                    j = int(idxs[r, rank])
+                    yield {"test_index": t, **test.row(r, "test_"), "kind": kind, "rank": rank + 1, "train_index": j,
+                           **train.row(position_of[j], "train_"), "score": float(vals[r, rank])}
+
+    out.csv(TOP_CSV, rows(), ["test_index", *test.columns("test_"), "kind", "rank", "train_index", *train.columns("train_"),
+                              "score"])
+    for split, table in (("train", train), ("test", test)):
+        out.csv(predictions_csv(split), ({"index": int(i), **table.row(p), "confidence": float(table.confidence[p]),
+                                          "correct": int(table.correct[p])} for p, i in enumerate(table.index.tolist())),
+                ["index", *table.columns(), "confidence", "correct"])
+
+
+def write_self_influence(out: "ResultsDir", scores: np.ndarray, train: Scored,
+                         extra: Optional[Dict[str, np.ndarray]] = None) -> None:
+    """``self_influence.npy`` [m] and ``self_influence.csv`` ranked highest first (``extra``: more [m] columns)."""
+    extra = extra or {}
+    order, rank_of = descending_ranks(scores)  # sampled examples only
+    out.npy(SELF_NPY, scores)
+    columns = ["train_file" if c == "file" else c for c in train.columns()]  # the file column named as in every version
+    out.csv(SELF_CSV, ({"train_index": int(train.index[p]), **dict(zip(columns, train.row(p).values())),
+                        "score": float(scores[p]), "rank": int(rank_of[p]), **{k: v[p].item() for k, v in extra.items()}}
+                       for p in order), ["train_index", *columns, "score", "rank", *extra])
 
 
 class ResultsDir:

@@ -80,7 +80,8 @@ def dashboard(path: Path, overview: Dict[str, Any], pro_values: np.ndarray, opp_
         ax.legend(fontsize=9)
         ax.grid(alpha=0.3)
     _net_influence(fig.add_subplot(gs[1, :]), *per_test)
-    _image_row(fig, gs[2, :], top_helpful, 10, "The 10 most helpful training images (label, summed proponent score over all test examples)")
+    if top_helpful:  # images only: texts are listed on the page
+        _image_row(fig, gs[2, :], top_helpful, 10, "The 10 most helpful training images (label, summed proponent score over all test examples)")
     ax = fig.add_subplot(gs[3, :])
     ax.axis("off")
     ax.text(0, 1, "Key findings and recommendations", fontsize=14, weight="bold", va="top")

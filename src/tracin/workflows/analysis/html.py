@@ -88,7 +88,7 @@ def _summary(ctx: Dict[str, Any], root: Optional[Path]) -> List[str]:
         for t in wrong:
             parts.append(f"<div class='pair'><div>{thumb_tag(t['file'], 96, root=root)}<br>label {escape(t['label'])}, predicted "
                          f"{escape(t['predicted'])}</div><div class='cards'>"
-                         + "".join(card(p, f"label {lab}, score {s:+.3g}", root, flag) for p, lab, s, flag in t["opp"][:4])
+                         + "".join(card(p, f"label {lab}, score {s:+.3g}", root, flag) for p, lab, s, flag, _ in t["opp"][:4])
                          + "</div><div></div></div>")
     return parts
 
@@ -97,8 +97,8 @@ def test_pairs(tests: Sequence[Dict[str, Any]], root: Optional[Path]) -> List[st
     """One block per test image: the image, its label and prediction, its top proponents and opponents."""
     parts = []
     for t in tests:
-        pro = "".join(card(p, f"label {lab}, score {s:+.3g}", root, flag) for p, lab, s, flag in t["pro"])
-        opp = "".join(card(p, f"label {lab}, score {s:+.3g}", root, flag) for p, lab, s, flag in t["opp"])
+        pro = "".join(card(p, f"label {lab}, score {s:+.3g}", root, flag) for p, lab, s, flag, _ in t["pro"])
+        opp = "".join(card(p, f"label {lab}, score {s:+.3g}", root, flag) for p, lab, s, flag, _ in t["opp"])
         parts.append(
             f"<div class='pair'><div>{thumb_tag(t['file'], 120, root=root)}<br>{escape(Path(t['file']).name)}<br>label {escape(t['label'])}"
             f"<br>predicted {escape(t['predicted'])}</div><div><b class='pro'>Proponents</b><div class='cards'>{pro}</div></div>"

@@ -18,7 +18,8 @@ class Results:
     in the full training list.
 
     pro_values, pro_indices, opp_values, opp_indices: [n_test, k].
-    train / test: one dict per scored example (index, file, label, predicted, confidence, correct).
+    train / test: one dict per scored example (index, file, label, predicted, confidence, correct; text for texts).
+    class_names: empty for a language model's results (its labels are completions).
     self_influence: rows of self_influence.csv (rank order) or None.
     """
 
@@ -33,6 +34,11 @@ class Results:
     train: Dict[int, Dict[str, Any]]
     test: Dict[int, Dict[str, Any]]
     self_influence: Optional[List[Dict[str, Any]]]
+
+    @property
+    def text(self) -> bool:
+        """Whether the examples are texts (``tracin text``) rather than images."""
+        return self.manifest.get("data", {}).get("modality") == "text"
 
 
 def _typed(rows: List[Dict[str, str]]) -> Dict[int, Dict[str, Any]]:
@@ -67,8 +73,10 @@ def _check(res: Results) -> None:
     if unknown_test or unknown_train:
         raise ValueError(f"indices missing from the prediction tables: test {sorted(unknown_test)[:3]}, train {sorted(unknown_train)[:3]}")
     classes = set(res.class_names)
-    if any(r["label"] not in classes or r["predicted"] not in classes for r in list(res.train.values()) + list(res.test.values())):
+    if classes and any(r["label"] not in classes or r["predicted"] not in classes for r in list(res.train.values()) + list(res.test.values())):
         raise ValueError("a label or prediction is not one of the manifest's classes")
+    if res.text and any("text" not in r for r in list(res.train.values()) + list(res.test.values())):
+        raise ValueError("a text result's prediction table has no text column")
 
 
 def _load(folder: ResultsDir) -> Results:

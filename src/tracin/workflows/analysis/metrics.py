@@ -31,17 +31,17 @@ def health(res: Results) -> Health:
     """Flag a training image when the final model predicts another class than its label and, with self-influence
     computed, its self-influence is above the median (a surprising example the model also disagrees with); the
     health score is the share not flagged. It falls as label noise rises (docs/report.md)."""
+    wrong = ("the final model predicts another class than the label" if res.class_names else
+             "the final model does not reproduce the completion")
     if res.self_influence:
-        scores = np.array([r["score"] for r in res.self_influence])
-        median = float(np.median(scores))
-        flagged = sum(1 for r in res.self_influence if r["label"] != r["predicted"] and r["score"] > median)
+        median = float(np.median([r["score"] for r in res.self_influence]))
+        flagged = len(suspects(res))
         scored = len(res.self_influence)
-        rule = (f"the final model predicts another class than the label and the self-influence is above the median "
-                f"({median:.3g})")
+        rule = f"{wrong} and the self-influence is above the median ({median:.3g})"
     else:
         flagged = sum(1 for r in res.train.values() if not r["correct"])
         scored = len(res.train)
-        rule = "the final model predicts another class than the label (self-influence not computed)"
+        rule = f"{wrong} (self-influence not computed)"
     score = 100.0 * (1 - flagged / scored) if scored else 0.0
     band = next(name for threshold, name in BANDS if score > threshold)
     return Health(score, band, flagged, scored, rule)
@@ -52,7 +52,14 @@ def suspects(res: Results) -> set:
     if not res.self_influence:
         return set()
     median = float(np.median([r["score"] for r in res.self_influence]))
-    return {r["train_index"] for r in res.self_influence if r["label"] != r["predicted"] and r["score"] > median}
+    return {r["train_index"] for r in res.self_influence if not _correct(res, r) and r["score"] > median}
+
+
+def _correct(res: Results, row: Dict[str, Any]) -> bool:
+    """Whether the final model gets a self-influence row's training example right (its prediction table says; the
+    row's own label and prediction where the table lacks it)."""
+    known = res.train.get(row["train_index"])
+    return bool(known["correct"]) if known is not None else row["label"] == row["predicted"]
 
 
 def opponent_share(pro_values: np.ndarray, opp_values: np.ndarray) -> float:
@@ -161,7 +168,7 @@ def mislabel_candidates(res: Results) -> List[Dict[str, Any]]:
     if res.self_influence is None:
         return []
     return [{"rank": r["rank"], "train_index": r["train_index"], "file": r["train_file"], "label": r["label"],
-             "predicted": r["predicted"], "self_influence": r["score"], "model_disagrees": r["label"] != r["predicted"],
+             "predicted": r["predicted"], "self_influence": r["score"], "model_disagrees": not _correct(res, r),
              **{k: r[k] for k in ("summed_loss", "summed_loss_rank") if k in r}}
             for r in sorted(res.self_influence, key=lambda r: r["rank"])]
 

@@ -24,7 +24,8 @@ from ...io import file_sha256
 from ...results import InfluenceResult
 from ...tasks.classification import checkpoint_probabilities, label_losses, predict_proba
 from .. import results_dir as names
-from ..results_dir import ResultsDir, RunRecord, descending_ranks, job_parameters
+from ..results_dir import (ResultsDir, RunRecord, Scored, descending_ranks, job_parameters, seeded_subset, write_self_influence,
+                           write_top_k)
 from .folders import images_digest
 from .setup import ImageSetup, OwnModel, image_setup
 
@@ -80,20 +81,6 @@ class _Run:
         return Subset(self.setup.test, self.test_idx.tolist())
 
 
-def _subset(n: int, size: Optional[int], seed: int, what: str) -> np.ndarray:
-    """Sorted indices of a seeded random subset of ``size`` examples (all when None, or with a
-    warning when ``size`` is not smaller than the split's ``n`` images)."""
-    if size is not None and size < 1:
-        raise TracInError(f"--{what}_subset must be at least 1, got {size}.")
-    if size is None or size >= n:
-        if size is not None:
-            warnings.warn(f"--{what}_subset {size} is not smaller than the {n} {what} images; scoring all of them.",
-                          stacklevel=2)
-        return np.arange(n)
-    rng = np.random.default_rng(seed)
-    return np.sort(rng.choice(n, size=size, replace=False))
-
-
 def run_influence(job: InfluenceJob) -> Optional[Dict[str, Any]]:
     """Score top-k proponents/opponents (and optionally self-influence); write the result files
     and, last, ``manifest.json``. Returns the manifest (None on ranks other than 0 under torchrun,
@@ -116,9 +103,10 @@ def _run_influence(job: InfluenceJob) -> Optional[Dict[str, Any]]:
         predictions = _predict(run)
         run.timings["predictions_s"] = time.perf_counter() - t_start - run.timings["scan_s"] - run.timings["influence_s"]
         run.accuracy = _accuracy(run, predictions)
-        _write_top_k(run, result, predictions)
+        tables = _scored(run, predictions)
+        _write_top_k(run, result, tables)
         if result.self_influence is not None:
-            _write_self_influence(run, result.self_influence.numpy(), predictions["train"][0])
+            _write_self_influence(run, result.self_influence.numpy(), tables["train"])
         run.timings["total_s"] = time.perf_counter() - t_start
         manifest = _write_manifest(run, result, hashes)
     reset(run.out.progress)  # only now: a failure before this resumes with nothing left to score
@@ -132,8 +120,8 @@ def _set_up(job: InfluenceJob) -> _Run:
     setup = image_setup(job.data_dir, job.checkpoint_dir, job.trust_checkpoint, job.own)
     final = _prediction_model(job, setup)
     seed = job.scoring.seed
-    train_idx = _subset(len(setup.train), job.train_subset, seed, "train")
-    test_idx = _subset(len(setup.test), job.test_subset, seed + 1, "test")
+    train_idx = seeded_subset(len(setup.train), job.train_subset, seed, "train", "images")
+    test_idx = seeded_subset(len(setup.test), job.test_subset, seed + 1, "test", "images")
     if job.top_k > len(train_idx):
         raise TracInError(f"--top_k {job.top_k} is larger than the training set ({len(train_idx)} images); use --top_k {len(train_idx)} or less.")
     config = job.scoring.replace(progress=job.scoring.progress and rank == 0)
@@ -260,40 +248,25 @@ def _predict(run: _Run) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
     return predictions
 
 
-def _write_top_k(run: _Run, result: InfluenceResult, predictions: Dict[str, Tuple[np.ndarray, np.ndarray]]) -> None:
-    """The top-k arrays, the subsets' indices, ``top_k_influences.csv`` and both prediction tables."""
-    out, s, train_idx, test_idx = run.out, run.setup, run.train_idx, run.test_idx
-    pro_i, opp_i = train_idx[result.proponents.indices.numpy()], train_idx[result.opponents.indices.numpy()]
-    pro_v, opp_v = result.proponents.values.numpy(), result.opponents.values.numpy()
-    for name, array in ((names.TOP_VALUES, pro_v), (names.TOP_INDICES, pro_i), (names.OPP_VALUES, opp_v),
-                        (names.OPP_INDICES, opp_i), (names.TEST_INDICES, test_idx), (names.TRAIN_INDICES, train_idx)):
-        out.npy(name, array)
-    if run.job.full_matrix:
-        out.adopt(names.MATRIX_NPY)
-        _write_scores_csv(out, test_idx, train_idx)
-    test_pred = predictions["test"][0]
-    pred_of_train = dict(zip(train_idx.tolist(), predictions["train"][0].tolist()))
-    train_split, test_split = s.train_split, s.test_split
+def _scored(run: _Run, predictions: Dict[str, Tuple[np.ndarray, np.ndarray]]) -> Dict[str, Scored]:
+    """The scored images of each split as the result tables name them."""
+    s = run.setup
     classes = output_names(s.class_names, predictions)
-
-    def rows() -> Iterator[Dict[str, Any]]:
-        for row, t in enumerate(test_idx.tolist()):
-            for kind, vals, idxs in (("proponent", pro_v, pro_i), ("opponent", opp_v, opp_i)):
-                for rank in range(vals.shape[1]):
-                    j = int(idxs[row, rank])
-                    yield {"test_index": t, "test_file": str(test_split.paths[t]), "test_label": classes[test_split.labels[t]],
-                           "test_predicted": classes[int(test_pred[row])], "kind": kind, "rank": rank + 1,
-                           "train_index": j, "train_file": str(train_split.paths[j]), "train_label": classes[train_split.labels[j]],
-                           "train_predicted": classes[pred_of_train[j]], "score": float(vals[row, rank])}
-
-    out.csv(names.TOP_CSV, rows(), ["test_index", "test_file", "test_label", "test_predicted", "kind", "rank", "train_index",
-                                    "train_file", "train_label", "train_predicted", "score"])
-    for split, idx, folder in (("train", train_idx, train_split), ("test", test_idx, test_split)):
+    tables = {}
+    for split, idx, folder in (("train", run.train_idx, s.train_split), ("test", run.test_idx, s.test_split)):
         pred, conf = predictions[split]
-        out.csv(names.predictions_csv(split), (
-            {"index": int(i), "file": str(folder.paths[i]), "label": classes[folder.labels[i]], "predicted": classes[int(p)],
-             "confidence": float(c), "correct": int(folder.labels[i] == int(p))}
-            for i, p, c in zip(idx.tolist(), pred, conf)), ["index", "file", "label", "predicted", "confidence", "correct"])
+        labels = [folder.labels[i] for i in idx.tolist()]
+        tables[split] = Scored(idx, [str(folder.paths[i]) for i in idx.tolist()], [classes[c] for c in labels],
+                               [classes[int(p)] for p in pred], conf, np.asarray(labels) == np.asarray(pred))
+    return tables
+
+
+def _write_top_k(run: _Run, result: InfluenceResult, tables: Dict[str, Scored]) -> None:
+    """The top-k arrays and tables, both prediction tables, and with --full_matrix the scores' CSV."""
+    write_top_k(run.out, result, tables["train"], tables["test"])
+    if run.job.full_matrix:
+        run.out.adopt(names.MATRIX_NPY)
+        _write_scores_csv(run.out, run.test_idx, run.train_idx)
 
 
 def output_names(class_names: List[str], predictions: Dict[str, Any]) -> List[str]:
@@ -324,26 +297,17 @@ def _write_scores_csv(out: ResultsDir, test_idx: np.ndarray, train_idx: np.ndarr
     out.csv(names.SCORES_CSV, rows(), ["test_index", "train_index", "score"])
 
 
-def _write_self_influence(run: _Run, s: np.ndarray, train_pred: np.ndarray) -> None:
+def _write_self_influence(run: _Run, s: np.ndarray, train: Scored) -> None:
     """``self_influence.npy`` and ``.csv`` (ranked; with --summed_loss also each image's loss summed over the checkpoints)."""
-    out, setup, train_idx = run.out, run.setup, run.train_idx
-    order, rank_of = descending_ranks(s)  # sampled examples only
-    out.npy(names.SELF_NPY, s)
-    extra: Dict[str, np.ndarray] = {}
+    setup, extra = run.setup, {}
     if run.job.summed_loss:
         tr = run.tr
-        labels = [setup.train_split.labels[i] for i in train_idx]
+        labels = [setup.train_split.labels[i] for i in run.train_idx]
         loss_total = sum(label_losses(p, labels) for p in checkpoint_probabilities(
             setup.model, setup.checkpoints, run.train_set, tr.device, tr.config.batch_size, tr.config.num_workers))
-        out.npy(names.SUMMED_LOSS, loss_total)
+        run.out.npy(names.SUMMED_LOSS, loss_total)
         extra = {"summed_loss": loss_total, "summed_loss_rank": descending_ranks(np.where(np.isfinite(s), loss_total, np.nan))[1]}
-    paths, labels = setup.train_split.paths, setup.train_split.labels
-    classes = output_names(setup.class_names, {"train": (train_pred, None)})
-    out.csv(names.SELF_CSV, (
-        {"train_index": int(train_idx[p]), "train_file": str(paths[train_idx[p]]), "label": classes[labels[train_idx[p]]],
-         "predicted": classes[int(train_pred[p])], "score": float(s[p]), "rank": int(rank_of[p]),
-         **{k: v[p].item() for k, v in extra.items()}} for p in order),
-        ["train_index", "train_file", "label", "predicted", "score", "rank"] + list(extra))
+    write_self_influence(run.out, s, train, extra)
 
 
 def _write_manifest(run: _Run, result: InfluenceResult, hashes: List[str]) -> Dict[str, Any]:
