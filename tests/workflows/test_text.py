@@ -114,6 +114,12 @@ def test_a_causal_language_model_on_prompts_and_completions(language_model, tmp_
     assert rows[0]["text"] in (out / "report.html").read_text()
 
 
+def test_prompt_and_completion_fields_are_found_without_the_flag(language_model, tmp_path):
+    with pytest.warns(UserWarning, match="the loss is on the completions"):
+        assert main(_args(language_model, tmp_path / "lm", "--task", "causal_lm", "--top_k", "2")) == 0
+    assert json.loads((tmp_path / "lm" / "manifest.json").read_text())["data"]["fields"]["prompt"] == "prompt"
+
+
 def test_the_prompt_gets_no_loss_and_long_prompts_lose_their_beginning(language_model):
     from tracin.workflows.text.encode import IGNORE, TextFields, encode
     from tracin.workflows.text.records import read_records

@@ -7,7 +7,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 from torch.utils.data import DataLoader, Subset
@@ -99,8 +99,8 @@ def _set_up(job: TextJob) -> _Text:
     if out.exists() and not out.is_dir():
         raise TracInError(f"--output_dir {out} is a file; give a folder (new or holding tracin results).")
     setup = load_text_model(job.model_dir, job.checkpoint_dir, job.task, job.learning_rate, job.trust_checkpoint)
-    fields = _fields(job, setup)
     records = {"train": read_records(job.train, "train"), "test": read_records(job.test, "test")}
+    fields = _fields(job, setup, records["train"].fields)
     labels = None
     if setup.kind == "sequence":
         labels = LabelSet(setup.label_names).named_for([v for r in records.values() for v in r.column(fields.label, "--label_field")])
@@ -124,14 +124,20 @@ def _set_up(job: TextJob) -> _Text:
     return run
 
 
-def _fields(job: TextJob, setup: TextModel) -> TextFields:
-    """The fields and the longest sequence, checked against the task: a --max_length beyond the model's position table
-    is lowered to it (with a warning)."""
+def _fields(job: TextJob, setup: TextModel, found: List[str]) -> TextFields:
+    """The fields and the longest sequence, checked against the task and the training data's ``found`` fields: a
+    language model's data holding a "prompt" and the completion field but no --text_field is read as prompts and
+    completions; a --max_length beyond the model's position table is lowered to it (with a warning)."""
     if job.max_length < 1:
         raise TracInError(f"--max_length must be at least 1, got {job.max_length}.")
     if job.prompt_field and setup.kind != "causal_lm":
         raise TracInError("--prompt_field describes a causal language model's data, but the model is a sequence classifier; "
                           "give --text_field and --label_field, or --task causal_lm with a language model.")
+    prompt = job.prompt_field
+    if setup.kind == "causal_lm" and prompt is None and job.text_field not in found and {"prompt", job.completion_field} <= set(found):
+        prompt = "prompt"
+        warnings.warn(f"The data has no {job.text_field!r} field but 'prompt' and {job.completion_field!r}: the loss is on "
+                      "the completions (as with --prompt_field prompt).", stacklevel=2)
     limit = job.max_length
     if setup.max_positions and limit > setup.max_positions:
         if job.max_length != TextJob.max_length:
@@ -139,7 +145,7 @@ def _fields(job: TextJob, setup: TextModel) -> TextFields:
                           f"sequences are cut to {setup.max_positions} tokens.", stacklevel=2)
         limit = setup.max_positions
     return TextFields(kind=setup.kind, text=job.text_field, text_pair=job.text_pair_field, label=job.label_field,
-                      prompt=job.prompt_field, completion=job.completion_field, max_length=limit)
+                      prompt=prompt, completion=job.completion_field, max_length=limit)
 
 
 def _pad_id(setup: TextModel) -> int:
