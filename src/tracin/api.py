@@ -21,7 +21,7 @@ from .engine.resume import ResumeState
 from .engine.sampling import TrainPlan, plan_training
 from .engine.capture import EXACT
 from .engine.scheduler import Scheduler, Target, Transforms
-from .engine.scope import resolve_layers
+from .engine.scope import resolve_layers, scope_rows
 from .engine.ann import approximate_with_recall
 from .engine.index import (DTYPES, META as INDEX_META, FoldingWriter, GradientIndex, IndexMeta, describe_checkpoints, fold,
                            mine, plan_or_resume, rows_to_compute, search, shard_rows_for)
@@ -156,12 +156,7 @@ class TracIn:
     def scope(self) -> List[Dict[str, object]]:
         """One row per module in scope: name, type, parameter count, kernel used by the last run, the
         parameters in scope, and whether they are all of the module's trainable ones."""
-        return [
-            {"name": h.name, "type": "parameters" if not h.hooked else type(h.module).__name__, "params": h.num_params,
-             "kernel": self._modes.get(h.name) or ("exact" if not h.hooked else None), "parameters": list(h.param_names),
-             "whole": not h.hooked or set(h.param_names) == {n for n, p in h.module.named_parameters(recurse=False) if p.requires_grad}}
-            for h in self.handlers
-        ]
+        return scope_rows(self.handlers, self._modes)
 
     # -- scoring ---------------------------------------------------------------------------------
     @contextmanager

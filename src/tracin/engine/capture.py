@@ -250,7 +250,7 @@ class BatchCapture:
         _check_inputs_unchanged(handler, calls)
         rows = [c.output_shape[0] for c in calls if c.output_shape is not None and len(c.output_shape)]
         mismatch = next((r for r in rows if r != size), None)
-        if mismatch is not None or (direct is not None and not _sums_agree(handler, calls, direct.get(handler.name))):
+        if mismatch is not None or (direct is not None and not sums_agree(handler, calls, direct.get(handler.name))):
             self._go_exact(handler, run, mismatch, size, first=direct is not None)
             return False
         return True
@@ -416,16 +416,18 @@ def _check_inputs_unchanged(handler: LayerHandler, calls: List[Call]) -> None:
             )
 
 
-def _sums_agree(handler: LayerHandler, calls: List[Call], direct: Optional[List[Optional[torch.Tensor]]]) -> bool:
+def sums_agree(handler: LayerHandler, calls: List[Call], direct: Optional[List[Optional[torch.Tensor]]],
+               floor: float = 0.0) -> bool:
     """Whether the sum of the handler's per-example gradients equals autograd's batch gradient (parameters used only
-    inside the module's recorded calls); True when the handler cannot tell."""
+    inside the module's recorded calls); True when the handler cannot tell. ``floor``: a norm below which a
+    parameter's difference is rounding (a bias whose true gradient is 0, behind a batch-normalising layer)."""
     with torch.no_grad():
         summed = handler.batch_gradients(calls)
     if summed is None or direct is None:
         return True
     for ours, theirs in zip(summed, direct):
         theirs = torch.zeros_like(ours) if theirs is None else theirs
-        scale = max(float(ours.norm()), float(theirs.norm()))
+        scale = max(float(ours.norm()), float(theirs.norm()), floor)
         if float((ours - theirs).norm()) > 1e-3 * scale + 1e-9:
             return False
     return True

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from fnmatch import fnmatchcase
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from torch import nn
 
@@ -151,3 +151,14 @@ def kfac_layers(model: nn.Module) -> List[str]:
     """Names of the model's modules K-FAC covers (Linear, Conv), for ``layers=`` when ``"all"`` would
     include others (e.g. batch norm)."""
     return [h.name for h in resolve_layers(model, "all") if h.kronecker]
+
+
+def scope_rows(handlers: Sequence[LayerHandler], modes: Dict[str, Optional[str]]) -> List[Dict[str, object]]:
+    """One row per handler: name, type, parameter count, the kernel ``modes`` names for it, the parameters in scope,
+    and whether they are all of the module's trainable ones."""
+    return [
+        {"name": h.name, "type": "parameters" if not h.hooked else type(h.module).__name__, "params": h.num_params,
+         "kernel": modes.get(h.name) or ("exact" if not h.hooked else None), "parameters": list(h.param_names),
+         "whole": not h.hooked or set(h.param_names) == {n for n, p in h.module.named_parameters(recurse=False) if p.requires_grad}}
+        for h in handlers
+    ]

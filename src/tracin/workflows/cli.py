@@ -22,6 +22,8 @@ def _train(a) -> None:
     chosen = "by validation accuracy" if a.val_fraction > 0 else "the last epoch"
     print(f"Saved {len(s.checkpoints)} checkpoints to {a.checkpoint_dir}; {s.best_model.name} ({chosen}) has test accuracy "
           f"{s.best_test_accuracy:.1%}; log {s.log_csv}, curve {s.curve_png}.")
+    if a.in_run is not None:
+        print(f"In-run TracIn (every training step) in {a.in_run}; next: tracin report --results_dir {a.in_run}")
 
 
 def count(n: int, noun: str) -> str:

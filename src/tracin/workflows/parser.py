@@ -157,6 +157,12 @@ def _train_parser(sub) -> None:
     _add(t, "--optimizer", choices=["sgd", "adamw"], default="sgd",
          help="sgd (momentum 0.9) or adamw; with adamw every checkpoint also stores the optimizer state")
     _add(t, "--seed", type=int, default=0)
+    _add(t, "--in_run", type=Path, metavar="O",
+         help="also record TracIn while training (every step the image was in) into results folder O: self-influence "
+              "of every training image and the test images' top-k proponents/opponents, as tracin influence "
+              "--self_influence writes them (tracin report --results_dir O reads them)")
+    _add(t, "--in_run_query_every", type=int, default=0,
+         help="with --in_run: steps between the test images' gradients (0: once per epoch)")
     _add(t, "--device", default="auto")
     _add(t, "--quiet", action="store_true", help="no progress bars")
 

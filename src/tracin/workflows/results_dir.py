@@ -17,7 +17,7 @@ import warnings
 from dataclasses import asdict, dataclass, is_dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -27,7 +27,25 @@ from ..errors import DataError
 from ..io import clear_path, file_sha256, read_csv, unwritable, write_csv, write_json, write_npy
 
 if TYPE_CHECKING:
-    from ..api import TracIn
+    from ..checkpoints import Checkpoint
+
+
+class Scorer(Protocol):
+    """What a manifest records of whatever scored: its settings, checkpoints, layers in scope and their kernels,
+    parameter count, preconditioner and device (a :class:`tracin.TracIn`, or the in-run recorder
+    :class:`tracin.InRun`, which has no checkpoints)."""
+
+    config: Any
+    checkpoints: List["Checkpoint"]
+    preconditioner: Any
+
+    @property
+    def device(self) -> Any: ...
+
+    @property
+    def num_parameters(self) -> int: ...
+
+    def scope(self) -> List[Dict[str, object]]: ...
 
 MANIFEST = "manifest.json"
 STAGING, LOCK = ".staging", ".lock"
@@ -233,7 +251,7 @@ class ResultsDir:
         self.json(MATRIX_JSON, {train_ids[j]: {f"tracin_influence_{t}": float(matrix[r, j]) for r, t in enumerate(test_ids)}
                                 for j in range(len(train_ids))})
 
-    def finish(self, command: str, tr: "TracIn", record: "RunRecord") -> Dict[str, Any]:
+    def finish(self, command: str, tr: "Scorer", record: "RunRecord") -> Dict[str, Any]:
         """Write ``manifest.json`` (last: its presence marks the results complete) and return it."""
         manifest = {
             "tool": "tracin", "command": command, "complete": True, "version": __version__,
@@ -315,7 +333,7 @@ def _engine_stats(stats: Dict[str, Any]) -> Dict[str, Any]:
     return {k: v for k, v in stats.items() if k not in ("layer_modes", "sampled_indices")}
 
 
-def pass_stats(tr: "TracIn") -> Dict[str, Any]:
+def pass_stats(tr: Any) -> Dict[str, Any]:
     """The manifest's engine statistics of a job that ran several passes: each pass's, in order."""
     return {"passes": [_engine_stats(p) for p in tr.passes]}
 
@@ -346,7 +364,7 @@ def folder_lock(path: Path) -> Any:
     return handle
 
 
-def _checkpoint_rows(tr: "TracIn", hashes: Optional[Sequence[str]]) -> List[Dict[str, Any]]:
+def _checkpoint_rows(tr: "Scorer", hashes: Optional[Sequence[str]]) -> List[Dict[str, Any]]:
     hashes = hashes or [file_sha256(Path(c.source)) if isinstance(c.source, Path) else "" for c in tr.checkpoints]
     return [{"file": str(c.source.resolve()) if isinstance(c.source, Path) else c.name, "sha256": h,
              "learning_rate": c.learning_rate, "learning_rate_source": c.metadata.get("learning_rate_source", "file"),

@@ -46,6 +46,13 @@ def _train_lookup(res: Results) -> Tuple[Dict[int, str], Dict[int, str]]:
     return {i: r["file"] for i, r in res.train.items()}, {i: r["label"] for i, r in res.train.items()}
 
 
+def _summed_over(manifest: Dict[str, Any]) -> str:
+    """'3 checkpoints', or for an in-run record (tracin train --in_run) 'every step (N)'."""
+    if manifest["checkpoints"] or "in_run" not in manifest:
+        return f"{len(manifest['checkpoints'])} checkpoints"
+    return f"every training step ({manifest['in_run'].get('steps', 0)}, in-run)"
+
+
 def _rates(rates: List[float]) -> str:
     """'0.02 (all 6)' or '0.1, 0.05, ...' shortened to fit the overview."""
     if len(set(rates)) == 1:
@@ -138,7 +145,7 @@ def build_report(results_dir: Path, top_n: int = 10, html_tests: int = 100, grad
     data = m["data"]
     source = f"{Path(data['train_file']).name} and {Path(data['test_file']).name}" if res.text else html.shown(str(data["data_dir"]), out)
     context = {
-        "root": out, "subtitle": f"{data['arch']} on {source} — {len(m['checkpoints'])} checkpoints, created {m['created']}",
+        "root": out, "subtitle": f"{data['arch']} on {source} — {_summed_over(m)}, created {m['created']}",
         "health": analysis.data_health.score, "band": analysis.data_health.band, "findings": findings, "dashboard": dash,
         "suspects": suspects(res), "files": sorted(p.name for p in out.iterdir() if p.suffix in (".csv", ".png", ".json")),
         "class_rows": analysis.class_rows, "class_figures": class_figures, "mislabels": analysis.mislabels,
@@ -259,8 +266,8 @@ def _dashboard(a: _Analysis, findings: List[str]) -> Any:
     noun = "texts" if res.text else "images"
     overview = {f"Training {noun}": f"{m['data']['n_train']} of {m['data']['n_train_total']}",
                 f"Test {noun}": f"{m['data']['n_test']} of {m['data']['n_test_total']}",
-                "Classes": len(res.class_names), "Checkpoints": len(m["checkpoints"]),
-                "Learning rates": _rates([c["learning_rate"] for c in m["checkpoints"]]),
+                "Classes": len(res.class_names), "Checkpoints": _summed_over(m),
+                "Learning rates": _rates([c["learning_rate"] for c in m["checkpoints"]]) if m["checkpoints"] else "each step's",
                 "Layers / params": f"{len(m['scope'])} / {m['num_parameters']:,}", "Top-k": res.pro_values.shape[1],
                 "Health score": a.data_health.score, "Band": a.data_health.band}
     helpful = [] if res.text else [(path_of[j], f"{label_of[j]} {s:+.3g}") for j, s in top_helpful]

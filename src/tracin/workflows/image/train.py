@@ -7,7 +7,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -17,7 +17,9 @@ from tqdm.auto import tqdm
 
 from ...checkpoints import save_checkpoint
 from ...io import write_csv, write_figure
-from .folders import ImageDataset, image_transform, scan_split, training_transform
+from ...engine.inrun import Indexed, InRun
+from .folders import ImageDataset, ImageSplit, image_transform, scan_split, training_transform
+from .in_run import in_run_recorder, write_in_run
 from ...errors import DataError, TracInError
 from .models import build_model, load_pretrained, normalization
 from ..results_dir import LOCK, folder_lock
@@ -85,6 +87,8 @@ class ImageTraining:
     lr_schedule: str = "constant"
     optimizer: str = "sgd"  # sgd (with momentum) | adamw (its state is stored in every checkpoint)
     val_fraction: float = 0.0  # of each class, held out to choose best_model.pt (0: the last epoch's model)
+    in_run: Optional[Path] = None  # a results folder: in-run TracIn recorded while training (tracin.engine.inrun)
+    in_run_query_every: int = 0  # steps between the test images' gradients in the in-run record (0: once per epoch)
 
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -122,10 +126,15 @@ class _Data:
     """What a training run reads: the loaders for the optimisation steps and for measuring, the class names, and the
     validation images' paths relative to the data folder."""
 
+    data_dir: Path
     classes: List[str]
-    steps: DataLoader
+    steps: DataLoader  # (position in the training split, image, label) batches, shuffled
     measure: Dict[str, DataLoader]  # fit, val (when there is a validation split), test
     validation_files: List[str]
+    train_split: ImageSplit
+    test_split: ImageSplit
+    fit: List[int]  # positions of the training split that are trained on
+    plain: Callable  # the transform of the measured (and scored) images
 
 
 def _data(data_dir: Path, training: "ImageTraining") -> _Data:
@@ -136,13 +145,14 @@ def _data(data_dir: Path, training: "ImageTraining") -> _Data:
     size, norm = training.image_size, normalization(training.arch)
     plain, augmented = image_transform(size, norm), training_transform(size, training.augment, norm)
     batch = max(training.batch_size, 64)
-    steps = DataLoader(Subset(ImageDataset(train_split, augmented), fit), batch_size=training.batch_size, shuffle=True,
-                       generator=torch.Generator().manual_seed(training.seed))
+    steps = DataLoader(Subset(Indexed(ImageDataset(train_split, augmented)), fit), batch_size=training.batch_size,
+                       shuffle=True, generator=torch.Generator().manual_seed(training.seed))
     measure = {"train": DataLoader(Subset(ImageDataset(train_split, plain), fit), batch_size=batch),
                "test": DataLoader(ImageDataset(test_split, plain), batch_size=batch)}
     if val:
         measure["val"] = DataLoader(Subset(ImageDataset(train_split, plain), val), batch_size=batch)
-    return _Data(classes, steps, measure, [str(train_split.paths[i].relative_to(data_dir)) for i in val])
+    return _Data(data_dir, classes, steps, measure, [str(train_split.paths[i].relative_to(data_dir)) for i in val], train_split,
+                 test_split, fit, plain)
 
 
 def _check(training: "ImageTraining") -> None:
@@ -152,20 +162,27 @@ def _check(training: "ImageTraining") -> None:
         raise TracInError(f"--learning_rate must be positive, got {training.learning_rate}.")
 
 
-def _one_epoch(model: nn.Module, opt: torch.optim.Optimizer, loader: DataLoader, device: torch.device, epoch: int) -> int:
-    """One pass of optimisation steps; returns how many were taken."""
+def _one_epoch(model: nn.Module, opt: torch.optim.Optimizer, loader: DataLoader, device: torch.device, epoch: int,
+               recorder: Optional[InRun] = None) -> int:
+    """One pass of optimisation steps (recorded by ``recorder`` when given); returns how many were taken."""
     model.train()
     steps = 0
-    for x, y in loader:
+    for ids, x, y in loader:
         x, y = x.to(device), y.to(device)
         opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
+        losses = nn.functional.cross_entropy(model(x), y, reduction="none")
+        loss = recorder.backward(losses, ids) if recorder is not None else _backward(losses)
         if not torch.isfinite(loss):
-            raise DataError(f"The training loss became {float(loss.detach())} at epoch {epoch}; lower --learning_rate.")
-        loss.backward()
+            raise DataError(f"The training loss became {float(loss)} at epoch {epoch}; lower --learning_rate.")
         opt.step()
         steps += 1
     return steps
+
+
+def _backward(losses: torch.Tensor) -> torch.Tensor:
+    loss = losses.mean()
+    loss.backward()
+    return loss.detach()
 
 
 def train_image_classifier(data_dir: Path, checkpoint_dir: Path, training: ImageTraining,
@@ -187,18 +204,23 @@ def train_image_classifier(data_dir: Path, checkpoint_dir: Path, training: Image
         load_pretrained(model, Path(training.pretrained))
     model.to(device)
     opt = _optimizer(model, training)
+    recorder = in_run_recorder(model, opt, data, training) if training.in_run is not None else None
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     lock = folder_lock(checkpoint_dir / LOCK)  # a second run into this folder is refused, never mixed in
     try:
-        return _epochs(model, opt, data, checkpoint_dir, training, rates, device, progress)
+        started = time.perf_counter()
+        summary = _epochs(model, opt, data, checkpoint_dir, training, rates, device, progress, recorder)
+        if recorder is not None:
+            write_in_run(recorder, data, training, summary, device, time.perf_counter() - started)
+        return summary
     finally:
         if lock is not None:
             lock.close()
 
 
 def _epochs(model: nn.Module, opt: torch.optim.Optimizer, data: _Data, checkpoint_dir: Path, training: ImageTraining,
-            rates: List[float], device: torch.device, progress: bool) -> TrainSummary:
+            rates: List[float], device: torch.device, progress: bool, recorder: Optional[InRun] = None) -> TrainSummary:
     """The epochs of :func:`train_image_classifier` at ``rates`` (one per epoch), its checkpoints and log, with the
     checkpoint folder locked."""
     meta = {"class_names": data.classes, "arch": training.arch, "image_size": training.image_size, "seed": training.seed,
@@ -209,7 +231,7 @@ def _epochs(model: nn.Module, opt: torch.optim.Optimizer, data: _Data, checkpoin
         start = time.perf_counter()
         for group in opt.param_groups:
             group["lr"] = rates[epoch - 1]
-        step += _one_epoch(model, opt, data.steps, device, epoch)
+        step += _one_epoch(model, opt, data.steps, device, epoch, recorder)
         row = {"epoch": epoch}
         for name, loader in data.measure.items():
             row[f"{name}_loss"], row[f"{name}_accuracy"] = _evaluate(model, loader, device)

@@ -1,0 +1,383 @@
+"""In-run TracIn: influence and self-influence recorded inside the training steps themselves.
+
+TracIn's ideal form (Pruthi et al. 2020, section 3) sums over every optimisation step t in which a training example z
+was in the batch:
+
+    self-influence(z)  = sum_t eta_t ||grad l(z; w_t)||^2
+    influence(q, z)    = sum_t eta_t <grad l(q; w_t), grad l(z; w_t)>
+
+The recorder hooks the layers in scope; the training step's own backward pass leaves each layer's inputs and output
+gradients behind, and the layer handlers' kernels (ghost dot-products or materialised gradients, as for checkpoints)
+turn them into per-example squared norms and inner products with the query set's gradients. The only extra work is a
+forward and backward pass of the query set every ``query_every`` steps (none without queries). eta_t is the learning
+rate the optimizer holds for the layer's parameters at the step (schedulers included). The per-example gradient is
+that of the example's own loss, whatever the reduction of the loss that was backpropagated (a mean divides each
+example's gradient by the batch size; the recorder undoes it), so gradient accumulation, loss scaling and mixed
+precision leave it unchanged.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from ..config import ScoringConfig
+from ..errors import DataError, TracInError
+from ..layers.base import Call, LayerHandler, LayerRun
+from ..layers.exact import ExactHandler
+from ..layers.factors import Factors
+from ..results import InfluenceResult, TopK
+from ..tasks.arguments import as_task
+from ..tasks.base import Batch, Task
+from .capture import BatchCapture, sums_agree
+from .loaders import DataSource, make_loader
+from .scope import resolve_layers, scope_rows
+
+
+@dataclass
+class _Scope:
+    """One set of layers the recorder sums over, with each layer's run settings and the calls it captured."""
+
+    handlers: List[LayerHandler]
+    runs: Dict[str, LayerRun]
+
+    @classmethod
+    def of(cls, model: nn.Module, layers: Any, exclude: Sequence[str], what: str) -> "_Scope":
+        handlers = resolve_layers(model, layers, exclude)
+        batch_norms = [h.name for h in handlers if isinstance(h.module, nn.modules.batchnorm._BatchNorm)]
+        if batch_norms:
+            raise TracInError(f"BatchNorm {batch_norms[0]!r} normalises over the batch while training, so an example's own "
+                              f"gradient is not defined there; leave BatchNorm layers out of the {what} scope (exclude=, or "
+                              "layers='last').")
+        exact = [h for h in handlers if isinstance(h, ExactHandler)]
+        if exact:
+            raise TracInError(f"In-run recording needs a kernel for every layer of its {what} scope, but "
+                              f"{', '.join(exact[0].full_names()[:3])} would need per-example backward passes (tied, "
+                              "recurrent or custom layers); leave them out (exclude=) or choose layers='last'.")
+        return cls(handlers, {h.name: LayerRun() for h in handlers})
+
+
+class InRun:
+    """Records in-run TracIn while the user's loop trains ``model`` with ``optimizer``.
+
+    Three lines change in a plain loop::
+
+        recorder = InRun(model, optimizer, num_examples=len(train_set), queries=test_set)
+        for ids, x, y in loader:                                      # the batch carries each example's index
+            optimizer.zero_grad()
+            losses = F.cross_entropy(model(x), y, reduction="none")  # per-example losses [B]
+            recorder.backward(losses, ids)                            # instead of losses.mean().backward()
+            optimizer.step()
+        result = recorder.result()
+
+    Args:
+        model, optimizer: what trains; the optimizer's learning rates are read at every step.
+        num_examples: the size of the training set; ``ids`` are positions in it (0 .. num_examples - 1).
+        queries: a Dataset or DataLoader of examples to explain (the task's batches), or None for self-influence only.
+        task: the loss of the query examples, as for :class:`tracin.TracIn` (None: cross-entropy on (inputs, labels)).
+        layers, exclude: the influence scope, as for TracIn (default ``"all"``).
+        self_influence_layers: the self-influence scope (default: the influence scope).
+        query_every: recompute the query gradients every N steps (1: at every step's weights; N > 1 reuses them for
+            the steps between, an approximation recorded in :meth:`describe`).
+        top_k: proponents and opponents kept per query.
+        query_batch_size: query examples per forward/backward pass.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, num_examples: int, *,
+                 queries: Optional[DataSource] = None, task: Union[Task, Callable, None] = None, layers: Any = "all",
+                 exclude: Sequence[str] = (), self_influence_layers: Any = None, query_every: int = 1, top_k: int = 10,
+                 query_batch_size: int = 64):
+        if num_examples < 1 or query_every < 1 or top_k < 1:
+            raise TracInError(f"num_examples, query_every and top_k must be at least 1, got {num_examples}, {query_every} "
+                              f"and {top_k}.")
+        self.model, self.optimizer, self.num_examples = model, optimizer, num_examples
+        self.task = as_task(task)
+        self.influence_scope = _Scope.of(model, layers, exclude, "influence")
+        self.self_scope = (self.influence_scope if self_influence_layers is None
+                           else _Scope.of(model, self_influence_layers, (), "self-influence"))
+        self.query_every, self.top_k = query_every, top_k
+        # what a results folder's manifest reads of a scorer (tracin.workflows.results_dir.Scorer)
+        self.config = ScoringConfig(layers=layers, exclude=tuple(exclude), precondition="none", progress=False)
+        self.checkpoints: List[Any] = []  # every step counts, no checkpoint
+        self.preconditioner = None
+        self.queries = make_loader(queries, query_batch_size, "query") if queries is not None else None
+        device = next(model.parameters()).device
+        self.self_influence = torch.zeros(num_examples, dtype=torch.float64, device=device)
+        self.seen = torch.zeros(num_examples, dtype=torch.long, device=device)
+        self.matrix: Optional[torch.Tensor] = None  # [n_queries, num_examples] float64, once queries are scored
+        self.steps = self.skipped = 0
+        self._query_factors: Optional[List[Dict[str, Factors]]] = None  # per query batch, per layer
+        self._calls: Dict[Tuple[int, str], List[Call]] = {}
+        self._paused = False  # while the query pass runs its own capture, and while factors are computed
+        self._hooks = [h.module.register_forward_hook(self._hook(key, h)) for key, scope in self._scopes() for h in scope.handlers]
+
+    @property
+    def device(self) -> torch.device:
+        return self.self_influence.device
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(h.num_params for h in self.influence_scope.handlers)
+
+    def scope(self) -> List[Dict[str, object]]:
+        """One row per layer of the influence scope, as :meth:`tracin.TracIn.scope` gives them."""
+        return scope_rows(self.influence_scope.handlers, {n: r.mode for n, r in self.influence_scope.runs.items()})
+
+    # -- capture -------------------------------------------------------------------------------------------------
+    def _scopes(self) -> List[Tuple[int, _Scope]]:
+        scopes = [(0, self.influence_scope)]
+        return scopes if self.self_scope is self.influence_scope else scopes + [(1, self.self_scope)]
+
+    def _hook(self, key: int, handler: LayerHandler):
+        def hook(module: nn.Module, args: Tuple, output: torch.Tensor) -> None:
+            if self._paused or not (isinstance(output, torch.Tensor) and output.requires_grad and torch.is_grad_enabled()):
+                return
+            call = Call(args=tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args), input_version=0,
+                        output_shape=output.shape)
+
+            def store(grad: torch.Tensor, call: Call = call) -> None:
+                call.delta = grad
+
+            output.register_hook(store)
+            self._calls.setdefault((key, handler.name), []).append(call)
+        return hook
+
+    def remove(self) -> None:
+        """Take the recorder's hooks off the model (it records nothing more)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    # -- one training step ----------------------------------------------------------------------------------------
+    def backward(self, losses: torch.Tensor, ids: Any, reduction: str = "mean", weight: float = 1.0,
+                 scaler: Any = None) -> torch.Tensor:
+        """Backpropagate ``weight`` times the batch's loss (``losses`` [B] per example, reduced by ``reduction``: "mean"
+        or "sum"; ``weight`` e.g. 1 / accumulation steps; scaled by a ``torch.amp.GradScaler`` when given) into the
+        parameters' ``.grad`` as ``loss.backward()`` does, and record the batch's examples ``ids`` [B] at the weights of
+        this step: each example's own loss gradient, whatever the reduction, weight and scale. Returns the reduced
+        loss (detached, without the weight)."""
+        ids = self._ids(ids, losses)
+        total = losses.mean() if reduction == "mean" else losses.sum() if reduction == "sum" else None
+        if total is None:
+            raise TracInError(f"reduction={reduction!r} is not one of mean, sum.")
+        if not weight > 0:
+            raise TracInError(f"weight must be positive, got {weight}.")
+        query = self._query_side() if self.queries is not None else None
+        first = self.steps == 0 and all(p.grad is None or not bool(p.grad.any()) for p in self._parameters())
+        scale = weight * (float(scaler.get_scale()) if scaler is not None else 1.0) / (len(ids) if reduction == "mean" else 1.0)
+        (scaler.scale(weight * total) if scaler is not None else weight * total).backward()
+        calls, self._calls = self._calls, {}
+        self._paused = True  # a handler that re-runs its module (norm layers) is not recorded again
+        try:
+            self._check_rows(calls, len(ids))
+            if first:
+                self._check_sums(calls)
+            with torch.no_grad():
+                self._record(calls, ids, 1.0 / scale, query)
+        finally:
+            self._paused = False
+        return total.detach()
+
+    def _parameters(self) -> List[torch.Tensor]:
+        return [p for _, scope in self._scopes() for h in scope.handlers for p in h.parameters()]
+
+    def _check_rows(self, calls: Dict[Tuple[int, str], List[Call]], size: int) -> None:
+        """Refuse a layer whose calls ran on rows that are not the batch's examples (broadcast over the batch, as a
+        position table looked up once is): its factors would not be per example."""
+        for (_, name), mine in calls.items():
+            rows = next((c.output_shape[0] for c in mine if c.output_shape is not None and len(c.output_shape)
+                         and c.output_shape[0] != size), None)
+            if rows is not None:
+                raise TracInError(f"Layer {name!r} ran on {rows} rows for a batch of {size} examples (broadcast over the "
+                                  "batch), so its per-example gradients cannot be recorded in-run; leave it out (exclude=).")
+
+    def _check_sums(self, calls: Dict[Tuple[int, str], List[Call]]) -> None:
+        """On the first step, from zeroed gradients: each layer's per-example gradients must add up to the gradient
+        autograd left in ``.grad``, else its parameters are also used outside its recorded calls (tied weights, a
+        functional call) and its records would be wrong."""
+        for key, scope in self._scopes():
+            for h in scope.handlers:
+                mine = calls.get((key, h.name), [])
+                grads = [p.grad for p in h.parameters()]
+                if not mine:
+                    agree = all(g is None or not bool(g.any()) for g in grads)
+                else:  # differences measured against the layer's largest gradient
+                    agree = sums_agree(h, mine, grads, max((float(g.norm()) for g in grads if g is not None), default=0.0))
+                if not agree:
+                    raise TracInError(f"The parameters of layer {h.name!r} are also used outside its own forward calls "
+                                      "(tied weights, or called functionally by a parent module), so their per-example "
+                                      "gradients cannot be recorded in-run; leave it out (exclude=).")
+
+    def _ids(self, ids: Any, losses: torch.Tensor) -> torch.Tensor:
+        if losses.dim() != 1:
+            raise DataError(f"backward() needs the per-example losses [B] (reduction='none'), got shape {tuple(losses.shape)}.")
+        ids = torch.as_tensor(ids, device=self.self_influence.device).long().reshape(-1)
+        if ids.shape[0] != losses.shape[0]:
+            raise DataError(f"{ids.shape[0]} example ids for a batch of {losses.shape[0]} losses; give one id per example.")
+        if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= self.num_examples):
+            raise DataError(f"Example ids must be positions 0..{self.num_examples - 1} of the training set, got "
+                            f"{int(ids.min())}..{int(ids.max())}.")
+        return ids
+
+    def _rate(self, handler: LayerHandler) -> float:
+        """The learning rate the optimizer holds now for the handler's parameters."""
+        mine = {id(p) for p in handler.parameters()}
+        for group in self.optimizer.param_groups:
+            if any(id(p) in mine for p in group["params"]):
+                return float(group["lr"])
+        raise TracInError(f"Layer {handler.name!r} is in scope but none of its parameters is in the optimizer; choose "
+                          "layers the optimizer trains.")
+
+    def _factors(self, scope_key: int, scope: _Scope, calls: Dict[Tuple[int, str], List[Call]], unscale: float
+                 ) -> Dict[str, Factors]:
+        out = {}
+        for h in scope.handlers:
+            mine = calls.get((scope_key, h.name))
+            if mine:
+                for c in mine:
+                    if c.delta is not None:
+                        c.delta = c.delta * unscale
+                out[h.name] = h.factors(mine, scope.runs[h.name])
+        return out
+
+    def _record(self, calls: Dict[Tuple[int, str], List[Call]], ids: torch.Tensor, unscale: float,
+                query: Optional[List[Dict[str, Factors]]]) -> None:
+        """Add this step's eta * squared norms (and eta * inner products with the queries) of the batch's examples."""
+        per_scope = {key: self._factors(key, scope, calls, unscale) for key, scope in self._scopes()}
+        own = torch.zeros(len(ids), dtype=torch.float64, device=ids.device)
+        for h in self.self_scope.handlers:
+            f = per_scope[0 if self.self_scope is self.influence_scope else 1].get(h.name)
+            if f is not None:
+                own += self._rate(h) * f.self_scores().double()
+        if not bool(torch.isfinite(own).all()):  # a mixed-precision step the scaler skips: nothing of it is recorded
+            self.skipped += 1
+            return
+        self.self_influence.index_add_(0, ids, own)
+        self.seen.index_add_(0, ids, torch.ones_like(ids))
+        if query is not None:
+            self._add_influence(per_scope[0], ids, query)
+        self.steps += 1
+
+    # -- queries --------------------------------------------------------------------------------------------------
+    def _query_side(self) -> List[Dict[str, Factors]]:
+        """The query set's factors at this step's weights (recomputed every ``query_every`` steps), in eval mode."""
+        if self._query_factors is None or self.steps % self.query_every == 0:
+            self._query_factors = self._query_pass()
+        return self._query_factors
+
+    def _query_pass(self) -> List[Dict[str, Factors]]:
+        assert self.queries is not None
+        scope = self.influence_scope
+        was_training = self.model.training
+        self._paused = True
+        self.model.eval()
+        capture = BatchCapture(scope.handlers, scope.runs)
+        capture.checked = True  # the training steps use the handlers' kernels as they are
+        try:
+            out = []
+            for batch in self.queries:
+                factors = capture.factors(self.model, self.task, _to(batch, self.self_influence.device), "query", 0)
+                out.append({k: v for k, v in factors.items() if v is not None})
+        finally:
+            capture.remove()
+            self.model.train(was_training)
+            self._paused = False
+        return out
+
+    def _add_influence(self, train: Dict[str, Factors], ids: torch.Tensor, query: List[Dict[str, Factors]]) -> None:
+        rows = []
+        for chunk in query:
+            score = None
+            for h in self.influence_scope.handlers:
+                if h.name in chunk and h.name in train:
+                    s = self._rate(h) * chunk[h.name].pair_scores(train[h.name]).double()
+                    score = s if score is None else score + s
+            rows.append(score if score is not None else torch.zeros(chunk_size(chunk), len(ids), dtype=torch.float64,
+                                                                     device=ids.device))
+        block = torch.cat(rows)  # [n_queries, B]
+        if self.matrix is None:
+            self.matrix = torch.zeros(block.shape[0], self.num_examples, dtype=torch.float64, device=ids.device)
+        self.matrix.index_add_(1, ids, block)
+
+    # -- results ---------------------------------------------------------------------------------------------------
+    def result(self) -> InfluenceResult:
+        """What was recorded: ``self_influence`` [num_examples] (NaN for examples never trained on) and, with queries,
+        the exact top-k proponents and opponents of the summed in-run scores."""
+        s = self.self_influence.clone()
+        s[self.seen == 0] = float("nan")
+        result = InfluenceResult(proponents=None, opponents=None, self_influence=s.float().cpu(), stats=self.describe())
+        if self.matrix is not None:
+            m = self.matrix.float().cpu()
+            k = min(self.top_k, m.shape[1])
+            pro, opp = m.topk(k, dim=1), (-m).topk(k, dim=1)
+            result.proponents = TopK(pro.values, pro.indices)
+            result.opponents = TopK(-opp.values, opp.indices)
+        return result
+
+    def influence_matrix(self) -> Optional[torch.Tensor]:
+        """[n_queries, num_examples] summed in-run scores (float64), or None without queries."""
+        return self.matrix
+
+    def describe(self) -> Dict[str, Any]:
+        """What the recording holds and how it was made (for manifests)."""
+        return {"steps": self.steps, "skipped_steps": self.skipped, "examples_seen": int((self.seen > 0).sum()),
+                "query_every": self.query_every if self.queries is not None else None,
+                "step_size": "the optimizer's learning rate at each step (momentum and adaptive scaling are not applied)",
+                "influence_layers": [h.name for h in self.influence_scope.handlers],
+                "self_influence_layers": [h.name for h in self.self_scope.handlers]}
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The accumulators, to save beside a training checkpoint and resume with :meth:`load_state_dict`."""
+        return {"self_influence": self.self_influence.cpu(), "seen": self.seen.cpu(), "steps": self.steps,
+                "skipped": self.skipped, "matrix": self.matrix.cpu() if self.matrix is not None else None}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        device = self.self_influence.device
+        if tuple(state["self_influence"].shape) != (self.num_examples,):
+            raise DataError(f"The saved in-run state is for {state['self_influence'].shape[0]} examples, not {self.num_examples}.")
+        self.self_influence = state["self_influence"].to(device, torch.float64)
+        self.seen = state["seen"].to(device, torch.long)
+        self.steps, self.skipped = int(state["steps"]), int(state["skipped"])
+        self.matrix = state["matrix"].to(device, torch.float64) if state.get("matrix") is not None else None
+        self._query_factors = None
+
+    def merge(self, other_state: Dict[str, Any]) -> None:
+        """Add another recorder's state (another rank's examples of the same run): sums are exact."""
+        self.self_influence += other_state["self_influence"].to(self.self_influence)
+        self.seen += other_state["seen"].to(self.seen)
+        if other_state.get("matrix") is not None:
+            theirs = other_state["matrix"].to(self.self_influence)
+            self.matrix = theirs if self.matrix is None else self.matrix + theirs
+
+
+class Indexed(torch.utils.data.Dataset):
+    """A map-style dataset whose items carry their index first: ``(i, *dataset[i])`` (a dict item gains ``"index"``),
+    so a shuffling DataLoader still tells the recorder which examples each batch holds."""
+
+    def __init__(self, dataset: Any):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> Any:
+        item = self.dataset[i]
+        if isinstance(item, dict):
+            return {"index": i, **item}
+        return (i, *item) if isinstance(item, (tuple, list)) else (i, item)
+
+
+def chunk_size(chunk: Dict[str, Factors]) -> int:
+    return next(iter(chunk.values())).batch_size if chunk else 0
+
+
+def _to(batch: Batch, device: torch.device) -> Batch:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: _to(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to(b, device) for b in batch)
+    return batch

@@ -1,0 +1,90 @@
+"""``tracin train --in_run O``: in-run TracIn recorded while the image classifier trains, written as the result files of
+``tracin influence --self_influence`` so that ``tracin report --results_dir O`` reads them.
+
+Self-influence is recorded over the output layer's bias (its last layer's parameters when it has no bias), as
+``--self_influence`` scores it; influence of every training image on every test image over the last layer, with the
+test images' gradients taken every ``--in_run_query_every`` steps (once per epoch by default) in eval mode on the plain
+images. Both sum the optimizer's learning rate times the gradients of every step the training image was in.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Dict
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Subset
+
+from ...checkpoints import Checkpoint, weights_for
+from ...engine.inrun import InRun
+from ...errors import TracInError
+from ...results import InfluenceResult, TopK
+from ...tasks.classification import predict_proba
+from ..results_dir import ResultsDir, RunRecord, Scored, job_parameters, write_self_influence, write_top_k
+from .folders import ImageDataset
+
+if TYPE_CHECKING:
+    from .train import ImageTraining, TrainSummary, _Data
+
+TOP_K = 100  # proponents and opponents kept per test image, as tracin influence keeps by default
+
+
+def in_run_recorder(model: nn.Module, opt: torch.optim.Optimizer, data: "_Data", training: "ImageTraining") -> InRun:
+    """The recorder of a ``tracin train --in_run`` run, before its first step."""
+    if training.in_run_query_every < 0:
+        raise TracInError(f"--in_run_query_every must be 0 (once per epoch) or more steps, got {training.in_run_query_every}.")
+    out = Path(training.in_run)  # type: ignore[arg-type]
+    if out.exists() and not out.is_dir():
+        raise TracInError(f"--in_run {out} is a file; give a folder for the in-run results.")
+    every = training.in_run_query_every or max(1, len(data.steps))
+    queries = ImageDataset(data.test_split, data.plain)
+    try:
+        recorder = InRun(model, opt, len(data.train_split.paths), queries=queries, layers="last",
+                         self_influence_layers="output_bias", query_every=every, top_k=min(TOP_K, len(data.fit)),
+                         query_batch_size=max(training.batch_size, 64))
+    except TracInError:  # no bias on the output layer: self-influence over the whole last layer
+        recorder = InRun(model, opt, len(data.train_split.paths), queries=queries, layers="last", query_every=every,
+                         top_k=min(TOP_K, len(data.fit)), query_batch_size=max(training.batch_size, 64))
+    return recorder
+
+
+def write_in_run(recorder: InRun, data: "_Data", training: "ImageTraining", summary: "TrainSummary",
+                 device: torch.device, seconds: float) -> Dict[str, Any]:
+    """The result files and, last, the manifest of the in-run record (``seconds`` of training), in ``training.in_run``."""
+    recorder.remove()
+    fit = np.asarray(data.fit)
+    matrix = recorder.influence_matrix()
+    assert matrix is not None, "the test images are queried at the first step"
+    scores = matrix[:, torch.as_tensor(fit, device=matrix.device)].float().cpu()  # the training images trained on
+    k = min(TOP_K, len(fit))
+    pro, opp = scores.topk(k, dim=1), (-scores).topk(k, dim=1)
+    result = InfluenceResult(TopK(pro.values, pro.indices), TopK(-opp.values, opp.indices), stats=recorder.describe())
+    tables = _tables(recorder.model, data, summary.best_model, device)
+    out = ResultsDir(Path(training.in_run))  # type: ignore[arg-type]
+    with out:
+        write_top_k(out, result, tables["train"], tables["test"])
+        write_self_influence(out, recorder.result().self_influence.numpy()[fit], tables["train"])
+        accuracy = {split: float(t.correct.mean()) for split, t in tables.items()}
+        record = {"data_dir": str(Path(data.data_dir).resolve()),
+                  "class_names": data.classes, "arch": training.arch, "image_size": training.image_size,
+                  "n_train_total": len(data.train_split.paths), "n_test_total": len(data.test_split.paths),
+                  "n_train": len(fit), "n_test": len(data.test_split.paths), "accuracy": accuracy,
+                  "skipped_files": [{"file": f, "reason": r} for f, r in data.train_split.skipped + data.test_split.skipped]}
+        extra = {"prediction_model": {"file": str(Path(summary.best_model).resolve())}, "in_run": recorder.describe()}
+        return out.finish("train --in_run", recorder, RunRecord(job_parameters(training), record,
+                                                                 {"training_s": seconds}, recorder.describe(), [], extra))
+
+
+def _tables(model: nn.Module, data: "_Data", best_model: Path, device: torch.device) -> Dict[str, Scored]:
+    """Both splits' images as the result tables name them, with best_model.pt's predictions."""
+    model.load_state_dict(weights_for(model, Checkpoint(best_model)))
+    tables = {}
+    for split, folder, idx in (("train", data.train_split, np.asarray(data.fit)),
+                               ("test", data.test_split, np.arange(len(data.test_split.paths)))):
+        probs = predict_proba(model, Subset(ImageDataset(folder, data.plain), idx.tolist()), device, 64)
+        conf, pred = probs.max(1)
+        labels = np.asarray([folder.labels[i] for i in idx.tolist()])
+        tables[split] = Scored(idx, [str(folder.paths[i]) for i in idx.tolist()], [data.classes[c] for c in labels],
+                               [data.classes[int(p)] for p in pred], conf.numpy(), labels == pred.numpy())
+    return tables
