@@ -23,11 +23,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from ..config import ScoringConfig
 from ..errors import DataError, TracInError
 from ..layers.base import Call, LayerHandler, LayerRun
 from ..layers.exact import ExactHandler
 from ..layers.factors import Factors
+from ..layers.norm import BATCH_NORMS
 from ..results import InfluenceResult, TopK
 from ..tasks.arguments import as_task
 from ..tasks.base import Batch, Task
@@ -46,7 +46,7 @@ class _Scope:
     @classmethod
     def of(cls, model: nn.Module, layers: Any, exclude: Sequence[str], what: str) -> "_Scope":
         handlers = resolve_layers(model, layers, exclude)
-        batch_norms = [h.name for h in handlers if isinstance(h.module, nn.modules.batchnorm._BatchNorm)]
+        batch_norms = [h.name for h in handlers if isinstance(h.module, BATCH_NORMS)]
         if batch_norms:
             raise TracInError(f"BatchNorm {batch_norms[0]!r} normalises over the batch while training, so an example's own "
                               f"gradient is not defined there; leave BatchNorm layers out of the {what} scope (exclude=, or "
@@ -57,6 +57,35 @@ class _Scope:
                               f"{', '.join(exact[0].full_names()[:3])} would need per-example backward passes (tied, "
                               "recurrent or custom layers); leave them out (exclude=) or choose layers='last'.")
         return cls(handlers, {h.name: LayerRun() for h in handlers})
+
+
+@dataclass(frozen=True)
+class InRunConfig:
+    """The settings of an in-run recording (keywords of :class:`InRun`).
+
+    layers, exclude: the influence scope, as for :class:`tracin.TracIn` (default ``"all"``).
+    self_influence_layers: the self-influence scope (None: the influence scope).
+    query_every: recompute the query gradients every N recorded batches (1: at every step's weights; N > 1 reuses them
+        for the batches between, an approximation recorded in :meth:`InRun.describe`).
+    top_k: proponents and opponents kept per query.
+    query_batch_size: query examples per forward/backward pass.
+    """
+
+    layers: Any = "all"
+    exclude: Tuple[str, ...] = ()
+    self_influence_layers: Any = None
+    query_every: int = 1
+    top_k: int = 10
+    query_batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        if self.query_every < 1 or self.top_k < 1 or self.query_batch_size < 1:
+            raise TracInError(f"query_every, top_k and query_batch_size must be at least 1, got {self.query_every}, "
+                              f"{self.top_k} and {self.query_batch_size}.")
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self).items()}
 
 
 class InRun:
@@ -77,37 +106,34 @@ class InRun:
         num_examples: the size of the training set; ``ids`` are positions in it (0 .. num_examples - 1).
         queries: a Dataset or DataLoader of examples to explain (the task's batches), or None for self-influence only.
         task: the loss of the query examples, as for :class:`tracin.TracIn` (None: cross-entropy on (inputs, labels)).
-        layers, exclude: the influence scope, as for TracIn (default ``"all"``).
-        self_influence_layers: the self-influence scope (default: the influence scope).
-        query_every: recompute the query gradients every N steps (1: at every step's weights; N > 1 reuses them for
-            the steps between, an approximation recorded in :meth:`describe`).
-        top_k: proponents and opponents kept per query.
-        query_batch_size: query examples per forward/backward pass.
+        config: an :class:`InRunConfig`; or its fields as keywords (``layers="last", query_every=10``), not both.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, num_examples: int, *,
-                 queries: Optional[DataSource] = None, task: Union[Task, Callable, None] = None, layers: Any = "all",
-                 exclude: Sequence[str] = (), self_influence_layers: Any = None, query_every: int = 1, top_k: int = 10,
-                 query_batch_size: int = 64):
-        if num_examples < 1 or query_every < 1 or top_k < 1:
-            raise TracInError(f"num_examples, query_every and top_k must be at least 1, got {num_examples}, {query_every} "
-                              f"and {top_k}.")
+                 queries: Optional[DataSource] = None, task: Union[Task, Callable, None] = None,
+                 config: Optional[InRunConfig] = None, **settings: Any):
+        if config is not None and settings:
+            raise TracInError("Give the settings either as config= or as keywords, not both.")
+        try:
+            self.config = config or InRunConfig(**settings)
+        except TypeError as exc:
+            raise TracInError(f"{exc}; the settings are the fields of tracin.engine.inrun.InRunConfig.") from None
+        if num_examples < 1:
+            raise TracInError(f"num_examples must be at least 1, got {num_examples}.")
+        c = self.config
         self.model, self.optimizer, self.num_examples = model, optimizer, num_examples
         self.task = as_task(task)
-        self.influence_scope = _Scope.of(model, layers, exclude, "influence")
-        self.self_scope = (self.influence_scope if self_influence_layers is None
-                           else _Scope.of(model, self_influence_layers, (), "self-influence"))
-        self.query_every, self.top_k = query_every, top_k
-        # what a results folder's manifest reads of a scorer (tracin.workflows.results_dir.Scorer)
-        self.config = ScoringConfig(layers=layers, exclude=tuple(exclude), precondition="none", progress=False)
-        self.checkpoints: List[Any] = []  # every step counts, no checkpoint
-        self.preconditioner = None
-        self.queries = make_loader(queries, query_batch_size, "query") if queries is not None else None
+        self.influence_scope = _Scope.of(model, c.layers, c.exclude, "influence")
+        self.self_scope = (self.influence_scope if c.self_influence_layers is None
+                           else _Scope.of(model, c.self_influence_layers, (), "self-influence"))
+        self.queries = make_loader(queries, c.query_batch_size, "query") if queries is not None else None
         device = next(model.parameters()).device
         self.self_influence = torch.zeros(num_examples, dtype=torch.float64, device=device)
         self.seen = torch.zeros(num_examples, dtype=torch.long, device=device)
         self.matrix: Optional[torch.Tensor] = None  # [n_queries, num_examples] float64, once queries are scored
         self.steps = self.skipped = 0
+        self.checkpoints: List[Any] = []  # a manifest's checkpoints (tracin.workflows.results_dir.Scorer): every step counts
+        self.preconditioner = None
         self._query_factors: Optional[List[Dict[str, Factors]]] = None  # per query batch, per layer
         self._calls: Dict[Tuple[int, str], List[Call]] = {}
         self._paused = False  # while the query pass runs its own capture, and while factors are computed
@@ -263,7 +289,7 @@ class InRun:
     # -- queries --------------------------------------------------------------------------------------------------
     def _query_side(self) -> List[Dict[str, Factors]]:
         """The query set's factors at this step's weights (recomputed every ``query_every`` steps), in eval mode."""
-        if self._query_factors is None or self.steps % self.query_every == 0:
+        if self._query_factors is None or self.steps % self.config.query_every == 0:
             self._query_factors = self._query_pass()
         return self._query_factors
 
@@ -310,7 +336,7 @@ class InRun:
         result = InfluenceResult(proponents=None, opponents=None, self_influence=s.float().cpu(), stats=self.describe())
         if self.matrix is not None:
             m = self.matrix.float().cpu()
-            k = min(self.top_k, m.shape[1])
+            k = min(self.config.top_k, m.shape[1])
             pro, opp = m.topk(k, dim=1), (-m).topk(k, dim=1)
             result.proponents = TopK(pro.values, pro.indices)
             result.opponents = TopK(-opp.values, opp.indices)
@@ -323,7 +349,7 @@ class InRun:
     def describe(self) -> Dict[str, Any]:
         """What the recording holds and how it was made (for manifests)."""
         return {"steps": self.steps, "skipped_steps": self.skipped, "examples_seen": int((self.seen > 0).sum()),
-                "query_every": self.query_every if self.queries is not None else None,
+                "query_every": self.config.query_every if self.queries is not None else None,
                 "step_size": "the optimizer's learning rate at each step (momentum and adaptive scaling are not applied)",
                 "influence_layers": [h.name for h in self.influence_scope.handlers],
                 "self_influence_layers": [h.name for h in self.self_scope.handlers]}
@@ -350,23 +376,6 @@ class InRun:
         if other_state.get("matrix") is not None:
             theirs = other_state["matrix"].to(self.self_influence)
             self.matrix = theirs if self.matrix is None else self.matrix + theirs
-
-
-class Indexed(torch.utils.data.Dataset):
-    """A map-style dataset whose items carry their index first: ``(i, *dataset[i])`` (a dict item gains ``"index"``),
-    so a shuffling DataLoader still tells the recorder which examples each batch holds."""
-
-    def __init__(self, dataset: Any):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int) -> Any:
-        item = self.dataset[i]
-        if isinstance(item, dict):
-            return {"index": i, **item}
-        return (i, *item) if isinstance(item, (tuple, list)) else (i, item)
 
 
 def chunk_size(chunk: Dict[str, Factors]) -> int:

@@ -127,3 +127,20 @@ def dataset_size(loader: DataLoader) -> int:
         return len(loader.dataset)  # type: ignore[arg-type]
     except TypeError as exc:
         raise DataError("The dataset has no length; wrap it in a map-style Dataset.") from exc
+
+
+class Indexed(Dataset):
+    """A map-style dataset whose items carry their index first: ``(i, *dataset[i])`` (a dict item gains ``"index"``),
+    so a shuffling DataLoader still tells the recorder which examples each batch holds."""
+
+    def __init__(self, dataset: object):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> object:
+        item = self.dataset[i]  # type: ignore[index]
+        if isinstance(item, dict):
+            return {"index": i, **item}
+        return (i, *item) if isinstance(item, (tuple, list)) else (i, item)

@@ -12,7 +12,7 @@ from ..errors import UnsupportedModuleError
 from .base import Call, LayerHandler, LayerRun, zero_delta_like
 from .factors import GradFactors
 
-_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 _OTHERS = (nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.PReLU)
 _RMS = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
 
@@ -21,10 +21,10 @@ class NormHandler(LayerHandler):
     """LayerNorm, GroupNorm, RMSNorm, InstanceNorm, PReLU, and BatchNorm with running statistics
     (used in eval mode). Gradients: GradFactors [B, P] with P the affine parameter count."""
 
-    module_types = _BATCH_NORMS + _OTHERS + _RMS
+    module_types = BATCH_NORMS + _OTHERS + _RMS
 
     def check(self) -> None:
-        if isinstance(self.module, _BATCH_NORMS) and not self.module.track_running_stats:
+        if isinstance(self.module, BATCH_NORMS) and not self.module.track_running_stats:
             raise UnsupportedModuleError(
                 f"BatchNorm {self.name!r} keeps no running statistics (track_running_stats=False), so even in eval mode it "
                 "normalises over the batch and per-example gradients are not defined; train it with running statistics "

@@ -9,7 +9,7 @@ images. Both sum the optimizer's learning rate times the gradients of every step
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict
+from typing import Any, Dict
 
 import numpy as np
 import torch
@@ -23,14 +23,13 @@ from ...results import InfluenceResult, TopK
 from ...tasks.classification import predict_proba
 from ..results_dir import ResultsDir, RunRecord, Scored, job_parameters, write_self_influence, write_top_k
 from .folders import ImageDataset
+from .training_data import ImageTraining, TrainingData
 
-if TYPE_CHECKING:
-    from .train import ImageTraining, TrainSummary, _Data
 
 TOP_K = 100  # proponents and opponents kept per test image, as tracin influence keeps by default
 
 
-def in_run_recorder(model: nn.Module, opt: torch.optim.Optimizer, data: "_Data", training: "ImageTraining") -> InRun:
+def in_run_recorder(model: nn.Module, opt: torch.optim.Optimizer, data: TrainingData, training: ImageTraining) -> InRun:
     """The recorder of a ``tracin train --in_run`` run, before its first step."""
     if training.in_run_query_every < 0:
         raise TracInError(f"--in_run_query_every must be 0 (once per epoch) or more steps, got {training.in_run_query_every}.")
@@ -49,8 +48,8 @@ def in_run_recorder(model: nn.Module, opt: torch.optim.Optimizer, data: "_Data",
     return recorder
 
 
-def write_in_run(recorder: InRun, data: "_Data", training: "ImageTraining", summary: "TrainSummary",
-                 device: torch.device, seconds: float) -> Dict[str, Any]:
+def write_in_run(recorder: InRun, data: TrainingData, training: ImageTraining, best_model: Path,
+                 seconds: float) -> Dict[str, Any]:
     """The result files and, last, the manifest of the in-run record (``seconds`` of training), in ``training.in_run``."""
     recorder.remove()
     fit = np.asarray(data.fit)
@@ -60,7 +59,7 @@ def write_in_run(recorder: InRun, data: "_Data", training: "ImageTraining", summ
     k = min(TOP_K, len(fit))
     pro, opp = scores.topk(k, dim=1), (-scores).topk(k, dim=1)
     result = InfluenceResult(TopK(pro.values, pro.indices), TopK(-opp.values, opp.indices), stats=recorder.describe())
-    tables = _tables(recorder.model, data, summary.best_model, device)
+    tables = _tables(recorder.model, data, best_model, recorder.device)
     out = ResultsDir(Path(training.in_run))  # type: ignore[arg-type]
     with out:
         write_top_k(out, result, tables["train"], tables["test"])
@@ -71,12 +70,12 @@ def write_in_run(recorder: InRun, data: "_Data", training: "ImageTraining", summ
                   "n_train_total": len(data.train_split.paths), "n_test_total": len(data.test_split.paths),
                   "n_train": len(fit), "n_test": len(data.test_split.paths), "accuracy": accuracy,
                   "skipped_files": [{"file": f, "reason": r} for f, r in data.train_split.skipped + data.test_split.skipped]}
-        extra = {"prediction_model": {"file": str(Path(summary.best_model).resolve())}, "in_run": recorder.describe()}
+        extra = {"prediction_model": {"file": str(Path(best_model).resolve())}, "in_run": recorder.describe()}
         return out.finish("train --in_run", recorder, RunRecord(job_parameters(training), record,
                                                                  {"training_s": seconds}, recorder.describe(), [], extra))
 
 
-def _tables(model: nn.Module, data: "_Data", best_model: Path, device: torch.device) -> Dict[str, Scored]:
+def _tables(model: nn.Module, data: TrainingData, best_model: Path, device: torch.device) -> Dict[str, Scored]:
     """Both splits' images as the result tables name them, with best_model.pt's predictions."""
     model.load_state_dict(weights_for(model, Checkpoint(best_model)))
     tables = {}

@@ -7,21 +7,20 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, List
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ...checkpoints import save_checkpoint
 from ...io import write_csv, write_figure
-from ...engine.inrun import Indexed, InRun
-from .folders import ImageDataset, ImageSplit, image_transform, scan_split, training_transform
-from .in_run import in_run_recorder, write_in_run
+from .training_data import ImageTraining, TrainingData, training_data, validation_split  # noqa: F401 - re-exported
+
 from ...errors import DataError, TracInError
-from .models import build_model, load_pretrained, normalization
+from .models import build_model, load_pretrained
 from ..results_dir import LOCK, folder_lock
 
 CHECKPOINT_PATTERN = "checkpoint_epoch_*"
@@ -69,28 +68,6 @@ def _evaluate(model: nn.Module, loader: DataLoader, device: torch.device):
     return loss_sum / max(total, 1), correct / max(total, 1)
 
 
-@dataclass
-class ImageTraining:
-    """How :func:`train_image_classifier` trains (the ``tracin train`` flags)."""
-
-    arch: str = "resnet18"
-    epochs: int = 10
-    save_every: int = 1
-    learning_rate: float = 0.01
-    batch_size: int = 32
-    pretrained: Optional[Path] = None
-    image_size: int = 224
-    seed: int = 0
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    augment: str = "none"
-    lr_schedule: str = "constant"
-    optimizer: str = "sgd"  # sgd (with momentum) | adamw (its state is stored in every checkpoint)
-    val_fraction: float = 0.0  # of each class, held out to choose best_model.pt (0: the last epoch's model)
-    in_run: Optional[Path] = None  # a results folder: in-run TracIn recorded while training (tracin.engine.inrun)
-    in_run_query_every: int = 0  # steps between the test images' gradients in the in-run record (0: once per epoch)
-
-
 OPTIMIZERS = ("sgd", "adamw")
 
 
@@ -103,58 +80,6 @@ def _optimizer(model: nn.Module, training: "ImageTraining") -> torch.optim.Optim
                            weight_decay=training.weight_decay)
 
 
-def validation_split(labels: List[int], fraction: float, seed: int) -> Tuple[List[int], List[int]]:
-    """(fit positions, validation positions) of a training split: ``fraction`` of each class (rounded, never a
-    class's last image), seeded. The validation images choose best_model.pt and are not trained on."""
-    if not 0 <= fraction < 1:
-        raise TracInError(f"--val_fraction must be in [0, 1), got {fraction}.")
-    rng = np.random.default_rng(seed)
-    held: List[int] = []
-    for label in sorted(set(labels)):
-        members = [i for i, y in enumerate(labels) if y == label]
-        take = min(len(members) - 1, int(round(fraction * len(members))))
-        held += rng.permutation(members)[:take].tolist() if take > 0 else []
-    if fraction > 0 and not held:
-        raise TracInError(f"--val_fraction {fraction} holds out no image (a share of each class, rounded, never its last "
-                          "image); raise it, or use 0 to keep the last epoch's model as best_model.pt.")
-    chosen = set(held)
-    return [i for i in range(len(labels)) if i not in chosen], sorted(held)
-
-
-@dataclass
-class _Data:
-    """What a training run reads: the loaders for the optimisation steps and for measuring, the class names, and the
-    validation images' paths relative to the data folder."""
-
-    data_dir: Path
-    classes: List[str]
-    steps: DataLoader  # (position in the training split, image, label) batches, shuffled
-    measure: Dict[str, DataLoader]  # fit, val (when there is a validation split), test
-    validation_files: List[str]
-    train_split: ImageSplit
-    test_split: ImageSplit
-    fit: List[int]  # positions of the training split that are trained on
-    plain: Callable  # the transform of the measured (and scored) images
-
-
-def _data(data_dir: Path, training: "ImageTraining") -> _Data:
-    data_dir = Path(data_dir)
-    train_split, classes = scan_split(data_dir, "train")
-    test_split, _ = scan_split(data_dir, "test", classes)
-    fit, val = validation_split(train_split.labels, training.val_fraction, training.seed)
-    size, norm = training.image_size, normalization(training.arch)
-    plain, augmented = image_transform(size, norm), training_transform(size, training.augment, norm)
-    batch = max(training.batch_size, 64)
-    steps = DataLoader(Subset(Indexed(ImageDataset(train_split, augmented)), fit), batch_size=training.batch_size,
-                       shuffle=True, generator=torch.Generator().manual_seed(training.seed))
-    measure = {"train": DataLoader(Subset(ImageDataset(train_split, plain), fit), batch_size=batch),
-               "test": DataLoader(ImageDataset(test_split, plain), batch_size=batch)}
-    if val:
-        measure["val"] = DataLoader(Subset(ImageDataset(train_split, plain), val), batch_size=batch)
-    return _Data(data_dir, classes, steps, measure, [str(train_split.paths[i].relative_to(data_dir)) for i in val], train_split,
-                 test_split, fit, plain)
-
-
 def _check(training: "ImageTraining") -> None:
     if training.epochs < 1 or training.save_every < 1 or training.batch_size < 1 or training.image_size < 8:
         raise TracInError("--epochs, --save_every and --batch_size must be at least 1 and --image_size at least 8.")
@@ -162,19 +87,28 @@ def _check(training: "ImageTraining") -> None:
         raise TracInError(f"--learning_rate must be positive, got {training.learning_rate}.")
 
 
-def _one_epoch(model: nn.Module, opt: torch.optim.Optimizer, loader: DataLoader, device: torch.device, epoch: int,
-               recorder: Optional[InRun] = None) -> int:
-    """One pass of optimisation steps (recorded by ``recorder`` when given); returns how many were taken."""
-    model.train()
+@dataclass
+class _Loop:
+    """What takes the optimisation steps: the model, its optimizer, the device, and the in-run recorder (or None)."""
+
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    device: torch.device
+    recorder: Any = None  # a tracin.engine.inrun.InRun with --in_run
+
+
+def _one_epoch(loop: _Loop, loader: DataLoader, epoch: int) -> int:
+    """One pass of optimisation steps (recorded by the loop's recorder when it has one); returns how many were taken."""
+    loop.model.train()
     steps = 0
     for ids, x, y in loader:
-        x, y = x.to(device), y.to(device)
-        opt.zero_grad()
-        losses = nn.functional.cross_entropy(model(x), y, reduction="none")
-        loss = recorder.backward(losses, ids) if recorder is not None else _backward(losses)
+        x, y = x.to(loop.device), y.to(loop.device)
+        loop.opt.zero_grad()
+        losses = nn.functional.cross_entropy(loop.model(x), y, reduction="none")
+        loss = loop.recorder.backward(losses, ids) if loop.recorder is not None else _backward(losses)
         if not torch.isfinite(loss):
             raise DataError(f"The training loss became {float(loss)} at epoch {epoch}; lower --learning_rate.")
-        opt.step()
+        loop.opt.step()
         steps += 1
     return steps
 
@@ -198,40 +132,44 @@ def train_image_classifier(data_dir: Path, checkpoint_dir: Path, training: Image
     _check(training)
     rates = epoch_learning_rates(training.learning_rate, training.epochs, training.lr_schedule)  # checked before any work
     seed_everything(training.seed)
-    data = _data(data_dir, training)
+    data = training_data(data_dir, training)
     model = build_model(training.arch, len(data.classes), training.image_size)
     if training.pretrained is not None:
         load_pretrained(model, Path(training.pretrained))
     model.to(device)
-    opt = _optimizer(model, training)
-    recorder = in_run_recorder(model, opt, data, training) if training.in_run is not None else None
+    loop = _Loop(model, _optimizer(model, training), device)
+    if training.in_run is not None:
+        from .in_run import in_run_recorder, write_in_run
+
+        loop.recorder = in_run_recorder(model, loop.opt, data, training)
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     lock = folder_lock(checkpoint_dir / LOCK)  # a second run into this folder is refused, never mixed in
     try:
         started = time.perf_counter()
-        summary = _epochs(model, opt, data, checkpoint_dir, training, rates, device, progress, recorder)
-        if recorder is not None:
-            write_in_run(recorder, data, training, summary, device, time.perf_counter() - started)
+        summary = _epochs(loop, data, checkpoint_dir, training, rates, progress)
+        if loop.recorder is not None:
+            write_in_run(loop.recorder, data, training, summary.best_model, time.perf_counter() - started)
         return summary
     finally:
         if lock is not None:
             lock.close()
 
 
-def _epochs(model: nn.Module, opt: torch.optim.Optimizer, data: _Data, checkpoint_dir: Path, training: ImageTraining,
-            rates: List[float], device: torch.device, progress: bool, recorder: Optional[InRun] = None) -> TrainSummary:
+def _epochs(loop: _Loop, data: TrainingData, checkpoint_dir: Path, training: ImageTraining, rates: List[float],
+            progress: bool) -> TrainSummary:
     """The epochs of :func:`train_image_classifier` at ``rates`` (one per epoch), its checkpoints and log, with the
     checkpoint folder locked."""
     meta = {"class_names": data.classes, "arch": training.arch, "image_size": training.image_size, "seed": training.seed,
             "augment": training.augment, "lr_schedule": training.lr_schedule, "optimizer": training.optimizer,
             "validation_files": data.validation_files, "run_id": uuid.uuid4().hex}  # discovery refuses mixed runs
+    model, opt, device = loop.model, loop.opt, loop.device
     rows, saved, best, step, last_saved = [], [], (-1.0, 0.0), 0, 0
     for epoch in tqdm(range(1, training.epochs + 1), desc="training", unit="epoch", disable=not progress):
         start = time.perf_counter()
         for group in opt.param_groups:
             group["lr"] = rates[epoch - 1]
-        step += _one_epoch(model, opt, data.steps, device, epoch, recorder)
+        step += _one_epoch(loop, data.steps, epoch)
         row = {"epoch": epoch}
         for name, loader in data.measure.items():
             row[f"{name}_loss"], row[f"{name}_accuracy"] = _evaluate(model, loader, device)
