@@ -6,7 +6,7 @@ and how well its self-influence finds flipped labels against the checkpoint defa
             mlp    digits-sized MLP 64-256-256-10, 2,048 examples, batch 64, 1 epoch (32 steps);
             cnn    3-conv CNN without normalisation, 16 px RGB, 1,024 examples, batch 64, 1 epoch (16 steps);
             gpt2   Hugging Face GPT-2 2x64, T=64, vocabulary 512, 256 sequences, batch 16, 1 epoch (16 steps),
-                   every layer but the tied token table and the position table (refused in-run: shared, broadcast).
+                   every layer but the tied token table and head and the position table (refused in-run: shared, broadcast).
   mislabel: `tracin train --in_run` on an image folder with 10% of the training labels flipped (uniform), against the
             same training without --in_run (seconds) and against `tracin influence --self_influence` on its
             checkpoints (the checkpoint default: K-FAC over the output layer's bias): ROC AUC and recall in the top 10%
@@ -45,6 +45,7 @@ def _workload(name: str):
     """(model builder, training set (index, x, y), query set builder (n -> dataset), per-example loss, settings, batch)."""
     g = torch.Generator().manual_seed(0)
     if name == "gpt2":
+        from datasets import Dataset
         from transformers import GPT2Config, GPT2LMHeadModel
 
         from tracin.tasks import HFTask
@@ -52,10 +53,10 @@ def _workload(name: str):
         config = GPT2Config(vocab_size=512, n_embd=64, n_layer=2, n_head=2, n_positions=64)
         ids = torch.randint(0, 512, (256 + 256, 64), generator=g)
         train = Indexed([{"input_ids": row} for row in ids[:256]])
-        queries = lambda n: [{"input_ids": row} for row in ids[256:256 + n]]  # noqa: E731
+        queries = lambda n: Dataset.from_dict({"input_ids": ids[256:256 + n].tolist()}).with_format("torch")  # noqa: E731
         task = HFTask("causal_lm")
         return (lambda: GPT2LMHeadModel(config), train, queries, lambda m, b: task.loss(m, b), task,
-                {"exclude": ["transformer.wte", "transformer.wpe"]}, 16)
+                {"exclude": ["transformer.wte", "transformer.wpe", "lm_head"]}, 16)
     shape, n, build = ((64,), 2048, _mlp) if name == "mlp" else ((3, 16, 16), 1024, _cnn)
     x, y = torch.randn(n + 256, *shape, generator=g), torch.randint(0, 10, (n + 256,), generator=g)
     loss = lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none")  # noqa: E731

@@ -18,7 +18,7 @@ precision leave it unchanged.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -31,9 +31,13 @@ from ..layers.norm import BATCH_NORMS
 from ..results import InfluenceResult, TopK
 from ..tasks.arguments import as_task
 from ..tasks.base import Batch, Task
+from .blocks import batch_bytes
 from .capture import BatchCapture, sums_agree
 from .loaders import DataSource, make_loader
 from .scope import resolve_layers, scope_rows
+
+
+QUERY_CACHE_BYTES = 256 * 2**20  # query batches kept on the device between query passes up to this size
 
 
 @dataclass
@@ -135,6 +139,7 @@ class InRun:
         self.checkpoints: List[Any] = []  # a manifest's checkpoints (tracin.workflows.results_dir.Scorer): every step counts
         self.preconditioner = None
         self._query_factors: Optional[List[Dict[str, Factors]]] = None  # per query batch, per layer
+        self._query_cache: Optional[List[Batch]] = None  # the query batches on the device, when small enough to keep
         self._calls: Dict[Tuple[int, str], List[Call]] = {}
         self._paused = False  # while the query pass runs its own capture, and while factors are computed
         self._hooks = [h.module.register_forward_hook(self._hook(key, h)) for key, scope in self._scopes() for h in scope.handlers]
@@ -303,14 +308,32 @@ class InRun:
         capture.checked = True  # the training steps use the handlers' kernels as they are
         try:
             out = []
-            for batch in self.queries:
-                factors = capture.factors(self.model, self.task, _to(batch, self.self_influence.device), "query", 0)
+            for batch in self._query_batches():
+                factors = capture.factors(self.model, self.task, batch, "query", 0)
                 out.append({k: v for k, v in factors.items() if v is not None})
         finally:
             capture.remove()
             self.model.train(was_training)
             self._paused = False
         return out
+
+    def _query_batches(self) -> Iterator[Batch]:
+        """The query batches on the device: read once and kept when they hold at most QUERY_CACHE_BYTES (a test set is
+        not decoded again at every query pass), else read again each pass."""
+        assert self.queries is not None
+        if self._query_cache is not None:
+            yield from self._query_cache
+            return
+        kept: Optional[List[Batch]] = []
+        size = 0
+        for batch in self.queries:
+            batch = _to(batch, self.device)
+            size += batch_bytes(batch)
+            kept = kept if kept is not None and size <= QUERY_CACHE_BYTES else None
+            if kept is not None:
+                kept.append(batch)
+            yield batch
+        self._query_cache = kept
 
     def _add_influence(self, train: Dict[str, Factors], ids: torch.Tensor, query: List[Dict[str, Factors]]) -> None:
         rows = []

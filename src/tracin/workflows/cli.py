@@ -210,12 +210,16 @@ def _evaluate(a) -> None:
 def _demo(a) -> None:
     from .demo import run_demo
 
-    m = run_demo(a.output_dir, a.noise_rate, a.seed, a.device, progress=not a.quiet)
+    m = run_demo(a.output_dir, a.noise_rate, a.seed, a.device, progress=not a.quiet, in_run=a.in_run)
     r = m["recall_at_inspected"]
     best = {share: min(1.0, share * m["n_train"] / max(1, m["n_flipped"])) for share in (0.1, 0.2)}  # all of the top flipped
     print(f"Flipped {m['n_flipped']} of {m['n_train']} training labels; self-influence found {r['10%']:.0%} of them in its top 10% "
           f"(at most {best[0.1]:.0%} fit there) and {r['20%']:.0%} in its top 20% (at most {best[0.2]:.0%}); ROC AUC "
           f"{m['roc_auc']:.3f}. Test accuracy {m['best_test_accuracy']:.1%}; {m['seconds']:.0f}s in all.")
+    if "in_run" in m:
+        i = m["in_run"]
+        print(f"In-run self-influence (recorded while training): {i['recall_at_inspected']['10%']:.0%} in its top 10%, "
+              f"{i['recall_at_inspected']['20%']:.0%} in its top 20%; ROC AUC {i['roc_auc']:.3f}. Report: {i['report']}")
     print(f"Report: {m['report']}  Metrics: {Path(a.output_dir) / 'mislabel_metrics.json'}")
 
 

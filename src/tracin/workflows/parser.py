@@ -415,6 +415,8 @@ def _demo_parser(sub) -> None:
     _add(d, "--output_dir", type=Path, required=True)
     _add(d, "--noise_rate", type=float, default=0.1)
     _add(d, "--seed", type=int, default=0)
+    _add(d, "--in_run", action="store_true", help="also record in-run TracIn while training (tracin train --in_run) into "
+                                                  "O/in_run_results, with its own report and detection figures")
     _add(d, "--device", default="auto")
     _add(d, "--quiet", action="store_true")
 

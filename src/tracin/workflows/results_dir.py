@@ -134,15 +134,15 @@ def write_top_k(out: "ResultsDir", result: Any, train: Scored, test: Scored) -> 
     for name, array in ((TOP_VALUES, pro_v), (TOP_INDICES, pro_i), (OPP_VALUES, opp_v), (OPP_INDICES, opp_i),
                         (TEST_INDICES, test.index), (TRAIN_INDICES, train.index)):
         out.npy(name, array)
-    position_of = {int(j): p for p, j in enumerate(train.index.tolist())}
+    train_row = {int(j): train.row(p, "train_") for p, j in enumerate(train.index.tolist())}  # each example's columns once
 
     def rows() -> Iterator[Dict[str, Any]]:
         for r, t in enumerate(test.index.tolist()):
+            test_row = test.row(r, "test_")
             for kind, vals, idxs in (("proponent", pro_v, pro_i), ("opponent", opp_v, opp_i)):
-                for rank in range(vals.shape[1]):
-                    j = int(idxs[r, rank])
-                    yield {"test_index": t, **test.row(r, "test_"), "kind": kind, "rank": rank + 1, "train_index": j,
-                           **train.row(position_of[j], "train_"), "score": float(vals[r, rank])}
+                for rank, (j, score) in enumerate(zip(idxs[r].tolist(), vals[r].tolist()), start=1):
+                    yield {"test_index": t, **test_row, "kind": kind, "rank": rank, "train_index": j, **train_row[j],
+                           "score": score}
 
     out.csv(TOP_CSV, rows(), ["test_index", *test.columns("test_"), "kind", "rank", "train_index", *train.columns("train_"),
                               "score"])

@@ -33,6 +33,7 @@ from torch.utils.data import TensorDataset
 
 from ...api import TracIn
 from ...checkpoints import Checkpoint
+from ...engine.inrun import InRun
 from ...errors import DataError, TracInError
 from ...tasks.classification import class_margin
 from ...io import write_bytes, write_csv
@@ -126,24 +127,35 @@ def _optimizer(setting: LDSSetting, params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=setting.lr)
 
 
-def train_full(setting: LDSSetting, build: Callable[[], nn.Module], train: Tensors) -> Tuple[nn.Module, List[Checkpoint]]:
-    """The attributed run on the whole training set: a checkpoint (weights, learning rate, optimizer state) per epoch."""
+def train_full(setting: LDSSetting, build: Callable[[], nn.Module], train: Tensors,
+               in_run_queries: Optional[Tensors] = None) -> Tuple[nn.Module, List[Checkpoint], Optional[torch.Tensor]]:
+    """The attributed run on the whole training set: a checkpoint (weights, learning rate, optimizer state) per epoch;
+    with ``in_run_queries``, also in-run TracIn of every training example on them over every step (the queries'
+    gradients at every step's weights, every layer): [n_queries, n_train], else None."""
     torch.manual_seed(setting.seed)
     model = build()
     opt = _optimizer(setting, model.parameters())
     x, y = train
     g = torch.Generator().manual_seed(setting.seed)
+    recorder = InRun(model, opt, len(x), queries=TensorDataset(*in_run_queries), query_batch_size=500) \
+        if in_run_queries is not None else None
     checkpoints = []
     for epoch in range(setting.epochs):
         for idx in torch.randperm(len(x), generator=g).split(setting.batch_size):
             opt.zero_grad()
-            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            if recorder is not None:
+                recorder.backward(nn.functional.cross_entropy(model(x[idx]), y[idx], reduction="none"), idx)
+            else:
+                nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
             opt.step()
         payload = {"model_state_dict": {k: v.clone() for k, v in model.state_dict().items()}}
         if setting.optimizer == "adamw":
             payload["optimizer_state_dict"] = copy.deepcopy(opt.state_dict())
         checkpoints.append(Checkpoint(payload, learning_rate=setting.lr, epoch=epoch))
-    return model, checkpoints
+    if recorder is None:
+        return model, checkpoints, None
+    recorder.remove()
+    return model, checkpoints, recorder.influence_matrix().float()
 
 
 class _Stepper:
@@ -293,6 +305,7 @@ class LDSRun:
     target: torch.Tensor  # [subsets, n_test] margins
     model: nn.Module
     checkpoints: List[Checkpoint]
+    in_run: Optional[torch.Tensor] = None  # [n_test, n_train] in-run TracIn of the attributed run, when asked for
 
     def row(self, method: str, scores: torch.Tensor, seconds: float) -> LDSRow:
         """The LDS row of ``scores`` [n_test, n_train] (higher: the training example helps the test one)."""
@@ -314,23 +327,30 @@ class LDSRun:
                 TensorDataset(*self.train), TensorDataset(*self.test))
 
 
-def prepare(setting: LDSSetting, cache_dir: Optional[Path] = None, log: Callable[[str], None] = print) -> LDSRun:
-    """Load the data (once), retrain the targets or read them from ``cache_dir``, and train the attributed run."""
+def prepare(setting: LDSSetting, cache_dir: Optional[Path] = None, log: Callable[[str], None] = print,
+            in_run: bool = False) -> LDSRun:
+    """Load the data (once), retrain the targets or read them from ``cache_dir``, and train the attributed run (with
+    ``in_run``: recording in-run TracIn on the test examples while it trains)."""
     train, test = load_data(setting)
     masks, target = targets(setting, (train, test), cache_dir, log)
-    model, checkpoints = train_full(setting, model_factory(setting), train)
-    return LDSRun(setting, train, test, masks, target, model, checkpoints)
+    model, checkpoints, recorded = train_full(setting, model_factory(setting), train, test if in_run else None)
+    return LDSRun(setting, train, test, masks, target, model, checkpoints, recorded)
 
 
 def evaluate(setting: LDSSetting, methods: Dict[str, Dict], cache_dir: Optional[Path] = None,
              log: Callable[[str], None] = print) -> List[LDSRow]:
     """The LDS of each method (a name -> :class:`tracin.TracIn` keywords; ``"checkpoints": "final"`` scores the
     last checkpoint only) on ``setting``; retrained targets from ``cache_dir`` when there."""
-    run = prepare(setting, cache_dir, log)
+    run = prepare(setting, cache_dir, log, in_run=any(k.get("in_run") for k in methods.values()))
     run.warm_up()
     rows = []
     for name, keywords in methods.items():
         keywords = dict(keywords)
+        if keywords.pop("in_run", False):  # recorded while the attributed run trained (its cost is in training)
+            assert run.in_run is not None
+            rows.append(run.row(name, run.in_run, 0.0))
+            log(format_row(rows[-1]))
+            continue
         used = run.checkpoints[-1:] if keywords.pop("checkpoints", "all") == "final" else run.checkpoints
         begin = time.perf_counter()
         tr = TracIn(run.model, used, progress=False, **{"batch_size": 500, **keywords})
@@ -354,6 +374,7 @@ PRESETS: Dict[str, Dict] = {
     "margin": {"measurement": "margin"},
     "final": {"checkpoints": "final"},
     "plain_final": {"precondition": "none", "checkpoints": "final"},
+    "in_run": {"in_run": True},  # in-run TracIn over every step of the attributed run (tracin.InRun), every layer
 }
 
 
