@@ -8,7 +8,7 @@ and how well its self-influence finds flipped labels against the checkpoint defa
             gpt2   Hugging Face GPT-2 2x64, T=64, vocabulary 512, 256 sequences, batch 16, 1 epoch (16 steps),
                    every layer but the tied token table and head and the position table (refused in-run: shared, broadcast).
   mislabel: `tracin train --in_run` on an image folder with 10% of the training labels flipped (uniform), against the
-            same training without --in_run (seconds) and against `tracin influence --self_influence` on its
+            same training without --in_run (seconds, the better of two alternating runs each) and against `tracin influence --self_influence` on its
             checkpoints (the checkpoint default: K-FAC over the output layer's bias): ROC AUC and recall in the top 10%
             of the flipped labels; digits (the demo's data, smallcnn 16 px, 12 epochs) and shapes (generated, 24 px).
 
@@ -141,12 +141,14 @@ def mislabel(seeds) -> None:
                 settings = dict(DEMO_TRAINING, image_size=24)
             inject_label_noise(root / ("data" if data == "digits" else "clean"), root / "noisy", 0.1, seed)
             flipped = _flipped(root / "noisy")
-            seconds = {}
-            for name, extra in (("plain", {}), ("in_run", {"in_run": root / "in_run"})):
-                begin = time.perf_counter()
-                train_image_classifier(root / "noisy", root / f"ck_{name}", ImageTraining(seed=seed, **settings, **extra),
-                                       torch.device("cpu"), False)
-                seconds[name] = time.perf_counter() - begin
+            seconds = {"plain": float("inf"), "in_run": float("inf")}
+            for attempt in range(2):  # alternating, the better of two each: this machine's timings vary by 10-20%
+                for name, extra in (("plain", {}), ("in_run", {"in_run": root / "in_run"})):
+                    shutil.rmtree(root / f"ck_{name}", ignore_errors=True)
+                    begin = time.perf_counter()
+                    train_image_classifier(root / "noisy", root / f"ck_{name}", ImageTraining(seed=seed, **settings, **extra),
+                                           torch.device("cpu"), False)
+                    seconds[name] = min(seconds[name], time.perf_counter() - begin)
             run_influence(InfluenceJob(root / "noisy", root / "ck_plain", root / "ckpt", top_k=10, self_influence=True,
                                        scoring=ScoringConfig(layers="last", batch_size=256, progress=False)))
             (auc_c, top_c), (auc_i, top_i) = _detection(root / "ckpt", flipped), _detection(root / "in_run", flipped)

@@ -100,10 +100,12 @@ def write_npy(path: Path, array: np.ndarray) -> Path:
 
 
 def write_csv(path: Path, rows: Iterable[Dict[str, Any]], fields: Sequence[str]) -> Path:
+    """``rows`` as a CSV with the columns ``fields`` (a missing value is empty), each cell through :func:`csv_cell`."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(fields))
-    writer.writeheader()
-    writer.writerows({k: csv_cell(v) for k, v in row.items()} for row in rows)
+    writer = csv.writer(buffer)
+    names = list(fields)
+    writer.writerow(names)
+    writer.writerows([csv_cell(row.get(name, "")) for name in names] for row in rows)
     return write_bytes(path, buffer.getvalue().encode())
 
 

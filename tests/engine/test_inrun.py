@@ -189,3 +189,66 @@ def test_shared_and_broadcast_layers_are_refused_at_the_first_step():
     rec = InRun(model, opt, 5, layers="pos")
     with pytest.raises(TracInError, match="'pos' ran on 4 rows for a batch of 5 examples"):
         rec.backward(F.cross_entropy(model(x), y, reduction="none"), torch.arange(5))
+
+
+def test_in_run_kfac_matches_a_float64_replay_of_its_moving_average_fisher():
+    """precondition="kfac": at every step the batch's factor covariances join moving averages (forgetting over one
+    pass of the data), their damped inverses P_in, P_out are taken (every step here: 36 examples in batches of 6), and
+    each query's layer gradient P_out G_q P_in meets the batch's plain gradients."""
+    X, Y, Xq, Yq = data("mlp")
+    torch.manual_seed(0)
+    model = MLP(12, 16, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = InRun(model, opt, N, queries=TensorDataset(Xq, Yq), precondition="kfac", damping=0.1)
+    loader = DataLoader(Indexed(TensorDataset(X, Y)), batch_size=6, shuffle=True, generator=torch.Generator().manual_seed(1))
+    log = []
+    for _ in range(2):
+        for ids, x, y in loader:
+            opt.zero_grad()
+            log.append((copy.deepcopy(model.state_dict()), ids.clone()))
+            rec.backward(F.cross_entropy(model(x), y, reduction="none"), ids)
+            opt.step()
+    layers = ["fc1", "fc2", "head"]
+    ref = copy.deepcopy(model).double()
+    stats = {name: [0.0, 0.0] for name in layers}
+    count, M = 0.0, torch.zeros(NQ, N, dtype=torch.float64)
+
+    def factors(x, y):  # per-example layer inputs (with the bias's 1) and output gradients, float64
+        seen = {}
+        hooks = [getattr(ref, n).register_forward_hook(lambda m, a, o, n=n: seen.__setitem__(n, (a[0], o))) for n in layers]
+        losses = F.cross_entropy(ref(x.double()), y, reduction="none")
+        for h in hooks:
+            h.remove()
+        grads = torch.autograd.grad(losses.sum(), [seen[n][1] for n in layers])
+        return {n: (torch.cat([seen[n][0].detach(), torch.ones(len(x), 1, dtype=torch.float64)], 1), g) for n, g in zip(layers, grads)}
+
+    def inverse(S):
+        return torch.linalg.inv(S + 0.1 * torch.trace(S) / S.shape[0] * torch.eye(S.shape[0], dtype=S.dtype))
+
+    for state, ids in log:
+        ref.load_state_dict({k: v.double() for k, v in state.items()})
+        train, query = factors(X[ids], Y[ids]), factors(Xq, Yq)
+        keep = 1 - len(ids) / N
+        count = count * keep + len(ids)
+        for n in layers:
+            a, d = train[n]
+            stats[n] = [stats[n][0] * keep + a.T @ a, stats[n][1] * keep + d.T @ d]
+            P_in, P_out = inverse(stats[n][0] / count), inverse(stats[n][1] / count)
+            aq, dq = query[n]
+            Gq = torch.einsum("qo,qi->qoi", dq @ P_out, aq @ P_in)
+            M[:, ids] += 0.1 * torch.einsum("qoi,boi->qb", Gq, torch.einsum("bo,bi->boi", d, a))
+    assert rel_err(rec.influence_matrix(), M) <= 1e-4
+
+
+def test_settings_are_checked():
+    model = MLP(12, 16, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(TracInError, match="query_every, top_k and query_batch_size must be at least 1"):
+        InRun(model, opt, 10, query_every=0)
+    with pytest.raises(TracInError, match="precondition must be none or kfac"):
+        InRun(model, opt, 10, precondition="ekfac")
+    with pytest.raises(TracInError, match="fields of tracin.engine.inrun.InRunConfig"):
+        InRun(model, opt, 10, layer="all")
+    shared = Shared()
+    with pytest.raises(TracInError, match="precondition='kfac' covers Linear and Conv layers only, and 'pos'"):
+        InRun(shared, torch.optim.SGD(shared.parameters(), lr=0.1), 10, precondition="kfac")

@@ -28,6 +28,7 @@ from ..layers.base import Call, LayerHandler, LayerRun
 from ..layers.exact import ExactHandler
 from ..layers.factors import Factors
 from ..layers.norm import BATCH_NORMS
+from ..layers.precondition import CovarianceSums, Whitening, Whiteners, fit_whiteners
 from ..results import InfluenceResult, TopK
 from ..tasks.arguments import as_task
 from ..tasks.base import Batch, Task
@@ -38,6 +39,9 @@ from .scope import resolve_layers, scope_rows
 
 
 QUERY_CACHE_BYTES = 256 * 2**20  # query batches kept on the device between query passes up to this size
+FISHER_PASSES = 1.0  # the in-run K-FAC statistics' moving averages forget over about this many passes over the data
+KFAC_RUN = "in-run K-FAC"  # a LayerRun's preconditioner: the handler transforms its factors with the batch's whitening
+KEY = Whitening({}, "key")  # the training side of a preconditioned pairing stays as it is (the query side takes P)
 
 
 @dataclass
@@ -48,8 +52,12 @@ class _Scope:
     runs: Dict[str, LayerRun]
 
     @classmethod
-    def of(cls, model: nn.Module, layers: Any, exclude: Sequence[str], what: str) -> "_Scope":
+    def of(cls, model: nn.Module, layers: Any, exclude: Sequence[str], what: str, kfac: bool = False) -> "_Scope":
         handlers = resolve_layers(model, layers, exclude)
+        plain = [h.name for h in handlers if not h.kronecker]
+        if kfac and plain:
+            raise TracInError(f"precondition='kfac' covers Linear and Conv layers only, and {plain[0]!r} is in the {what} "
+                              "scope; leave it out (exclude=) or record with precondition='none'.")
         batch_norms = [h.name for h in handlers if isinstance(h.module, BATCH_NORMS)]
         if batch_norms:
             raise TracInError(f"BatchNorm {batch_norms[0]!r} normalises over the batch while training, so an example's own "
@@ -60,7 +68,7 @@ class _Scope:
             raise TracInError(f"In-run recording needs a kernel for every layer of its {what} scope, but "
                               f"{', '.join(exact[0].full_names()[:3])} would need per-example backward passes (tied, "
                               "recurrent or custom layers); leave them out (exclude=) or choose layers='last'.")
-        return cls(handlers, {h.name: LayerRun() for h in handlers})
+        return cls(handlers, {h.name: LayerRun(preconditioner=KFAC_RUN if kfac else None) for h in handlers})
 
 
 @dataclass(frozen=True)
@@ -73,6 +81,11 @@ class InRunConfig:
         for the batches between, an approximation recorded in :meth:`InRun.describe`).
     top_k: proponents and opponents kept per query.
     query_batch_size: query examples per forward/backward pass.
+    precondition: ``"none"`` (Pruthi et al.'s inner products) or ``"kfac"``: influence is g_q^T P_t g_z with P_t the
+        K-FAC inverse of the empirical Fisher of the influence scope's Linear/Conv layers, estimated in-run as a moving
+        average of the training batches' factor covariances over about one pass of the data (damped by ``damping``
+        times each factor's mean eigenvalue, as ``TracIn`` damps), inverted whenever the queries' gradients are taken
+        (every ``query_every`` batches), which then take P_t. Self-influence stays plain.
     """
 
     layers: Any = "all"
@@ -81,12 +94,17 @@ class InRunConfig:
     query_every: int = 1
     top_k: int = 10
     query_batch_size: int = 64
+    precondition: str = "none"
+    damping: float = 0.1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "exclude", tuple(self.exclude))
         if self.query_every < 1 or self.top_k < 1 or self.query_batch_size < 1:
             raise TracInError(f"query_every, top_k and query_batch_size must be at least 1, got {self.query_every}, "
                               f"{self.top_k} and {self.query_batch_size}.")
+        if self.precondition not in ("none", "kfac") or not self.damping > 0:
+            raise TracInError(f"precondition must be none or kfac and damping positive, got {self.precondition!r} and "
+                              f"{self.damping}.")
 
     def to_dict(self) -> Dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self).items()}
@@ -127,7 +145,7 @@ class InRun:
         c = self.config
         self.model, self.optimizer, self.num_examples = model, optimizer, num_examples
         self.task = as_task(task)
-        self.influence_scope = _Scope.of(model, c.layers, c.exclude, "influence")
+        self.influence_scope = _Scope.of(model, c.layers, c.exclude, "influence", c.precondition == "kfac")
         self.self_scope = (self.influence_scope if c.self_influence_layers is None
                            else _Scope.of(model, c.self_influence_layers, (), "self-influence"))
         self.queries = make_loader(queries, c.query_batch_size, "query") if queries is not None else None
@@ -140,6 +158,8 @@ class InRun:
         self.preconditioner = None
         self._query_factors: Optional[List[Dict[str, Factors]]] = None  # per query batch, per layer
         self._query_cache: Optional[List[Batch]] = None  # the query batches on the device, when small enough to keep
+        self._fisher = CovarianceSums(torch.float64, device) if c.precondition == "kfac" else None  # moving averages
+        self._whiteners: Optional[Whiteners] = None  # the in-run K-FAC inverse in use
         self._calls: Dict[Tuple[int, str], List[Call]] = {}
         self._paused = False  # while the query pass runs its own capture, and while factors are computed
         self._hooks = [h.module.register_forward_hook(self._hook(key, h)) for key, scope in self._scopes() for h in scope.handlers]
@@ -195,7 +215,6 @@ class InRun:
             raise TracInError(f"reduction={reduction!r} is not one of mean, sum.")
         if not weight > 0:
             raise TracInError(f"weight must be positive, got {weight}.")
-        query = self._query_side() if self.queries is not None else None
         first = self.steps == 0 and all(p.grad is None or not bool(p.grad.any()) for p in self._parameters())
         scale = weight * (float(scaler.get_scale()) if scaler is not None else 1.0) / (len(ids) if reduction == "mean" else 1.0)
         (scaler.scale(weight * total) if scaler is not None else weight * total).backward()
@@ -206,7 +225,7 @@ class InRun:
             if first:
                 self._check_sums(calls)
             with torch.no_grad():
-                self._record(calls, ids, 1.0 / scale, query)
+                self._record(calls, ids, 1.0 / scale)
         finally:
             self._paused = False
         return total.detach()
@@ -261,8 +280,8 @@ class InRun:
         raise TracInError(f"Layer {handler.name!r} is in scope but none of its parameters is in the optimizer; choose "
                           "layers the optimizer trains.")
 
-    def _factors(self, scope_key: int, scope: _Scope, calls: Dict[Tuple[int, str], List[Call]], unscale: float
-                 ) -> Dict[str, Factors]:
+    def _factors(self, scope_key: int, scope: _Scope, calls: Dict[Tuple[int, str], List[Call]], unscale: float,
+                 ids: torch.Tensor) -> Dict[str, Factors]:
         out = {}
         for h in scope.handlers:
             mine = calls.get((scope_key, h.name))
@@ -270,13 +289,31 @@ class InRun:
                 for c in mine:
                     if c.delta is not None:
                         c.delta = c.delta * unscale
-                out[h.name] = h.factors(mine, scope.runs[h.name])
+                run = scope.runs[h.name]
+                if run.preconditioner is None:
+                    out[h.name] = h.factors(mine, run)
+                    continue
+                raw = h.ghost_factors(mine)  # type: ignore[attr-defined] - K-FAC scopes hold Linear/Conv handlers
+                self._add_statistics(h.name, raw, len(ids))
+                out[h.name] = h.transform(raw, run, KEY)  # type: ignore[attr-defined]
         return out
 
-    def _record(self, calls: Dict[Tuple[int, str], List[Call]], ids: torch.Tensor, unscale: float,
-                query: Optional[List[Dict[str, Factors]]]) -> None:
-        """Add this step's eta * squared norms (and eta * inner products with the queries) of the batch's examples."""
-        per_scope = {key: self._factors(key, scope, calls, unscale) for key, scope in self._scopes()}
+    def _add_statistics(self, name: str, raw: Tuple, size: int) -> None:
+        """Fold one batch's factor covariances of a layer into its moving averages (time constant: one pass over the
+        training set)."""
+        assert self._fisher is not None
+        if not all(bool(torch.isfinite(t).all()) for t in raw[:2]):  # a step the gradient scaler skips
+            return
+        keep = max(0.0, 1.0 - size / (FISHER_PASSES * self.num_examples))
+        if name in self._fisher.sums:
+            for t in self._fisher.sums[name]:
+                t.mul_(keep)
+        self._fisher.add(name, *raw[:4])
+
+    def _record(self, calls: Dict[Tuple[int, str], List[Call]], ids: torch.Tensor, unscale: float) -> None:
+        """Add this step's eta * squared norms (and eta * inner products with the queries, whose gradients are taken
+        now, at the same weights) of the batch's examples."""
+        per_scope = {key: self._factors(key, scope, calls, unscale, ids) for key, scope in self._scopes()}
         own = torch.zeros(len(ids), dtype=torch.float64, device=ids.device)
         for h in self.self_scope.handlers:
             f = per_scope[0 if self.self_scope is self.influence_scope else 1].get(h.name)
@@ -287,14 +324,18 @@ class InRun:
             return
         self.self_influence.index_add_(0, ids, own)
         self.seen.index_add_(0, ids, torch.ones_like(ids))
-        if query is not None:
-            self._add_influence(per_scope[0], ids, query)
+        if self._fisher is not None:
+            self._fisher.count = self._fisher.count * max(0.0, 1.0 - len(ids) / (FISHER_PASSES * self.num_examples)) + len(ids)
+        if self.queries is not None:
+            self._add_influence(per_scope[0], ids, self._query_side())
         self.steps += 1
 
     # -- queries --------------------------------------------------------------------------------------------------
     def _query_side(self) -> List[Dict[str, Factors]]:
         """The query set's factors at this step's weights (recomputed every ``query_every`` steps), in eval mode."""
         if self._query_factors is None or self.steps % self.config.query_every == 0:
+            if self._fisher is not None:  # the in-run K-FAC inverse of the moving averages, as they stand now
+                self._whiteners = fit_whiteners([self._fisher], self.config.damping, self.device, torch.float32)[0]
             self._query_factors = self._query_pass()
         return self._query_factors
 
@@ -309,7 +350,8 @@ class InRun:
         try:
             out = []
             for batch in self._query_batches():
-                factors = capture.factors(self.model, self.task, batch, "query", 0)
+                whitening = Whitening(self._whiteners, "query") if self._whiteners is not None else None
+                factors = capture.factors(self.model, self.task, batch, "query", 0, whitening=whitening)
                 out.append({k: v for k, v in factors.items() if v is not None})
         finally:
             capture.remove()

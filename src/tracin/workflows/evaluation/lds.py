@@ -127,17 +127,18 @@ def _optimizer(setting: LDSSetting, params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=setting.lr)
 
 
-def train_full(setting: LDSSetting, build: Callable[[], nn.Module], train: Tensors,
-               in_run_queries: Optional[Tensors] = None) -> Tuple[nn.Module, List[Checkpoint], Optional[torch.Tensor]]:
+def train_full(setting: LDSSetting, build: Callable[[], nn.Module], train: Tensors, in_run_queries: Optional[Tensors] = None,
+               precondition: str = "none") -> Tuple[nn.Module, List[Checkpoint], Optional[torch.Tensor]]:
     """The attributed run on the whole training set: a checkpoint (weights, learning rate, optimizer state) per epoch;
     with ``in_run_queries``, also in-run TracIn of every training example on them over every step (the queries'
-    gradients at every step's weights, every layer): [n_queries, n_train], else None."""
+    gradients at every step's weights, every layer, ``precondition`` "none" or "kfac"): [n_queries, n_train], else None."""
     torch.manual_seed(setting.seed)
     model = build()
     opt = _optimizer(setting, model.parameters())
     x, y = train
     g = torch.Generator().manual_seed(setting.seed)
-    recorder = InRun(model, opt, len(x), queries=TensorDataset(*in_run_queries), query_batch_size=500) \
+    recorder = InRun(model, opt, len(x), queries=TensorDataset(*in_run_queries), query_batch_size=500,
+                     precondition=precondition) \
         if in_run_queries is not None else None
     checkpoints = []
     for epoch in range(setting.epochs):
@@ -328,12 +329,13 @@ class LDSRun:
 
 
 def prepare(setting: LDSSetting, cache_dir: Optional[Path] = None, log: Callable[[str], None] = print,
-            in_run: bool = False) -> LDSRun:
+            in_run: Optional[str] = None) -> LDSRun:
     """Load the data (once), retrain the targets or read them from ``cache_dir``, and train the attributed run (with
-    ``in_run``: recording in-run TracIn on the test examples while it trains)."""
+    ``in_run`` "none" or "kfac": recording in-run TracIn so preconditioned on the test examples while it trains)."""
     train, test = load_data(setting)
     masks, target = targets(setting, (train, test), cache_dir, log)
-    model, checkpoints, recorded = train_full(setting, model_factory(setting), train, test if in_run else None)
+    model, checkpoints, recorded = train_full(setting, model_factory(setting), train, test if in_run else None,
+                                              in_run or "none")
     return LDSRun(setting, train, test, masks, target, model, checkpoints, recorded)
 
 
@@ -341,7 +343,11 @@ def evaluate(setting: LDSSetting, methods: Dict[str, Dict], cache_dir: Optional[
              log: Callable[[str], None] = print) -> List[LDSRow]:
     """The LDS of each method (a name -> :class:`tracin.TracIn` keywords; ``"checkpoints": "final"`` scores the
     last checkpoint only) on ``setting``; retrained targets from ``cache_dir`` when there."""
-    run = prepare(setting, cache_dir, log, in_run=any(k.get("in_run") for k in methods.values()))
+    asked = [k["in_run"] for k in methods.values() if k.get("in_run")]
+    if len(set(asked)) > 1:
+        raise TracInError("One LDS evaluation records one in-run variant (its attributed run trains once); score in_run "
+                          "and in_run_kfac in separate runs.")
+    run = prepare(setting, cache_dir, log, in_run=asked[0] if asked else None)
     run.warm_up()
     rows = []
     for name, keywords in methods.items():
@@ -374,7 +380,8 @@ PRESETS: Dict[str, Dict] = {
     "margin": {"measurement": "margin"},
     "final": {"checkpoints": "final"},
     "plain_final": {"precondition": "none", "checkpoints": "final"},
-    "in_run": {"in_run": True},  # in-run TracIn over every step of the attributed run (tracin.InRun), every layer
+    "in_run": {"in_run": "none"},  # in-run TracIn over every step of the attributed run (tracin.InRun), every layer
+    "in_run_kfac": {"in_run": "kfac"},  # the same, K-FAC preconditioned in-run (moving-average Fisher)
 }
 
 

@@ -2,9 +2,10 @@
 ``tracin influence --self_influence`` so that ``tracin report --results_dir O`` reads them.
 
 Self-influence is recorded over the output layer's bias (its last layer's parameters when it has no bias), as
-``--self_influence`` scores it; influence of every training image on every test image over the last layer, with the
-test images' gradients taken every ``--in_run_query_every`` steps (once per epoch by default) in eval mode on the plain
-images. Both sum the optimizer's learning rate times the gradients of every step the training image was in.
+``--self_influence`` scores it; influence of every training image on every test image over the last layer, K-FAC
+preconditioned in-run as ``tracin influence`` preconditions by default (:class:`tracin.engine.inrun.InRunConfig`), with
+the test images' gradients taken every ``--in_run_query_every`` steps (once per epoch by default) in eval mode on the
+plain images. Both sum the optimizer's learning rate times the gradients of every step the training image was in.
 """
 from __future__ import annotations
 
@@ -38,13 +39,17 @@ def in_run_recorder(model: nn.Module, opt: torch.optim.Optimizer, data: Training
         raise TracInError(f"--in_run {out} is a file; give a folder for the in-run results.")
     every = training.in_run_query_every or max(1, len(data.steps))
     queries = ImageDataset(data.test_split, data.plain)
-    try:
-        recorder = InRun(model, opt, len(data.train_split.paths), queries=queries, layers="last",
-                         self_influence_layers="output_bias", query_every=every, top_k=min(TOP_K, len(data.fit)),
-                         query_batch_size=max(training.batch_size, 64))
-    except TracInError:  # no bias on the output layer: self-influence over the whole last layer
-        recorder = InRun(model, opt, len(data.train_split.paths), queries=queries, layers="last", query_every=every,
-                         top_k=min(TOP_K, len(data.fit)), query_batch_size=max(training.batch_size, 64))
+    common = dict(queries=queries, layers="last", query_every=every, top_k=min(TOP_K, len(data.fit)),
+                  query_batch_size=max(training.batch_size, 64))
+    tries = [{"self_influence_layers": "output_bias", "precondition": "kfac"}, {"precondition": "kfac"},
+             {"precondition": "none"}]  # no output bias: the last layer's; K-FAC cannot cover it: plain
+    for extra in tries:
+        try:
+            recorder = InRun(model, opt, len(data.train_split.paths), **common, **extra)
+            break
+        except TracInError:
+            if extra is tries[-1]:
+                raise
     return recorder
 
 
