@@ -12,7 +12,7 @@ from .errors import CheckpointError, DataError, TracInError, UnsupportedModuleEr
 from .version import __version__  # noqa: F401 - tracin.__version__
 
 _LAZY = {"TracIn": "api", "Checkpoint": "checkpoints", "save_checkpoint": "checkpoints", "InfluenceResult": "results",
-         "TopK": "results", "InRun": "engine.inrun", "Indexed": "engine.loaders", "Task": "tasks", "CallableTask": "tasks", "ClassificationTask": "tasks"}
+         "TopK": "results", "InRun": "engine.inrun", "InRunTrainer": "engine.hf_trainer", "Indexed": "engine.loaders", "Task": "tasks", "CallableTask": "tasks", "ClassificationTask": "tasks"}
 
 __all__ = [
     "TracIn", "InRun", "Indexed", "Checkpoint", "save_checkpoint", "Task", "ClassificationTask", "CallableTask",

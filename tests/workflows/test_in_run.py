@@ -38,6 +38,17 @@ def test_train_in_run_writes_the_influence_result_files(in_run):
     assert values.shape == (m["data"]["n_test"], min(100, n_fit)) and (np.diff(values, axis=1) <= 0).all()
 
 
+def test_recording_leaves_the_training_as_it_is(in_run):
+    """The same run without --in_run saves the same weights: the recorder draws nothing from the random state."""
+    root = in_run
+    assert main(["train", "--data_dir", str(root / "data"), "--arch", "smallcnn", "--epochs", "2", "--checkpoint_dir",
+                 str(root / "ck_plain"), "--learning_rate", "0.05", "--batch_size", "8", "--image_size", "16", "--quiet",
+                 "--val_fraction", "0.2"]) == 0
+    with_run = torch.load(root / "ck" / "checkpoint_epoch_2.pt", weights_only=True)["model_state_dict"]
+    without = torch.load(root / "ck_plain" / "checkpoint_epoch_2.pt", weights_only=True)["model_state_dict"]
+    assert all(torch.equal(with_run[k], without[k]) for k in without)
+
+
 def test_report_reads_the_in_run_results(in_run):
     out = in_run / "inrun"
     assert main(["report", "--results_dir", str(out), "--quiet"]) == 0

@@ -110,6 +110,18 @@ class InRunConfig:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self).items()}
 
 
+@dataclass
+class _Pending:
+    """A forwarded batch waiting for its backward pass: its calls, example ids, the weight of each example's loss in
+    the backpropagated loss, whether it is the run's first (checked), and the gradient that reached that loss."""
+
+    calls: Dict[Tuple[int, str], List[Call]]
+    ids: torch.Tensor
+    per_example: float
+    first: bool
+    scale: Optional[float] = None
+
+
 class InRun:
     """Records in-run TracIn while the user's loop trains ``model`` with ``optimizer``.
 
@@ -162,6 +174,7 @@ class InRun:
         self._whiteners: Optional[Whiteners] = None  # the in-run K-FAC inverse in use
         self._calls: Dict[Tuple[int, str], List[Call]] = {}
         self._paused = False  # while the query pass runs its own capture, and while factors are computed
+        self._pending: List[_Pending] = []  # batches announced by expect(), recorded by flush()
         self._hooks = [h.module.register_forward_hook(self._hook(key, h)) for key, scope in self._scopes() for h in scope.handlers]
 
     @property
@@ -209,26 +222,53 @@ class InRun:
         parameters' ``.grad`` as ``loss.backward()`` does, and record the batch's examples ``ids`` [B] at the weights of
         this step: each example's own loss gradient, whatever the reduction, weight and scale. Returns the reduced
         loss (detached, without the weight)."""
-        ids = self._ids(ids, losses)
         total = losses.mean() if reduction == "mean" else losses.sum() if reduction == "sum" else None
         if total is None:
             raise TracInError(f"reduction={reduction!r} is not one of mean, sum.")
         if not weight > 0:
             raise TracInError(f"weight must be positive, got {weight}.")
-        first = self.steps == 0 and all(p.grad is None or not bool(p.grad.any()) for p in self._parameters())
-        scale = weight * (float(scaler.get_scale()) if scaler is not None else 1.0) / (len(ids) if reduction == "mean" else 1.0)
-        (scaler.scale(weight * total) if scaler is not None else weight * total).backward()
-        calls, self._calls = self._calls, {}
+        if losses.dim() != 1:
+            raise DataError(f"backward() needs the per-example losses [B] (reduction='none'), got shape {tuple(losses.shape)}.")
+        ids = self._ids(ids, losses.shape[0])
+        loss = weight * total
+        self.expect(loss, ids, weight / (losses.shape[0] if reduction == "mean" else 1.0))
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        self.flush()
+        return total.detach()
+
+    def expect(self, loss: torch.Tensor, ids: Any, per_example: float) -> None:
+        """For loops that run the backward pass themselves (a framework's trainer): the batch just forwarded holds the
+        examples ``ids`` [B], and ``loss`` (the scalar about to be backpropagated, perhaps scaled further by the
+        framework: the gradient reaching it says by how much) is ``per_example`` times the sum of their own losses.
+        :meth:`flush`, after the backward pass and before the optimizer steps, records it."""
+        ids = self._ids(ids, None)
+        first = self.steps == 0 and not self._pending and all(p.grad is None or not bool(p.grad.any()) for p in self._parameters())
+        entry = _Pending(self._calls, ids, per_example, first)
+        self._calls = {}
+
+        def seen(grad: torch.Tensor, entry: _Pending = entry) -> None:
+            entry.scale = float(grad)
+
+        loss.register_hook(seen)
+        self._pending.append(entry)
+
+    def flush(self) -> None:
+        """Record every batch announced by :meth:`expect` whose backward pass has run (in order); one whose loss never
+        got a gradient is dropped and counted as skipped."""
+        pending, self._pending = self._pending, []
         self._paused = True  # a handler that re-runs its module (norm layers) is not recorded again
         try:
-            self._check_rows(calls, len(ids))
-            if first:
-                self._check_sums(calls)
-            with torch.no_grad():
-                self._record(calls, ids, 1.0 / scale)
+            for entry in pending:
+                if entry.scale is None or entry.scale == 0:
+                    self.skipped += 1
+                    continue
+                self._check_rows(entry.calls, len(entry.ids))
+                if entry.first:
+                    self._check_sums(entry.calls)
+                with torch.no_grad():
+                    self._record(entry.calls, entry.ids, 1.0 / (entry.scale * entry.per_example))
         finally:
             self._paused = False
-        return total.detach()
 
     def _parameters(self) -> List[torch.Tensor]:
         return [p for _, scope in self._scopes() for h in scope.handlers for p in h.parameters()]
@@ -260,12 +300,10 @@ class InRun:
                                       "(tied weights, or called functionally by a parent module), so their per-example "
                                       "gradients cannot be recorded in-run; leave it out (exclude=).")
 
-    def _ids(self, ids: Any, losses: torch.Tensor) -> torch.Tensor:
-        if losses.dim() != 1:
-            raise DataError(f"backward() needs the per-example losses [B] (reduction='none'), got shape {tuple(losses.shape)}.")
+    def _ids(self, ids: Any, size: Optional[int]) -> torch.Tensor:
         ids = torch.as_tensor(ids, device=self.self_influence.device).long().reshape(-1)
-        if ids.shape[0] != losses.shape[0]:
-            raise DataError(f"{ids.shape[0]} example ids for a batch of {losses.shape[0]} losses; give one id per example.")
+        if size is not None and ids.shape[0] != size:
+            raise DataError(f"{ids.shape[0]} example ids for a batch of {size} losses; give one id per example.")
         if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= self.num_examples):
             raise DataError(f"Example ids must be positions 0..{self.num_examples - 1} of the training set, got "
                             f"{int(ids.min())}..{int(ids.max())}.")
@@ -347,6 +385,13 @@ class InRun:
         self.model.eval()
         capture = BatchCapture(scope.handlers, scope.runs)
         capture.checked = True  # the training steps use the handlers' kernels as they are
+        devices = [self.device] if self.device.type == "cuda" else []
+        # the random state is put back afterwards: iterating the query loader draws from it, and training (dropout,
+        # shuffling) must run exactly as it would without the recorder
+        with torch.random.fork_rng(devices=devices):
+            return self._query_factors_of(capture, was_training)
+
+    def _query_factors_of(self, capture: BatchCapture, was_training: bool) -> List[Dict[str, Factors]]:
         try:
             out = []
             for batch in self._query_batches():
