@@ -104,9 +104,11 @@ def test_self_influence_ranks_the_flipped_labels_first(classifier, scored):
 
 def test_a_causal_language_model_on_prompts_and_completions(language_model, tmp_path):
     out = tmp_path / "lm"
-    assert main(_args(language_model, out, "--prompt_field", "prompt", "--top_k", "3", "--self_influence")) == 0
+    with pytest.warns(UserWarning, match="shares its weight with the token table"):  # GPT-2's tied head
+        assert main(_args(language_model, out, "--prompt_field", "prompt", "--top_k", "3", "--self_influence")) == 0
     m = json.loads((out / "manifest.json").read_text())
     assert m["data"]["task"] == "causal_lm" and m["data"]["class_names"] == []
+    assert [r["name"] for r in m["scope"]] == ["transformer.h.0.mlp.c_proj"] and m["scope"][0]["kernel"] != "exact"
     assert (out / "top_k_influences_values.npy").is_file() and (out / "self_influence.csv").is_file()
     rows = list(csv.DictReader(open(out / "predictions_test.csv")))
     assert rows[0]["label"].strip() in ("sports", "weather", "food")  # the completion

@@ -16,6 +16,8 @@ from ...api import TracIn
 from ...checkpoints import weights_for
 from ...config import ScoringConfig
 from ...engine.resume import reset
+from ...engine.scope import parameterised_modules, resolve_layers
+from ...layers.exact import ExactHandler
 from ...errors import TracInError
 from ...io import file_sha256
 from ...results import InfluenceResult
@@ -113,7 +115,7 @@ def _set_up(job: TextJob) -> _Text:
     if job.top_k > len(index["train"]):
         raise TracInError(f"--top_k {job.top_k} is larger than the training set ({len(index['train'])} texts); use --top_k "
                           f"{len(index['train'])} or less.")
-    tr = TracIn(setup.model, setup.checkpoints, task=HFTask(setup.kind), device=job.device, config=job.scoring)
+    tr = TracIn(setup.model, setup.checkpoints, task=HFTask(setup.kind), device=job.device, config=_scoring(job, setup))
     if job.overwrite:
         reset(out / names.PROGRESS)
     run = _Text(job, setup, fields, splits, where, index, tr, ResultsDir(out, keep_partial=(out / names.PROGRESS).exists()))
@@ -122,6 +124,22 @@ def _set_up(job: TextJob) -> _Text:
               f"({setup.kind}) over {len(setup.checkpoints)} checkpoint(s), {len(tr.handlers)} layer(s), "
               f"{tr.num_parameters:,} parameters in scope.", file=sys.stderr)
     return run
+
+
+def _scoring(job: TextJob, setup: TextModel) -> ScoringConfig:
+    """The job's settings, except that ``--layers last`` on a model whose output layer shares its weight with the
+    token table (GPT-2's tied head, scored only by exact per-example passes over the whole vocabulary) takes the last
+    layer with a kernel of its own instead, with a warning naming it."""
+    if job.scoring.layers != "last" or not all(isinstance(h, ExactHandler) for h in resolve_layers(setup.model, "last")):
+        return job.scoring
+    for name, _, _ in reversed(parameterised_modules(setup.model)):
+        handlers = resolve_layers(setup.model, [name]) if name else []
+        if handlers and all(h.kronecker and not isinstance(h, ExactHandler) for h in handlers):
+            warnings.warn(f"The model's output layer shares its weight with the token table (tied), which only exact "
+                          f"per-example passes over the whole vocabulary can score; scoring {name!r}, the last layer with "
+                          "a kernel of its own (--layers names others).", stacklevel=2)
+            return job.scoring.replace(layers=[name])
+    return job.scoring
 
 
 def _fields(job: TextJob, setup: TextModel, found: List[str]) -> TextFields:
