@@ -302,6 +302,8 @@ def _layer_positions(module: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Tu
     B = x.shape[0]
     if isinstance(module, nn.Linear):
         return x.reshape(B, 1, -1, x.shape[-1]), dy.reshape(B, 1, -1, dy.shape[-1])
+    if isinstance(module, nn.Conv3d):
+        return _volume_positions(module, x, dy)
     assert isinstance(module, nn.Conv2d)
     pad = module._reversed_padding_repeated_twice
     if any(pad):
@@ -311,6 +313,25 @@ def _layer_positions(module: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Tu
     L = cols.shape[-1]
     return (cols.view(B, g, -1, L).transpose(2, 3),
             dy.reshape(B, g, module.out_channels // g, L).transpose(2, 3))
+
+
+def _volume_positions(module: nn.Conv3d, x: torch.Tensor, dy: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A Conv3d call's patches, written out voxel by voxel (independent of the library's unfolding)."""
+    pad = module._reversed_padding_repeated_twice
+    if any(pad):
+        x = torch.nn.functional.pad(x, pad, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
+    B, g = x.shape[0], module.groups
+    (kd, kh, kw), (dd, dh, dw), (sd, sh, sw) = module.kernel_size, module.dilation, module.stride
+    out = dy.shape[2:]
+    patches = []
+    for od in range(out[0]):
+        for oh in range(out[1]):
+            for ow in range(out[2]):
+                block = x[:, :, od * sd:od * sd + dd * (kd - 1) + 1:dd, oh * sh:oh * sh + dh * (kh - 1) + 1:dh,
+                          ow * sw:ow * sw + dw * (kw - 1) + 1:dw]
+                patches.append(block.reshape(B, g, -1))
+    a = torch.stack(patches, dim=2)  # [B, g, L, Cin/g * k]
+    return a, dy.reshape(B, g, module.out_channels // g, -1).transpose(2, 3)
 
 
 def kfac_reference_matrix(model: nn.Module, checkpoints: Sequence[Tuple[dict, float]], modules: Sequence[str],

@@ -71,7 +71,7 @@ class Attention(nn.Module):
 
 
 class Volumes(nn.Module):
-    """Conv3d and ConvTranspose2d: no per-module kernel, scored by the exact fallback."""
+    """ConvTranspose2d (no per-module kernel: the exact fallback) beside a Conv3d (its own kernel)."""
 
     def __init__(self):
         super().__init__()

@@ -123,6 +123,15 @@ class _FactorLayer(LayerHandler):
         return factors if run.mode == "ghost" else GradFactors(factors.to_vector())
 
 
+def unfold_volume(x: torch.Tensor, kernel: Tuple[int, ...], dilation: Tuple[int, ...], stride: Tuple[int, ...]) -> torch.Tensor:
+    """F.unfold for volumes: padded x [B, C, D, H, W] -> patches [B, C * kD * kH * kW, L] (channel-major, then the
+    kernel's positions, as a Conv3d weight is laid out; L output voxels in order)."""
+    for dim, (k, d, s) in enumerate(zip(kernel, dilation, stride), start=2):
+        x = x.unfold(dim, d * (k - 1) + 1, s)[..., ::d]  # a trailing axis of the k taps along this dimension
+    B, C = x.shape[:2]
+    return x.permute(0, 1, 5, 6, 7, 2, 3, 4).reshape(B, C * int(torch.Size(kernel).numel()), -1)
+
+
 def conv_padding(conv: nn.Module) -> List[int]:
     """``F.pad``'s argument for a convolution's padding (last dimension first, left then right): its int or tuple
     padding on both sides, none for ``"valid"``, and for ``"same"`` dilation * (kernel - 1) split with the extra unit
@@ -184,17 +193,17 @@ class HFConv1DHandler(LinearHandler):
 
 
 class ConvHandler(_FactorLayer):
-    """nn.Conv1d / nn.Conv2d with any stride, padding (including 'same' and non-zero padding
+    """nn.Conv1d / nn.Conv2d / nn.Conv3d with any stride, padding (including 'same' and non-zero padding
     modes), dilation and groups. Ghost factors unfold the input into patches (one position per
-    output pixel); materialised gradients use a grouped weight-gradient convolution."""
+    output pixel or voxel); materialised gradients use a grouped weight-gradient convolution."""
 
-    module_types = (nn.Conv1d, nn.Conv2d)
+    module_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
     grouped_devices: Tuple[str, ...] = ("cpu",)  # device types whose materialised gradients use the grouped convolution
 
     def _padded(self, call: Call) -> torch.Tensor:
         conv = self.module
         x = call.args[0]
-        if x.dim() == (2 if isinstance(conv, nn.Conv1d) else 3):
+        if x.dim() == len(conv.kernel_size) + 1:
             raise UnsupportedModuleError(f"Module {self.name!r} was called on an unbatched input; give it a batch dimension.")
         pad = conv_padding(conv)
         if any(pad):
@@ -216,12 +225,15 @@ class ConvHandler(_FactorLayer):
     def _unfolded(self, x: torch.Tensor, delta: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Padded input and output-gradient of some examples -> A [B, g, L, Cin/g * k], D [B, g, L, Cout/g]."""
         conv = self.module
-        if isinstance(conv, nn.Conv1d):
-            x = x.unsqueeze(2)
-            kernel, dilation, stride = (1, conv.kernel_size[0]), (1, conv.dilation[0]), (1, conv.stride[0])
+        if isinstance(conv, nn.Conv3d):
+            patches = unfold_volume(x, conv.kernel_size, conv.dilation, conv.stride)  # [B, C*k, L]
         else:
-            kernel, dilation, stride = conv.kernel_size, conv.dilation, conv.stride
-        patches = F.unfold(x, kernel_size=kernel, dilation=dilation, padding=0, stride=stride)  # [B, C*k, L]
+            if isinstance(conv, nn.Conv1d):
+                x = x.unsqueeze(2)
+                kernel, dilation, stride = (1, conv.kernel_size[0]), (1, conv.dilation[0]), (1, conv.stride[0])
+            else:
+                kernel, dilation, stride = conv.kernel_size, conv.dilation, conv.stride
+            patches = F.unfold(x, kernel_size=kernel, dilation=dilation, padding=0, stride=stride)  # [B, C*k, L]
         B, _, L = patches.shape
         g = conv.groups
         a = patches.view(B, g, -1, L).transpose(2, 3)  # [B, g, L, C/g * k]
@@ -244,7 +256,8 @@ class ConvHandler(_FactorLayer):
             step = max(1, UNFOLD_BYTES // max(1, T * da * g * x.element_size()))
             return torch.cat([weight_gradients(*self._unfolded(x[i:i + step], delta[i:i + step])) for i in range(0, B, step)])
         # Examples become groups of one convolution: input [1, B*Cin, ...], grad [1, B*Cout, ...].
-        weight_grad = torch.nn.grad.conv1d_weight if isinstance(conv, nn.Conv1d) else torch.nn.grad.conv2d_weight
+        weight_grad = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight,
+                       3: torch.nn.grad.conv3d_weight}[len(conv.kernel_size)]
         w = weight_grad(
             x.reshape(1, B * x.shape[1], *x.shape[2:]),
             (B * conv.out_channels, conv.in_channels // g, *conv.kernel_size),
