@@ -48,3 +48,4 @@ def test_conv3d_under_the_default_kfac_matches_the_reference():
     assert tr.preconditioner is not None  # the default keeps K-FAC: every layer has a Kronecker kernel
     want = kfac_reference_matrix(model, raw, ["conv1", "conv2", "head"], train, test)
     assert rel_err(got, want) <= 1e-4
+

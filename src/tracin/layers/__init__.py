@@ -10,8 +10,10 @@ from .embedding import EmbeddingHandler
 from .factors import Factors, GhostFactors, GradFactors, IndexFactors
 from .linear import ConvHandler, HFConv1DHandler, LinearHandler
 from .norm import NormHandler
+from .transposed import ConvTransposeHandler
 
-HANDLERS: List[Type[LayerHandler]] = [LinearHandler, HFConv1DHandler, ConvHandler, EmbeddingHandler, NormHandler]
+HANDLERS: List[Type[LayerHandler]] = [LinearHandler, HFConv1DHandler, ConvHandler, ConvTransposeHandler, EmbeddingHandler,
+                                      NormHandler]
 
 
 def handler_for(name: str, module: nn.Module, param_names: List[str]) -> Optional[LayerHandler]:
