@@ -162,7 +162,6 @@ def main() -> None:
     p.add_argument("--part", nargs="+", default=["overhead", "mislabel"], choices=["overhead", "mislabel"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     a = p.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     if "overhead" in a.part:
         overhead()
     if "mislabel" in a.part:

@@ -342,11 +342,16 @@ class InRun:
         assert self._fisher is not None
         if not all(bool(torch.isfinite(t).all()) for t in raw[:2]):  # a step the gradient scaler skips
             return
-        keep = max(0.0, 1.0 - size / (FISHER_PASSES * self.num_examples))
+        keep = self._keep(size)
         if name in self._fisher.sums:
             for t in self._fisher.sums[name]:
                 t.mul_(keep)
         self._fisher.add(name, *raw[:4])
+
+    def _keep(self, size: int) -> float:
+        """How much of the K-FAC moving averages a batch of ``size`` examples keeps (they forget over FISHER_PASSES
+        passes over the training set)."""
+        return max(0.0, 1.0 - size / (FISHER_PASSES * self.num_examples))
 
     def _record(self, calls: Dict[Tuple[int, str], List[Call]], ids: torch.Tensor, unscale: float) -> None:
         """Add this step's eta * squared norms (and eta * inner products with the queries, whose gradients are taken
@@ -363,7 +368,7 @@ class InRun:
         self.self_influence.index_add_(0, ids, own)
         self.seen.index_add_(0, ids, torch.ones_like(ids))
         if self._fisher is not None:
-            self._fisher.count = self._fisher.count * max(0.0, 1.0 - len(ids) / (FISHER_PASSES * self.num_examples)) + len(ids)
+            self._fisher.count = self._fisher.count * self._keep(len(ids)) + len(ids)
         if self.queries is not None:
             self._add_influence(per_scope[0], ids, self._query_side())
         self.steps += 1
@@ -414,7 +419,7 @@ class InRun:
         kept: Optional[List[Batch]] = []
         size = 0
         for batch in self.queries:
-            batch = _to(batch, self.device)
+            batch = self.task.to_device(batch, self.device)
             size += batch_bytes(batch)
             kept = kept if kept is not None and size <= QUERY_CACHE_BYTES else None
             if kept is not None:
@@ -438,14 +443,17 @@ class InRun:
         self.matrix.index_add_(1, ids, block)
 
     # -- results ---------------------------------------------------------------------------------------------------
-    def result(self) -> InfluenceResult:
+    def result(self, examples: Optional[Sequence[int]] = None) -> InfluenceResult:
         """What was recorded: ``self_influence`` [num_examples] (NaN for examples never trained on) and, with queries,
-        the exact top-k proponents and opponents of the summed in-run scores."""
+        the exact top-k proponents and opponents of the summed in-run scores. ``examples``: only these training
+        positions [m] (self-influence [m]; the top-k among them, its indices positions in ``examples``)."""
         s = self.self_influence.clone()
         s[self.seen == 0] = float("nan")
+        chosen = torch.as_tensor(examples, device=s.device).long() if examples is not None else None
+        s = s[chosen] if chosen is not None else s
         result = InfluenceResult(proponents=None, opponents=None, self_influence=s.float().cpu(), stats=self.describe())
         if self.matrix is not None:
-            m = self.matrix.float().cpu()
+            m = (self.matrix[:, chosen] if chosen is not None else self.matrix).float().cpu()
             k = min(self.config.top_k, m.shape[1])
             pro, opp = m.topk(k, dim=1), (-m).topk(k, dim=1)
             result.proponents = TopK(pro.values, pro.indices)
@@ -490,13 +498,3 @@ class InRun:
 
 def chunk_size(chunk: Dict[str, Factors]) -> int:
     return next(iter(chunk.values())).batch_size if chunk else 0
-
-
-def _to(batch: Batch, device: torch.device) -> Batch:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, dict):
-        return {k: _to(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to(b, device) for b in batch)
-    return batch

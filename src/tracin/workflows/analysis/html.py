@@ -107,23 +107,43 @@ def test_pairs(tests: Sequence[Dict[str, Any]], root: Optional[Path]) -> List[st
     return parts
 
 
+def page_head(title: str, style: str = STYLE) -> str:
+    """The start of a page, up to its opened body."""
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>{escape(title)}</title><style>{style}</style></head><body>"
+
+
+def tests_page(title: str, blocks: List[str], style: str = STYLE) -> str:
+    """A page of more test examples (report_tests_N.html) from their rendered blocks, linked back to report.html."""
+    head = page_head(title, style) + f"<h1>{escape(title)}</h1><p><a href='report.html'>Back to the report</a></p>"
+    return "\n".join([head] + blocks + ["</body></html>"])
+
+
+def findings_and_dashboard(ctx: Dict[str, Any]) -> List[str]:
+    """The findings list and the dashboard figure of a report page."""
+    return ["<h2 id='findings'>Key findings and recommendations</h2><ul>" + "".join(f"<li>{escape(f)}</li>" for f in ctx["findings"])
+            + "</ul>", f"<h2 id='dashboard'>Dashboard</h2><img class='full' src='{data_uri_png(ctx['dashboard'])}' alt='dashboard'>"]
+
+
+def files_section(ctx: Dict[str, Any]) -> List[str]:
+    """The links to the results folder's files, and the page's end."""
+    return ["<h2 id='files'>Files</h2><ul>" + "".join(f"<li><a href='{escape(f)}'>{escape(f)}</a></li>" for f in ctx.get("files", []))
+            + "</ul>", "</body></html>"]
+
+
 def render_tests_page(tests: Sequence[Dict[str, Any]], title: str, root: Optional[Path]) -> str:
     """A page of more test images (report_tests_N.html), linked from report.html."""
-    head = (f"<!doctype html><html><head><meta charset='utf-8'><title>{escape(title)}</title><style>{STYLE}</style></head><body>"
-            f"<h1>{escape(title)}</h1><p><a href='report.html'>Back to the report</a></p>")
-    return "\n".join([head] + test_pairs(tests, root) + ["</body></html>"])
+    return tests_page(title, test_pairs(tests, root))
 
 
 def render(ctx: Dict[str, Any]) -> str:
     """The whole page from the report context built by :func:`tracin.workflows.analysis.report.build_report`."""
     root = ctx.get("root")
-    parts: List[str] = [f"<!doctype html><html><head><meta charset='utf-8'><title>TracIn report</title><style>{STYLE}</style></head><body>"]
+    parts: List[str] = [page_head("TracIn report")]
     parts.append("<h1>TracIn influence report</h1>")
     parts.append(f"<p>{escape(ctx['subtitle'])}</p>")
     parts.append(NAV)
     parts += _summary(ctx, root)
-    parts.append("<h2 id='findings'>Key findings and recommendations</h2><ul>" + "".join(f"<li>{escape(f)}</li>" for f in ctx["findings"]) + "</ul>")
-    parts.append(f"<h2 id='dashboard'>Dashboard</h2><img class='full' src='{data_uri_png(ctx['dashboard'])}' alt='dashboard'>")
+    parts += findings_and_dashboard(ctx)
     parts.append("<h2 id='classes'>Classes</h2>" + table(ctx["class_rows"], ["class", "n_test", "test_accuracy", "mean_influence", "proponent_label_agreement"], limit=1000))
     for name, fig in ctx["class_figures"]:
         parts.append(f"<h3>{escape(name)}</h3><img class='full' src='{data_uri_png(fig)}' alt='{escape(name)} summary'>")
@@ -150,7 +170,5 @@ def render(ctx: Dict[str, Any]) -> str:
                  "an atypical or mislabelled image of the same class pulls the model elsewhere, so opponents are where to "
                  "look for training images that work against the class, whatever their label.</p>")
     parts += test_pairs(shown, root)
-    parts.append("<h2 id='files'>Files</h2><ul>" + "".join(f"<li><a href='{escape(f)}'>{escape(f)}</a></li>" for f in ctx.get("files", []))
-                 + "</ul>")
-    parts.append("</body></html>")
+    parts += files_section(ctx)
     return "\n".join(parts)

@@ -6,7 +6,7 @@ from html import escape
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from .html import NAV, STYLE, data_uri_png, table
+from .html import NAV, STYLE, files_section, findings_and_dashboard, page_head, table, tests_page
 from .load import Results
 
 TEXT_STYLE = """
@@ -50,9 +50,7 @@ def _escaped_lines(text: str) -> str:
 
 def render_tests_page(tests: Sequence[Dict[str, Any]], title: str, root: Optional[Path], language_model: bool = False) -> str:
     """A page of more test texts (report_tests_N.html), linked from report.html."""
-    head = (f"<!doctype html><html><head><meta charset='utf-8'><title>{escape(title)}</title><style>{STYLE}{TEXT_STYLE}</style>"
-            f"</head><body><h1>{escape(title)}</h1><p><a href='report.html'>Back to the report</a></p>")
-    return "\n".join([head] + test_blocks(tests, language_model) + ["</body></html>"])
+    return tests_page(title, test_blocks(tests, language_model), STYLE + TEXT_STYLE)
 
 
 def _with_text(rows: Sequence[Dict[str, Any]], res: Results, key: str = "train_index", split: str = "train") -> List[Dict[str, Any]]:
@@ -94,12 +92,10 @@ def _classes(ctx: Dict[str, Any], res: Results) -> List[str]:
 def render(ctx: Dict[str, Any], res: Results) -> str:
     """The whole page from the report context built by :func:`tracin.workflows.analysis.report.build_report`."""
     lm = not res.class_names
-    parts: List[str] = [f"<!doctype html><html><head><meta charset='utf-8'><title>TracIn report</title><style>{STYLE}{TEXT_STYLE}"
-                        "</style></head><body><h1>TracIn influence report</h1>", f"<p>{escape(ctx['subtitle'])}</p>",
-                        NAV.replace("Test images", "Test texts")]
+    parts: List[str] = [page_head("TracIn report", STYLE + TEXT_STYLE), "<h1>TracIn influence report</h1>",
+                        f"<p>{escape(ctx['subtitle'])}</p>", NAV.replace("Test images", "Test texts")]
     parts += _summary(ctx, res)
-    parts.append("<h2 id='findings'>Key findings and recommendations</h2><ul>" + "".join(f"<li>{escape(f)}</li>" for f in ctx["findings"]) + "</ul>")
-    parts.append(f"<h2 id='dashboard'>Dashboard</h2><img class='full' src='{data_uri_png(ctx['dashboard'])}' alt='dashboard'>")
+    parts += findings_and_dashboard(ctx)
     parts += _classes(ctx, res)
     if ctx["mislabels"]:
         parts.append("<h2 id='mislabels'>Mislabel candidates (highest self-influence first)</h2>"
@@ -121,6 +117,5 @@ def render(ctx: Dict[str, Any], res: Results) -> str:
                  "<p>A <b>proponent</b> is a training text whose training steps lowered this test text's loss (it helped the "
                  "prediction of its label); an <b>opponent</b> raised it.</p>")
     parts += test_blocks(shown, lm)
-    parts.append("<h2 id='files'>Files</h2><ul>" + "".join(f"<li><a href='{escape(f)}'>{escape(f)}</a></li>" for f in ctx.get("files", []))
-                 + "</ul></body></html>")
+    parts += files_section(ctx)
     return "\n".join(parts)

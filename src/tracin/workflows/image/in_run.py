@@ -20,7 +20,6 @@ from torch.utils.data import Subset
 from ...checkpoints import Checkpoint, weights_for
 from ...engine.inrun import InRun
 from ...errors import TracInError
-from ...results import InfluenceResult, TopK
 from ...tasks.classification import predict_proba
 from ..results_dir import ResultsDir, RunRecord, Scored, job_parameters, write_self_influence, write_top_k
 from .folders import ImageDataset
@@ -58,17 +57,14 @@ def write_in_run(recorder: InRun, data: TrainingData, training: ImageTraining, b
     """The result files and, last, the manifest of the in-run record (``seconds`` of training), in ``training.in_run``."""
     recorder.remove()
     fit = np.asarray(data.fit)
-    matrix = recorder.influence_matrix()
-    assert matrix is not None, "the test images are queried at the first step"
-    scores = matrix[:, torch.as_tensor(fit, device=matrix.device)].float().cpu()  # the training images trained on
-    k = min(TOP_K, len(fit))
-    pro, opp = scores.topk(k, dim=1), (-scores).topk(k, dim=1)
-    result = InfluenceResult(TopK(pro.values, pro.indices), TopK(-opp.values, opp.indices), stats=recorder.describe())
+    result = recorder.result(fit.tolist())  # the training images trained on; top-k as the recorder keeps it
+    assert result.proponents is not None, "the test images are queried at the first step"
     tables = _tables(recorder.model, data, best_model, recorder.device)
     out = ResultsDir(Path(training.in_run))  # type: ignore[arg-type]
     with out:
         write_top_k(out, result, tables["train"], tables["test"])
-        write_self_influence(out, recorder.result().self_influence.numpy()[fit], tables["train"])
+        assert result.self_influence is not None
+        write_self_influence(out, result.self_influence.numpy(), tables["train"])
         accuracy = {split: float(t.correct.mean()) for split, t in tables.items()}
         record = {"data_dir": str(Path(data.data_dir).resolve()),
                   "class_names": data.classes, "arch": training.arch, "image_size": training.image_size,

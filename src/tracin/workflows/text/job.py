@@ -229,6 +229,8 @@ def _write_manifest(run: _Text, result: InfluenceResult, tables: Dict[str, Score
             "n_train": len(run.index["train"]), "n_test": len(run.index["test"]), "accuracy": accuracy,
             "max_length": run.fields.max_length, "truncated": {s: e.truncated for s, e in run.splits.items()},
             "fields": {k: v for k, v in vars(run.fields).items() if k not in ("kind", "max_length")}, "skipped_files": []}
-    prediction = {"file": str(Path(setup.prediction.source).resolve()), "sha256": file_sha256(Path(setup.prediction.source))}
+    same = setup.prediction is setup.checkpoints[-1]  # the last checkpoint's weights: already hashed
+    prediction = {"file": str(Path(setup.prediction.source).resolve()),
+                  "sha256": hashes[-1] if same else file_sha256(Path(setup.prediction.source))}
     return run.out.finish("text", run.tr, RunRecord(job_parameters(job), data, run.timings, result.stats, hashes,
                                                    {"prediction_model": prediction}))
