@@ -6,6 +6,8 @@ layer's output for example i is exactly d loss_i / d output_i.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -13,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import DataError, TracInError
-from ..layers.base import Call, LayerHandler, LayerRun
+from ..layers.base import Call, LayerHandler, LayerRun, Recorded
 from ..layers.factors import Factors, GradFactors
 from ..layers.precondition import Whitening
 from ..tasks.base import Batch, Task, first_tensor
@@ -89,9 +91,13 @@ class BatchCapture:
         self.verifying = False  # the first batch's pass that decides it
         self.expanded = False  # whether that pass expanded any output
         self.last_loss: Optional[torch.Tensor] = None  # the per-example losses of the last pass, detached
-        self._hooks = [h.module.register_forward_hook(self._hook(h)) for h in self.handlers if h.hooked]
+        self._hooks = [self._hook(h) for h in self.handlers if h.hooked and h.capture != "parameter"]
 
     def _hook(self, handler: LayerHandler):
+        """A forward hook on the handler's module: its output's gradient (``capture = "output"``) or its recomputed
+        forward's parts (``"rerun"``) become the handler's calls."""
+        if handler.capture == "rerun":
+            return handler.module.register_forward_hook(self._rerun_hook(handler), with_kwargs=True)
         name = handler.name
 
         def hook(module: nn.Module, args: Tuple, output: torch.Tensor) -> Optional[torch.Tensor]:
@@ -106,23 +112,63 @@ class BatchCapture:
             if expanded:  # one row for the whole batch: give every example its own, so its output gradient is its own
                 output = output.expand(self.rows, *output.shape[1:]).clone()
                 self.expanded = True
-            detached = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
-            first = detached[0] if detached else None
-            # detach() shares the version counter, so a later in-place change of the input shows.
-            call = Call(args=detached, input_version=version(first) if isinstance(first, torch.Tensor) else 0,
-                        output_shape=output.shape)
-
-            def store(grad: torch.Tensor, call: Call = call) -> None:
-                call.delta = grad
-
-            # A hook registered now sees the gradient of this output even if a later in-place op
-            # (ReLU(inplace=True), +=) rewrites the tensor.
-            output.register_hook(store)
-            self.calls[name].append(call)
-            self.outputs[name].append((output, version(output)))
+            self._record(handler, Recorded(args, output))
             return output if expanded else None
 
+        return handler.module.register_forward_hook(hook)
+
+    def _rerun_hook(self, handler: LayerHandler):
+        """The handler recomputes the module's forward with its parts recorded; the recomputation replaces the module's
+        output once it is checked to be equal (a first batch that differs sends the handler to exact passes)."""
+        def hook(module: nn.Module, args: Tuple, kwargs: Dict, output) -> Optional[object]:
+            if not self.active or self.runs[handler.name].mode == EXACT:
+                return None
+            rerun = handler.rerun(args, kwargs)
+            if rerun is None:
+                return None
+            if not same_output(rerun.output, output):
+                if self.checked:
+                    raise TracInError(f"Module {handler.name!r}'s forward pass, recomputed for its per-example gradients, "
+                                      "differs from its own output on this batch; leave it out of layers (exclude=).")
+                return None  # the first batch: no calls, so the engine scores its parameters by exact passes
+            for part in rerun.parts:
+                self._record(handler, part)
+            return rerun.output
+
         return hook
+
+    def _record(self, handler: LayerHandler, recorded: Recorded) -> None:
+        """Keep one call of ``handler``: its inputs (detached) and, after backward, the gradient at ``recorded.output``."""
+        output = recorded.output
+        detached = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in recorded.args)
+        first = detached[0] if detached else None
+        # detach() shares the version counter, so a later in-place change of the input shows.
+        call = Call(args=detached, input_version=version(first) if isinstance(first, torch.Tensor) else 0,
+                    output_shape=output.shape, part=recorded.part)
+
+        def store(grad: torch.Tensor, call: Call = call) -> None:
+            call.delta = grad
+
+        # A hook registered now sees the gradient of this output even if a later in-place op
+        # (ReLU(inplace=True), +=) rewrites the tensor.
+        output.register_hook(store)
+        self.calls[handler.name].append(call)
+        self.outputs[handler.name].append((output, version(output)))
+
+    def _expanded_parameters(self) -> contextlib.ExitStack:
+        """While the batch runs: the broadcast parameters (``capture = "parameter"``) read as one row per example, once
+        the first batch has shown (or is checking) that this leaves the losses as they are."""
+        stack = contextlib.ExitStack()
+        if self.expand or self.verifying:
+            for handler in self.handlers:
+                if handler.capture == "parameter" and self.runs[handler.name].mode != EXACT:
+                    stack.enter_context(handler.expanded(self.rows, functools.partial(self._record_parameter, handler)))
+        return stack
+
+    def _record_parameter(self, handler: LayerHandler, recorded: Recorded) -> None:
+        if self.active:
+            self.expanded = self.expanded or self.rows > 1
+            self._record(handler, recorded)
 
     def remove(self) -> None:
         for handle in self._hooks:
@@ -199,7 +245,8 @@ class BatchCapture:
         with torch.enable_grad():
             self.active = True
             try:
-                loss = self._loss(model, task, batch)
+                with self._expanded_parameters():
+                    loss = self._loss(model, task, batch)
             finally:
                 self.active = False
             size = self.rows
@@ -408,7 +455,7 @@ def _check_loss(loss: torch.Tensor, size: int, what: str, first_index: int) -> N
 
 def _check_inputs_unchanged(handler: LayerHandler, calls: List[Call]) -> None:
     for call in calls:
-        first = call.args[0]
+        first = call.args[0] if call.args else None
         if isinstance(first, torch.Tensor) and version(first) != call.input_version:
             raise TracInError(
                 f"The input of module {handler.name!r} was modified in place after the module ran, so its recorded "
@@ -431,3 +478,18 @@ def sums_agree(handler: LayerHandler, calls: List[Call], direct: Optional[List[O
         if float((ours - theirs).norm()) > 1e-3 * scale + 1e-9:
             return False
     return True
+
+
+def same_output(recomputed: object, original: object) -> bool:
+    """Whether a recomputed forward output equals the module's own: every tensor of it (a tuple's None kept as None)
+    to a relative 1e-4 in float32 and float64, 5e-2 in half precision."""
+    if isinstance(original, torch.Tensor):
+        if not isinstance(recomputed, torch.Tensor) or recomputed.shape != original.shape:
+            return False
+        tolerance = 1e-4 if original.dtype in (torch.float32, torch.float64) else 5e-2
+        scale = float(original.detach().abs().max()) if original.numel() else 0.0
+        return original.numel() == 0 or float((recomputed.detach() - original.detach()).abs().max()) <= tolerance * max(scale, 1e-12)
+    if isinstance(original, (tuple, list)):
+        return isinstance(recomputed, (tuple, list)) and len(recomputed) == len(original) and all(
+            same_output(r, o) for r, o in zip(recomputed, original))
+    return recomputed is None and original is None

@@ -8,6 +8,7 @@ from torch import nn
 
 from ..errors import TracInError
 from ..layers import LayerHandler, handler_for
+from ..layers.broadcast import BroadcastParameterHandler, broadcastable
 from ..layers.exact import ExactHandler
 
 LayerSpec = Union[str, int, Sequence[str]]
@@ -97,8 +98,10 @@ def resolve_layers(model: nn.Module, layers: LayerSpec = "all", exclude: Sequenc
         if not own:
             continue
         handler = handler_for(name, module, own)
-        if handler is None:
-            exact += [_full(name, p) for p in own]
+        if handler is None:  # raw parameters: those broadcast over the batch get their kernel, the rest go exact
+            broadcast = [p for p in own if broadcastable(module.get_parameter(p))]
+            handlers += [BroadcastParameterHandler(name, module, broadcast)] if broadcast else []
+            exact += [_full(name, p) for p in own if p not in broadcast]
         else:
             handlers.append(handler)
     return handlers + ([ExactHandler(model, exact)] if exact else [])

@@ -8,12 +8,12 @@ from torch import nn
 from .base import Call, LayerHandler, LayerRun
 from .embedding import EmbeddingHandler
 from .factors import Factors, GhostFactors, GradFactors, IndexFactors
-from .linear import ConvHandler, HFConv1DHandler, LinearHandler
+from .linear import ConvHandler, HFConv1DHandler, LinearHandler, MultiheadAttentionHandler
 from .norm import NormHandler
 from .transposed import ConvTransposeHandler
 
 HANDLERS: List[Type[LayerHandler]] = [LinearHandler, HFConv1DHandler, ConvHandler, ConvTransposeHandler, EmbeddingHandler,
-                                      NormHandler]
+                                      NormHandler, MultiheadAttentionHandler]
 
 
 def handler_for(name: str, module: nn.Module, param_names: List[str]) -> Optional[LayerHandler]:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -21,6 +21,29 @@ class Call:
     input_version: int
     delta: Optional[torch.Tensor] = None
     output_shape: Optional[torch.Size] = None
+    part: int = 0  # which of the handler's sub-computations this call is (handlers that record several per forward)
+
+
+@dataclass
+class Recorded:
+    """One sub-computation a handler recorded itself (``capture`` "rerun" or "parameter"): its inputs ``args`` and its
+    output, whose gradient becomes the call's delta; ``part`` says which of the handler's sub-computations it is."""
+
+    args: Tuple
+    output: torch.Tensor
+    part: int = 0
+
+
+@dataclass
+class Rerun:
+    """A module's forward pass recomputed by its handler during capture (``capture = "rerun"``): ``output`` replaces
+    the module's own (it must equal it), and ``parts`` are the sub-computations whose gradients the kernels need."""
+
+    output: Any
+    parts: List[Recorded]
+
+
+Record = Callable[[Recorded], None]  # what the engine gives a "parameter" handler to record each use with
 
 
 @dataclass
@@ -53,7 +76,12 @@ class LayerHandler:
 
     module_types: Tuple[type, ...] = ()
     modes: Tuple[str, ...] = ("materialize",)
-    hooked = True  # the engine records the module's calls with a forward hook
+    hooked = True  # the engine records the module's calls (not the exact fallback's per-example passes)
+    # how the engine records them: "output": a forward hook keeps the inputs and the output's gradient; "rerun": the
+    # handler recomputes the module's forward during capture from the module's own parameters (:meth:`rerun`), so that
+    # what the module computes functionally has tensors to record; "parameter": the parameters themselves are
+    # expanded to the batch's rows while the batch runs (:meth:`expanded`), so their gradient is per example
+    capture = "output"
     kronecker: bool = False  # its gradients are sum_t d_t a_t^T with captured (A, D): K-FAC can precondition it
     # its factors stay exact when a call that ran once for the whole batch (output rows 1, broadcast over the batch
     # downstream, as an absolute position embedding is) has its output expanded to the batch's rows during capture,
@@ -96,6 +124,16 @@ class LayerHandler:
         batch; a difference means the parameters are also used outside the module's forward pass (a parent
         calling them functionally, a weight tied elsewhere, a broadcast). None: the handler cannot tell."""
         return None
+
+    def rerun(self, args: Tuple, kwargs: Dict[str, Any]) -> Optional[Rerun]:
+        """(``capture = "rerun"``) The module's forward pass recomputed on ``args``/``kwargs`` with the parts recorded,
+        or None when this call's form has no kernel (the engine then scores the parameters exactly)."""
+        raise NotImplementedError
+
+    def expanded(self, rows: int, record: Record) -> ContextManager[None]:
+        """(``capture = "parameter"``) While inside, the parameters in scope read as ``rows`` rows each, every read
+        handed to ``record`` (its output's gradient is then per example)."""
+        raise NotImplementedError
 
     def factors(self, calls: List[Call], run: LayerRun, whitening: Optional["Whitening"] = None) -> Factors:
         """Factors for the batch from this module's captured calls (at least one), as ``run`` asks; ``whitening``: the

@@ -8,7 +8,7 @@ and the bias gradient ``sum_t D[:, j, t]``. The bias is the implicit ones column
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +16,8 @@ from torch import nn
 
 from ..device import cudnn_conv_uses_tf32
 from ..errors import UnsupportedModuleError
-from .base import Call, LayerHandler, LayerRun, zero_delta_like
+from . import attention
+from .base import Call, LayerHandler, LayerRun, Rerun, zero_delta_like
 from .factors import Factors, GhostFactors, GradFactors, weight_gradients
 
 if TYPE_CHECKING:  # annotations only
@@ -37,6 +38,7 @@ class _FactorLayer(LayerHandler):
 
     modes = ("ghost", "materialize")
     kronecker = True
+    weight_name, bias_name = "weight", "bias"  # the module's own names for the weight and the bias
 
     def _delta(self, call: Call, like: torch.Tensor) -> torch.Tensor:
         return call.delta if call.delta is not None else zero_delta_like(call, like)
@@ -62,16 +64,16 @@ class _FactorLayer(LayerHandler):
         parts = [self._ghost(call) for call in calls]
         A = torch.cat([a for a, _ in parts], dim=2) if len(parts) > 1 else parts[0][0]
         D = torch.cat([d for _, d in parts], dim=2) if len(parts) > 1 else parts[0][1]
-        if not self.in_scope("weight"):
+        if not self.in_scope(self.weight_name):
             A = A[..., :0]
-        return A, D, self.in_scope("bias")
+        return A, D, self.in_scope(self.bias_name)
 
     def batch_gradients(self, calls: List[Call]) -> List[torch.Tensor]:
         """Summed gradients from the raw factors: the weight's sum_b,t D^T A, the bias's sum_b,t D."""
         A, D, _ = self._ghost_all(calls)
         out = []
         for param, name in zip(self.parameters(), self.param_names):
-            if name == "weight":
+            if name == self.weight_name:
                 out.append(self._weight_layout(torch.einsum("bgtd,bgta->gda", D, A), param))
             else:
                 out.append(D.sum(dim=(0, 2)).reshape(param.shape))
@@ -89,7 +91,7 @@ class _FactorLayer(LayerHandler):
     def factors(self, calls: List[Call], run: LayerRun, whitening: Optional[Whitening] = None) -> Factors:
         if run.projector is not None or run.preconditioner is not None:
             return self.transform(self.ghost_factors(calls), run, whitening)
-        weight, bias = self.in_scope("weight"), self.in_scope("bias")
+        weight, bias = self.in_scope(self.weight_name), self.in_scope(self.bias_name)
         if run.mode is None:
             run.mode = choose_mode(*self._shapes(calls[0]))
         if run.mode == "ghost":
@@ -190,6 +192,41 @@ class HFConv1DHandler(LinearHandler):
 
     def _weight_layout(self, W: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return W[0].T.reshape(weight.shape)
+
+
+class MultiheadAttentionHandler(LinearHandler):
+    """``in_proj_weight`` / ``in_proj_bias`` of ``nn.MultiheadAttention`` as a Linear layer (``out_proj`` is a Linear of
+    its own). The module applies them functionally, so its forward is recomputed during capture
+    (:func:`tracin.layers.attention.recompute`); a call is the packed projection of self-attention, or one of the three
+    blocks of cross-attention, whose output gradient then sits in its third of the 3E rows (docs in that module)."""
+
+    module_types = (nn.MultiheadAttention,)
+    capture = "rerun"
+    weight_name, bias_name = "in_proj_weight", "in_proj_bias"
+
+    @classmethod
+    def matches(cls, module: nn.Module) -> bool:
+        return (isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None
+                and module.bias_k is None and module.bias_v is None and not module.add_zero_attn)
+
+    def rerun(self, args: Tuple, kwargs: Dict[str, Any]) -> Optional[Rerun]:
+        return attention.recompute(self.module, args, kwargs)
+
+    def _shapes(self, call: Call) -> Tuple[int, int, int]:
+        x = call.args[0]
+        return x.shape[1], x.shape[-1] + int(self.in_scope(self.bias_name)), 3 * self.module.embed_dim
+
+    def _ghost(self, call: Call) -> Tuple[torch.Tensor, torch.Tensor]:
+        """A [B, 1, T, E] and D [B, 1, T, 3E]."""
+        x = call.args[0]
+        delta = self._delta(call, x)
+        if call.part != attention.PACKED:
+            E = self.module.embed_dim
+            delta = F.pad(delta, ((call.part - 1) * E, (attention.VALUE - call.part) * E))
+        return x.unsqueeze(1), delta.unsqueeze(1)
+
+    def _bias_grad(self, call: Call) -> torch.Tensor:
+        return self._ghost(call)[1].sum(2)
 
 
 class ConvHandler(_FactorLayer):
