@@ -102,8 +102,8 @@ CASES = {
 
 
 # once the exact fallback's, now kernels of their own: Conv3d and ConvTranspose2d, attention's packed projection (its
-# forward recomputed during capture), a ViT's class token and position table (broadcast parameters)
-KERNELS_ONLY = {"volumes", "attention", "vit"}
+# forward recomputed during capture), a ViT's class token and position table (broadcast parameters), GRU and LSTM
+KERNELS_ONLY = {"volumes", "attention", "vit", "recurrent"}
 
 
 def case(kind, n_train=9, n_test=4):

@@ -10,10 +10,11 @@ from .embedding import EmbeddingHandler
 from .factors import Factors, GhostFactors, GradFactors, IndexFactors
 from .linear import ConvHandler, HFConv1DHandler, LinearHandler, MultiheadAttentionHandler
 from .norm import NormHandler
+from .recurrent import RecurrentHandler
 from .transposed import ConvTransposeHandler
 
 HANDLERS: List[Type[LayerHandler]] = [LinearHandler, HFConv1DHandler, ConvHandler, ConvTransposeHandler, EmbeddingHandler,
-                                      NormHandler, MultiheadAttentionHandler]
+                                      NormHandler, MultiheadAttentionHandler, RecurrentHandler]
 
 
 def handler_for(name: str, module: nn.Module, param_names: List[str]) -> Optional[LayerHandler]:

@@ -11,14 +11,14 @@ otherwise scores the parameter by exact per-example passes. The gradients are ma
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .base import Call, LayerHandler, LayerRun, Record, Recorded, zero_delta_like
-from .factors import GradFactors
+from .base import Call, LayerHandler, Record, Recorded, zero_delta_like
+from .factors import Materialised
 
 
 def broadcastable(param: torch.Tensor) -> bool:
@@ -39,7 +39,7 @@ class _Rows(nn.Module):
         return expanded
 
 
-class BroadcastParameterHandler(LayerHandler):
+class BroadcastParameterHandler(Materialised, LayerHandler):
     """Raw [1, ...] parameters owned directly by a module that no other handler covers."""
 
     capture = "parameter"
@@ -55,8 +55,8 @@ class BroadcastParameterHandler(LayerHandler):
             for name in self.param_names:
                 parametrize.remove_parametrizations(self.module, name, leave_parametrized=False)
 
-    def _per_example(self, calls: List[Call]) -> Tuple[torch.Tensor, ...]:
-        """Each parameter's per-example gradients [B, numel], every read of it summed."""
+    def per_example(self, calls: List[Call]) -> List[torch.Tensor]:
+        """Every read of a parameter summed: its gradient at the expanded copy, [B, numel]."""
         params = self.parameters()
         rows = max(c.output_shape[0] for c in calls if c.output_shape is not None)
         sums: List[Optional[torch.Tensor]] = [None] * len(params)
@@ -64,12 +64,4 @@ class BroadcastParameterHandler(LayerHandler):
             delta = call.delta if call.delta is not None else zero_delta_like(call, params[call.part])
             flat = delta.reshape(rows, -1)
             sums[call.part] = flat if sums[call.part] is None else sums[call.part] + flat
-        return tuple(s if s is not None else p.new_zeros(rows, p.numel()) for s, p in zip(sums, params))
-
-    def batch_gradients(self, calls: List[Call]) -> List[torch.Tensor]:
-        return [g.sum(0).reshape(p.shape) for g, p in zip(self._per_example(calls), self.parameters())]
-
-    def factors(self, calls: List[Call], run: LayerRun, whitening: object = None) -> GradFactors:
-        run.mode = "materialize"
-        dense = GradFactors(torch.cat(self._per_example(calls), dim=1))
-        return run.projector.grads(self.name, dense) if run.projector is not None else dense
+        return [s if s is not None else p.new_zeros(rows, p.numel()) for s, p in zip(sums, params)]

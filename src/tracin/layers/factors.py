@@ -18,7 +18,7 @@ exceeds ``max_elements`` elements.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import List, Sequence, Union
+from typing import Any, List, Sequence, Union
 
 import torch
 
@@ -131,6 +131,13 @@ class GhostFactors(_TensorFields):
         return out
 
 
+def _dense_rows(D: torch.Tensor, slots: torch.Tensor, width: int) -> torch.Tensor:
+    """Per-example rows D [B, T, d] summed into ``width`` slots by ``slots`` [B, T]: [B, width * d]."""
+    B, _, d = D.shape
+    dense = D.new_zeros(B, width, d).scatter_add_(1, slots.unsqueeze(-1).expand(-1, -1, d), D)
+    return dense.reshape(B, width * d)
+
+
 @dataclass
 class IndexFactors(_TensorFields):
     """Embedding lookups and their output-gradients; idx: [B, T] (long), D: [B, T, d]."""
@@ -145,18 +152,22 @@ class IndexFactors(_TensorFields):
         )
 
     def pair_scores(self, other: "IndexFactors", max_elements: int = DEFAULT_MAX_ELEMENTS) -> torch.Tensor:
+        """Both sides' gradients made dense over the rows this side looks up (U of them, at most its lookups): each
+        example's gradient rows [U, d] summed per index, the other side's lookups outside U dropped (they meet zeros
+        here), then one matrix product per block. Costs m n U d instead of comparing every pair of positions."""
         m, T = self.idx.shape
-        n, S = other.idx.shape
-        d = self.D.shape[-1]
-        D2 = other.D.reshape(n * S, d)
+        n, d = other.idx.shape[0], self.D.shape[-1]
         out = self.D.new_empty(m, n)
-        step = _row_chunk(m, 2 * T * n * S, max_elements)
+        step = max(1, min(m, int((max_elements / max(T * d, 1)) ** 0.5)))  # this side's block: rows * U * d, U <= rows * T
         for start in range(0, m, step):
-            i1 = self.idx[start:start + step]
-            rows = i1.shape[0]
-            dots = (self.D[start:start + step].reshape(rows * T, d) @ D2.T).view(rows, T, n, S)
-            same = i1.view(rows, T, 1, 1) == other.idx.view(1, 1, n, S)
-            out[start:start + rows] = (dots * same).sum(dim=(1, 3))
+            used, inverse = torch.unique(self.idx[start:start + step], return_inverse=True)
+            mine = _dense_rows(self.D[start:start + step], inverse, used.numel())  # [rows, U * d]
+            slot = torch.searchsorted(used, other.idx).clamp_(max=used.numel() - 1)
+            slot = torch.where(used[slot] == other.idx, slot, used.numel())  # lookups outside U: a slot dropped below
+            chunk = _row_chunk(n, (used.numel() + 1) * d, max_elements)
+            for first in range(0, n, chunk):
+                theirs = _dense_rows(other.D[first:first + chunk], slot[first:first + chunk], used.numel() + 1)
+                out[start:start + mine.shape[0], first:first + chunk] = mine @ theirs[:, :mine.shape[1]].T
         return out
 
     def self_scores(self, max_elements: int = DEFAULT_MAX_ELEMENTS) -> torch.Tensor:
@@ -190,3 +201,23 @@ class GradFactors(_TensorFields):
 
 
 Factors = Union[GhostFactors, IndexFactors, GradFactors]
+
+
+class Materialised:
+    """The kernel of layer handlers that build every parameter's per-example gradients directly (broadcast parameters,
+    recurrent layers): their sum for the engine's check and, as :class:`GradFactors` (projected when the run projects),
+    their factors. A mixin before :class:`tracin.layers.base.LayerHandler`; subclasses give :meth:`per_example`."""
+
+    name: str
+
+    def per_example(self, calls: List[Any]) -> List[torch.Tensor]:
+        """Each parameter in scope's per-example gradients [B, numel], in ``param_names`` order."""
+        raise NotImplementedError
+
+    def batch_gradients(self, calls: List[Any]) -> List[torch.Tensor]:
+        return [g.sum(0).reshape(p.shape) for g, p in zip(self.per_example(calls), self.parameters())]  # type: ignore[attr-defined]
+
+    def factors(self, calls: List[Any], run: Any, whitening: object = None) -> GradFactors:
+        run.mode = "materialize"
+        dense = GradFactors(torch.cat(self.per_example(calls), dim=1))
+        return run.projector.grads(self.name, dense) if run.projector is not None else dense
