@@ -91,13 +91,18 @@ class BatchCapture:
         self.verifying = False  # the first batch's pass that decides it
         self.expanded = False  # whether that pass expanded any output
         self.last_loss: Optional[torch.Tensor] = None  # the per-example losses of the last pass, detached
-        self._hooks = [self._hook(h) for h in self.handlers if h.hooked and h.capture != "parameter"]
+        self._hooks = [handle for h in self.handlers if h.hooked for handle in self._hooks_of(h)]
 
-    def _hook(self, handler: LayerHandler):
-        """A forward hook on the handler's module: its output's gradient (``capture = "output"``) or its recomputed
-        forward's parts (``"rerun"``) become the handler's calls."""
+    def _hooks_of(self, handler: LayerHandler) -> List[torch.utils.hooks.RemovableHandle]:
+        """Forward hooks on the handler's modules: each use's output gradient (``capture = "output"``) or the recomputed
+        forward's parts (``"rerun"``) become the handler's calls; broadcast parameters need none."""
         if handler.capture == "rerun":
-            return handler.module.register_forward_hook(self._rerun_hook(handler), with_kwargs=True)
+            return [handler.module.register_forward_hook(self._rerun_hook(handler), with_kwargs=True)]
+        if handler.capture == "parameter":
+            return []
+        return [module.register_forward_hook(self._hook(handler, part)) for part, module in enumerate(handler.uses())]
+
+    def _hook(self, handler: LayerHandler, part: int):
         name = handler.name
 
         def hook(module: nn.Module, args: Tuple, output: torch.Tensor) -> Optional[torch.Tensor]:
@@ -112,10 +117,10 @@ class BatchCapture:
             if expanded:  # one row for the whole batch: give every example its own, so its output gradient is its own
                 output = output.expand(self.rows, *output.shape[1:]).clone()
                 self.expanded = True
-            self._record(handler, Recorded(args, output))
+            self._record(handler, Recorded(args, output, part))
             return output if expanded else None
 
-        return handler.module.register_forward_hook(hook)
+        return hook
 
     def _rerun_hook(self, handler: LayerHandler):
         """The handler recomputes the module's forward with its parts recorded; the recomputation replaces the module's

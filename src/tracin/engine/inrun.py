@@ -63,11 +63,11 @@ class _Scope:
             raise TracInError(f"BatchNorm {batch_norms[0]!r} normalises over the batch while training, so an example's own "
                               f"gradient is not defined there; leave BatchNorm layers out of the {what} scope (exclude=, or "
                               "layers='last').")
-        recomputed = [h.name or "the model" for h in handlers if h.capture != "output"]
+        recomputed = [h.name or "the model" for h in handlers if h.capture != "output" or len(h.uses()) > 1]
         if recomputed:
-            raise TracInError(f"In-run recording takes layers whose kernels read their module's output, and {recomputed[0]!r} "
-                              f"(attention's packed projection, or parameters broadcast over the batch) is in its {what} "
-                              "scope; leave it out (exclude=) or choose layers='last'.")
+            raise TracInError(f"In-run recording takes layers whose kernels read one module's output, and {recomputed[0]!r} "
+                              "(attention's packed projection, a recurrent layer, a tied weight, or parameters broadcast over "
+                              f"the batch) is in its {what} scope; leave it out (exclude=) or choose layers='last'.")
         exact = [h for h in handlers if isinstance(h, ExactHandler)]
         if exact:
             raise TracInError(f"In-run recording needs a kernel for every layer of its {what} scope, but "

@@ -10,6 +10,7 @@ from ..errors import TracInError
 from ..layers import LayerHandler, handler_for
 from ..layers.broadcast import BroadcastParameterHandler, broadcastable
 from ..layers.exact import ExactHandler
+from ..layers.tied import TiedHandler
 
 LayerSpec = Union[str, int, Sequence[str]]
 
@@ -92,9 +93,12 @@ def resolve_layers(model: nn.Module, layers: LayerSpec = "all", exclude: Sequenc
     tied = _tied(found, selected)
     handlers: List[LayerHandler] = []
     exact: List[str] = []
+    for first in dict.fromkeys(tied.values()):  # each shared parameter once, by its first use
+        shared = _tied_handler(model, [n for n, f in tied.items() if f == first])
+        handlers += [shared] if shared is not None else []
+        exact += [first] if shared is None else []
     for name, module, names in selected:
         own = [p for p in names if _full(name, p) not in tied]
-        exact += [tied[_full(name, p)] for p in names if _full(name, p) in tied and tied[_full(name, p)] not in exact]
         if not own:
             continue
         handler = handler_for(name, module, own)
@@ -105,6 +109,21 @@ def resolve_layers(model: nn.Module, layers: LayerSpec = "all", exclude: Sequenc
         else:
             handlers.append(handler)
     return handlers + ([ExactHandler(model, exact)] if exact else [])
+
+
+def _tied_handler(model: nn.Module, names: List[str]) -> Optional[LayerHandler]:
+    """A kernel for a parameter shared under ``names`` (full names, first use first): each use's module handler scoring
+    it alone, when every use has one whose gradients are laid out as the parameter is; else None (exact passes)."""
+    uses, handlers = [], []
+    for full in names:
+        module_name, _, param = full.rpartition(".")
+        module = model.get_submodule(module_name)
+        handler = handler_for(module_name, module, [param])
+        if handler is None or not handler.shares_layout or handler.capture != "output":
+            return None
+        uses.append((module_name, module, param))
+        handlers.append(handler)
+    return TiedHandler(uses, handlers)
 
 
 def _full(module_name: str, param: str) -> str:

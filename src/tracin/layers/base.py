@@ -87,6 +87,9 @@ class LayerHandler:
     # downstream, as an absolute position embedding is) has its output expanded to the batch's rows during capture,
     # so that the output gradient is per example (the engine checks on the first batch that the losses do not change)
     broadcast_rows: bool = False
+    # its materialised per-example gradients ([B, P] in "materialize" mode) are laid out as its parameters are, so the
+    # uses of a tied parameter can be summed (tracin.layers.tied)
+    shares_layout: bool = False
 
     def __init__(self, name: str, module: nn.Module, param_names: List[str]):
         self.name = name
@@ -114,6 +117,11 @@ class LayerHandler:
     @property
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def uses(self) -> List[nn.Module]:
+        """The modules whose calls the engine records for this handler (``capture = "output"``), in the order
+        ``Call.part`` numbers them: the handler's own module, or every module sharing a tied parameter."""
+        return [self.module]
 
     def in_scope(self, param: str) -> bool:
         return param in self.param_names

@@ -21,6 +21,7 @@ class EmbeddingHandler(LayerHandler):
 
     module_types = (nn.Embedding,)
     modes = ("ghost", "materialize")
+    shares_layout = True
     broadcast_rows = True  # a table looked up once per batch (positions [1, T]) and broadcast: its rows repeat
 
     def check(self) -> None:

@@ -38,6 +38,7 @@ class _FactorLayer(LayerHandler):
 
     modes = ("ghost", "materialize")
     kronecker = True
+    shares_layout = True
     weight_name, bias_name = "weight", "bias"  # the module's own names for the weight and the bias
 
     def _delta(self, call: Call, like: torch.Tensor) -> torch.Tensor:
@@ -179,6 +180,7 @@ class HFConv1DHandler(LinearHandler):
     are the Linear ones."""
 
     module_types = ()
+    shares_layout = False  # [out, in] gradients for an [in, out] weight
 
     @classmethod
     def matches(cls, module: nn.Module) -> bool:
@@ -202,6 +204,7 @@ class MultiheadAttentionHandler(LinearHandler):
 
     module_types = (nn.MultiheadAttention,)
     capture = "rerun"
+    shares_layout = False
     weight_name, bias_name = "in_proj_weight", "in_proj_bias"
 
     @classmethod

@@ -18,6 +18,7 @@ from ...config import ScoringConfig
 from ...engine.resume import reset
 from ...engine.scope import parameterised_modules, resolve_layers
 from ...layers.exact import ExactHandler
+from ...layers.tied import TiedHandler
 from ...errors import TracInError
 from ...io import file_sha256
 from ...results import InfluenceResult
@@ -128,16 +129,16 @@ def _set_up(job: TextJob) -> _Text:
 
 def _scoring(job: TextJob, setup: TextModel) -> ScoringConfig:
     """The job's settings, except that ``--layers last`` on a model whose output layer shares its weight with the
-    token table (GPT-2's tied head, scored only by exact per-example passes over the whole vocabulary) takes the last
-    layer with a kernel of its own instead, with a warning naming it."""
-    if job.scoring.layers != "last" or not all(isinstance(h, ExactHandler) for h in resolve_layers(setup.model, "last")):
+    token table (GPT-2's tied head: its per-example gradients are the whole table, [V, d] numbers per text) takes the
+    last layer with a kernel of its own instead, with a warning naming it."""
+    if job.scoring.layers != "last" or not all(isinstance(h, (ExactHandler, TiedHandler)) for h in resolve_layers(setup.model, "last")):
         return job.scoring
     for name, _, _ in reversed(parameterised_modules(setup.model)):
         handlers = resolve_layers(setup.model, [name]) if name else []
         if handlers and all(h.kronecker and not isinstance(h, ExactHandler) for h in handlers):
-            warnings.warn(f"The model's output layer shares its weight with the token table (tied), which only exact "
-                          f"per-example passes over the whole vocabulary can score; scoring {name!r}, the last layer with "
-                          "a kernel of its own (--layers names others).", stacklevel=2)
+            warnings.warn(f"The model's output layer shares its weight with the token table (tied), so each text's gradient "
+                          f"there is the whole table (vocabulary x width numbers); scoring {name!r}, the last layer with a "
+                          "kernel of its own (--layers names others, the tied table included).", stacklevel=2)
             return job.scoring.replace(layers=[name])
     return job.scoring
 
