@@ -28,23 +28,26 @@ from .base import Call, LayerHandler, Recorded, Rerun, zero_delta_like
 from .factors import Materialised
 
 NAME = re.compile(r"(weight|bias)_(ih|hh)_l(\d+)(_reverse)?$")
+HiddenMap = Tuple[torch.Tensor, Optional[torch.Tensor]]  # W_hh [G H, H] and b_hh [G H] (None: none, or folded into gi)
 
 
-def _cell(mode: str, gi: torch.Tensor, gh: torch.Tensor, h: torch.Tensor, c: Optional[torch.Tensor]):
-    """One step of one layer and direction from its gate inputs gi, gh [B, G H]: the new hidden state [B, H], the cell
-    state (an LSTM's, else None) and the reset gate (a GRU's, else None)."""
-    if mode == "LSTM":
-        i, f, g, o = (gi + gh).chunk(4, dim=-1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        return torch.sigmoid(o) * torch.tanh(c), c, None
+def _step(mode: str, pre: torch.Tensor, h: torch.Tensor, c: Optional[torch.Tensor], hidden: HiddenMap):
+    """One step of one layer and direction from its input-map gates ``pre`` [B, G H] (an LSTM's and an RNN's already
+    carry b_hh): the new hidden state [B, H], the cell state (an LSTM's, else None) and the reset gate (a GRU's, else
+    None)."""
+    weight, bias = hidden
     if mode == "GRU":
-        ri, zi, ni = gi.chunk(3, dim=-1)
-        rh, zh, nh = gh.chunk(3, dim=-1)
+        ri, zi, ni = pre.chunk(3, dim=-1)
+        rh, zh, nh = F.linear(h, weight, bias).chunk(3, dim=-1)
         r, z = torch.sigmoid(ri + rh), torch.sigmoid(zi + zh)
         n = torch.tanh(ni + r * nh)
-        return (1 - z) * n + z * h, None, r
-    pre = gi + gh
-    return (torch.tanh(pre) if mode == "RNN_TANH" else torch.relu(pre)), None, None
+        return torch.lerp(n, h, z), None, r  # (1 - z) n + z h
+    gates = torch.addmm(pre, h, weight.t())
+    if mode == "LSTM":
+        i, f, _, o = gates.sigmoid().chunk(4, dim=-1)
+        c = torch.addcmul(f * c, i, gates.chunk(4, dim=-1)[2].tanh())
+        return o * c.tanh(), c, None
+    return (gates.tanh() if mode == "RNN_TANH" else gates.relu()), None, None
 
 
 class RecurrentHandler(Materialised, LayerHandler):
@@ -102,14 +105,16 @@ class RecurrentHandler(Materialised, LayerHandler):
         w_ih, w_hh = getattr(rnn, "weight_ih" + suffix), getattr(rnn, "weight_hh" + suffix)
         b_ih, b_hh = (getattr(rnn, "bias_ih" + suffix), getattr(rnn, "bias_hh" + suffix)) if rnn.bias else (None, None)
         gi = F.linear(x, w_ih, b_ih)  # [B, T, G H]
-        steps = gi.unbind(1)
+        folded = rnn.mode != "GRU" and b_hh is not None  # the gates add b_hh to gi: once for every step
+        steps = (gi + b_hh if folded else gi).unbind(1)
         order = range(len(steps) - 1, -1, -1) if d else range(len(steps))
         outs: List[torch.Tensor] = [h] * len(steps)
         starts: List[torch.Tensor] = [h] * len(steps)
         resets: List[Optional[torch.Tensor]] = [None] * len(steps)
+        hidden = (w_hh, None if folded else b_hh)
         for t in order:
             starts[t] = h
-            h, c, resets[t] = _cell(rnn.mode, steps[t], F.linear(h, w_hh, b_hh), h, c)
+            h, c, resets[t] = _step(rnn.mode, steps[t], h, c, hidden)
             outs[t] = h
         reset = torch.stack(resets, 1).detach() if rnn.mode == "GRU" else None  # type: ignore[arg-type]
         m = layer * (2 if rnn.bidirectional else 1) + d
