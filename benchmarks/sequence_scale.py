@@ -3,7 +3,7 @@
 A BERT-style classifier (built from a config, nothing downloaded; hidden 64, 2 layers) on random token
 sequences of length T in 32..1024: 32 training and 4 test sequences, two checkpoints, every layer but the
 position embeddings (left out as when these figures were first recorded; they now keep the embedding kernel,
-docs/tasks.md, and benchmarks/transformer_floor.py measures the whole model).
+docs/tasks.md, and benchmarks/sequence_floor.py measures whole models against their floor).
 Each configuration runs in a fresh process so its peak resident memory is its own:
 
 * tracin exact: the per-layer choice between ghost (cost T^2 (d_in + d_out) per pair) and materialised

@@ -80,10 +80,10 @@ def resolve_layers(model: nn.Module, layers: LayerSpec = "all", exclude: Sequenc
     A name or pattern that matches no module is matched against parameter names (``"fc.bias"``,
     ``"*.bias"``): only those parameters of their modules are then in scope. ``exclude`` takes the same
     kinds of names and patterns and removes what they match.
-    Parameters of modules without a per-module kernel (recurrent layers, attention's packed projections,
-    custom modules, raw parameters used in a forward pass) and parameters shared between modules (tied
-    weights: every use counts) go to one :class:`~tracin.layers.exact.ExactHandler`, scored by per-example
-    backward passes. Raises :class:`UnsupportedModuleError` for a selected module whose per-example gradients
+    Raw [1, ...] parameters of a module without a handler get the broadcast kernel, parameters shared between modules
+    (tied weights: every use counts) the tied kernel when every use has a handler; the parameters of modules without a
+    per-module kernel (custom modules) and the other raw parameters go to one
+    :class:`~tracin.layers.exact.ExactHandler`, scored by per-example backward passes. Raises :class:`UnsupportedModuleError` for a selected module whose per-example gradients
     are not defined (it couples the examples of a batch).
     """
     found = parameterised_modules(model)

@@ -1,11 +1,11 @@
 """The exact fallback: parameters that no per-module kernel covers are scored from per-example gradients
 computed one example at a time (materialised, [B, P]).
 
-It covers what the module handlers cannot: modules without a handler (recurrent layers, attention's
-packed projections, custom modules), parameters used directly in a forward pass (class tokens, position
-embeddings held as raw parameters, scale vectors), parameters tied between modules (every use summed,
-cross terms included) and, chosen by the engine at run time, a handler's parameters when they turn out to be
-broadcast across the batch or used outside the module's forward pass. It costs one forward and backward
+It covers what the module handlers cannot: modules without a handler (custom modules, an LSTM with projections),
+parameters used directly in a forward pass that are not broadcast over the batch (scale vectors), parameters tied
+between modules when a use has no kernel (every use summed, cross terms included) and, chosen by the engine at run
+time, a handler's parameters when they turn out to be broadcast across the batch, used outside the module's forward
+pass, or called in a form their kernel does not cover (packed sequences). It costs one forward and backward
 pass per example for the whole model: exact for any model, slower than the kernels, so it is used only for
 the parameters that need it (``TracIn.scope()`` shows the kernel ``exact``; ``exclude=`` leaves parameters out).
 """
