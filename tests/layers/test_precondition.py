@@ -222,3 +222,36 @@ def test_keeping_the_fit_factors_is_given_up_at_the_first_batch_when_the_whole_f
         owner.kept, owner.expected_examples = {}, 500
         owner.keep(0, 0, raw)
         assert (owner.kept is not None) == kept and owner.kept_bytes == (2000 if kept else 0)
+
+
+def test_statistics_keep_few_rows_then_sum_in_float32_folded_into_float64():
+    """A factor keeps its rows while they are under half its width, then sums X^T X (folded every FOLD batches); the
+    total is the same either way."""
+    g = torch.Generator().manual_seed(4)
+    sums = CovarianceSums(torch.float64, torch.device("cpu"))
+    batches = [(torch.randn(3, 1, 1, 40, generator=g), torch.randn(3, 1, 1, 4, generator=g)) for _ in range(CovarianceSums.FOLD + 9)]
+    seen = []
+    for i, (A, D) in enumerate(batches):
+        sums.add("fc", A, D, ones=True)
+        seen.append(A)
+        rows = sums.rows("fc", 0)
+        assert (rows is not None) == (3 * (i + 1) * 2 <= 41)  # 41 columns with the bias: rows while 2 r <= 41
+        assert sums.rows("fc", 1) is None  # 4 columns: summed from the first batch
+    X = torch.cat([torch.cat([a.flatten(0, 2), torch.ones(3, 1)], 1) for a in seen]).double()
+    assert rel_err(sums.total("fc", 0)[0], X.T @ X) <= 1e-6 and sums.total("fc", 0).dtype == torch.float64
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_few_training_examples_take_the_low_rank_inverse_and_match_the_reference(kind, monkeypatch):
+    import tracin.layers.precondition as precondition
+
+    taken = []
+    exact_low_rank = precondition.low_rank_inverses
+    monkeypatch.setattr(precondition, "low_rank_inverses", lambda X, *args: taken.append(X.shape) or exact_low_rank(X, *args))
+    model, layers, ckpts, raw, train, test = case(kind, n_train=3)
+    want = kfac_reference_matrix(model, raw, layers, train, test, damping=0.1)
+    tr = TracIn(model, ckpts, layers=layers, device=DEVICE, batch_size=8, progress=False, precondition="kfac")
+    assert rel_err(tr.influence_matrix(TensorDataset(*train), TensorDataset(*test)), want) <= TOL
+    assert rel_err(tr.self_influence(TensorDataset(*train)), kfac_reference_matrix(
+        model, raw, layers, train, test, damping=0.1, self_only=True)) <= TOL
+    assert taken and all(2 * rows <= width for _, rows, width in taken)  # the low-rank path ran, on few rows only

@@ -175,7 +175,7 @@ class InRun:
         self.preconditioner = None
         self._query_factors: Optional[List[Dict[str, Factors]]] = None  # per query batch, per layer
         self._query_cache: Optional[List[Batch]] = None  # the query batches on the device, when small enough to keep
-        self._fisher = CovarianceSums(torch.float64, device) if c.precondition == "kfac" else None  # moving averages
+        self._fisher = CovarianceSums(torch.float64, device, rows=False) if c.precondition == "kfac" else None  # moving averages
         self._whiteners: Optional[Whiteners] = None  # the in-run K-FAC inverse in use
         self._calls: Dict[Tuple[int, str], List[Call]] = {}
         self._paused = False  # while the query pass runs its own capture, and while factors are computed
@@ -347,10 +347,7 @@ class InRun:
         assert self._fisher is not None
         if not all(bool(torch.isfinite(t).all()) for t in raw[:2]):  # a step the gradient scaler skips
             return
-        keep = self._keep(size)
-        if name in self._fisher.sums:
-            for t in self._fisher.sums[name]:
-                t.mul_(keep)
+        self._fisher.scale(self._keep(size), name)
         self._fisher.add(name, *raw[:4])
 
     def _keep(self, size: int) -> float:

@@ -20,10 +20,12 @@ class Inverses:
     W first and makes P only if asked."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype, P: Optional[torch.Tensor] = None,
-                 W: Optional[torch.Tensor] = None, cholesky: Optional[torch.Tensor] = None):
-        """``cholesky``: float64 Cholesky factors L [n, g, d, d] of S + l I."""
+                 W: Optional[torch.Tensor] = None, cholesky: Optional[torch.Tensor] = None,
+                 low_rank: Optional["LowRank"] = None):
+        """``cholesky``: float64 Cholesky factors L [n, g, d, d] of S + l I; ``low_rank``: S's exact low-rank form."""
         self.device, self.dtype = device, dtype
         self._P, self._W, self._L = P, W, cholesky
+        self._low = low_rank
         self._solved = 0  # rows solved with L so far, per group
 
     def _here(self, t: torch.Tensor) -> torch.Tensor:
@@ -35,7 +37,9 @@ class Inverses:
 
     def inverse(self) -> torch.Tensor:
         if self._P is None:
-            if self._L is not None:
+            if self._low is not None:
+                self._P = self._here(self._low.matrix(-1.0))
+            elif self._L is not None:
                 self._P = self._here(torch.cholesky_inverse(self._L.flatten(0, 1)).view(self._L.shape))
             else:
                 assert self._W is not None
@@ -45,6 +49,8 @@ class Inverses:
         return self._P
 
     def whitener(self) -> torch.Tensor:
+        if self._W is None and self._low is not None:
+            self._W = self._here(self._low.matrix(-0.5))
         if self._W is None:
             assert self._L is not None
             L = self._L
@@ -57,6 +63,8 @@ class Inverses:
         """X P of checkpoint ``index`` for rows X [B, g, T, d]: by Cholesky solves while they are the cheaper way
         (see the class), else with P."""
         B, g, T, d = X.shape
+        if self._P is None and self._low is not None:
+            return self._low.apply(index, X, -1.0)
         L = self._L
         if self._P is None and L is not None and (self._solved + B * T) * 3 <= L.shape[0] * d:
             self._solved += B * T
@@ -64,6 +72,55 @@ class Inverses:
             out = torch.cholesky_solve(rhs, L[index])  # P x for each column: (X P)^T as P is symmetric
             return out.view(g, d, B, T).permute(2, 0, 3, 1).to(X.device, X.dtype)
         return torch.einsum("bgti,gij->bgtj", X, self.inverse()[index].to(X.device, X.dtype))
+
+
+    def apply_whitener(self, index: int, X: torch.Tensor) -> torch.Tensor:
+        """X W of checkpoint ``index`` for rows X [B, g, T, d] ([B, g, T, k] when W keeps k directions)."""
+        return torch.einsum("bgti,gij->bgtj", X, self.whitener()[index].to(X.device, X.dtype))
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """S = V diag(e) V^T [n, g, d, d] of rank r < d, with l: then (S + l I)^p = l^p I + V diag((e + l)^p - l^p) V^T for
+    p = -1 (P) and p = -1/2 (a symmetric whitener, W W^T = P). V [n, g, d, r] orthonormal, e [n, g, r], l [n, g];
+    float64."""
+
+    V: torch.Tensor
+    e: torch.Tensor
+    lam: torch.Tensor
+
+    def _coefficients(self, power: float) -> torch.Tensor:
+        lam = self.lam[..., None]
+        return (self.e + lam).pow(power) - lam.pow(power)  # [n, g, r]
+
+    def matrix(self, power: float) -> torch.Tensor:
+        eye = torch.eye(self.V.shape[-2], dtype=self.V.dtype) * self.lam[..., None, None].pow(power)
+        return eye + (self.V * self._coefficients(power).unsqueeze(-2)) @ self.V.transpose(-1, -2)
+
+    def apply(self, index: int, X: torch.Tensor, power: float) -> torch.Tensor:
+        """X (S + l I)^power for X [B, g, T, d], in float64 (the identity and low-rank terms nearly cancel along the
+        directions the training data uses)."""
+        V = self.V[index]  # [g, d, r]
+        x = X.detach().to("cpu", torch.float64)
+        along = torch.einsum("bgtd,gdr->bgtr", x, V) * self._coefficients(power)[index][:, None, :]
+        out = x * self.lam[index][None, :, None, None].pow(power) + torch.einsum("bgtr,gdr->bgtd", along, V)
+        return out.to(X.device, X.dtype)
+
+
+def low_rank_inverses(X: torch.Tensor, count: int, damping: float, where: Tuple[torch.device, torch.dtype]) -> Inverses:
+    """The :class:`Inverses` of S = X^T X / count for the rows X [g, r, d] of a factor with r < d, exactly, from the
+    eigen-decomposition of the r x r Gram matrix (r^2 d instead of d^3): S = V diag(e) V^T with V = X^T U / sqrt(e
+    count). l = damping * mean eigenvalue of S as for a full factor (trace / d), 1 for a zero factor."""
+    X = X.detach().to("cpu", torch.float64)
+    d = X.shape[-1]
+    lam = damping * X.pow(2).sum(dim=(1, 2)) / (count * d)  # [g]
+    lam = torch.where(lam <= 0, torch.ones_like(lam), lam)
+    values, U = torch.linalg.eigh(X @ X.transpose(1, 2) / count)  # [g, r], [g, r, r]
+    values = values.clamp_min(0)
+    scale = (values * count).sqrt()
+    V = (X.transpose(1, 2) @ U) / torch.where(scale > 0, scale, torch.ones_like(scale)).unsqueeze(1)  # [g, d, r]
+    V = V * (scale > 0).unsqueeze(1)  # directions of zero variance drop out (V's column 0, e 0: no term)
+    return Inverses(*where, low_rank=LowRank(V.unsqueeze(0), values.unsqueeze(0), lam.unsqueeze(0)))
 
 
 @dataclass(frozen=True)
@@ -82,6 +139,9 @@ class FactorInverse:
 
     def apply_inverse(self, X: torch.Tensor) -> torch.Tensor:
         return self.group.apply_inverse(self.index, X)
+
+    def apply_whitener(self, X: torch.Tensor) -> torch.Tensor:
+        return self.group.apply_whitener(self.index, X)
 
 
 def damped_cholesky(S: torch.Tensor, damping: float) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:

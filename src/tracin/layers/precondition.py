@@ -25,8 +25,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import TracInError
-from .inverses import FactorInverse, Inverses, damped_cholesky, truncated_whitener
+from .inverses import FactorInverse, Inverses, damped_cholesky, low_rank_inverses, truncated_whitener
 from .sizing import sides as projection_sides
+from .statistics import CovarianceSums, with_ones
 
 
 
@@ -67,60 +68,6 @@ def resolve_precondition(precondition: str, handlers: Sequence) -> Tuple[str, li
     return "none", list(handlers), []
 
 
-def with_ones(A: torch.Tensor, ones: bool) -> torch.Tensor:
-    """A [B, g, T, da] with the implicit bias column made explicit: [B, g, T, da + ones]."""
-    return torch.cat([A, A.new_ones(*A.shape[:-1], 1)], dim=-1) if ones else A
-
-
-class CovarianceSums:
-    """Running sums of the two Kronecker factors per layer over the examples of a fit pass."""
-
-    def __init__(self, dtype: torch.dtype, device: torch.device):
-        self.dtype = dtype
-        self.device = device
-        self.sums: Dict[str, List[torch.Tensor]] = {}
-        self.ghost: Dict[str, bool] = {}  # layer -> whether its kernel pairs the factors themselves (few positions)
-        self.count = 0
-
-    def add(self, name: str, A: torch.Tensor, D: torch.Tensor, ones: bool, ghost: bool = True) -> None:
-        """One batch of one layer: A [B, g, T, da] (bias implicit when ``ones``), D [B, g, T, dd]; ``ghost``: the
-        raw shapes call for the ghost kernel (how a truncation to ``rank`` is split, :func:`fit_whiteners`)."""
-        self.ghost[name] = ghost
-        work = torch.promote_types(A.dtype, torch.float32)  # half-precision factors are summed in float32 at least
-        a = with_ones(A, ones).to(work).transpose(0, 1).flatten(1, 2)  # [g, B*T, da]
-        d = D.to(work).transpose(0, 1).flatten(1, 2)
-        # one batch's products in the factors' precision (float32 rounding, far below the damping), summed in self.dtype
-        s_in, s_out = (a.transpose(1, 2) @ a).to(self.dtype), (d.transpose(1, 2) @ d).to(self.dtype)
-        if name in self.sums:
-            self.sums[name][0] += s_in
-            self.sums[name][1] += s_out
-        else:
-            self.sums[name] = [s_in, s_out]
-
-    def all_reduce(self) -> None:
-        """Sum the statistics over the ranks of an initialised process group (each saw its shard).
-        The ranks first agree on the layers: one whose shard never reached a layer (a data-dependent
-        branch) adds zeros for it, so every rank reduces the same tensors in the same order."""
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            return
-        shapes: List[Dict[str, List[Tuple[int, ...]]]] = [{} for _ in range(dist.get_world_size())]
-        dist.all_gather_object(shapes, {name: [tuple(t.shape) for t in pair] for name, pair in self.sums.items()})
-        union = {name: pair for rank_shapes in shapes for name, pair in rank_shapes.items()}
-        for name in sorted(union):
-            if name not in self.sums:
-                self.sums[name] = [torch.zeros(shape, dtype=self.dtype, device=self.device) for shape in union[name]]
-            for s in self.sums[name]:
-                dist.all_reduce(s)
-        count = torch.tensor([self.count], dtype=torch.float64, device=self.device)
-        dist.all_reduce(count)
-        self.count = int(count.item())
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for pair in self.sums.values() for t in pair)
-
-
 def fit_whiteners(sums: Sequence["CovarianceSums"], damping: float, device: torch.device, dtype: torch.dtype,
                   rank: Optional[int] = None) -> List[Whiteners]:
     """The whiteners of each layer's factors and their products (the damped inverses) for each checkpoint's
@@ -132,21 +79,27 @@ def fit_whiteners(sums: Sequence["CovarianceSums"], damping: float, device: torc
         s.all_reduce()
         assert s.count > 0, "loaders refuse an empty training set before a fit starts"
     out: List[Whiteners] = [{} for _ in sums]
-    names = {name: None for s in sums for name in s.sums}  # every layer, in the order first met
+    names = {name: None for s in sums for name in s.layers()}  # every layer, in the order first met
     for name in names:
         keep = _kept_sides(sums, name, rank)
         for side in (0, 1):
-            # checkpoints grouped by this factor's shape (a data-dependent layer may be absent from some)
+            members = [c for c, s in enumerate(sums) if name in s.ghost]  # a data-dependent layer may be absent
+            rows = [sums[c].rows(name, side) for c in members]
+            if keep is None and all(r is not None for r in rows):  # fewer rows than half the width: exact low rank
+                for c, X in zip(members, rows):
+                    inverses = low_rank_inverses(X, sums[c].count, damping, (device, dtype))  # type: ignore[arg-type]
+                    out[c].setdefault(name, [None, None])[side] = FactorInverse(inverses, 0)
+                continue
+            # checkpoints grouped by this factor's shape
             groups: Dict[Tuple[int, ...], List[int]] = {}
-            for c, s in enumerate(sums):
-                if name in s.sums:
-                    groups.setdefault(tuple(s.sums[name][side].shape), []).append(c)
-            for shape, members in groups.items():
-                stacked = torch.stack([sums[c].sums[name][side] for c in members])  # [n, g, d, d]
-                stacked /= torch.tensor([float(sums[c].count) for c in members], dtype=stacked.dtype,
+            for c in members:
+                groups.setdefault(tuple(sums[c].total(name, side).shape), []).append(c)
+            for shape, group in groups.items():
+                stacked = torch.stack([sums[c].total(name, side) for c in group])  # [n, g, d, d]
+                stacked /= torch.tensor([float(sums[c].count) for c in group], dtype=stacked.dtype,
                                         device=stacked.device)[:, None, None, None]
                 inverses = _layer_inverses(name, stacked, damping, keep[side] if keep else None, (device, dtype))
-                for i, c in enumerate(members):
+                for i, c in enumerate(group):
                     out[c].setdefault(name, [None, None])[side] = FactorInverse(inverses, i)
     return [{name: tuple(f) for name, f in w.items()} for w in out]  # type: ignore[misc]
 
@@ -155,8 +108,8 @@ def _kept_sides(sums: Sequence["CovarianceSums"], name: str, rank: Optional[int]
     """(k_in, k_out) a layer's whiteners keep under ``rank`` (None: all), from its factors' widths and kernel form."""
     if rank is None:
         return None
-    s = next(s for s in sums if name in s.sums)
-    return projection_sides(rank, s.sums[name][0].shape[-1], s.sums[name][1].shape[-1], s.ghost.get(name, True))
+    s = next(s for s in sums if name in s.ghost)
+    return projection_sides(rank, s.total(name, 0).shape[-1], s.total(name, 1).shape[-1], s.ghost[name])
 
 
 def _layer_inverses(name: str, stacked: torch.Tensor, damping: float, keep: Optional[int],
@@ -227,9 +180,7 @@ class Whitening:
         inputs, outputs = self.whiteners[name]
         if self.side == "query":
             return inputs.apply_inverse(with_ones(A, ones)), outputs.apply_inverse(D), False
-        A = torch.einsum("bgti,gij->bgtj", with_ones(A, ones), inputs.whitener().to(A.device, A.dtype))
-        D = torch.einsum("bgti,gij->bgtj", D, outputs.whitener().to(D.device, D.dtype))
-        return A, D, False
+        return inputs.apply_whitener(with_ones(A, ones)), outputs.apply_whitener(D), False
 
 
 class KFAC:
@@ -317,7 +268,7 @@ class KFAC:
                 for first, batch in data.at_checkpoint(c):
                     add(c, first, batch)
                 fitted += fit_whiteners(sums[c:c + 1], self.damping, device, dtype, self.rank)
-                sums[c].sums.clear()
+                sums[c].clear()
         bar.close()
         self.fit_examples = sums[-1].count
         self.per_checkpoint = fitted
