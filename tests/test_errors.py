@@ -16,14 +16,16 @@ def _data(n=6, d=12, classes=5):
     return TensorDataset(torch.randn(n, d), torch.randint(0, classes, (n,)))
 
 
-class WithLSTM(nn.Module):
+class WithBilinear(nn.Module):
+    """nn.Bilinear has no kernel of its own."""
+
     def __init__(self):
         super().__init__()
-        self.rnn = nn.LSTM(4, 4, batch_first=True)
+        self.pair = nn.Bilinear(4, 4, 4)
         self.head = nn.Linear(4, 2)
 
     def forward(self, x):
-        return self.head(self.rnn(x)[0][:, -1])
+        return self.head(self.pair(x, x.flip(1)))
 
 
 def _exact_parameters(tr):
@@ -31,9 +33,9 @@ def _exact_parameters(tr):
 
 
 def test_a_module_without_a_kernel_is_scored_not_dropped():
-    model = WithLSTM()
+    model = WithBilinear()
     tr = TracIn(model, _ck(model), device="cpu")
-    assert _exact_parameters(tr) == [f"rnn.{n}" for n, _ in model.rnn.named_parameters()]
+    assert _exact_parameters(tr) == [f"pair.{n}" for n, _ in model.pair.named_parameters()]
     # leaving it out works
     assert [h.name for h in TracIn(model, _ck(model), layers="last", device="cpu").handlers] == ["head"]
 
@@ -65,8 +67,9 @@ def test_tied_weights_are_scored_once_with_every_use():
 
     model = Tied()
     tr = TracIn(model, _ck(model), device="cpu")
-    assert _exact_parameters(tr) == ["emb.weight"] and tr.num_parameters == 40
-    assert _exact_parameters(TracIn(model, _ck(model), layers="out", device="cpu")) == ["emb.weight"]
+    tied = [row for row in tr.scope() if row["name"] == "emb.weight (tied to out.weight)"]
+    assert len(tr.scope()) == 1 and tied and tr.num_parameters == 40  # one parameter, both uses
+    assert [row["name"] for row in TracIn(model, _ck(model), layers="out", device="cpu").scope()] == [tied[0]["name"]]
 
 
 def test_batchnorm_without_running_stats_is_refused():
