@@ -117,3 +117,25 @@ def test_forms_without_a_kernel_fall_back_to_exact_passes(form):
     exact = [row for row in tr.scope() if row["kernel"] == "exact"]
     # packed: the handler turned to exact passes on the first batch; a projection: no handler, the exact fallback's
     assert [row["name"] for row in exact] == ["rnn"] if form == "packed" else exact[0]["parameters"][0].startswith("rnn.")
+
+
+class Twice(nn.Module):
+    """The same LSTM over the sequence and over it reversed, its initial state given by keyword: both calls count."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(D, H, batch_first=True)
+        self.head = nn.Linear(2 * H, 3)
+
+    def forward(self, x):
+        h0 = torch.tanh(x[:, 0].sum(-1, keepdim=True)).expand(-1, H).unsqueeze(0).contiguous()
+        first, _ = self.rnn(x, hx=(h0, torch.zeros_like(h0)))
+        second, (h_n, _) = self.rnn(x.flip(1))
+        return self.head(torch.cat([first[:, -1], second[:, -1] + h_n[0]], dim=1))
+
+
+def test_every_call_counts_with_a_keyword_state():
+    torch.manual_seed(0)
+    tr, got, want = run(Twice())
+    assert rel_err(got, want) <= 1e-4
+    assert {row["name"]: row["kernel"] for row in tr.scope()}["rnn"] == "materialize"

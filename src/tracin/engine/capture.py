@@ -98,6 +98,8 @@ class BatchCapture:
         forward's parts (``"rerun"``) become the handler's calls; broadcast parameters need none."""
         if handler.capture == "rerun":
             return [handler.module.register_forward_hook(self._rerun_hook(handler), with_kwargs=True)]
+        if handler.capture == "outputs":
+            return [handler.module.register_forward_hook(self._outputs_hook(handler), with_kwargs=True)]
         if handler.capture == "parameter":
             return []
         return [module.register_forward_hook(self._hook(handler, part)) for part, module in enumerate(handler.uses())]
@@ -142,6 +144,25 @@ class BatchCapture:
 
         return hook
 
+    def _outputs_hook(self, handler: LayerHandler):
+        """The module runs natively; the handler names the inputs and outputs to record (a first batch whose call form
+        has no kernel sends the handler to exact passes; a later one is an error)."""
+        def hook(module: nn.Module, args: Tuple, kwargs: Dict, output) -> None:
+            if not self.active or self.runs[handler.name].mode == EXACT:
+                return
+            recorded = handler.outputs(args, kwargs, output)
+            if recorded is None:
+                if self.checked:
+                    raise TracInError(f"Module {handler.name!r} was called in a form its kernel does not cover (e.g. a packed "
+                                      "sequence) after a first batch that it did; leave it out of layers (exclude=).")
+                return
+            if not all(r.output.requires_grad for r in recorded):
+                raise TracInError(f"Module {handler.name!r} ran without autograd (torch.no_grad?); TracIn needs its gradients.")
+            for part in recorded:
+                self._record(handler, part)
+
+        return hook
+
     def _record(self, handler: LayerHandler, recorded: Recorded) -> None:
         """Keep one call of ``handler``: its inputs (detached) and, after backward, the gradient at ``recorded.output``."""
         output = recorded.output
@@ -149,7 +170,7 @@ class BatchCapture:
         first = detached[0] if detached else None
         # detach() shares the version counter, so a later in-place change of the input shows.
         call = Call(args=detached, input_version=version(first) if isinstance(first, torch.Tensor) else 0,
-                    output_shape=output.shape, part=recorded.part)
+                    output_shape=output.shape, part=recorded.part, rows_dim=recorded.rows_dim)
 
         def store(grad: torch.Tensor, call: Call = call) -> None:
             call.delta = grad
@@ -300,7 +321,7 @@ class BatchCapture:
                 return False
             return True
         _check_inputs_unchanged(handler, calls)
-        rows = [c.output_shape[0] for c in calls if c.output_shape is not None and len(c.output_shape)]
+        rows = [c.rows for c in calls if c.rows is not None]
         mismatch = next((r for r in rows if r != size), None)
         if mismatch is not None or (direct is not None and not sums_agree(handler, calls, direct.get(handler.name))):
             self._go_exact(handler, run, mismatch, size, first=direct is not None)
@@ -376,11 +397,12 @@ class BatchCapture:
             for c in calls:
                 c.delta = None
             self._backward((loss * scales).sum(), targets, owners, retain_graph=True)
-            rows = {i: c.delta for i, c in enumerate(calls) if c.delta is not None and c.delta.dim() and c.delta.shape[0] == size}
+            rows = {i: c.delta.movedim(c.rows_dim, 0) for i, c in enumerate(calls)
+                    if c.delta is not None and c.delta.dim() > c.rows_dim and c.delta.shape[c.rows_dim] == size}
             largest = torch.stack([d.detach().float().abs().reshape(size, -1).amax(1) for d in rows.values()]).amax(0) \
                 if rows else torch.zeros_like(scales)
             keep, again = scale.update(largest)
-            for i, d in rows.items():
+            for i, d in rows.items():  # examples first (movedim), put back below
                 per_row = (-1,) + (1,) * (d.dim() - 1)  # a [B] vector broadcast over d's rows
                 unscaled = d.float() / scales.view(per_row)
                 kept[i] = unscaled if i not in kept else torch.where(keep.view(per_row), unscaled, kept[i])
@@ -390,7 +412,7 @@ class BatchCapture:
             raise TracInError("Output-gradients are not finite in fp16 at any loss scale tried (an overflow, or an infinite or NaN "
                               "gradient of the loss); use --precision bf16 or fp32.")
         for i, d in kept.items():
-            calls[i].delta = d
+            calls[i].delta = d.movedim(0, calls[i].rows_dim)
         flushed = int(((scale.best == 0) & (loss.detach() != 0)).sum())
         if flushed and not self.warned_flush:
             self.warned_flush = True

@@ -282,8 +282,7 @@ class InRun:
         """Refuse a layer whose calls ran on rows that are not the batch's examples (broadcast over the batch, as a
         position table looked up once is): its factors would not be per example."""
         for (_, name), mine in calls.items():
-            rows = next((c.output_shape[0] for c in mine if c.output_shape is not None and len(c.output_shape)
-                         and c.output_shape[0] != size), None)
+            rows = next((c.rows for c in mine if c.rows is not None and c.rows != size), None)
             if rows is not None:
                 raise TracInError(f"Layer {name!r} ran on {rows} rows for a batch of {size} examples (broadcast over the "
                                   "batch), so its per-example gradients cannot be recorded in-run; leave it out (exclude=).")

@@ -22,6 +22,13 @@ class Call:
     delta: Optional[torch.Tensor] = None
     output_shape: Optional[torch.Size] = None
     part: int = 0  # which of the handler's sub-computations this call is (handlers that record several per forward)
+    rows_dim: int = 0  # the output's dimension that runs over the examples
+
+    @property
+    def rows(self) -> Optional[int]:
+        """How many rows (examples) the output has, or None for a scalar output."""
+        shape = self.output_shape
+        return int(shape[self.rows_dim]) if shape is not None and len(shape) > self.rows_dim else None
 
 
 @dataclass
@@ -32,6 +39,7 @@ class Recorded:
     args: Tuple
     output: torch.Tensor
     part: int = 0
+    rows_dim: int = 0  # the output's dimension that runs over the examples
 
 
 @dataclass
@@ -80,7 +88,8 @@ class LayerHandler:
     # how the engine records them: "output": a forward hook keeps the inputs and the output's gradient; "rerun": the
     # handler recomputes the module's forward during capture from the module's own parameters (:meth:`rerun`), so that
     # what the module computes functionally has tensors to record; "parameter": the parameters themselves are
-    # expanded to the batch's rows while the batch runs (:meth:`expanded`), so their gradient is per example
+    # expanded to the batch's rows while the batch runs (:meth:`expanded`), so their gradient is per example; "outputs":
+    # the module runs natively and the handler says which of its outputs to record (:meth:`outputs`)
     capture = "output"
     kronecker: bool = False  # its gradients are sum_t d_t a_t^T with captured (A, D): K-FAC can precondition it
     # its factors stay exact when a call that ran once for the whole batch (output rows 1, broadcast over the batch
@@ -136,6 +145,11 @@ class LayerHandler:
     def rerun(self, args: Tuple, kwargs: Dict[str, Any]) -> Optional[Rerun]:
         """(``capture = "rerun"``) The module's forward pass recomputed on ``args``/``kwargs`` with the parts recorded,
         or None when this call's form has no kernel (the engine then scores the parameters exactly)."""
+        raise NotImplementedError
+
+    def outputs(self, args: Tuple, kwargs: Dict[str, Any], output: Any) -> Optional[List[Recorded]]:
+        """(``capture = "outputs"``) What to record of one call: the inputs to keep and each output tensor whose
+        gradient the kernel needs; None when this call's form has no kernel (the engine then scores it exactly)."""
         raise NotImplementedError
 
     def expanded(self, rows: int, record: Record) -> ContextManager[None]:

@@ -58,7 +58,7 @@ class BroadcastParameterHandler(Materialised, LayerHandler):
     def per_example(self, calls: List[Call]) -> List[torch.Tensor]:
         """Every read of a parameter summed: its gradient at the expanded copy, [B, numel]."""
         params = self.parameters()
-        rows = max(c.output_shape[0] for c in calls if c.output_shape is not None)
+        rows = max(c.rows or 0 for c in calls)
         sums: List[Optional[torch.Tensor]] = [None] * len(params)
         for call in calls:
             delta = call.delta if call.delta is not None else zero_delta_like(call, params[call.part])
