@@ -6,7 +6,7 @@ rate) after each epoch. The test example is a prompt and its continuation with t
 so the loss, and so the influence, is that of the continuation alone. TracIn scores every parameter, exactly:
 GPT-2's Conv1D layers with the Linear kernels, its position embeddings with the embedding kernel (looked up once
 per batch, their output expanded to the batch while gradients are captured), and its embedding matrix (tied to the
-output layer) by per-example passes. The documents that state the fact come out on top.
+output layer) from both uses, summed (materialised). The documents that state the fact come out on top.
 
     python examples/lm_data_attribution.py --workdir lm_out     # about 30 s on 2 CPU cores
 """

@@ -68,7 +68,7 @@ def test_mean_reduction_and_explicit_kinds():
 @pytest.mark.slow
 @pytest.mark.parametrize("script, expect, kernel", [
     ("hf_text_classification.py", "wrongly labelled reviews are among the top", "ghost"),  # positions expanded: no exact
-    ("lm_data_attribution.py", "5 of the top 5 proponents state 'carol lives in oslo'", "exact"),  # the tied embedding
+    ("lm_data_attribution.py", "5 of the top 5 proponents state 'carol lives in oslo'", "materialize"),  # tied: both uses
 ])
 def test_examples_run_as_documented(tmp_path, script, expect, kernel):
     import subprocess
@@ -79,5 +79,4 @@ def test_examples_run_as_documented(tmp_path, script, expect, kernel):
     done = subprocess.run([sys.executable, str(example), "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert expect in done.stdout and f"'{kernel}'" in done.stdout, done.stdout
-    if script == "hf_text_classification.py":
-        assert "'exact'" not in done.stdout
+    assert "'exact'" not in done.stdout  # no per-example passes in either

@@ -7,10 +7,11 @@ Two forms per factor:
   position for 4,608 columns), the rows themselves are kept. X^T X then has rank r < d, and its damped inverse has
   an exact low-rank form (:func:`tracin.layers.inverses.low_rank_inverses`) that costs 2 r^2 d + r^3 instead of a
   Cholesky factorisation's d^3 / 3 and its solves (measured faster up to r = d / 2 on a ResNet's factors).
-* sums: beyond that, X^T X is summed. A batch's products are added in the factors' precision (float32 at least) into
-  a per-factor buffer, folded into the sums (``dtype``, float64 off MPS) every :attr:`CovarianceSums.FOLD` batches and
-  whenever the sums are read: the float32 rounding of a few batches stays far below the damping, and wide factors
-  are not converted and added in float64 at every batch.
+* sums: beyond that, X^T X is summed. A wide factor's batch products (256 columns or more) are added in the factors'
+  precision (float32 at least) into a per-factor buffer, folded into the sums (``dtype``, float64 off MPS) every
+  :attr:`CovarianceSums.FOLD` batches and whenever the sums are read: the float32 rounding of a few batches stays far
+  below the damping, and wide factors are not converted and added in float64 at every batch. Narrower ones are
+  added in float64 at every batch.
 """
 from __future__ import annotations
 
@@ -31,6 +32,9 @@ class CovarianceSums:
     ``rows``: keep a factor's rows while they are fewer than half its width (off for moving averages)."""
 
     FOLD = 16
+    # narrower factors are folded at every batch: the buffer saves nothing there, and their float64 sums then round the
+    # same however the batches are grouped (torchrun's shards against one process; the output-bias detector included)
+    WIDE = 256
 
     def __init__(self, dtype: torch.dtype, device: torch.device, rows: bool = True):
         self.dtype = dtype
@@ -69,7 +73,7 @@ class CovarianceSums:
             self._pending[key] = (buffer, batches + 1)
         else:
             self._pending[key] = (X.transpose(1, 2) @ X, 1)
-        if self._pending[key][1] >= self.FOLD or self.dtype == X.dtype:
+        if self._pending[key][1] >= self.FOLD or self.dtype == X.dtype or X.shape[-1] < self.WIDE:
             self._fold(key)
 
     def _fold(self, key: Key) -> None:
