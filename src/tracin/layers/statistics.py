@@ -27,6 +27,22 @@ def with_ones(A: torch.Tensor, ones: bool) -> torch.Tensor:
     return torch.cat([A, A.new_ones(*A.shape[:-1], 1)], dim=-1) if ones else A
 
 
+def _product(X: torch.Tensor, ones: bool) -> torch.Tensor:
+    """X^T X [g, d, d] for rows X [g, n, d]; with ``ones``, of X with a trailing column of ones, [g, d + 1, d + 1],
+    assembled from X^T X, the column sums and n, so that the rows are never copied to append the column."""
+    inner = X.transpose(1, 2) @ X
+    if not ones:
+        return inner
+    g, d = X.shape[0], X.shape[-1]
+    sums = X.sum(dim=1)  # [g, d]
+    out = X.new_empty(g, d + 1, d + 1)
+    out[:, :d, :d] = inner
+    out[:, :d, d] = sums
+    out[:, d, :d] = sums
+    out[:, d, d] = X.shape[1]
+    return out
+
+
 class CovarianceSums:
     """Running statistics of the two Kronecker factors per layer over the examples of a fit pass (module docstring);
     ``rows``: keep a factor's rows while they are fewer than half its width (off for moving averages)."""
@@ -56,30 +72,31 @@ class CovarianceSums:
         self.ghost[name] = ghost
         self._layers[name] = None
         work = torch.promote_types(A.dtype, torch.float32)  # half-precision factors are summed in float32 at least
-        for side, factor in enumerate((with_ones(A, ones), D)):
-            self._add((name, side), factor.to(work).transpose(0, 1).flatten(1, 2))  # [g, B*T, d]
+        for side, (factor, bias) in enumerate(((A, ones), (D, False))):
+            self._add((name, side), factor.to(work).transpose(0, 1).flatten(1, 2), bias)  # [g, B*T, d]
 
-    def _add(self, key: Key, X: torch.Tensor) -> None:
+    def _add(self, key: Key, X: torch.Tensor, ones: bool) -> None:
+        """One batch's rows X [g, n, d] of a factor (with ``ones``, an implicit trailing column of ones)."""
         fresh = key not in self._sums and key not in self._pending
+        width = X.shape[-1] + int(ones)
         if self.keep_rows and (key in self._rows or fresh):
             chunks = self._rows.setdefault(key, [])
-            chunks.append(X)
-            if 2 * sum(c.shape[1] for c in chunks) <= X.shape[-1]:
+            chunks.append(with_ones(X, ones))
+            if 2 * sum(c.shape[1] for c in chunks) <= width:
                 return
-            X = torch.cat(self._rows.pop(key), dim=1)  # too many rows now: their products from here on
+            X, ones = torch.cat(self._rows.pop(key), dim=1), False  # too many rows now: their products from here on
+        product = _product(X, ones)
         if key in self._pending:
             buffer, batches = self._pending[key]
-            buffer.baddbmm_(X.transpose(1, 2), X)
-            self._pending[key] = (buffer, batches + 1)
+            self._pending[key] = (buffer.add_(product), batches + 1)
         else:
-            self._pending[key] = (X.transpose(1, 2) @ X, 1)
-        if self._pending[key][1] >= self.FOLD or self.dtype == X.dtype or X.shape[-1] < self.WIDE:
+            self._pending[key] = (product, 1)
+        if self._pending[key][1] >= self.FOLD or self.dtype == X.dtype or width < self.WIDE:
             self._fold(key)
 
     def _fold(self, key: Key) -> None:
         if key in self._rows:
-            X = torch.cat(self._rows.pop(key), dim=1)
-            self._pending[key] = (X.transpose(1, 2) @ X, 1)
+            self._pending[key] = (_product(torch.cat(self._rows.pop(key), dim=1), False), 1)
         buffer, _ = self._pending.pop(key)
         if key in self._sums:
             self._sums[key] += buffer
