@@ -237,23 +237,26 @@ def _coefficients(mode: str, tensors: Tuple[torch.Tensor, ...], cells: List[torc
 def _backprop(direction: Direction, d_out: torch.Tensor, finals: Tuple[torch.Tensor, Optional[torch.Tensor]],
               w_hh: torch.Tensor, reverse: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """Backpropagation through time for one layer and direction: from the gradients at its outputs d_out [B, T, H] and
-    at its final states, the gate gradients of its input and hidden maps [B, T, G H]."""
-    T = d_out.shape[1]
-    gates = direction.to_gi.shape[-1] // d_out.shape[-1]
-    gis: List[torch.Tensor] = [d_out[:, 0]] * T
-    ghs: List[torch.Tensor] = [d_out[:, 0]] * T
+    at its final states, the gate gradients of its input and hidden maps [B, T, G H] (written step by step into
+    buffers viewed as [B, T, G, H], each gate block the step's state gradient times its coefficients)."""
+    B, T, H = d_out.shape
+    to_gi = direction.to_gi.view(B, T, -1, H)
+    to_gh = to_gi if direction.to_gh is None else direction.to_gh.view(B, T, -1, H)
+    gi = torch.empty_like(to_gi)
+    gh = gi if direction.to_gh is None else torch.empty_like(to_gh)
     carry_h, carry_c = finals
     for t in (range(T) if reverse else range(T - 1, -1, -1)):
         dh = d_out[:, t] + carry_h
-        if direction.to_c is not None:  # LSTM
+        if direction.to_c is not None:  # LSTM: gates i, f, g from the cell state's gradient, o from the hidden state's
             dc = torch.addcmul(carry_c, dh, direction.to_c[:, t]) if carry_c is not None else dh * direction.to_c[:, t]
-            v = torch.cat([dc, dc, dc, dh], dim=-1)
+            torch.mul(dc.unsqueeze(1), to_gi[:, t, :3], out=gi[:, t, :3])
+            torch.mul(dh, to_gi[:, t, 3], out=gi[:, t, 3])
             carry_c = dc * direction.keep_c[:, t]  # type: ignore[index]
         else:
-            v = dh if gates == 1 else dh.repeat(1, gates)
-        gis[t] = v * direction.to_gi[:, t]
-        ghs[t] = gis[t] if direction.to_gh is None else v * direction.to_gh[:, t]
-        carry_h = ghs[t] @ w_hh
+            torch.mul(dh.unsqueeze(1), to_gi[:, t], out=gi[:, t])
+            if direction.to_gh is not None:
+                torch.mul(dh.unsqueeze(1), to_gh[:, t], out=gh[:, t])
+        carry_h = gh[:, t].reshape(B, -1) @ w_hh
         if direction.keep_h is not None:  # GRU: h_t = (1 - z) n + z h_{t-1}
             carry_h = torch.addcmul(carry_h, dh, direction.keep_h[:, t])
-    return torch.stack(gis, 1), torch.stack(ghs, 1)
+    return gi.view(B, T, -1), gh.view(B, T, -1)
