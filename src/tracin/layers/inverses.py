@@ -73,7 +73,6 @@ class Inverses:
             return out.view(g, d, B, T).permute(2, 0, 3, 1).to(X.device, X.dtype)
         return torch.einsum("bgti,gij->bgtj", X, self.inverse()[index].to(X.device, X.dtype))
 
-
     def apply_whitener(self, index: int, X: torch.Tensor) -> torch.Tensor:
         """X W of checkpoint ``index`` for rows X [B, g, T, d] ([B, g, T, k] when W keeps k directions)."""
         return torch.einsum("bgti,gij->bgtj", X, self.whitener()[index].to(X.device, X.dtype))
@@ -112,9 +111,7 @@ def low_rank_inverses(X: torch.Tensor, count: int, damping: float, where: Tuple[
     eigen-decomposition of the r x r Gram matrix (r^2 d instead of d^3): S = V diag(e) V^T with V = X^T U / sqrt(e
     count). l = damping * mean eigenvalue of S as for a full factor (trace / d), 1 for a zero factor."""
     X = X.detach().to("cpu", torch.float64)
-    d = X.shape[-1]
-    lam = damping * X.pow(2).sum(dim=(1, 2)) / (count * d)  # [g]
-    lam = torch.where(lam <= 0, torch.ones_like(lam), lam)
+    lam = _damping(X.pow(2).sum(dim=(1, 2)) / count, X.shape[-1], damping)  # trace(S) = |X|^2 / count
     values, U = torch.linalg.eigh(X @ X.transpose(1, 2) / count)  # [g, r], [g, r, r]
     values = values.clamp_min(0)
     scale = (values * count).sqrt()
@@ -182,5 +179,10 @@ def _symmetric_and_damping(S: torch.Tensor, damping: float) -> Tuple[torch.Tenso
     inverse; with 1 it is the identity)."""
     S = S.detach().to("cpu", torch.float64)
     sym = (S + S.transpose(1, 2)).mul_(0.5)
-    lam = damping * torch.diagonal(sym, dim1=1, dim2=2).sum(-1).clamp_min(0) / S.shape[-1]
-    return sym, torch.where(lam <= 0, torch.ones_like(lam), lam)
+    return sym, _damping(torch.diagonal(sym, dim1=1, dim2=2).sum(-1), S.shape[-1], damping)
+
+
+def _damping(traces: torch.Tensor, d: int, damping: float) -> torch.Tensor:
+    """l [g] = damping * mean eigenvalue (trace / d) of each group's factor, 1 where the factor is zero."""
+    lam = damping * traces.clamp_min(0) / d
+    return torch.where(lam <= 0, torch.ones_like(lam), lam)
