@@ -114,16 +114,14 @@ def resolve_layers(model: nn.Module, layers: LayerSpec = "all", exclude: Sequenc
 def _tied_handler(model: nn.Module, names: List[str]) -> Optional[LayerHandler]:
     """A kernel for a parameter shared under ``names`` (full names, first use first): each use's module handler scoring
     it alone, when every use has one whose gradients are laid out as the parameter is; else None (exact passes)."""
-    uses, handlers = [], []
+    handlers = []
     for full in names:
         module_name, _, param = full.rpartition(".")
-        module = model.get_submodule(module_name)
-        handler = handler_for(module_name, module, [param])
+        handler = handler_for(module_name, model.get_submodule(module_name), [param])
         if handler is None or not handler.shares_layout or handler.capture != "output":
             return None
-        uses.append((module_name, module, param))
         handlers.append(handler)
-    return TiedHandler(uses, handlers)
+    return TiedHandler(handlers)
 
 
 def _full(module_name: str, param: str) -> str:

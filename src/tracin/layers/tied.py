@@ -10,7 +10,7 @@ functionally, sends the parameter back to the exact per-example path).
 """
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List
 
 import torch
 from torch import nn
@@ -18,26 +18,21 @@ from torch import nn
 from .base import Call, LayerHandler, LayerRun
 from .factors import GradFactors, Materialised
 
-Use = Tuple[str, nn.Module, str]  # (module name, module, the shared parameter's name in it)
-
 
 class TiedHandler(Materialised, LayerHandler):
-    """The shared parameter of ``uses`` (its first use names it); ``handlers``: one per use, each scoring only the
-    shared parameter of its module. ``Call.part`` is the use's index."""
+    """The parameter shared by its uses' ``handlers``, one per module using it, each scoring only that parameter of its
+    module (the first names it). ``Call.part`` is the use's index."""
 
-    def __init__(self, uses: List[Use], handlers: List[LayerHandler]):
-        self.use_modules = [module for _, module, _ in uses]
+    def __init__(self, handlers: List[LayerHandler]):
         self.handlers = handlers
-        names = [f"{n}.{p}" if n else p for n, _, p in uses]
-        _, first, param = uses[0]
-        super().__init__(f"{names[0]} (tied to {', '.join(names[1:])})", first, [param])
-        self.first_name = names[0]
+        names = [h.full_names()[0] for h in handlers]
+        super().__init__(f"{names[0]} (tied to {', '.join(names[1:])})", handlers[0].module, list(handlers[0].param_names))
 
     def uses(self) -> List[nn.Module]:
-        return list(self.use_modules)
+        return [h.module for h in self.handlers]
 
     def full_names(self) -> List[str]:
-        return [self.first_name]
+        return self.handlers[0].full_names()
 
     def per_example(self, calls: List[Call]) -> List[torch.Tensor]:
         total = None
