@@ -127,3 +127,19 @@ def test_a_parameter_that_is_not_broadcast_falls_back_to_exact_passes():
     tr, got, want = run(Tokens(misuse=True))
     assert rel_err(got, want) <= 1e-4
     assert {row["name"]: row["kernel"] for row in tr.scope()}[""] == "exact"
+
+
+def test_a_later_call_form_without_a_kernel_is_an_error_not_a_dropped_layer():
+    """The first batch calls attention batched; the last (one example) unbatched, which has no kernel: one clear error,
+    never a layer silently left out."""
+    from tracin.errors import TracInError
+
+    class Switching(Attending):
+        def forward(self, x):
+            if x.shape[0] > 1:
+                return super().forward(x)
+            return self.head(self.attn(x[0], x[0], x[0], need_weights=False)[0].mean(0, keepdim=True))
+
+    torch.manual_seed(0)
+    with pytest.raises(TracInError, match="called in a form its kernel does not cover"):
+        run(Switching())

@@ -94,12 +94,10 @@ class BatchCapture:
         self._hooks = [handle for h in self.handlers if h.hooked for handle in self._hooks_of(h)]
 
     def _hooks_of(self, handler: LayerHandler) -> List[torch.utils.hooks.RemovableHandle]:
-        """Forward hooks on the handler's modules: each use's output gradient (``capture = "output"``) or the recomputed
-        forward's parts (``"rerun"``) become the handler's calls; broadcast parameters need none."""
+        """Forward hooks on the handler's modules: each use's output gradient (``capture = "output"``) or the tensors the
+        handler names of each call (``"rerun"``) become the handler's calls; broadcast parameters need none."""
         if handler.capture == "rerun":
             return [handler.module.register_forward_hook(self._rerun_hook(handler), with_kwargs=True)]
-        if handler.capture == "outputs":
-            return [handler.module.register_forward_hook(self._outputs_hook(handler), with_kwargs=True)]
         if handler.capture == "parameter":
             return []
         return [module.register_forward_hook(self._hook(handler, part)) for part, module in enumerate(handler.uses())]
@@ -125,41 +123,28 @@ class BatchCapture:
         return hook
 
     def _rerun_hook(self, handler: LayerHandler):
-        """The handler recomputes the module's forward with its parts recorded; the recomputation replaces the module's
-        output once it is checked to be equal (a first batch that differs sends the handler to exact passes)."""
+        """The handler reads each call and names the tensors to record, among the module's outputs or in a forward it
+        recomputes, which replaces the module's output once it is checked to be equal. A first batch whose call has no
+        kernel (its form, or a recomputation that differs) leaves no calls, so the engine scores the parameters by
+        exact passes; a later one is an error."""
         def hook(module: nn.Module, args: Tuple, kwargs: Dict, output) -> Optional[object]:
             if not self.active or self.runs[handler.name].mode == EXACT:
                 return None
-            rerun = handler.rerun(args, kwargs)
-            if rerun is None:
-                return None
-            if not same_output(rerun.output, output):
-                if self.checked:
+            rerun = handler.rerun(args, kwargs, output)
+            differs = rerun is not None and rerun.output is not None and not same_output(rerun.output, output)
+            if rerun is None or differs:
+                if not self.checked:
+                    return None
+                if differs:
                     raise TracInError(f"Module {handler.name!r}'s forward pass, recomputed for its per-example gradients, "
                                       "differs from its own output on this batch; leave it out of layers (exclude=).")
-                return None  # the first batch: no calls, so the engine scores its parameters by exact passes
+                raise TracInError(f"Module {handler.name!r} was called in a form its kernel does not cover (e.g. a packed "
+                                  "sequence) after a first batch that it did; leave it out of layers (exclude=).")
+            if not all(part.output.requires_grad for part in rerun.parts):
+                raise TracInError(f"Module {handler.name!r} ran without autograd (torch.no_grad?); TracIn needs its gradients.")
             for part in rerun.parts:
                 self._record(handler, part)
             return rerun.output
-
-        return hook
-
-    def _outputs_hook(self, handler: LayerHandler):
-        """The module runs natively; the handler names the inputs and outputs to record (a first batch whose call form
-        has no kernel sends the handler to exact passes; a later one is an error)."""
-        def hook(module: nn.Module, args: Tuple, kwargs: Dict, output) -> None:
-            if not self.active or self.runs[handler.name].mode == EXACT:
-                return
-            recorded = handler.outputs(args, kwargs, output)
-            if recorded is None:
-                if self.checked:
-                    raise TracInError(f"Module {handler.name!r} was called in a form its kernel does not cover (e.g. a packed "
-                                      "sequence) after a first batch that it did; leave it out of layers (exclude=).")
-                return
-            if not all(r.output.requires_grad for r in recorded):
-                raise TracInError(f"Module {handler.name!r} ran without autograd (torch.no_grad?); TracIn needs its gradients.")
-            for part in recorded:
-                self._record(handler, part)
 
         return hook
 

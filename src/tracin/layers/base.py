@@ -33,8 +33,8 @@ class Call:
 
 @dataclass
 class Recorded:
-    """One sub-computation a handler recorded itself (``capture`` "rerun" or "parameter"): its inputs ``args`` and its
-    output, whose gradient becomes the call's delta; ``part`` says which of the handler's sub-computations it is."""
+    """One tensor whose gradient a handler needs (any ``capture``): the inputs ``args`` to keep with it and the
+    ``output`` whose gradient becomes the call's delta; ``part`` says which of the handler's recorded tensors it is."""
 
     args: Tuple
     output: torch.Tensor
@@ -44,8 +44,10 @@ class Recorded:
 
 @dataclass
 class Rerun:
-    """A module's forward pass recomputed by its handler during capture (``capture = "rerun"``): ``output`` replaces
-    the module's own (it must equal it), and ``parts`` are the sub-computations whose gradients the kernels need."""
+    """What a handler reads of one call of its module during capture (``capture = "rerun"``): ``parts``, the tensors
+    whose gradients its kernel needs, and ``output``, the module's forward recomputed so that those tensors are on the
+    path to the loss (it replaces the module's own output, which it must equal), or None when they already are (tensors
+    of the module's own output)."""
 
     output: Any
     parts: List[Recorded]
@@ -86,10 +88,10 @@ class LayerHandler:
     modes: Tuple[str, ...] = ("materialize",)
     hooked = True  # the engine records the module's calls (not the exact fallback's per-example passes)
     # how the engine records them: "output": a forward hook keeps the inputs and the output's gradient; "rerun": the
-    # handler recomputes the module's forward during capture from the module's own parameters (:meth:`rerun`), so that
-    # what the module computes functionally has tensors to record; "parameter": the parameters themselves are
-    # expanded to the batch's rows while the batch runs (:meth:`expanded`), so their gradient is per example; "outputs":
-    # the module runs natively and the handler says which of its outputs to record (:meth:`outputs`)
+    # handler reads each call (:meth:`rerun`) and names the tensors to record, among the module's outputs or in a
+    # forward it recomputes from the module's own parameters (so that what the module computes functionally has
+    # tensors to record); "parameter": the parameters themselves are expanded to the batch's rows while the batch runs
+    # (:meth:`expanded`), so their gradient is per example
     capture = "output"
     kronecker: bool = False  # its gradients are sum_t d_t a_t^T with captured (A, D): K-FAC can precondition it
     # its factors stay exact when a call that ran once for the whole batch (output rows 1, broadcast over the batch
@@ -142,14 +144,9 @@ class LayerHandler:
         calling them functionally, a weight tied elsewhere, a broadcast). None: the handler cannot tell."""
         return None
 
-    def rerun(self, args: Tuple, kwargs: Dict[str, Any]) -> Optional[Rerun]:
-        """(``capture = "rerun"``) The module's forward pass recomputed on ``args``/``kwargs`` with the parts recorded,
+    def rerun(self, args: Tuple, kwargs: Dict[str, Any], output: Any) -> Optional[Rerun]:
+        """(``capture = "rerun"``) What to record of one call of the module (``args``, ``kwargs`` and its ``output``),
         or None when this call's form has no kernel (the engine then scores the parameters exactly)."""
-        raise NotImplementedError
-
-    def outputs(self, args: Tuple, kwargs: Dict[str, Any], output: Any) -> Optional[List[Recorded]]:
-        """(``capture = "outputs"``) What to record of one call: the inputs to keep and each output tensor whose
-        gradient the kernel needs; None when this call's form has no kernel (the engine then scores it exactly)."""
         raise NotImplementedError
 
     def expanded(self, rows: int, record: Record) -> ContextManager[None]:

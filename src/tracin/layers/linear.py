@@ -212,7 +212,7 @@ class MultiheadAttentionHandler(LinearHandler):
         return (isinstance(module, nn.MultiheadAttention) and module.in_proj_weight is not None
                 and module.bias_k is None and module.bias_v is None and not module.add_zero_attn)
 
-    def rerun(self, args: Tuple, kwargs: Dict[str, Any]) -> Optional[Rerun]:
+    def rerun(self, args: Tuple, kwargs: Dict[str, Any], output: Any) -> Optional[Rerun]:
         return attention.recompute(self.module, args, kwargs)
 
     def _shapes(self, call: Call) -> Tuple[int, int, int]:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Call, LayerHandler, Recorded
+from .base import Call, LayerHandler, Recorded, Rerun
 from .factors import Materialised
 
 NAME = re.compile(r"(weight|bias)_(ih|hh)_l(\d+)(_reverse)?$")
@@ -91,13 +91,13 @@ class RecurrentHandler(Materialised, LayerHandler):
     A call records the module's inputs with one of its outputs: ``part`` 0 the output sequence, 1 h_n, 2 c_n."""
 
     module_types = (nn.RNN, nn.GRU, nn.LSTM)
-    capture = "outputs"
+    capture = "rerun"  # the module's own outputs are recorded: nothing is recomputed
 
     @classmethod
     def matches(cls, module: nn.Module) -> bool:
         return isinstance(module, cls.module_types) and not getattr(module, "proj_size", 0)
 
-    def outputs(self, args: Tuple, kwargs: Dict[str, Any], output: Any) -> Optional[List[Recorded]]:
+    def rerun(self, args: Tuple, kwargs: Dict[str, Any], output: Any) -> Optional[Rerun]:
         rnn = self.module
         given = {**dict(zip(("input", "hx"), args)), **kwargs}
         x, hx = given.get("input"), given.get("hx")
@@ -108,7 +108,7 @@ class RecurrentHandler(Materialised, LayerHandler):
         hx = tuple(t.detach() for t in hx) if isinstance(hx, (tuple, list)) else hx
         kept = (x, hx, sequence.detach().clone())  # the outputs as they are now (a later in-place change cannot touch them)
         seq_rows = 0 if rnn.batch_first else 1
-        return [Recorded(kept, sequence, 0, seq_rows)] + [Recorded(kept, t, 1 + i, 1) for i, t in enumerate(finals)]
+        return Rerun(None, [Recorded(kept, sequence, 0, seq_rows)] + [Recorded(kept, t, 1 + i, 1) for i, t in enumerate(finals)])
 
     # -- one forward call, rebuilt ----------------------------------------------------------------------------------
     def _passes(self, calls: List[Call]) -> List[Pass]:
