@@ -28,7 +28,7 @@ from ..layers.base import Call, LayerHandler, LayerRun
 from ..layers.exact import ExactHandler
 from ..layers.factors import Factors
 from ..layers.norm import BATCH_NORMS
-from ..layers.precondition import CovarianceSums, Whitening, Whiteners, fit_whiteners
+from ..layers.precondition import MovingFisher, Whitening, Whiteners
 from ..results import InfluenceResult, TopK
 from ..tasks.arguments import as_task
 from ..tasks.base import Batch, Task
@@ -175,7 +175,7 @@ class InRun:
         self.preconditioner = None
         self._query_factors: Optional[List[Dict[str, Factors]]] = None  # per query batch, per layer
         self._query_cache: Optional[List[Batch]] = None  # the query batches on the device, when small enough to keep
-        self._fisher = CovarianceSums(torch.float64, device, rows=False) if c.precondition == "kfac" else None  # moving averages
+        self._fisher = MovingFisher(num_examples, device, FISHER_PASSES) if c.precondition == "kfac" else None
         self._whiteners: Optional[Whiteners] = None  # the in-run K-FAC inverse in use
         self._calls: Dict[Tuple[int, str], List[Call]] = {}
         self._paused = False  # while the query pass runs its own capture, and while factors are computed
@@ -336,23 +336,10 @@ class InRun:
                     out[h.name] = h.factors(mine, run)
                     continue
                 raw = h.ghost_factors(mine)  # type: ignore[attr-defined] - K-FAC scopes hold Linear/Conv handlers
-                self._add_statistics(h.name, raw, len(ids))
+                assert self._fisher is not None, "a preconditioned scope comes with the in-run statistics"
+                self._fisher.add(h.name, raw, len(ids))
                 out[h.name] = h.transform(raw, run, KEY)  # type: ignore[attr-defined]
         return out
-
-    def _add_statistics(self, name: str, raw: Tuple, size: int) -> None:
-        """Fold one batch's factor covariances of a layer into its moving averages (time constant: one pass over the
-        training set)."""
-        assert self._fisher is not None
-        if not all(bool(torch.isfinite(t).all()) for t in raw[:2]):  # a step the gradient scaler skips
-            return
-        self._fisher.scale(self._keep(size), name)
-        self._fisher.add(name, *raw[:4])
-
-    def _keep(self, size: int) -> float:
-        """How much of the K-FAC moving averages a batch of ``size`` examples keeps (they forget over FISHER_PASSES
-        passes over the training set)."""
-        return max(0.0, 1.0 - size / (FISHER_PASSES * self.num_examples))
 
     def _record(self, calls: Dict[Tuple[int, str], List[Call]], ids: torch.Tensor, unscale: float) -> None:
         """Add this step's eta * squared norms (and eta * inner products with the queries, whose gradients are taken
@@ -369,7 +356,7 @@ class InRun:
         self.self_influence.index_add_(0, ids, own)
         self.seen.index_add_(0, ids, torch.ones_like(ids))
         if self._fisher is not None:
-            self._fisher.count = self._fisher.count * self._keep(len(ids)) + len(ids)
+            self._fisher.count(len(ids))
         if self.queries is not None:
             self._add_influence(per_scope[0], ids, self._query_side())
         self.steps += 1
@@ -379,7 +366,7 @@ class InRun:
         """The query set's factors at this step's weights (recomputed every ``query_every`` steps), in eval mode."""
         if self._query_factors is None or self.steps % self.config.query_every == 0:
             if self._fisher is not None:  # the in-run K-FAC inverse of the moving averages, as they stand now
-                self._whiteners = fit_whiteners([self._fisher], self.config.damping, self.device, torch.float32)[0]
+                self._whiteners = self._fisher.whiteners(self.config.damping, self.device)
             self._query_factors = self._query_pass()
         return self._query_factors
 

@@ -156,6 +156,36 @@ class FitData(Protocol):
         """(batch size, {layer: (A, D, bias in scope, ...) or None}) at the loaded checkpoint."""
 
 
+class MovingFisher:
+    """In-run K-FAC statistics: moving averages of each layer's factor covariances over the training batches as they
+    come, which forget over about ``passes`` passes over ``num_examples`` examples, and their damped inverses as they
+    stand (the same damping rule as a fitted preconditioner's)."""
+
+    def __init__(self, num_examples: int, device: torch.device, passes: float = 1.0):
+        self.sums = CovarianceSums(torch.float64, device, rows=False)
+        self.num_examples, self.passes = num_examples, passes
+
+    def keep(self, size: int) -> float:
+        """How much of the averages a batch of ``size`` examples keeps."""
+        return max(0.0, 1.0 - size / (self.passes * self.num_examples))
+
+    def add(self, name: str, raw: Tuple, size: int) -> None:
+        """Fold one batch's raw factors of a layer (A, D, bias in scope, ghost form) into its averages; a batch whose
+        factors are not finite (a step the gradient scaler skips) is left out."""
+        if not all(bool(torch.isfinite(t).all()) for t in raw[:2]):
+            return
+        self.sums.scale(self.keep(size), name)
+        self.sums.add(name, *raw[:4])
+
+    def count(self, size: int) -> None:
+        """A recorded batch of ``size`` examples: the averages' example count moves as their sums do."""
+        self.sums.count = self.sums.count * self.keep(size) + size
+
+    def whiteners(self, damping: float, device: torch.device) -> Whiteners:
+        """The damped inverses of the averages as they stand now."""
+        return fit_whiteners([self.sums], damping, device, torch.float32)[0]
+
+
 SIDES = ("both", "query", "key")  # how a batch's factors take part in a pairing (see Whitening.apply)
 
 
