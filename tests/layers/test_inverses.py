@@ -35,8 +35,9 @@ def test_the_inverse_applied_by_solves_and_by_the_formed_inverse_agree():
         inverses.whitener() @ inverses.whitener().transpose(-1, -2), want_P) <= 1e-5
 
 
-def test_a_factor_of_few_rows_has_an_exact_low_rank_inverse():
-    """S = X^T X / n of rank r < d: the damped inverse, a whitener and their application from the r x r Gram matrix."""
+def test_a_factor_of_few_rows_has_an_exact_low_rank_inverse(monkeypatch):
+    """S = X^T X / n of rank r < d: the damped inverse, a whitener and their application from the r x r Gram matrix;
+    no eigen-decomposition until a whitener is asked for."""
     g = torch.Generator().manual_seed(3)
     X = torch.randn(2, 6, 20, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3, 20, dtype=torch.float64)
     X[1, 3] = X[1, 2]  # a repeated row: the Gram matrix is singular, its zero direction drops out
@@ -44,11 +45,14 @@ def test_a_factor_of_few_rows_has_an_exact_low_rank_inverse():
     S = X.transpose(1, 2) @ X / 6
     lam = 0.1 * torch.diagonal(S, dim1=1, dim2=2).mean(1)
     want_P = torch.linalg.inv(S + lam[:, None, None] * torch.eye(20, dtype=torch.float64))
-    assert rel_err(inverses.inverse()[0], want_P) <= 1e-10
-    W = inverses.whitener()[0]
-    assert rel_err(W @ W.transpose(-1, -2), want_P) <= 1e-10
+    decomposed, eigh = [], torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda M: decomposed.append(M.shape) or eigh(M))
     Q = torch.randn(5, 2, 3, 20, generator=g)
     assert rel_err(inverses.apply_inverse(0, Q), torch.einsum("bgti,gij->bgtj", Q.double(), want_P)) <= 1e-6
+    assert rel_err(inverses.inverse()[0], want_P) <= 1e-10 and not decomposed
+    W = inverses.whitener()[0]
+    assert decomposed == [(1, 2, 6, 6)]
+    assert rel_err(W @ W.transpose(-1, -2), want_P) <= 1e-10
     assert rel_err(inverses.apply_whitener(0, Q), torch.einsum("bgti,gij->bgtj", Q.double(), W)) <= 1e-6
     zero = low_rank_inverses(torch.zeros(1, 2, 4, dtype=torch.float64), 2, 0.1, (torch.device("cpu"), torch.float64))
     assert torch.equal(zero.inverse()[0], torch.eye(4, dtype=torch.float64).unsqueeze(0))

@@ -224,23 +224,6 @@ def test_keeping_the_fit_factors_is_given_up_at_the_first_batch_when_the_whole_f
         assert (owner.kept is not None) == kept and owner.kept_bytes == (2000 if kept else 0)
 
 
-def test_statistics_keep_few_rows_then_sum_in_float32_folded_into_float64():
-    """A factor keeps its rows while they are under half its width, then sums X^T X (folded every FOLD batches); the
-    total is the same either way."""
-    g = torch.Generator().manual_seed(4)
-    sums = CovarianceSums(torch.float64, torch.device("cpu"))
-    batches = [(torch.randn(3, 1, 1, 400, generator=g), torch.randn(3, 1, 1, 4, generator=g)) for _ in range(CovarianceSums.FOLD + 80)]
-    seen = []
-    for i, (A, D) in enumerate(batches):
-        sums.add("fc", A, D, ones=True)
-        seen.append(A)
-        rows = sums.rows("fc", 0)
-        assert (rows is not None) == (3 * (i + 1) * 2 <= 401)  # 401 columns with the bias: rows while 2 r <= 401
-        assert sums.rows("fc", 1) is None  # 4 columns: summed from the first batch
-    X = torch.cat([torch.cat([a.flatten(0, 2), torch.ones(3, 1)], 1) for a in seen]).double()
-    assert rel_err(sums.total("fc", 0)[0], X.T @ X) <= 1e-6 and sums.total("fc", 0).dtype == torch.float64
-
-
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 def test_few_training_examples_take_the_low_rank_inverse_and_match_the_reference(kind, monkeypatch):
     import tracin.layers.precondition as precondition

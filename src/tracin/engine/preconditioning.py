@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from .blocks import FactorDict
 from .loaders import dataset_size
 from ..layers.base import LayerHandler, LayerRun
-from ..layers.precondition import KFAC, Whitening, with_ones
+from ..layers.precondition import KFAC, Whitening
 from ..tasks.base import Task
 
 
@@ -126,9 +126,7 @@ class FitSource:
 
     def raw_factors(self, first: int, batch: object) -> Tuple[int, FactorDict]:
         run = self.run
-        factors = run.raw_factors(run.task.to_device(batch, run.device), first)
-        # the bias column made explicit once, for the statistics and for the kept copy alike (each would copy A)
-        factors = {name: None if r is None else (with_ones(r[0], r[2]), r[1], False, *r[3:]) for name, r in factors.items()}
+        factors = run.raw_factors(run.task.to_device(batch, run.device), first)  # the bias column left implicit
         assert run.loaded is not None
         self.owner.keep(run.loaded, first, factors)
         return run.task.batch_size(batch), factors

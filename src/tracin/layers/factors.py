@@ -86,13 +86,13 @@ class GhostFactors(_TensorFields):
     ones: bool = False
 
     def pair_scores(self, other: "GhostFactors", max_elements: int = DEFAULT_MAX_ELEMENTS) -> torch.Tensor:
-        """[m, n] gradient inner products between these (m) and ``other``'s (n) examples."""
+        """[m, n] gradient inner products between these (m) and ``other``'s (n) examples. One side may carry the bias
+        column explicitly (da + 1 wide, e.g. preconditioned) and the other implicitly (``ones``)."""
         A1, D1, A2, D2 = self.A, self.D, other.A, other.D
         m, g, T, _ = A1.shape
         n, _, S, _ = A2.shape
-        bias = 1.0 if self.ones else 0.0
         if g == 1 and T == 1 and S == 1:
-            return (A1[:, 0, 0] @ A2[:, 0, 0].T).add_(bias) * (D1[:, 0, 0] @ D2[:, 0, 0].T)
+            return _inputs(A1[:, 0, 0], A2[:, 0, 0].T, self.ones, other.ones) * (D1[:, 0, 0] @ D2[:, 0, 0].T)
         # Groups become a batch dimension of the matmuls: [g, rows*T, d].
         A2g = A2.permute(1, 0, 2, 3).reshape(g, n * S, -1)
         D2g = D2.permute(1, 0, 2, 3).reshape(g, n * S, -1)
@@ -101,7 +101,7 @@ class GhostFactors(_TensorFields):
         for start in range(0, m, step):
             a = A1[start:start + step].permute(1, 0, 2, 3).reshape(g, -1, A1.shape[-1])
             d = D1[start:start + step].permute(1, 0, 2, 3).reshape(g, -1, D1.shape[-1])
-            prod = torch.bmm(a, A2g.transpose(1, 2)).add_(bias).mul_(torch.bmm(d, D2g.transpose(1, 2)))
+            prod = _inputs(a, A2g.transpose(1, 2), self.ones, other.ones).mul_(torch.bmm(d, D2g.transpose(1, 2)))
             rows = a.shape[1] // T
             out[start:start + rows] = prod.view(g, rows, T, n, S).sum(dim=(0, 2, 4))
         return out
@@ -129,6 +129,16 @@ class GhostFactors(_TensorFields):
             rows = a.shape[0] // g
             out[start:start + rows] = prod.view(rows, g * T * T).sum(1)
         return out
+
+
+def _inputs(a: torch.Tensor, bT: torch.Tensor, a_ones: bool, b_ones: bool) -> torch.Tensor:
+    """a @ bT for input rows a [..., r, da'] and transposed rows bT [..., db', s], with the bias column implicit on a side
+    whose flag is set and explicit (the last column) on a side one wider than the other."""
+    if a_ones == b_ones:
+        return (a @ bT).add_(1.0) if a_ones else a @ bT
+    if b_ones:  # a carries the column: its last entry meets b's implicit 1
+        return (a[..., :-1] @ bT).add_(a[..., -1:])
+    return (a @ bT[..., :-1, :]).add_(bT[..., -1:, :])
 
 
 def _dense_rows(D: torch.Tensor, slots: torch.Tensor, width: int) -> torch.Tensor:

@@ -78,46 +78,69 @@ class Inverses:
         return torch.einsum("bgti,gij->bgtj", X, self.whitener()[index].to(X.device, X.dtype))
 
 
-@dataclass(frozen=True)
 class LowRank:
-    """S = V diag(e) V^T [n, g, d, d] of rank r < d, with l: then (S + l I)^p = l^p I + V diag((e + l)^p - l^p) V^T for
-    p = -1 (P) and p = -1/2 (a symmetric whitener, W W^T = P). V [n, g, d, r] orthonormal, e [n, g, r], l [n, g];
-    float64."""
+    """S = Y^T Y [n, g, d, d] of rank r < d from its scaled rows Y [n, g, r, d], with the damping l [n, g] (float64).
+    The inverse by Woodbury, P = (S + l I)^-1 = (I - Y^T K^-1 Y) / l with K = l I + Y Y^T (r x r: one Cholesky
+    factorisation, r^3 / 3, and r^2 d for Y Y^T); a symmetric whitener (S + l I)^-1/2 = l^-1/2 I + V diag((e +
+    l)^-1/2 - l^-1/2) V^T from the eigen-decomposition Y Y^T = U diag(e) U^T (V = Y^T U e^-1/2) only when a pass asks
+    for one."""
 
-    V: torch.Tensor
-    e: torch.Tensor
-    lam: torch.Tensor
+    def __init__(self, Y: torch.Tensor, lam: torch.Tensor):
+        self.Y, self.lam = Y, lam
+        self.gram = Y @ Y.transpose(-1, -2)  # [n, g, r, r]
+        K = self.gram.clone()
+        torch.diagonal(K, dim1=-2, dim2=-1).add_(lam[..., None])
+        self.L = torch.linalg.cholesky(K)  # K's eigenvalues are at least l > 0
+        self._eigen: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
-    def _coefficients(self, power: float) -> torch.Tensor:
-        lam = self.lam[..., None]
-        return (self.e + lam).pow(power) - lam.pow(power)  # [n, g, r]
+    def _solve(self, rhs: torch.Tensor) -> torch.Tensor:
+        """K^-1 rhs for rhs [n, g, r, k]."""
+        return torch.cholesky_solve(rhs, self.L)
+
+    def _whitener_terms(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(V [n, g, d, r] orthonormal, its coefficients (e + l)^-1/2 - l^-1/2 [n, g, r]); zero directions drop out."""
+        if self._eigen is None:
+            values, U = torch.linalg.eigh(self.gram)
+            values = values.clamp_min(0)
+            root = values.sqrt()
+            V = (self.Y.transpose(-1, -2) @ U) / torch.where(root > 0, root, torch.ones_like(root)).unsqueeze(-2)
+            lam = self.lam[..., None]
+            self._eigen = (V * (root > 0).unsqueeze(-2), (values + lam).rsqrt() - lam.rsqrt())
+        return self._eigen
 
     def matrix(self, power: float) -> torch.Tensor:
-        eye = torch.eye(self.V.shape[-2], dtype=self.V.dtype) * self.lam[..., None, None].pow(power)
-        return eye + (self.V * self._coefficients(power).unsqueeze(-2)) @ self.V.transpose(-1, -2)
+        """(S + l I)^power [n, g, d, d] for power -1 (P) or -1/2 (the symmetric whitener)."""
+        eye = torch.eye(self.Y.shape[-1], dtype=self.Y.dtype)
+        if power == -1.0:
+            return (eye - self.Y.transpose(-1, -2) @ self._solve(self.Y)) / self.lam[..., None, None]
+        V, coefficients = self._whitener_terms()
+        return eye * self.lam[..., None, None].rsqrt() + (V * coefficients.unsqueeze(-2)) @ V.transpose(-1, -2)
 
     def apply(self, index: int, X: torch.Tensor, power: float) -> torch.Tensor:
-        """X (S + l I)^power for X [B, g, T, d], in float64 (the identity and low-rank terms nearly cancel along the
-        directions the training data uses)."""
-        V = self.V[index]  # [g, d, r]
+        """X (S + l I)^power of checkpoint ``index`` for X [B, g, T, d], in float64 (the identity and low-rank terms
+        nearly cancel along the directions the training data uses)."""
+        B, g, T, d = X.shape
         x = X.detach().to("cpu", torch.float64)
-        along = torch.einsum("bgtd,gdr->bgtr", x, V) * self._coefficients(power)[index][:, None, :]
-        out = x * self.lam[index][None, :, None, None].pow(power) + torch.einsum("bgtr,gdr->bgtd", along, V)
+        lam = self.lam[index][None, :, None, None]  # [1, g, 1, 1]
+        if power == -1.0:
+            Y = self.Y[index]  # [g, r, d]
+            along = torch.einsum("bgtd,grd->grbt", x, Y).reshape(g, Y.shape[1], B * T)
+            solved = torch.cholesky_solve(along, self.L[index]).view(g, -1, B, T)
+            out = (x - torch.einsum("grbt,grd->bgtd", solved, Y)) / lam
+        else:
+            V, coefficients = (t[index] for t in self._whitener_terms())
+            along = torch.einsum("bgtd,gdr->bgtr", x, V) * coefficients[:, None, :]
+            out = x * lam.rsqrt() + torch.einsum("bgtr,gdr->bgtd", along, V)
         return out.to(X.device, X.dtype)
 
 
 def low_rank_inverses(X: torch.Tensor, count: int, damping: float, where: Tuple[torch.device, torch.dtype]) -> Inverses:
-    """The :class:`Inverses` of S = X^T X / count for the rows X [g, r, d] of a factor with r < d, exactly, from the
-    eigen-decomposition of the r x r Gram matrix (r^2 d instead of d^3): S = V diag(e) V^T with V = X^T U / sqrt(e
-    count). l = damping * mean eigenvalue of S as for a full factor (trace / d), 1 for a zero factor."""
-    X = X.detach().to("cpu", torch.float64)
-    lam = _damping(X.pow(2).sum(dim=(1, 2)) / count, X.shape[-1], damping)  # trace(S) = |X|^2 / count
-    values, U = torch.linalg.eigh(X @ X.transpose(1, 2) / count)  # [g, r], [g, r, r]
-    values = values.clamp_min(0)
-    scale = (values * count).sqrt()
-    V = (X.transpose(1, 2) @ U) / torch.where(scale > 0, scale, torch.ones_like(scale)).unsqueeze(1)  # [g, d, r]
-    V = V * (scale > 0).unsqueeze(1)  # directions of zero variance drop out (V's column 0, e 0: no term)
-    return Inverses(*where, low_rank=LowRank(V.unsqueeze(0), values.unsqueeze(0), lam.unsqueeze(0)))
+    """The :class:`Inverses` of S = X^T X / count for the rows X [g, r, d] of a factor with r < d, exactly
+    (:class:`LowRank`: r^2 d + r^3 / 3 instead of d^3 / 3 and more). l = damping * mean eigenvalue of S as for a full
+    factor (trace / d), 1 for a zero factor."""
+    Y = X.detach().to("cpu", torch.float64) / count ** 0.5
+    lam = _damping(Y.pow(2).sum(dim=(1, 2)), Y.shape[-1], damping)  # trace(S) = |Y|^2
+    return Inverses(*where, low_rank=LowRank(Y.unsqueeze(0), lam.unsqueeze(0)))
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from ..errors import TracInError
 from .inverses import FactorInverse, Inverses, damped_cholesky, low_rank_inverses, truncated_whitener
 from .sizing import sides as projection_sides
-from .statistics import CovarianceSums, with_ones
+from .statistics import CovarianceSums, InvariantInputs, with_ones
 
 
 
@@ -95,13 +95,30 @@ def fit_whiteners(sums: Sequence["CovarianceSums"], damping: float, device: torc
             for c in members:
                 groups.setdefault(tuple(sums[c].total(name, side).shape), []).append(c)
             for shape, group in groups.items():
-                stacked = torch.stack([sums[c].total(name, side) for c in group])  # [n, g, d, d]
-                stacked /= torch.tensor([float(sums[c].count) for c in group], dtype=stacked.dtype,
+                distinct, slots = _distinct(sums, group, name, side)
+                stacked = torch.stack([sums[c].total(name, side) for c in distinct])  # [n, g, d, d]
+                stacked /= torch.tensor([float(sums[c].count) for c in distinct], dtype=stacked.dtype,
                                         device=stacked.device)[:, None, None, None]
                 inverses = _layer_inverses(name, stacked, damping, keep[side] if keep else None, (device, dtype))
-                for i, c in enumerate(group):
-                    out[c].setdefault(name, [None, None])[side] = FactorInverse(inverses, i)
+                for c in group:
+                    out[c].setdefault(name, [None, None])[side] = FactorInverse(inverses, slots[c])
     return [{name: tuple(f) for name, f in w.items()} for w in out]  # type: ignore[misc]
+
+
+def _distinct(sums: Sequence["CovarianceSums"], group: List[int], name: str, side: int) -> Tuple[List[int], Dict[int, int]]:
+    """(the checkpoints of ``group`` whose statistics of one factor are inverted, each member's place among them): a
+    checkpoint whose statistics equal the group's first's (an input factor the same at every checkpoint,
+    :class:`InvariantInputs`) shares its inverse."""
+    first = group[0]
+    reference = sums[first].total(name, side)
+    distinct, slots = [first], {first: 0}
+    for c in group[1:]:
+        if sums[c].count == sums[first].count and torch.equal(sums[c].total(name, side), reference):
+            slots[c] = 0
+        else:
+            slots[c] = len(distinct)
+            distinct.append(c)
+    return distinct, slots
 
 
 def _kept_sides(sums: Sequence["CovarianceSums"], name: str, rank: Optional[int]) -> Optional[Tuple[int, int]]:
@@ -198,12 +215,13 @@ class Whitening:
     side: str = "both"
 
     def apply(self, name: str, A: torch.Tensor, D: torch.Tensor, ones: bool) -> Tuple[torch.Tensor, torch.Tensor, bool]:
-        """Transformed factors (A' [B, g, T, da + ones], D' [B, g, T, dd], no implicit bias) of one layer: ``"both"``
+        """Transformed factors (A' [B, g, T, da + ones], D' [B, g, T, dd], no implicit bias; ``"key"`` leaves A and the
+        implicit bias as they are) of one layer: ``"both"``
         whitens them (A W_in, D W_out: the pairing of two whitened sides is g^T P g'); ``"query"`` applies the whole
         inverse (A W_in W_in^T, D W_out W_out^T) and ``"key"`` leaves them as they are, which gives the same g^T P g'
         while only the (few) query examples are transformed."""
         if self.side == "key":
-            return with_ones(A, ones), D, False
+            return A, D, ones
         if name not in self.whiteners:
             raise TracInError(f"Layer {name!r} never ran while K-FAC was fitted on the training data, so it has no "
                               "preconditioner; fit on data that reaches it (fit_preconditioner) or leave it out of layers.")
@@ -273,12 +291,16 @@ class KFAC:
         bar = tqdm(total=data.total * checkpoints, desc=f"K-FAC fit ({data.total} examples x {checkpoints} checkpoints)",
                    unit="pass", disable=not data.progress, leave=False)
         sums = [CovarianceSums(stats_dtype, device) for _ in range(checkpoints)]
+        invariant: Optional[InvariantInputs] = InvariantInputs(sums, data.budget_bytes // 2)
 
         def add(c: int, first: int, batch: object) -> None:
             size, factors = data.raw_factors(first, batch)
             for name, pair in factors.items():
                 if pair is not None:
-                    sums[c].add(name, *pair[:4])
+                    shared = invariant is not None and invariant.matches(c, first, name, pair[0], pair[2])
+                    sums[c].add(name, *pair[:4], inputs=not shared)
+            if invariant is not None and c > 0:
+                invariant.absent(c, first, factors)
             sums[c].count += size
             bar.update(size)
 
@@ -289,10 +311,12 @@ class KFAC:
                 break
             add(c, first, batch)
         if fits:
+            assert invariant is not None
+            invariant.finish()
             fitted = fit_whiteners(sums, self.damping, device, dtype, self.rank)
         else:
             bar.reset()
-            fitted = []
+            invariant, fitted = None, []
             for c in range(checkpoints):
                 sums[c] = CovarianceSums(stats_dtype, device)
                 for first, batch in data.at_checkpoint(c):
