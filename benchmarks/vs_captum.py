@@ -83,7 +83,7 @@ def train_with_checkpoints(model: nn.Module, x, y, folder: Path, n_ckpt: int, de
 
 
 def run_workload(name: str, n_train: int, n_test: int, n_ckpt: int, device: torch.device, batch_size: int, skip_captum: bool,
-                 repeats: int = 1, precision: str = "fp32") -> dict:
+                 repeats: int = 1, precision: str = "fp32", precondition: str = "none") -> dict:
     """Time both tools on one workload; with ``repeats`` > 1 they alternate and the medians are reported
     (the first, cold run of each then does not decide the figure). Both run under the same float32 math:
     ``precision`` "fp32" (full float32; cuDNN would otherwise use TF32 for Captum's convolutions on
@@ -104,7 +104,7 @@ def run_workload(name: str, n_train: int, n_test: int, n_ckpt: int, device: torc
 
         def ours_matrix():  # checkpoint discovery and loading included in the time
             tr = TracIn(model, Checkpoint.discover(tmp), layers="all", device=device, batch_size=batch_size, progress=False,
-                        precision=precision, precondition="none")
+                        precision=precision, precondition=precondition)
             return tr, tr.influence_matrix(train, test)
 
         def captum_matrix():
@@ -128,12 +128,12 @@ def run_workload(name: str, n_train: int, n_test: int, n_ckpt: int, device: torc
                 theirs, t = fast_modes.timed(captum_matrix, device)
                 t_captum.append(t)
 
-        result = {"workload": name, "precision": precision, "n_train": n_train, "n_test": n_test, "checkpoints": n_ckpt, "repeats": repeats,
+        result = {"workload": name, "precision": precision, "precondition": precondition, "n_train": n_train, "n_test": n_test, "checkpoints": n_ckpt, "repeats": repeats,
                   "params": tr.num_parameters, "tracin_matrix_s": statistics.median(t_ours),
                   "tracin_topk10_s": statistics.median(t_topk), "kernels": {r["name"]: r["kernel"] for r in tr.scope()}}
         if skip_captum:
             return result
-        diff = float((ours.double() - theirs.double()).abs().max() / theirs.double().abs().max())
+        diff = float((ours.double() - theirs.double()).abs().max() / theirs.double().abs().max()) if precondition == "none" else float("nan")
         result.update({"captum_matrix_s": statistics.median(t_captum), "speedup": statistics.median(t_captum) / result["tracin_matrix_s"],
                        "max_rel_diff": diff})
         return result
@@ -151,6 +151,8 @@ def main() -> None:
     parser.add_argument("--n_test", type=int, default=32)
     parser.add_argument("--checkpoints", type=int, default=3)
     parser.add_argument("--skip_captum", action="store_true")
+    parser.add_argument("--precondition", choices=["none", "auto"], default="none",
+                        help="exact workloads: tracin's preconditioner (auto: its default, K-FAC; Captum has none)")
     parser.add_argument("--precision", choices=["fp32", "tf32"], default="fp32", help="exact workloads: float32 math for both tools")
     parser.add_argument("--repeats", type=int, default=1, help="exact workloads: alternate the tools this many times, report medians")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -182,9 +184,10 @@ def main() -> None:
     rows = []
     for name in names:
         n_train = args.mlp_train if name == "mlp" else args.cnn_train
-        row = run_workload(name, n_train, args.n_test, args.checkpoints, device, args.batch_size, args.skip_captum, args.repeats, args.precision)
+        row = run_workload(name, n_train, args.n_test, args.checkpoints, device, args.batch_size, args.skip_captum, args.repeats,
+                           args.precision, args.precondition)
         rows.append(row)
-        line = f"{name} ({row['precision']}): {row['n_train']} train x {row['n_test']} test x {row['checkpoints']} ckpts, {row['params']} params | " \
+        line = f"{name} ({row['precision']}, precondition {row['precondition']}): {row['n_train']} train x {row['n_test']} test x {row['checkpoints']} ckpts, {row['params']} params | " \
                f"tracin matrix {row['tracin_matrix_s']:.3f}s, top-10 {row['tracin_topk10_s']:.3f}s"
         if "captum_matrix_s" in row:
             line += f" | captum {row['captum_matrix_s']:.3f}s | speed-up x{row['speedup']:.1f} | max rel diff {row['max_rel_diff']:.1e}"

@@ -8,7 +8,7 @@ import copy
 import os
 import re
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -18,8 +18,6 @@ from torch.func import functional_call, grad, vmap
 
 from tracin import Checkpoint
 from tracin.engine.scope import parameterised_modules
-from tracin.layers.linear import choose_mode
-from tracin.layers.sizing import sides as projection_sides
 
 # -- models and checkpoints ----------------------------------------------------------------------
 # The device the numeric tests score on: TRACIN_TEST_DEVICE=cuda runs them against the float64
@@ -336,15 +334,15 @@ def _volume_positions(module: nn.Conv3d, x: torch.Tensor, dy: torch.Tensor) -> T
 
 def kfac_reference_matrix(model: nn.Module, checkpoints: Sequence[Tuple[dict, float]], modules: Sequence[str],
                           train: Tuple[torch.Tensor, torch.Tensor], test: Tuple[torch.Tensor, torch.Tensor],
-                          damping: float = 0.1, self_only: bool = False, rank: Optional[int] = None) -> torch.Tensor:
+                          damping: float = 0.1, self_only: bool = False,
+                          kept: Optional[Dict[str, Tuple[int, int]]] = None) -> torch.Tensor:
     """K-FAC-preconditioned TracInCP in float64, written out naively: per checkpoint and layer, the
     factors S_in = mean_i sum_t [a;1][a;1]^T and S_out = mean_i sum_t d d^T over ``train`` (d: gradient
     of example i's loss at the layer's output), damped by ``damping`` times their mean eigenvalue and
     inverted; the per-example gradient matrices M_i [g, dd, da(+1)] from torch.func; score
     sum_c lr_c sum_layers <S_out^-1 M_test S_in^-1, M_train>. Returns [n_test, n_train], or the
-    self-influence [n_train] with ``self_only``. ``rank`` (projection_dim under K-FAC): each inverse keeps only
-    its factor's leading (k_in, k_out) eigen-directions, U_k diag(1 / (s_k + l)) U_k^T, split as the library
-    splits a layer of those widths and positions."""
+    self-influence [n_train] with ``self_only``. ``kept`` (projection_dim under K-FAC): each layer's inverses keep
+    only its factors' leading (k_in, k_out) eigen-directions, U_k diag(1 / (s_k + l)) U_k^T."""
     ref = copy.deepcopy(model).double().eval()
     total = None
     for state, lr in checkpoints:
@@ -364,9 +362,7 @@ def kfac_reference_matrix(model: nn.Module, checkpoints: Sequence[Tuple[dict, fl
             if has_bias:
                 a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
             n = x.shape[0]
-            keep = (None, None)
-            if rank is not None:
-                keep = projection_sides(rank, a.shape[-1], d.shape[-1], choose_mode(a.shape[2], a.shape[-1], d.shape[-1]) == "ghost")
+            keep = kept[m] if kept is not None else (None, None)
             inv = []
             for f, k in zip((a, d), keep):
                 S = torch.einsum("bgti,bgtj->gij", f, f) / n

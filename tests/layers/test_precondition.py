@@ -62,15 +62,19 @@ def test_projection_under_kfac_keeps_leading_directions_as_the_reference(kind):
     every pass both-sided; against the float64 reference truncated the same way, and the passes agree."""
     model, layers, ckpts, raw, train, test = case(kind)
     rank = 12 if kind == "mlp" else 24
-    want = kfac_reference_matrix(model, raw, layers, train, test, rank=rank)
-    exact = kfac_reference_matrix(model, raw, layers, train, test)
     tr = TracIn(model, ckpts, layers=layers, device=DEVICE, batch_size=8, progress=False, precondition="kfac",
                 projection_dim=rank)
     got = tr.influence_matrix(TensorDataset(*train), TensorDataset(*test))
+    whiteners = tr.preconditioner.state()  # the directions each layer kept (how many: tests/layers/test_budget.py)
+    kept = {name: (whiteners[f"0|{name}|0"].shape[-1], whiteners[f"0|{name}|1"].shape[-1]) for name in layers}
+    assert all(whiteners[f"{c}|{name}|{side}"].shape[-1] == kept[name][side]
+               for c in range(len(ckpts)) for name in layers for side in (0, 1))
+    want = kfac_reference_matrix(model, raw, layers, train, test, kept=kept)
+    exact = kfac_reference_matrix(model, raw, layers, train, test)
     assert matrix_rel_err(got, want) <= TOL and matrix_rel_err(want, exact) > 10 * TOL  # truncated, and it shows
     result = tr.influence(TensorDataset(*train), TensorDataset(*test), top_k=4, self_influence=True)
     assert torch.equal(result.proponents.indices, got.topk(4, dim=1).indices)
-    assert rel_err(result.self_influence, kfac_reference_matrix(model, raw, layers, train, test, rank=rank, self_only=True)) <= TOL
+    assert rel_err(result.self_influence, kfac_reference_matrix(model, raw, layers, train, test, kept=kept, self_only=True)) <= TOL
     tr.cache_test(TensorDataset(*test))
     assert matrix_rel_err(tr.influence_matrix(TensorDataset(*train), TensorDataset(*test)), want) <= TOL
     other_seed = TracIn(model, ckpts, layers=layers, device=DEVICE, batch_size=8, progress=False, precondition="kfac",

@@ -196,6 +196,13 @@ def truncated_whitener(S: torch.Tensor, damping: float, keep: int) -> torch.Tens
     return vectors * (values + lam[:, None]).rsqrt().unsqueeze(1)
 
 
+def damped_spectrum(S: torch.Tensor, damping: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(the eigenvalues of the symmetric part of S [g, d, d], descending and at least 0, [g, d]; l [g] as for the
+    whiteners), float64."""
+    S, lam = _symmetric_and_damping(S, damping)
+    return torch.linalg.eigvalsh(S).flip(-1).clamp_min(0), lam
+
+
 def _symmetric_and_damping(S: torch.Tensor, damping: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """(the symmetric part of S [g, d, d] as a new float64 CPU tensor, l [g]): l = damping * mean eigenvalue of S (its
     trace / d), and 1 for a group whose S is zero (its layer's factors are all zero, so are its scores, whatever the

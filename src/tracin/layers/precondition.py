@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..errors import TracInError
 from .inverses import FactorInverse, Inverses, damped_cholesky, low_rank_inverses, truncated_whitener
-from .sizing import sides as projection_sides
+from .budget import allocate
 from .statistics import CovarianceSums, InvariantInputs, with_ones
 
 
@@ -72,16 +72,17 @@ def fit_whiteners(sums: Sequence["CovarianceSums"], damping: float, device: torc
                   rank: Optional[int] = None) -> List[Whiteners]:
     """The whiteners of each layer's factors and their products (the damped inverses) for each checkpoint's
     statistics in ``sums`` (each summed over every rank first); with ``rank``, each layer's whiteners keep the
-    leading eigen-directions of its factors only, k_in + k_out (or k_in * k_out) about ``rank``
-    (:func:`truncated_whitener`). A layer's factors of all the checkpoints are inverted in one batched call (per
+    leading eigen-directions of its factors only (:func:`truncated_whitener`), as many as
+    :func:`tracin.layers.budget.allocate` gives it. A layer's factors of all the checkpoints are inverted in one batched call (per
     checkpoint and layer the calls cost more than the arithmetic on small layers)."""
     for s in sums:
         s.all_reduce()
         assert s.count > 0, "loaders refuse an empty training set before a fit starts"
     out: List[Whiteners] = [{} for _ in sums]
     names = {name: None for s in sums for name in s.layers()}  # every layer, in the order first met
+    budgets = allocate(sums, rank, damping) if rank is not None else {}
     for name in names:
-        keep = _kept_sides(sums, name, rank)
+        keep = budgets.get(name)
         for side in (0, 1):
             members = [c for c, s in enumerate(sums) if name in s.ghost]  # a data-dependent layer may be absent
             rows = [sums[c].rows(name, side) for c in members]
@@ -119,14 +120,6 @@ def _distinct(sums: Sequence["CovarianceSums"], group: List[int], name: str, sid
             slots[c] = len(distinct)
             distinct.append(c)
     return distinct, slots
-
-
-def _kept_sides(sums: Sequence["CovarianceSums"], name: str, rank: Optional[int]) -> Optional[Tuple[int, int]]:
-    """(k_in, k_out) a layer's whiteners keep under ``rank`` (None: all), from its factors' widths and kernel form."""
-    if rank is None:
-        return None
-    s = next(s for s in sums if name in s.ghost)
-    return projection_sides(rank, s.total(name, 0).shape[-1], s.total(name, 1).shape[-1], s.ghost[name])
 
 
 def _layer_inverses(name: str, stacked: torch.Tensor, damping: float, keep: Optional[int],
