@@ -1,14 +1,18 @@
 """tracin index build / query on an image folder: the same top-k as tracin influence, report-ready, refusals."""
+import csv
 import json
 import shutil
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 
 from helpers import train_image_run
+from tracin.tasks.classification import predict_proba
 from tracin.workflows.cli import main
+from tracin.workflows.image import influence
 
 
 @pytest.fixture(scope="module")
@@ -25,16 +29,23 @@ def _influence(data, ckpt, out, *flags):
 
 
 @pytest.mark.parametrize("flags", [["--layers", "all"], ["--layers", "all", "--precondition", "none", "--normalize", "cosine"]])
-def test_query_writes_the_influence_files_with_the_same_top_k(run, flags, tmp_path, capsys):
+def test_query_writes_the_influence_files_with_the_same_top_k(run, flags, tmp_path, capsys, monkeypatch):
     root, data, ckpt = run
     _influence(data, ckpt, tmp_path / "influence", *flags)
     assert main(["index", "build", "--data_dir", str(data), "--checkpoint_dir", str(ckpt), "--index_dir",
                  str(tmp_path / "index"), "--quiet", *flags]) == 0
     assert "Indexed 24 training images" in capsys.readouterr().out
+    assert (tmp_path / "index" / "train_predictions.npz").is_file()
+    predicted = []  # how many images each prediction pass of the query reads: the training images' come from the index
+    monkeypatch.setattr(influence, "predict_proba", lambda model, data, *a: predicted.append(len(data)) or predict_proba(model, data, *a))
     assert main(["index", "query", "--index_dir", str(tmp_path / "index"), "--data_dir", str(data), "--checkpoint_dir",
                  str(ckpt), "--output_dir", str(tmp_path / "query"), "--top_k", "6", "--self_influence", "--quiet"]) == 0
+    assert predicted == [9]  # the 9 test images only
     for name in ("top_k_influences_indices.npy", "top_k_opponents_indices.npy", "test_indices.npy", "train_indices.npy"):
         assert np.array_equal(np.load(tmp_path / "query" / name), np.load(tmp_path / "influence" / name)), name
+    tables = [list(csv.DictReader((tmp_path / d / "top_k_influences.csv").open())) for d in ("query", "influence")]
+    for column in ("train_predicted", "test_predicted"):  # the predictions the tables print are the same
+        assert [row[column] for row in tables[0]] == [row[column] for row in tables[1]], column
     values = [np.load(tmp_path / d / "top_k_influences_values.npy") for d in ("query", "influence")]
     assert np.allclose(values[0], values[1], rtol=1e-4, atol=1e-6)
     assert (tmp_path / "query" / "top_k_influences.csv").read_text().count("\n") == 9 * 12 + 1
@@ -85,3 +96,20 @@ def test_info_says_what_an_index_holds_and_that_it_is_unfinished(run, tmp_path, 
     assert "INCOMPLETE: 1 of 1 shards missing" in capsys.readouterr().out
     assert main(["index", "info", "--index_dir", str(tmp_path / "none")]) == 2
     assert "holds no gradient index" in capsys.readouterr().err
+
+
+def test_kept_predictions_are_used_only_under_their_key(tmp_path):
+    """The training images' predictions an index keeps: read back under the key they were written with, for the rows
+    asked; another key (other weights, images or preprocessing), rows past them or a damaged file give None, so the
+    query predicts them itself."""
+    from tracin.workflows.image import predictions
+
+    probabilities = torch.tensor([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]])
+    predictions.save(tmp_path, "key", probabilities)
+    predicted, confidence = predictions.load(tmp_path, "key", np.array([2, 0]))
+    assert predicted.tolist() == [1, 1] and np.allclose(confidence, [0.7, 0.9])
+    assert predictions.load(tmp_path, "other", np.array([0])) is None
+    assert predictions.load(tmp_path, "key", np.array([3])) is None
+    assert predictions.load(tmp_path, None, np.array([0])) is None
+    (tmp_path / predictions.FILE).write_bytes(b"not an npz")
+    assert predictions.load(tmp_path, "key", np.array([0])) is None

@@ -24,6 +24,7 @@ import hashlib
 import io
 import json
 import re
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,13 +161,18 @@ class GradientIndex:
                               f"{self.meta.dtype} the index lists; delete {shard['name']}.json and run the build again.")
         return array
 
-    def as_float(self, stored: np.ndarray) -> torch.Tensor:
-        """Stored rows (:meth:`read_rows`, or a slice of them) as float32 [n, width]: a copy, bfloat16 decoded from its
-        stored bits."""
-        block = np.array(stored)
+    def as_float(self, stored: np.ndarray, copy: bool = True) -> torch.Tensor:
+        """Stored rows (:meth:`read_rows`, or a slice of them) as float32 [n, width], bfloat16 decoded from its stored
+        bits: a copy, or with ``copy=False`` float32 rows read in place (not to be written: the file is mapped
+        read-only) and other dtypes converted in one pass instead of being copied first."""
+        if copy:
+            stored = np.array(stored)
+        with warnings.catch_warnings():  # a read-only mapping: torch warns that writing to it would fail; nothing does
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            block = torch.from_numpy(stored.view(np.int16) if self.meta.dtype == "bfloat16" else stored)
         if self.meta.dtype == "bfloat16":
-            return torch.from_numpy(block.view(np.int16)).view(torch.bfloat16).float()
-        return torch.from_numpy(block).float()
+            return block.view(torch.bfloat16).float()
+        return block.float()
 
     def summary(self) -> Dict[str, Any]:
         """What the index holds, for people: rows, parts (and what each says it is), shards done and missing, storage,
@@ -371,6 +377,6 @@ def search(index: GradientIndex, queries: torch.Tensor, top_k: int, tile_bytes: 
     for shard in index.meta.shards:
         stored = index.read_rows(shard)
         for start in range(0, shard["rows"], step):
-            tile = index.as_float(stored[start:start + step]).to(device)
+            tile = index.as_float(stored[start:start + step], copy=False).to(device)
             acc.update(queries @ tile.T, shard["first"] + start)
     return acc

@@ -10,12 +10,15 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from ...api import TracIn
+from ...checkpoints import Checkpoint, weights_for
 from ...config import ScoringConfig
 from ...engine.distributed import process_group, rank_and_world
 from ...engine.index import META, GradientIndex
 from ...errors import TracInError
+from ...tasks.classification import predict_proba
+from . import predictions
 from .folders import images_digest
-from .setup import OwnModel, image_setup
+from .setup import ImageSetup, OwnModel, image_setup
 
 
 @dataclass
@@ -48,13 +51,26 @@ def _build(job: IndexBuildJob) -> Optional[Dict[str, Any]]:
     tr = TracIn(setup.model, setup.checkpoints, device=job.device, config=config)
     source = json.dumps({"data_dir": str(Path(job.data_dir).resolve()), "images": images_digest(setup.train_split.paths),
                          "n": len(setup.train)})
+    final = predictions.prediction_model(setup, job.checkpoint_dir, job.trust_checkpoint, job.own)
     begin = time.perf_counter()
     tr.build_index(setup.train, job.index_dir, job.dtype, source=source)
     if rank != 0:
         return None
+    _keep_predictions(job, setup, tr, final)
     meta = GradientIndex.load(job.index_dir).meta
     return {"rows": meta.n_rows, "shards": len(meta.shards), "dtype": meta.dtype, "seconds": time.perf_counter() - begin, "layers": len(tr.handlers), "checkpoints": len(tr.checkpoints),
             "bytes": sum(f.stat().st_size for f in Path(job.index_dir).glob("shard-*[0-9].npy"))}
+
+
+def _keep_predictions(job: IndexBuildJob, setup: ImageSetup, tr: TracIn, final: Checkpoint) -> None:
+    """Write the final model's predictions on every training image beside the index (what a query's report needs of
+    them), unless its weights come from no file."""
+    key = predictions.prediction_key(final, setup)
+    if key is None:
+        return
+    setup.model.load_state_dict(weights_for(setup.model, final))
+    probabilities = predict_proba(setup.model, setup.train, tr.device, tr.config.batch_size, tr.config.num_workers)
+    predictions.save(job.index_dir, key, probabilities)
 
 
 def index_settings(index_dir: Path) -> ScoringConfig:

@@ -14,7 +14,7 @@ import numpy as np
 from torch.utils.data import Subset
 
 from ...api import TracIn
-from ...checkpoints import Checkpoint, check_one_run, checkpoint_at, checkpoint_source, weights_for
+from ...checkpoints import Checkpoint, weights_for
 from ...config import ScoringConfig
 from ...engine.distributed import process_group, rank_and_world
 from ...engine.resume import reset
@@ -26,6 +26,7 @@ from ...tasks.classification import checkpoint_probabilities, label_losses, pred
 from .. import results_dir as names
 from ..results_dir import (ResultsDir, RunRecord, Scored, descending_ranks, job_parameters, seeded_subset, write_self_influence,
                            write_top_k)
+from . import predictions
 from .folders import images_digest
 from .setup import ImageSetup, OwnModel, image_setup
 
@@ -118,7 +119,7 @@ def _set_up(job: InfluenceJob) -> _Run:
     rank, world = rank_and_world()
     _check_folders(job)
     setup = image_setup(job.data_dir, job.checkpoint_dir, job.trust_checkpoint, job.own)
-    final = _prediction_model(job, setup)
+    final = predictions.prediction_model(setup, job.checkpoint_dir, job.trust_checkpoint, job.own)
     seed = job.scoring.seed
     train_idx = seeded_subset(len(setup.train), job.train_subset, seed, "train", "images")
     test_idx = seeded_subset(len(setup.test), job.test_subset, seed + 1, "test", "images")
@@ -161,26 +162,6 @@ def _accuracy(run: _Run, predictions: Dict[str, Any]) -> Dict[str, float]:
         warnings.warn(f"The final model gets {accuracy['test']:.0%} of the scored test images right, near chance "
                       f"({chance:.0%}); {fix}. The scores and the report describe the model as it runs here.", stacklevel=2)
     return accuracy
-
-
-def _prediction_model(job: InfluenceJob, setup: ImageSetup) -> Checkpoint:
-    """The model whose predictions are reported (--model_path; else best_model.pt when training wrote one, else the
-    last checkpoint), loaded and checked against the architecture before any scoring."""
-    if setup.prediction_file is not None:
-        weights_file = checkpoint_source(setup.prediction_file).resolve()  # inside a Trainer folder, its weights
-        same = [c for c in setup.checkpoints if isinstance(c.source, Path) and c.source.resolve() == weights_file]
-        if same:  # already loaded (and, for a pickled file, already warned about)
-            return same[0]
-        final = checkpoint_at(setup.prediction_file, trust=job.trust_checkpoint, learning_rate=0.0)
-        weights_for(setup.model, final)
-        return final
-    best = Path(job.checkpoint_dir) / "best_model.pt" if job.checkpoint_dir is not None else None
-    if best is None or not best.is_file() or job.own is not None:
-        return setup.checkpoints[-1]
-    final = Checkpoint(best, trust=job.trust_checkpoint)
-    check_one_run([setup.checkpoints[-1], final], f"Checkpoint folder {job.checkpoint_dir} (best_model.pt)")
-    weights_for(setup.model, final)
-    return final
 
 
 def _scope_line(tr: TracIn, world: int) -> str:
@@ -237,15 +218,21 @@ def _detector(run: _Run) -> TracIn:
 
 
 def _predict(run: _Run) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
-    """The final model's (predicted class, confidence) on each scored subset."""
+    """The final model's (predicted class, confidence) on each scored subset; a query takes the training images' from
+    its index when the index holds them for the same model, images and preprocessing."""
     tr = run.tr
     run.setup.model.load_state_dict(weights_for(run.setup.model, run.final))
-    predictions = {}
+    out = {}
+    if run.job.index_dir is not None:
+        kept = predictions.load(run.job.index_dir, predictions.prediction_key(run.final, run.setup), run.train_idx)
+        if kept is not None:
+            out["train"] = kept
     for split, dataset in (("train", run.train_set), ("test", run.test_set)):
-        probs = predict_proba(run.setup.model, dataset, tr.device, tr.config.batch_size, tr.config.num_workers)
-        conf, pred = probs.max(1)
-        predictions[split] = (pred.numpy(), conf.numpy())
-    return predictions
+        if split not in out:
+            probs = predict_proba(run.setup.model, dataset, tr.device, tr.config.batch_size, tr.config.num_workers)
+            conf, pred = probs.max(1)
+            out[split] = (pred.numpy(), conf.numpy())
+    return out
 
 
 def _scored(run: _Run, predictions: Dict[str, Tuple[np.ndarray, np.ndarray]]) -> Dict[str, Scored]:
