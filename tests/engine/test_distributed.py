@@ -106,8 +106,12 @@ ckpts = [Checkpoint({k: v + 0.1 * i * torch.randn(v.shape, generator=g) for k, v
                     learning_rate=0.1) for i in range(2)]
 tr = TracIn(model, ckpts, layers=["body", "a", "b"], precondition="kfac", device="cpu", batch_size=4, progress=False)
 scores = tr.self_influence(TensorDataset(x, y))
+truncated = TracIn(model, ckpts, layers=["body", "a", "b"], precondition="kfac", device="cpu", batch_size=4, progress=False,
+                   projection_dim=4)  # the three layers share 12 directions, sized from the reduced statistics
+projected = truncated.self_influence(TensorDataset(x, y))
 if int(os.environ.get("RANK", "0")) == 0:
     np.save(sys.argv[1], scores.numpy())
+    np.save(sys.argv[1] + ".projected.npy", projected.numpy())
     print("fit examples", tr.preconditioner.fit_examples)
 if torch.distributed.is_initialized():  # leave together, as the CLI does: a rank exiting alone can abort in gloo
     torch.distributed.barrier()
@@ -120,7 +124,8 @@ def test_torchrun_kfac_fit_with_a_layer_only_some_ranks_reach(tmp_path):
     """A data-dependent branch: each rank's shard reaches a different output head during the K-FAC fit.
     The ranks agree on the union of layers before reducing (a rank adds zeros for a head it never
     ran), so two processes give one process's scores; reducing each rank's own layers in name order
-    summed head a's statistics into head b's."""
+    summed head a's statistics into head b's. With projection_dim the layers share their kept directions as rank 0
+    sizes them."""
     script = tmp_path / "branchy.py"
     script.write_text(BRANCHY)
     one = subprocess.run([sys.executable, str(script), str(tmp_path / "one.npy")], capture_output=True, text=True, timeout=300)
@@ -131,6 +136,7 @@ def test_torchrun_kfac_fit_with_a_layer_only_some_ranks_reach(tmp_path):
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-8000:]
     assert "fit examples 16" in one.stdout and "fit examples 16" in two.stdout
     assert close(np.load(tmp_path / "one.npy"), np.load(tmp_path / "two.npy"))
+    assert close(np.load(tmp_path / "one.npy.projected.npy"), np.load(tmp_path / "two.npy.projected.npy"))
 
 
 @pytest.mark.slow

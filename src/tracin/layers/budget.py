@@ -46,7 +46,19 @@ def allocate(sums: Sequence, rank: int, damping: float) -> Dict[str, Split]:
     for name, (_, inputs) in pooled.items():
         k_in = int(inputs[totals[name]])
         out[name] = (k_in, totals[name] - k_in)
-    return out
+    return _agreed(out)
+
+
+def _agreed(kept: Dict[str, Split]) -> Dict[str, Split]:
+    """Rank 0's sizes on every rank of an initialised process group (each computed them from the same reduced
+    statistics, but an eigenvalue solver need not round alike everywhere, and the sizes fix the index's row layout)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return kept
+    shared = [kept]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
 
 
 def _variance_kept(present: Sequence, name: str, side: int, damping: float) -> torch.Tensor:
