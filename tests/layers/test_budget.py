@@ -4,6 +4,7 @@ import itertools
 import torch
 
 from tracin.layers.budget import _best_splits, _share, _upper_hull, allocate
+from tracin.layers.inverses import damped_eigen
 from tracin.layers.sizing import sides
 from tracin.layers.statistics import CovarianceSums
 
@@ -63,7 +64,11 @@ def test_layers_share_the_budget_by_their_spectra():
         s.add("conv", torch.randn(4, 1, 10, 30, generator=g, dtype=torch.float64), torch.randn(4, 1, 10, 20, generator=g, dtype=torch.float64),
               False, ghost=False)
         s.count = 40
-    kept = allocate(sums, 16, damping=0.1)
+    def spectrum(c, name, side):
+        values, _, lam = damped_eigen(sums[c].total(name, side) / sums[c].count, 0.1)
+        return values, lam
+
+    kept = allocate(sums, 16, spectrum)
     assert sum(kept["flat"]) + sum(kept["strong"]) == 32 and all(k >= 1 for name in ("flat", "strong") for k in kept[name])
     assert sum(kept["flat"]) > sum(kept["strong"]) and kept["strong"][1] <= 2  # its output gradients have one direction
     assert kept["conv"] == sides(16, 30, 20, False)

@@ -17,28 +17,31 @@ digits MLP at 256 from Spearman 0.734 to 0.856.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
-from .inverses import damped_spectrum
 from .sizing import sides
 
 Split = Tuple[int, int]  # (k_in, k_out)
+# (checkpoint, layer, side) -> (eigenvalues [g, d] of the factor, leading first; its damping l [g])
+Spectrum = Callable[[int, str, int], Tuple[torch.Tensor, torch.Tensor]]
 
 
-def allocate(sums: Sequence, rank: int, damping: float) -> Dict[str, Split]:
+def allocate(sums: Sequence, rank: int, spectrum: Spectrum) -> Dict[str, Split]:
     """(k_in, k_out) of every layer in ``sums`` (one :class:`CovarianceSums` per checkpoint, summed over the ranks) under
     ``projection_dim`` ``rank``: the layers of ghost form share ``rank`` times their number (module docstring), the
-    others keep about ``rank`` each, k_in * k_out (:func:`tracin.layers.sizing.sides`)."""
+    others keep about ``rank`` each, k_in * k_out (:func:`tracin.layers.sizing.sides`). ``spectrum`` gives a factor's
+    eigenvalues and damping (the fit's own decompositions, which its whiteners reuse)."""
     names = list({name: None for s in sums for name in s.layers()})
     out: Dict[str, Split] = {}
     pooled: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
     for name in names:
-        present = [s for s in sums if name in s.ghost]
-        widths = [present[0].total(name, side).shape[-1] for side in (0, 1)]
-        if present[0].ghost[name]:
-            curves = [_variance_kept(present, name, side, damping) for side in (0, 1)]
+        present = [c for c, s in enumerate(sums) if name in s.ghost]  # a data-dependent layer may be absent
+        first = sums[present[0]]
+        widths = [first.total(name, side).shape[-1] for side in (0, 1)]
+        if first.ghost[name]:
+            curves = [_variance_kept(present, name, side, spectrum) for side in (0, 1)]
             pooled[name] = _best_splits(*curves)
         else:
             out[name] = sides(rank, widths[0], widths[1], False)
@@ -61,12 +64,12 @@ def _agreed(kept: Dict[str, Split]) -> Dict[str, Split]:
     return shared[0]
 
 
-def _variance_kept(present: Sequence, name: str, side: int, damping: float) -> torch.Tensor:
+def _variance_kept(present: Sequence[int], name: str, side: int, spectrum: Spectrum) -> torch.Tensor:
     """C [d + 1]: C[k] = sum over the k leading directions (per group) of v_i^2, v_i = s_i / (s_i + l), the mean over the
-    checkpoints that ran the layer."""
+    checkpoints that ran the layer (``present``)."""
     curves = []
-    for s in present:
-        values, lam = damped_spectrum(s.total(name, side) / s.count, damping)  # [g, d] descending, [g]
+    for c in present:
+        values, lam = spectrum(c, name, side)  # [g, d] descending, [g]
         v = (values / (values + lam[:, None])).pow(2).sum(0)
         curves.append(torch.cat([v.new_zeros(1), v.cumsum(0)]))
     return torch.stack(curves).mean(0)

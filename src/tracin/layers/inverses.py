@@ -190,17 +190,24 @@ def truncated_whitener(S: torch.Tensor, damping: float, keep: int) -> torch.Tens
     numbers wide and their inner products keep, of each example pair's preconditioned product, the part along the
     directions the training data varies in most (on average a fraction s / (s + l) per direction, so the dropped
     directions are those that carry least of it). Deterministic: no random matrix."""
+    return kept_whitener(damped_eigen(S, damping), keep)
+
+
+Eigen = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # values [g, d] descending, at least 0; vectors [g, d, d]; l [g]
+
+
+def damped_eigen(S: torch.Tensor, damping: float) -> Eigen:
+    """The eigen-decomposition of the symmetric part of S [g, d, d] in float64, leading direction first, with its
+    damping l [g] (as for every inverse here)."""
     S, lam = _symmetric_and_damping(S, damping)
     values, vectors = torch.linalg.eigh(S)  # ascending
-    values, vectors = values[:, -keep:].flip(-1).clamp_min(0), vectors[:, :, -keep:].flip(-1)
-    return vectors * (values + lam[:, None]).rsqrt().unsqueeze(1)
+    return values.flip(-1).clamp_min(0), vectors.flip(-1), lam
 
 
-def damped_spectrum(S: torch.Tensor, damping: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(the eigenvalues of the symmetric part of S [g, d, d], descending and at least 0, [g, d]; l [g] as for the
-    whiteners), float64."""
-    S, lam = _symmetric_and_damping(S, damping)
-    return torch.linalg.eigvalsh(S).flip(-1).clamp_min(0), lam
+def kept_whitener(eigen: Eigen, keep: int) -> torch.Tensor:
+    """W [g, d, keep] = U_k diag((s_k + l)^-1/2) from :func:`damped_eigen`'s decomposition (:func:`truncated_whitener`)."""
+    values, vectors, lam = eigen
+    return vectors[:, :, :keep] * (values[:, :keep] + lam[:, None]).rsqrt().unsqueeze(1)
 
 
 def _symmetric_and_damping(S: torch.Tensor, damping: float) -> Tuple[torch.Tensor, torch.Tensor]:

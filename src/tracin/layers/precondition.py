@@ -18,6 +18,7 @@ image folders that size works against finding flipped labels (docs/quality.md).
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Protocol, Sequence, Tuple
 
@@ -25,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import TracInError
-from .inverses import FactorInverse, Inverses, damped_cholesky, low_rank_inverses, truncated_whitener
+from .inverses import Eigen, FactorInverse, Inverses, damped_cholesky, damped_eigen, kept_whitener, low_rank_inverses
 from .budget import allocate
 from .statistics import CovarianceSums, InvariantInputs, with_ones
 
@@ -72,7 +73,7 @@ def fit_whiteners(sums: Sequence["CovarianceSums"], damping: float, device: torc
                   rank: Optional[int] = None) -> List[Whiteners]:
     """The whiteners of each layer's factors and their products (the damped inverses) for each checkpoint's
     statistics in ``sums`` (each summed over every rank first); with ``rank``, each layer's whiteners keep the
-    leading eigen-directions of its factors only (:func:`truncated_whitener`), as many as
+    leading eigen-directions of its factors only (:func:`tracin.layers.inverses.truncated_whitener`), as many as
     :func:`tracin.layers.budget.allocate` gives it. A layer's factors of all the checkpoints are inverted in one batched call (per
     checkpoint and layer the calls cost more than the arithmetic on small layers)."""
     for s in sums:
@@ -80,7 +81,8 @@ def fit_whiteners(sums: Sequence["CovarianceSums"], damping: float, device: torc
         assert s.count > 0, "loaders refuse an empty training set before a fit starts"
     out: List[Whiteners] = [{} for _ in sums]
     names = {name: None for s in sums for name in s.layers()}  # every layer, in the order first met
-    budgets = allocate(sums, rank, damping) if rank is not None else {}
+    spectra = _Spectra(sums, damping)
+    budgets = allocate(sums, rank, spectra.values) if rank is not None else {}
     for name in names:
         keep = budgets.get(name)
         for side in (0, 1):
@@ -97,10 +99,14 @@ def fit_whiteners(sums: Sequence["CovarianceSums"], damping: float, device: torc
                 groups.setdefault(tuple(sums[c].total(name, side).shape), []).append(c)
             for shape, group in groups.items():
                 distinct, slots = _distinct(sums, group, name, side)
-                stacked = torch.stack([sums[c].total(name, side) for c in distinct])  # [n, g, d, d]
-                stacked /= torch.tensor([float(sums[c].count) for c in distinct], dtype=stacked.dtype,
-                                        device=stacked.device)[:, None, None, None]
-                inverses = _layer_inverses(name, stacked, damping, keep[side] if keep else None, (device, dtype))
+                if keep is not None:  # [n, g, d, k]
+                    W = torch.stack([kept_whitener(spectra.of(c, name, side), keep[side]) for c in distinct])
+                    inverses = Inverses(device, dtype, W=W.to(device, dtype))
+                else:
+                    stacked = torch.stack([sums[c].total(name, side) for c in distinct])  # [n, g, d, d]
+                    stacked /= torch.tensor([float(sums[c].count) for c in distinct], dtype=stacked.dtype,
+                                            device=stacked.device)[:, None, None, None]
+                    inverses = _layer_inverses(name, stacked, damping, (device, dtype))
                 for c in group:
                     out[c].setdefault(name, [None, None])[side] = FactorInverse(inverses, slots[c])
     return [{name: tuple(f) for name, f in w.items()} for w in out]  # type: ignore[misc]
@@ -122,27 +128,67 @@ def _distinct(sums: Sequence["CovarianceSums"], group: List[int], name: str, sid
     return distinct, slots
 
 
-def _layer_inverses(name: str, stacked: torch.Tensor, damping: float, keep: Optional[int],
-                    where: Tuple[torch.device, torch.dtype]) -> Inverses:
-    """The :class:`Inverses` of one layer's factors [n, g, d, d] (decomposed in float64: inverses before rounding),
-    keeping ``keep`` leading directions when given (:func:`truncated_whitener`), on ``where`` (device, dtype); factors
-    that are not finite or that no decomposition can invert are one clear error naming the layer."""
-    scale = float(stacked.abs().max()) if stacked.numel() else 0.0
-    try:
-        if not math.isfinite(scale):
-            raise torch.linalg.LinAlgError("not finite")
+def _layer_inverses(name: str, stacked: torch.Tensor, damping: float, where: Tuple[torch.device, torch.dtype]) -> Inverses:
+    """The :class:`Inverses` of one layer's factors [n, g, d, d] (decomposed in float64: inverses before rounding) on
+    ``where`` (device, dtype); factors that are not finite or that no decomposition can invert are one clear error
+    naming the layer."""
+    with _invertible(name, stacked):
         flat = stacked.flatten(0, 1)
-        if keep is not None and keep < flat.shape[-1]:
-            W = truncated_whitener(flat, damping, keep)
-            return Inverses(*where, W=W.view(*stacked.shape[:-1], W.shape[-1]).to(*where))
         L, W = damped_cholesky(flat, damping)
         if L is not None:
             return Inverses(*where, cholesky=L.view(stacked.shape))
         return Inverses(*where, W=W.view(stacked.shape).to(*where))
+
+
+@contextmanager
+def _invertible(name: str, S: torch.Tensor) -> Iterator[None]:
+    """Around a decomposition of a layer's statistics S: not finite, or not decomposable, is one clear error."""
+    scale = float(S.abs().max()) if S.numel() else 0.0
+    try:
+        if not math.isfinite(scale):
+            raise torch.linalg.LinAlgError("not finite")
+        yield
     except torch.linalg.LinAlgError:
         raise TracInError(f"The K-FAC statistics of layer {name!r} cannot be inverted (entries up to {scale:.3g}): its "
                           "inputs or gradients are far outside float32's comfortable range; rescale the inputs, or score "
                           "with precondition='none' (--precondition none).") from None
+
+
+class _Spectra:
+    """Under a kept rank: each factor's damped eigen-decomposition (:func:`damped_eigen`) at each checkpoint, made once
+    for the shared budget (:func:`tracin.layers.budget.allocate`) and for the kept whiteners (:func:`kept_whitener`),
+    a factor's checkpoints in one batched call (measured twice as fast as one call each); a checkpoint whose statistics
+    equal the first one's (an input factor the same at every checkpoint) shares its decomposition."""
+
+    def __init__(self, sums: Sequence[CovarianceSums], damping: float):
+        self.sums, self.damping = sums, damping
+        self._made: Dict[Tuple[str, int], Dict[int, Eigen]] = {}
+
+    def of(self, c: int, name: str, side: int) -> Eigen:
+        if (name, side) not in self._made:
+            self._made[(name, side)] = self._decompose(name, side)
+        return self._made[(name, side)][c]
+
+    def values(self, c: int, name: str, side: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(eigenvalues [g, d] descending, damping [g]) of checkpoint ``c``'s statistics of a factor."""
+        values, _, lam = self.of(c, name, side)
+        return values, lam
+
+    def _decompose(self, name: str, side: int) -> Dict[int, Eigen]:
+        members = [c for c, s in enumerate(self.sums) if name in s.ghost]
+        groups: Dict[Tuple[int, ...], List[int]] = {}
+        for c in members:
+            groups.setdefault(tuple(self.sums[c].total(name, side).shape), []).append(c)
+        out: Dict[int, Eigen] = {}
+        for group in groups.values():
+            distinct, slots = _distinct(self.sums, group, name, side)
+            stacked = torch.stack([self.sums[c].total(name, side) / self.sums[c].count for c in distinct])  # [n, g, d, d]
+            with _invertible(name, stacked):
+                values, vectors, lam = damped_eigen(stacked.flatten(0, 1), self.damping)
+            n, g = stacked.shape[:2]
+            values, vectors, lam = values.view(n, g, -1), vectors.view(n, g, *vectors.shape[1:]), lam.view(n, g)
+            out.update({c: (values[slots[c]], vectors[slots[c]], lam[slots[c]]) for c in group})
+        return out
 
 
 class FitData(Protocol):
@@ -232,7 +278,7 @@ class KFAC:
     def __init__(self, damping: float = 0.1, left_out: Sequence[str] = (), rank: Optional[int] = None):
         """``damping``: validated by :class:`tracin.config.ScoringConfig`; ``left_out``: layers of the requested scope
         that ``precondition="auto"`` leaves out (recorded in :meth:`describe`); ``rank``: the run's ``projection_dim``,
-        which under K-FAC keeps each layer's leading eigen-directions (:func:`truncated_whitener`)."""
+        which under K-FAC keeps each layer's leading eigen-directions (:func:`tracin.layers.inverses.truncated_whitener`)."""
         self.damping = float(damping)
         self.rank = rank
         self.per_checkpoint: Optional[List[Whiteners]] = None
