@@ -1,5 +1,5 @@
 """How ``projection_dim`` is shared among a model's layers under K-FAC: the whiteners keep each factor's leading
-eigen-directions (:func:`tracin.layers.inverses.truncated_whitener`), and the layers scored with ghost factors
+eigen-directions (:func:`tracin.layers.inverses.kept_whitener`), and the layers scored with ghost factors
 (few positions: k_in + k_out numbers per example) share one budget, ``projection_dim`` times their number, instead
 of each keeping ``projection_dim``.
 

@@ -1,7 +1,7 @@
 """Damped inverses of Kronecker factors, made no earlier than a pass needs them: P = (S + l I)^-1 and whiteners W with
 W W^T = P, from a float64 Cholesky factorisation of S + l I (an eigendecomposition where rounding makes it fail), or
-truncated to the leading eigen-directions of S (``projection_dim`` under K-FAC). l = damping * mean eigenvalue of S,
-Kronfluence's heuristic; :mod:`tracin.layers.precondition` fits S and hands these to the layer handlers.
+truncated to the leading eigen-directions of S (``projection_dim`` under K-FAC, :func:`kept_whitener`). l = damping *
+mean eigenvalue of S, Kronfluence's heuristic; :mod:`tracin.layers.precondition` fits S and hands these to the layer handlers.
 """
 from __future__ import annotations
 
@@ -184,15 +184,6 @@ def whitener(S: torch.Tensor, damping: float) -> torch.Tensor:
     return W if W is not None else Inverses(torch.device("cpu"), torch.float64, cholesky=L.unsqueeze(0)).whitener()[0]
 
 
-def truncated_whitener(S: torch.Tensor, damping: float, keep: int) -> torch.Tensor:
-    """W [g, d, keep] with W W^T the damped inverse (S + l I)^-1 of S [g, d, d] (l as in :func:`whitener`) on the
-    ``keep`` leading eigen-directions of S: W = U_k diag((s_k + l)^-1/2). Whitened factors a W are then ``keep``
-    numbers wide and their inner products keep, of each example pair's preconditioned product, the part along the
-    directions the training data varies in most (on average a fraction s / (s + l) per direction, so the dropped
-    directions are those that carry least of it). Deterministic: no random matrix."""
-    return kept_whitener(damped_eigen(S, damping), keep)
-
-
 Eigen = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # values [g, d] descending, at least 0; vectors [g, d, d]; l [g]
 
 
@@ -205,7 +196,11 @@ def damped_eigen(S: torch.Tensor, damping: float) -> Eigen:
 
 
 def kept_whitener(eigen: Eigen, keep: int) -> torch.Tensor:
-    """W [g, d, keep] = U_k diag((s_k + l)^-1/2) from :func:`damped_eigen`'s decomposition (:func:`truncated_whitener`)."""
+    """W [g, d, keep] with W W^T the damped inverse (S + l I)^-1 of S on the ``keep`` leading eigen-directions of S,
+    W = U_k diag((s_k + l)^-1/2), from :func:`damped_eigen`'s decomposition of S. Whitened factors a W are then
+    ``keep`` numbers wide and their inner products keep, of each example pair's preconditioned product, the part along
+    the directions the training data varies in most (on average a fraction s / (s + l) per direction, so the dropped
+    directions are those that carry least of it). Deterministic: no random matrix."""
     values, vectors, lam = eigen
     return vectors[:, :, :keep] * (values[:, :keep] + lam[:, None]).rsqrt().unsqueeze(1)
 

@@ -73,7 +73,7 @@ def fit_whiteners(sums: Sequence["CovarianceSums"], damping: float, device: torc
                   rank: Optional[int] = None) -> List[Whiteners]:
     """The whiteners of each layer's factors and their products (the damped inverses) for each checkpoint's
     statistics in ``sums`` (each summed over every rank first); with ``rank``, each layer's whiteners keep the
-    leading eigen-directions of its factors only (:func:`tracin.layers.inverses.truncated_whitener`), as many as
+    leading eigen-directions of its factors only (:func:`tracin.layers.inverses.kept_whitener`), as many as
     :func:`tracin.layers.budget.allocate` gives it. A layer's factors of all the checkpoints are inverted in one batched call (per
     checkpoint and layer the calls cost more than the arithmetic on small layers)."""
     for s in sums:
@@ -278,7 +278,7 @@ class KFAC:
     def __init__(self, damping: float = 0.1, left_out: Sequence[str] = (), rank: Optional[int] = None):
         """``damping``: validated by :class:`tracin.config.ScoringConfig`; ``left_out``: layers of the requested scope
         that ``precondition="auto"`` leaves out (recorded in :meth:`describe`); ``rank``: the run's ``projection_dim``,
-        which under K-FAC keeps each layer's leading eigen-directions (:func:`tracin.layers.inverses.truncated_whitener`)."""
+        which under K-FAC keeps each layer's leading eigen-directions (:func:`tracin.layers.inverses.kept_whitener`)."""
         self.damping = float(damping)
         self.rank = rank
         self.per_checkpoint: Optional[List[Whiteners]] = None
