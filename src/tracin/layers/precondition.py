@@ -93,23 +93,31 @@ def fit_whiteners(sums: Sequence["CovarianceSums"], damping: float, device: torc
                     inverses = low_rank_inverses(X, sums[c].count, damping, (device, dtype))  # type: ignore[arg-type]
                     out[c].setdefault(name, [None, None])[side] = FactorInverse(inverses, 0)
                 continue
-            # checkpoints grouped by this factor's shape
-            groups: Dict[Tuple[int, ...], List[int]] = {}
-            for c in members:
-                groups.setdefault(tuple(sums[c].total(name, side).shape), []).append(c)
-            for shape, group in groups.items():
-                distinct, slots = _distinct(sums, group, name, side)
+            for group, distinct, slots in _factor_groups(sums, name, side):
                 if keep is not None:  # [n, g, d, k]
                     W = torch.stack([kept_whitener(spectra.of(c, name, side), keep[side]) for c in distinct])
                     inverses = Inverses(device, dtype, W=W.to(device, dtype))
                 else:
-                    stacked = torch.stack([sums[c].total(name, side) for c in distinct])  # [n, g, d, d]
-                    stacked /= torch.tensor([float(sums[c].count) for c in distinct], dtype=stacked.dtype,
-                                            device=stacked.device)[:, None, None, None]
-                    inverses = _layer_inverses(name, stacked, damping, (device, dtype))
+                    inverses = _layer_inverses(name, _means(sums, distinct, name, side), damping, (device, dtype))
                 for c in group:
                     out[c].setdefault(name, [None, None])[side] = FactorInverse(inverses, slots[c])
     return [{name: tuple(f) for name, f in w.items()} for w in out]  # type: ignore[misc]
+
+
+def _factor_groups(sums: Sequence["CovarianceSums"], name: str, side: int) -> List[Tuple[List[int], List[int], Dict[int, int]]]:
+    """One factor of a layer at the checkpoints that ran it (a data-dependent layer may be absent), grouped by the
+    factor's shape: per group (its checkpoints, the distinct ones whose statistics are decomposed, each member's place
+    among them; :func:`_distinct`)."""
+    groups: Dict[Tuple[int, ...], List[int]] = {}
+    for c, s in enumerate(sums):
+        if name in s.ghost:
+            groups.setdefault(tuple(s.total(name, side).shape), []).append(c)
+    return [(group, *_distinct(sums, group, name, side)) for group in groups.values()]
+
+
+def _means(sums: Sequence["CovarianceSums"], checkpoints: List[int], name: str, side: int) -> torch.Tensor:
+    """One factor's statistics X^T X / count at ``checkpoints`` (of one shape), stacked: [n, g, d, d]."""
+    return torch.stack([sums[c].total(name, side) / sums[c].count for c in checkpoints])
 
 
 def _distinct(sums: Sequence["CovarianceSums"], group: List[int], name: str, side: int) -> Tuple[List[int], Dict[int, int]]:
@@ -175,14 +183,9 @@ class _Spectra:
         return values, lam
 
     def _decompose(self, name: str, side: int) -> Dict[int, Eigen]:
-        members = [c for c, s in enumerate(self.sums) if name in s.ghost]
-        groups: Dict[Tuple[int, ...], List[int]] = {}
-        for c in members:
-            groups.setdefault(tuple(self.sums[c].total(name, side).shape), []).append(c)
         out: Dict[int, Eigen] = {}
-        for group in groups.values():
-            distinct, slots = _distinct(self.sums, group, name, side)
-            stacked = torch.stack([self.sums[c].total(name, side) / self.sums[c].count for c in distinct])  # [n, g, d, d]
+        for group, distinct, slots in _factor_groups(self.sums, name, side):
+            stacked = _means(self.sums, distinct, name, side)
             with _invertible(name, stacked):
                 values, vectors, lam = damped_eigen(stacked.flatten(0, 1), self.damping)
             n, g = stacked.shape[:2]
